@@ -1,0 +1,62 @@
+# Two commands that work on a fresh machine:
+#   make test    set up, build, run the test suite
+#   make bench   set up, build, validate and benchmark on whatever device is present
+# and one for a GPU machine that brings its own python3/torch/triton and has no package registry:
+#   make gpu-check OUT=dir
+#
+# torch is pinned here (the CPU wheel on this kind of machine); the package itself asks for torch>=2.5.
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+TORCH       := torch==2.13.0
+TRITON      := triton==3.7.*
+DEV_DEPS    := ninja pybind11 "setuptools>=64" wheel pytest pytest-benchmark numpy transformers expecttest
+SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+OUT         ?= out
+
+.PHONY: setup build test bench gpu-check info clean
+
+setup: $(VENV)/.deps
+
+$(VENV)/.deps: Makefile
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH) "$(TRITON)" $(DEV_DEPS)
+	touch $@
+
+build: $(VENV)/.built
+
+# Editable install without build isolation: the extension compiles against the venv's torch.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=2 $(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import ptm_kernels._C"
+	touch $@
+
+info: build
+	$(PY) -m ptm_kernels.info
+
+test: build
+	$(PY) -m ptm_kernels.info
+	$(PY) -m pytest tests -q -ra --durations=15
+
+bench: build
+	$(PY) -m ptm_kernels.info
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,rounds \
+		--benchmark-json=benchmarks/results/last-run.json
+	$(PY) -m benchmarks.report benchmarks/results/last-run.json
+
+# On an H100/H200 lent for a few minutes: its own python3 (torch, triton, nvcc, ninja), no registry.
+gpu-check:
+	mkdir -p $(OUT)
+	( nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" ) > $(OUT)/device.txt 2>&1
+	PTM_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 python3 -m pip install --no-deps --no-build-isolation -e . > $(OUT)/build.log 2>&1 \
+		|| { tail -50 $(OUT)/build.log; exit 1; }
+	python3 -m ptm_kernels.info > $(OUT)/info.txt 2>&1; cat $(OUT)/info.txt
+	-python3 -m pytest tests -q -ra -x --maxfail=20 > $(OUT)/tests.log 2>&1; tail -30 $(OUT)/tests.log
+	-python3 -m pytest benchmarks -q -p no:cacheprovider --benchmark-json=$(OUT)/bench.json > $(OUT)/bench.log 2>&1; tail -5 $(OUT)/bench.log
+	-python3 -m benchmarks.report $(OUT)/bench.json --out $(OUT)
+
+clean:
+	rm -rf build *.egg-info ptm_kernels/*.so $(VENV)/.built

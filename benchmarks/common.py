@@ -1,0 +1,91 @@
+"""Shared benchmark machinery: device, shapes, timing with proper synchronisation, result records.
+
+Every benchmark test times one implementation of one case. Records carry (group, case, impl, pass) so
+benchmarks/report.py can turn medians into ratios against the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU = DEVICE.type == "cuda"
+DTYPES = [torch.bfloat16] if GPU else [torch.float32, torch.bfloat16]
+
+# (name, tokens, hidden): BERT-base, GPT-2 small, LLaMA-7B; fewer tokens on a 2-core CPU.
+ROW_CASES = (
+    [("bert-base", 8 * 512, 768), ("gpt2", 8 * 1024, 768), ("llama-7b", 8 * 2048, 4096)]
+    if GPU else
+    [("bert-base", 8 * 512, 768), ("gpt2", 4 * 1024, 768), ("llama-7b", 1024, 4096)]
+)
+
+
+def sync():
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def _inner_iterations(fn) -> int:
+    """Repeat fast GPU calls inside one timed round so launch/sync overhead does not dominate."""
+    if not GPU:
+        return 1
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end)
+    return max(1, min(200, int(2.0 / max(ms, 1e-3))))
+
+
+def measure(benchmark, fn, *, group: str, case: str, impl: str, passes: str, bytes_moved: int = 0,
+            flops: float = 0.0, rounds: int = None):
+    """Time fn() with pytest-benchmark and record what report.py needs."""
+    fn()  # warm-up (and compilation for torch.compile / Triton)
+    sync()
+    inner = _inner_iterations(fn)
+
+    def timed():
+        for _ in range(inner):
+            fn()
+        sync()
+
+    if rounds is None:
+        rounds = 30 if GPU else 8
+    benchmark.extra_info.update(dict(group=group, case=case, impl=impl, passes=passes, inner=inner,
+                                     bytes=bytes_moved, flops=flops, device=str(DEVICE)))
+    benchmark.group = f"{group} {case} {passes}"
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+def fwd_bwd(fn, inputs, grads):
+    """A callable running fn forward then backward with the given output gradients."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        outs = fn()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, grads[: len(outs)])
+    return run
+
+
+def check_close(ours, theirs, name, rtol=2e-2, atol=2e-2):
+    """Validate before timing: a fast wrong kernel is not a result."""
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def liger():
+    """Liger-Kernel's ops when its wheel is installed and a GPU is present, else None."""
+    if not GPU:
+        return None
+    try:
+        import liger_kernel.ops as ops  # noqa: F401
+        from liger_kernel.transformers import functional
+
+        return functional
+    except Exception:
+        return None

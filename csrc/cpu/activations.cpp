@@ -1,0 +1,313 @@
+// Activations: y = act(x + bias) and the gated y = act(gate) * up, forward and backward, for act in
+// {gelu (erf), gelu_tanh, silu}. Semantics: the functions of the same names in
+// ptm_kernels/reference_kernels.py.
+//
+// Kernel half: elementwise over a range [begin, end) of the flattened [N, C] input, in float32; compiled once
+// per instruction set (see common.h). Host half: checks, allocation, at::parallel_for.
+#include "common.h"
+#include "vec_utils.h"
+
+namespace ptm::cpu {
+
+enum class Act : int8_t { kGelu, kGeluTanh, kSilu };
+
+// Elementwise over elements [begin, end) of [N, C] tensors. x/y/dy/dx (and gate/up) have dtype x_dtype; bias
+// has b_dtype (x's dtype or float32; x's without bias).
+struct ActArgs {
+  const void* x;     // x, or gate for the GLU
+  const void* bias;  // act_*: null without bias; glu_*: up
+  const void* dy;    // backward only
+  void* out;         // y, or dx / dgate
+  void* out2;        // glu_bwd: dup
+  int64_t C;         // row length (bias index = element index % C)
+  DType x_dtype, b_dtype;
+  Act act;
+};
+
+// act_bwd: dbias over elements [begin, end) (whole rows) is added into the float32 buffer [C] (null: no bias).
+PTM_CPU_DECLARE_KERNEL(act_fwd_elems, (const ActArgs&, int64_t, int64_t))
+PTM_CPU_DECLARE_KERNEL(act_bwd_elems, (const ActArgs&, int64_t, int64_t, float* dbias))
+PTM_CPU_DECLARE_KERNEL(glu_fwd_elems, (const ActArgs&, int64_t, int64_t))
+PTM_CPU_DECLARE_KERNEL(glu_bwd_elems, (const ActArgs&, int64_t, int64_t))
+
+// ---------------------------------------------------------------------------------------------- kernels
+namespace CPU_CAPABILITY {
+namespace {
+
+// act(z) and act'(z), written in the reference's operation order so float32 results round alike.
+template <Act A>
+struct ActFn;
+
+template <>
+struct ActFn<Act::kGelu> {
+  static constexpr float kInvSqrt2 = 0.70710678118654752440f;
+  static constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+  static Vec fwd(const Vec& z) { return Vec(0.5f) * z * (Vec(1.f) + (z * Vec(kInvSqrt2)).erf()); }
+  // act(z) and act'(z) together: cdf = 0.5 (1 + erf(z / sqrt 2)), act = z cdf, act' = cdf + z pdf(z).
+  static void fwd_grad(const Vec& z, Vec& y, Vec& dydz) {
+    const Vec cdf = Vec(0.5f) * (Vec(1.f) + (z * Vec(kInvSqrt2)).erf());
+    const Vec pdf = (Vec(-0.5f) * z * z).exp() * Vec(kInvSqrt2Pi);
+    y = z * cdf;  // equals 0.5 z (1 + erf) bit for bit: the halvings are exact
+    dydz = cdf + z * pdf;
+  }
+  static Vec grad(const Vec& z) {
+    const Vec cdf = Vec(0.5f) * (Vec(1.f) + (z * Vec(kInvSqrt2)).erf());
+    const Vec pdf = (Vec(-0.5f) * z * z).exp() * Vec(kInvSqrt2Pi);
+    return cdf + z * pdf;
+  }
+};
+
+template <>
+struct ActFn<Act::kGeluTanh> {
+  static constexpr float kSqrt2OverPi = 0.79788456080286535588f;
+  static constexpr float kCoef = 0.044715f;
+  static constexpr float kCoef3 = 0.134145f;  // 3 * 0.044715
+  static Vec tanh_inner(const Vec& z) { return (Vec(kSqrt2OverPi) * (z + Vec(kCoef) * z * z * z)).tanh(); }
+  static Vec fwd(const Vec& z) { return Vec(0.5f) * z * (Vec(1.f) + tanh_inner(z)); }
+  static Vec grad_from(const Vec& z, const Vec& t) {
+    return Vec(0.5f) * (Vec(1.f) + t) +
+           Vec(0.5f) * z * (Vec(1.f) - t * t) * Vec(kSqrt2OverPi) * (Vec(1.f) + Vec(kCoef3) * z * z);
+  }
+  static void fwd_grad(const Vec& z, Vec& y, Vec& dydz) {
+    const Vec t = tanh_inner(z);
+    y = Vec(0.5f) * z * (Vec(1.f) + t);
+    dydz = grad_from(z, t);
+  }
+  static Vec grad(const Vec& z) { return grad_from(z, tanh_inner(z)); }
+};
+
+template <>
+struct ActFn<Act::kSilu> {
+  static Vec sigmoid(const Vec& z) { return Vec(1.f) / (Vec(1.f) + z.neg().exp()); }
+  static Vec fwd(const Vec& z) { return z * sigmoid(z); }
+  static void fwd_grad(const Vec& z, Vec& y, Vec& dydz) {
+    const Vec s = sigmoid(z);
+    y = z * s;
+    dydz = s * (Vec(1.f) + z * (Vec(1.f) - s));
+  }
+  static Vec grad(const Vec& z) {
+    const Vec s = sigmoid(z);
+    return s * (Vec(1.f) + z * (Vec(1.f) - s));
+  }
+};
+
+template <typename F>
+inline void dispatch_act(Act act, F&& f) {
+  switch (act) {
+    case Act::kGelu: return f(ActFn<Act::kGelu>{});
+    case Act::kGeluTanh: return f(ActFn<Act::kGeluTanh>{});
+    case Act::kSilu: return f(ActFn<Act::kSilu>{});
+  }
+}
+
+// Splits elements [begin, end) of [N, C] rows into pieces within one row: f(offset, column, length).
+template <typename F>
+inline void for_row_pieces(int64_t begin, int64_t end, int64_t C, F&& f) {
+  for (int64_t i = begin; i < end;) {
+    const int64_t col = i % C, len = std::min(end - i, C - col);
+    f(i, col, len);
+    i += len;
+  }
+}
+
+template <typename T, typename B, typename Fn>
+void act_fwd_impl(const ActArgs& a, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(a.x);
+  const B* bias = static_cast<const B*>(a.bias);
+  T* y = static_cast<T*>(a.out);
+  for_row_pieces(begin, end, a.C, [&](int64_t off, int64_t col, int64_t len) {
+    for_blocks(len, [&](int64_t j, auto blk) {
+      V2 z = load(x + off + j, blk);
+      if (bias) z = z + load(bias + col + j, blk);  // the sum is not rounded
+      store(y + off + j, V2(Fn::fwd(z.lo), Fn::fwd(z.hi)), blk);
+    });
+  });
+}
+
+template <typename T, typename B, typename Fn>
+void act_bwd_impl(const ActArgs& a, int64_t begin, int64_t end, float* dbias) {
+  const T* x = static_cast<const T*>(a.x);
+  const B* bias = static_cast<const B*>(a.bias);
+  const T* dy = static_cast<const T*>(a.dy);
+  T* dx = static_cast<T*>(a.out);
+  for_row_pieces(begin, end, a.C, [&](int64_t off, int64_t col, int64_t len) {
+    for_blocks(len, [&](int64_t j, auto blk) {
+      V2 z = load(x + off + j, blk);
+      if (bias) z = z + load(bias + col + j, blk);
+      const V2 dz = load(dy + off + j, blk) * V2(Fn::grad(z.lo), Fn::grad(z.hi));
+      if (dbias) store(dbias + col + j, dz + load(dbias + col + j, blk), blk);
+      store(dx + off + j, dz, blk);
+    });
+  });
+}
+
+template <typename T, typename Fn>
+void glu_fwd_impl(const ActArgs& a, int64_t begin, int64_t end) {
+  const T* gate = static_cast<const T*>(a.x);
+  const T* up = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.out);
+  for_blocks(end - begin, [&](int64_t j, auto blk) {
+    const int64_t k = begin + j;
+    const V2 g = load(gate + k, blk);
+    store(y + k, V2(Fn::fwd(g.lo), Fn::fwd(g.hi)) * load(up + k, blk), blk);
+  });
+}
+
+template <typename T, typename Fn>
+void glu_bwd_impl(const ActArgs& a, int64_t begin, int64_t end) {
+  const T* gate = static_cast<const T*>(a.x);
+  const T* up = static_cast<const T*>(a.bias);
+  const T* dy = static_cast<const T*>(a.dy);
+  T* dgate = static_cast<T*>(a.out);
+  T* dup = static_cast<T*>(a.out2);
+  for_blocks(end - begin, [&](int64_t j, auto blk) {
+    const int64_t k = begin + j;
+    const V2 g = load(gate + k, blk), d = load(dy + k, blk);
+    V2 act, grad;
+    Fn::fwd_grad(g.lo, act.lo, grad.lo);
+    Fn::fwd_grad(g.hi, act.hi, grad.hi);
+    store(dgate + k, d * load(up + k, blk) * grad, blk);  // dgate = dy * up * act'(gate)
+    store(dup + k, d * act, blk);                          // dup = dy * act(gate)
+  });
+}
+
+}  // namespace
+
+#define PTM_ACT_TYPES(t, b, fn) typename decltype(t)::type, typename decltype(b)::type, decltype(fn)
+
+void act_fwd_elems(const ActArgs& a, int64_t begin, int64_t end) {
+  dispatch_dtype_param(a.x_dtype, a.b_dtype, [&](auto t, auto b) {
+    dispatch_act(a.act, [&](auto fn) { act_fwd_impl<PTM_ACT_TYPES(t, b, fn)>(a, begin, end); });
+  });
+}
+void act_bwd_elems(const ActArgs& a, int64_t begin, int64_t end, float* dbias) {
+  dispatch_dtype_param(a.x_dtype, a.b_dtype, [&](auto t, auto b) {
+    dispatch_act(a.act, [&](auto fn) { act_bwd_impl<PTM_ACT_TYPES(t, b, fn)>(a, begin, end, dbias); });
+  });
+}
+void glu_fwd_elems(const ActArgs& a, int64_t begin, int64_t end) {
+  dispatch_dtype(a.x_dtype, [&](auto t) {
+    dispatch_act(a.act, [&](auto fn) { glu_fwd_impl<typename decltype(t)::type, decltype(fn)>(a, begin, end); });
+  });
+}
+void glu_bwd_elems(const ActArgs& a, int64_t begin, int64_t end) {
+  dispatch_dtype(a.x_dtype, [&](auto t) {
+    dispatch_act(a.act, [&](auto fn) { glu_bwd_impl<typename decltype(t)::type, decltype(fn)>(a, begin, end); });
+  });
+}
+
+#undef PTM_ACT_TYPES
+
+}  // namespace CPU_CAPABILITY
+
+// ------------------------------------------------------------------------------------------------- host
+#ifndef PTM_CPU_KERNELS_ONLY
+namespace {
+
+Act parse_act(const std::string& act) {
+  if (act == "gelu") return Act::kGelu;
+  if (act == "gelu_tanh") return Act::kGeluTanh;
+  if (act == "silu") return Act::kSilu;
+  TORCH_CHECK(false, "ptm_kernels cpu: unknown activation '", act, "' (expected gelu, gelu_tanh or silu)");
+}
+
+// Runs an elementwise kernel over all N * C elements in parallel.
+template <typename Kernel>
+void run_elementwise(Kernel kernel, const ActArgs& a, int64_t numel) {
+  at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+}
+
+// Checks x [N, C] and an optional bias; fills the dtype tags and C of `a` (C = N * C without bias, so that
+// elementwise ranges are never cut at row ends).
+void check_act_inputs(const Tensor& x, const OptTensor& bias, ActArgs& a) {
+  check_rows(x, "x");
+  a.x_dtype = dtype_of(x, "x");
+  a.b_dtype = a.x_dtype;
+  a.C = x.numel();
+  if (bias) {
+    check_param(*bias, "bias", x.size(1), x.scalar_type());
+    a.b_dtype = dtype_of(*bias, "bias");
+    a.bias = bias->data_ptr();
+    a.C = x.size(1);
+  }
+}
+
+void check_glu_inputs(const Tensor& gate, const Tensor& up, ActArgs& a) {
+  check_rows(gate, "gate");
+  check_like(up, "up", gate, "gate");
+  a.x_dtype = a.b_dtype = dtype_of(gate, "gate");
+  a.C = gate.numel();
+}
+
+}  // namespace
+
+Tensor act_fwd(const Tensor& x, const OptTensor& bias, const std::string& act) {
+  ActArgs a{};
+  a.act = parse_act(act);
+  check_act_inputs(x, bias, a);
+  Tensor y = at::empty_like(x);
+  a.x = x.data_ptr();
+  a.out = y.data_ptr();
+  if (x.numel() > 0) run_elementwise(PTM_CPU_KERNEL(act_fwd_elems), a, x.numel());
+  return y;
+}
+
+std::tuple<Tensor, Tensor> act_bwd(const Tensor& dy, const Tensor& x, const OptTensor& bias,
+                                   const std::string& act) {
+  ActArgs a{};
+  a.act = parse_act(act);
+  check_act_inputs(x, bias, a);
+  check_like(dy, "dy", x, "x");
+  Tensor dx = at::empty_like(x);
+  a.x = x.data_ptr();
+  a.dy = dy.data_ptr();
+  a.out = dx.data_ptr();
+  const auto kernel = PTM_CPU_KERNEL(act_bwd_elems);
+  if (!bias) {
+    if (x.numel() > 0) {
+      at::parallel_for(0, x.numel(), at::internal::GRAIN_SIZE,
+                       [&](int64_t begin, int64_t end) { kernel(a, begin, end, nullptr); });
+    }
+    return {dx, x.new_empty({0})};
+  }
+  // dbias: one float32 [C] buffer per chunk of whole rows, summed at the end.
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t chunks = num_row_chunks(N, C);
+  Tensor partial = at::zeros({chunks, C}, x.options().dtype(at::kFloat));
+  float* p = partial.data_ptr<float>();
+  for_row_chunks(N, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+    if (end > begin) kernel(a, begin * C, end * C, p + c * C);
+  });
+  return {dx, chunks == 1 ? partial[0] : partial.sum(0)};
+}
+
+Tensor glu_fwd(const Tensor& gate, const Tensor& up, const std::string& act) {
+  ActArgs a{};
+  a.act = parse_act(act);
+  check_glu_inputs(gate, up, a);
+  Tensor y = at::empty_like(gate);
+  a.x = gate.data_ptr();
+  a.bias = up.data_ptr();
+  a.out = y.data_ptr();
+  if (gate.numel() > 0) run_elementwise(PTM_CPU_KERNEL(glu_fwd_elems), a, gate.numel());
+  return y;
+}
+
+std::tuple<Tensor, Tensor> glu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up,
+                                   const std::string& act) {
+  ActArgs a{};
+  a.act = parse_act(act);
+  check_glu_inputs(gate, up, a);
+  check_like(dy, "dy", gate, "gate");
+  Tensor dgate = at::empty_like(gate), dup = at::empty_like(up);
+  a.x = gate.data_ptr();
+  a.bias = up.data_ptr();
+  a.dy = dy.data_ptr();
+  a.out = dgate.data_ptr();
+  a.out2 = dup.data_ptr();
+  if (gate.numel() > 0) run_elementwise(PTM_CPU_KERNEL(glu_bwd_elems), a, gate.numel());
+  return {dgate, dup};
+}
+
+#endif  // PTM_CPU_KERNELS_ONLY
+}  // namespace ptm::cpu

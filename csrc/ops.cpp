@@ -1,0 +1,35 @@
+// The Python module ptm_kernels._C: one submodule per device, each exposing the kernel interface of
+// ptm_kernels/reference_kernels.py. The torch.library ops themselves are defined in Python
+// (ptm_kernels/ops/), so that the package imports and works without this extension.
+#include <torch/extension.h>
+
+#include "cpu/kernels.h"
+#ifdef PTM_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
+
+// The same list of kernels is bound for every device namespace.
+#define PTM_BIND_KERNELS(mod, ns)                     \
+  mod.def("rms_norm_fwd", &ns::rms_norm_fwd);         \
+  mod.def("rms_norm_bwd", &ns::rms_norm_bwd);         \
+  mod.def("layer_norm_fwd", &ns::layer_norm_fwd);     \
+  mod.def("layer_norm_bwd", &ns::layer_norm_bwd);     \
+  mod.def("act_fwd", &ns::act_fwd);                   \
+  mod.def("act_bwd", &ns::act_bwd);                   \
+  mod.def("glu_fwd", &ns::glu_fwd);                   \
+  mod.def("glu_bwd", &ns::glu_bwd);                   \
+  mod.def("rope_fwd", &ns::rope_fwd);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ptm_kernels C++/CUDA kernels";
+  auto cpu = m.def_submodule("cpu", "C++ CPU kernels (at::vec + at::parallel_for)");
+  PTM_BIND_KERNELS(cpu, ptm::cpu)
+  // Kernels that only exist on some devices are bound below their submodule.
+#ifdef PTM_WITH_CUDA
+  auto cuda = m.def_submodule("cuda", "CUDA kernels (torch-free .cu launchers)");
+  PTM_BIND_KERNELS(cuda, ptm::cuda)
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

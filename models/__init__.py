@@ -1,0 +1,1 @@
+"""Pre-trained language models defined on ptm_kernels ops (imported as ptm_kernels.models)."""

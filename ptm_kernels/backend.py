@@ -1,0 +1,148 @@
+"""Which implementation runs each op: decided here and nowhere else.
+
+Implementations ("backends") all provide the kernel interface of `reference_kernels.py`:
+
+    triton     ptm_kernels.triton        GPU default; on CPU tensors only under TRITON_INTERPRET=1
+    cuda       ptm_kernels._C.cuda       hand-written CUDA, when the extension was built with it
+    cpu        ptm_kernels._C.cpu        C++ CPU kernels, the CPU default when the extension is built
+    reference  ptm_kernels.reference_kernels   plain PyTorch, the fallback everywhere
+
+Override with the environment (`PTM_KERNELS_BACKEND=triton`, or per op: `rms_norm=cpu,attention=reference`)
+or in code with `ptm_kernels.backend.use("triton")` / `use(rms_norm="cpu")` as a context manager.
+An override that cannot run on the tensors' device raises instead of silently running something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+# Op families, each a set of kernel functions selected together (forward and backward must agree).
+OPS = ("rms_norm", "layer_norm", "activation", "rope", "attention")
+
+_local = threading.local()
+
+
+def _parse(spec: str) -> Dict[str, str]:
+    """'triton' -> {'*': 'triton'}; 'rms_norm=cpu,attention=reference' -> per-op choices."""
+    out: Dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        op, _, name = part.rpartition("=")
+        op = op.strip() or "*"
+        name = name.strip()
+        if name not in BACKENDS:
+            raise ValueError(f"PTM_KERNELS_BACKEND: unknown backend {name!r}; expected one of {BACKENDS}")
+        if op != "*" and op not in OPS:
+            raise ValueError(f"PTM_KERNELS_BACKEND: unknown op {op!r}; expected one of {OPS}")
+        out[op] = name
+    return out
+
+
+def _overrides() -> Dict[str, str]:
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _parse(os.environ.get("PTM_KERNELS_BACKEND", ""))
+
+
+@contextlib.contextmanager
+def use(default: Optional[str] = None, **per_op: str):
+    """Run the ops inside the block on the given backend(s): `with use("triton"):` or `use(rope="cpu")`."""
+    choice = dict(_overrides())
+    if default is not None:
+        choice.update(_parse(default))
+    for op, name in per_op.items():
+        choice.update(_parse(f"{op}={name}"))
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(choice)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_module() -> Optional[ModuleType]:
+    try:
+        return importlib.import_module("ptm_kernels.triton")
+    except Exception:  # triton missing or broken: the other backends still work
+        return None
+
+
+def module(name: str) -> Optional[ModuleType]:
+    """The module implementing backend `name`, or None when it is not available in this installation."""
+    if name == "reference":
+        return importlib.import_module("ptm_kernels.reference_kernels")
+    if name == "cpu":
+        return getattr(_ext.C, "cpu", None) if _ext.C is not None else None
+    if name == "cuda":
+        return getattr(_ext.C, "cuda", None) if _ext.C is not None else None
+    if name == "triton":
+        return _triton_module()
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def supports(name: str, op: str, device_type: str) -> bool:
+    """Whether backend `name` can run family `op` on `device_type` in this installation."""
+    mod = module(name)
+    if mod is None:
+        return False
+    if name == "cpu" and device_type != "cpu":
+        return False
+    if name == "cuda" and device_type != "cuda":
+        return False
+    if name == "triton" and device_type == "cpu" and not triton_interpreted():
+        return False
+    probe = {"rms_norm": "rms_norm_fwd", "layer_norm": "layer_norm_fwd", "activation": "act_fwd",
+             "rope": "rope_fwd", "attention": "attention_fwd"}[op]
+    return hasattr(mod, probe)
+
+
+def default(op: str, device_type: str) -> str:
+    """The backend used without an override: the fastest one available (see benchmarks/)."""
+    order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if supports(name, op, device_type):
+            return name
+    return "reference"
+
+
+def select(op: str, device: torch.device) -> str:
+    choice = _overrides()
+    name = choice.get(op, choice.get("*"))
+    if name is None:
+        return default(op, device.type)
+    if not supports(name, op, device.type):
+        why = {
+            "triton": "needs a CUDA tensor, or TRITON_INTERPRET=1 set before ptm_kernels is imported",
+            "cpu": "needs CPU tensors and the C++ extension (ptm_kernels._C)",
+            "cuda": "needs CUDA tensors and the extension built with CUDA",
+        }.get(name, "")
+        raise RuntimeError(f"ptm_kernels: backend {name!r} cannot run {op} on {device.type} tensors "
+                           f"in this installation ({why}); see `python -m ptm_kernels.info`")
+    return name
+
+
+def kernels(op: str, x: torch.Tensor) -> ModuleType:
+    """The module whose functions implement `op` for inputs like `x`.
+
+    float64 always runs on the reference: the kernels serve the training dtypes, float64 serves gradcheck.
+    """
+    if x.dtype == torch.float64:
+        return module("reference")
+    return module(select(op, x.device))

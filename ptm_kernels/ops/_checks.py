@@ -1,0 +1,52 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(name: str, t, *, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, min_dim: int = 0,
+           dim: Optional[int] = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def same_device(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def shape(name: str, t: Optional[Tensor], expected: Sequence[int]) -> None:
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def same_dtype(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def param_dtype(x: Tensor, p: Optional[Tensor]) -> Optional[Tensor]:
+    """Kernels take a weight/bias in x's dtype or float32; any other float dtype widens exactly to float32."""
+    if p is None or p.dtype in (x.dtype, torch.float32):
+        return p if p is None or p.is_contiguous() else p.contiguous()
+    return p.float().contiguous()
+
+
+def rows(x: Tensor) -> Tensor:
+    """x as a contiguous [N, C] matrix (a view when x is contiguous)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()

@@ -1,0 +1,271 @@
+"""Fused attention with arbitrary masks: `ptm::attention` and `ptm::attention_backward`.
+
+`attention(q, k, v, mask)` takes an `AttentionMask` (ptm_kernels/attention_mask.py); `scaled_dot_product_attention`
+is a drop-in for torch's, turning its attn_mask/is_causal into one. Both end in one torch.library op whose
+arguments are the kernel interface of reference_kernels.py, flattened (custom ops take tensors, not objects);
+the op calls the backend chosen by `ptm_kernels.backend`. Broadcast masks and biases travel in their own
+shapes and are expanded (stride 0, no copy) inside the op, so the bias gradient comes back in the bias's shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from ..attention_mask import AttentionMask
+from . import _checks
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+_BIAS, _TOEPLITZ = 12, 13  # positions of bias and toeplitz among ptm::attention's inputs
+
+# ------------------------------------------------------------------------------------------ the ops
+
+
+@torch.library.custom_op("ptm::attention", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int, window_right: int,
+               key_lengths: Optional[Tensor], prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
+               k_segments: Optional[Tensor], dense_mask: Optional[Tensor], bias: Optional[Tensor],
+               toeplitz: Optional[Tensor], block_map: Optional[Tensor], block_m: int, block_n: int,
+               dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    dense_mask, bias, block_map = _expand(q, k, dense_mask, bias, block_map)
+    return tuple(backend.kernels("attention", q).attention_fwd(
+        q, k, v, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments,
+        dense_mask, bias, toeplitz, block_map, block_m, block_n, dropout_p, _seed_int(seed)))
+
+
+@_attention.register_fake
+def _(q, k, v, *args):
+    B, H, Lq, D = q.shape
+    return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=_stat_dtype(q))
+
+
+@torch.library.custom_op("ptm::attention_backward", mutates_args=())
+def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                        causal: bool, window_left: int, window_right: int, key_lengths: Optional[Tensor],
+                        prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
+                        k_segments: Optional[Tensor], dense_mask: Optional[Tensor], bias: Optional[Tensor],
+                        toeplitz: Optional[Tensor], block_map: Optional[Tensor], block_m: int, block_n: int,
+                        dropout_p: float, seed: Optional[Tensor], bias_requires_grad: bool,
+                        toeplitz_requires_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    full_dense, full_bias, full_map = _expand(q, k, dense_mask, bias, block_map)
+    dq, dk, dv, dbias, dtoeplitz = backend.kernels("attention", q).attention_bwd(
+        dout, q, k, v, out, lse, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
+        k_segments, full_dense, full_bias, toeplitz, full_map, block_m, block_n, dropout_p, _seed_int(seed),
+        bias_requires_grad, toeplitz_requires_grad)
+    if bias_requires_grad:  # the kernel gives [B, H, Lq, Lk] float32: sum over the bias's broadcast dims
+        dbias = dbias.sum_to_size(bias.shape).to(bias.dtype)
+    return dq, dk, dv, dbias, dtoeplitz
+
+
+@_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
+      k_segments, dense_mask, bias, toeplitz, block_map, block_m, block_n, dropout_p, seed, bias_requires_grad,
+      toeplitz_requires_grad):
+    dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
+    dtoeplitz = toeplitz.new_empty(toeplitz.shape) if toeplitz_requires_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dtoeplitz
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, causal, wl, wr, kl, pl, qs, ks, dense, bias, toeplitz, bmap, bm, bn, p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.args = (scale, causal, wl, wr)
+    ctx.tile_dropout = (bm, bn, p)
+    ctx.save_for_backward(q, k, v, out, lse, kl, pl, qs, ks, dense, bias, toeplitz, bmap, seed)
+
+
+def _attention_grad(ctx, dout, _dlse):
+    q, k, v, out, lse, kl, pl, qs, ks, dense, bias, toeplitz, bmap, seed = ctx.saved_tensors
+    need_bias, need_table = ctx.needs_input_grad[_BIAS], ctx.needs_input_grad[_TOEPLITZ]
+    bm, bn, p = ctx.tile_dropout
+    dq, dk, dv, dbias, dtable = _attention_backward(
+        _unit_stride(dout), q, k, v, out, lse, *ctx.args, kl, pl, qs, ks, dense, bias, toeplitz, bmap, bm, bn, p,
+        seed, need_bias, need_table)
+    return (dq, dk, dv) + (None,) * 9 + (dbias if need_bias else None, dtable if need_table else None) + (None,) * 5
+
+
+_attention.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+def _expand(q, k, dense_mask, bias, block_map):
+    """Broadcast parts as the kernels take them: views expanded to [B, H, ...] with stride 0, no copy."""
+    B, H, Lq, _ = q.shape
+    full = (B, H, Lq, k.shape[2])
+    return (None if dense_mask is None else dense_mask.expand(full),
+            None if bias is None else bias.expand(full),
+            None if block_map is None else block_map.expand(B, H, *block_map.shape[2:]))
+
+
+def _seed_int(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.compiler.assume_constant_result
+def _tile(device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[Tuple[int, int]]:
+    """The (block_m, block_n) of the backend that will run, or None when it takes no block map.
+
+    A constant under torch.compile: the backend is chosen when the graph is traced (a kernel handed a block
+    map of another tile size ignores it, so a later override stays correct).
+    """
+    mod = backend.kernels("attention", torch.empty(0, dtype=dtype, device=device_type))
+    tile = getattr(mod, "attention_tile", None)
+    return None if tile is None else tuple(int(b) for b in tile(head_dim, dtype, torch.device(device_type)))
+
+
+# -------------------------------------------------------------------------------------- public API
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask] = None, *,
+              scale: Optional[float] = None, dropout_p: float = 0.0, seed: Optional[Union[int, Tensor]] = None,
+              generator: Optional[torch.Generator] = None, return_lse: bool = False):
+    """softmax(scale * q @ k^T + biases, masked) @ v, fused; q [B, H, Lq, D], k and v [B, Hk, Lk, D].
+
+    Any strides with a unit last-dimension stride are read in place (a [B, L, H, D] projection can be passed
+    as `.transpose(1, 2)`); k/v may have fewer heads than q (GQA/MQA: H % Hk == 0, query head h reads kv head
+    h // (H // Hk)). Head dims 16 to 256; float16, bfloat16, float32 (float64 runs on the reference backend).
+    `scale` defaults to 1/sqrt(D) (T5 wants 1.0). A query row that sees no key returns zeros (zero gradients).
+
+    Dropout of the attention probabilities happens inside the kernel. The mask is drawn from `seed` (an int:
+    the same seed gives the same result on the same backend), else from `generator`, else from torch's default
+    generator, so torch.manual_seed makes training reproducible. Under torch.compile, pass neither (or an
+    int seed): a generator object is not traceable.
+
+    With `return_lse`, also returns the log-sum-exp of each row's scores, float32 [B, H, Lq] (-inf for a row
+    that sees no key); it carries no gradient.
+    """
+    _check_qkv(q, k, v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if mask is None:
+        mask = AttentionMask()
+    elif not isinstance(mask, AttentionMask):
+        raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}; wrap a bool tensor "
+                        f"with AttentionMask.dense(...) and a float one with AttentionMask.bias(...), or use "
+                        f"ptm_kernels.scaled_dot_product_attention")
+    scale = _scale(scale, D)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+    vis = mask.visibility(B, H, Lq, Lk, q.device)
+    bias, table = mask.scores(B, H, Lq, Lk, q)
+    tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility else None
+    block_map = mask.block_map(B, H, Lq, Lk, *tile, q.device) if tile is not None else None
+    out, lse = _attention(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale, *vis, bias, table, block_map,
+                          *(tile or (0, 0)), float(dropout_p), _seed(dropout_p, seed, generator))
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """A drop-in for torch.nn.functional.scaled_dot_product_attention (same arguments, same meaning).
+
+    attn_mask: bool (True = takes part) or float (added to the scores), broadcastable to [..., L, S].
+    is_causal is top-left aligned like torch's (key j visible to query i iff j <= i, also when L != S; our
+    AttentionMask.causal() is bottom-right aligned); with an attn_mask too, both apply (torch's fused CPU
+    kernel does the same, its math kernel refuses). A bool mask of shape [B|1, 1, 1, S] becomes key padding
+    (lengths when each row is a prefix), a float mask made only of 0 and -inf becomes a bool mask, other
+    masks take the dense path with block skipping. A row with no visible key gives zeros, like torch >= 2.5
+    (older torch gave NaN). Inputs may be 2-D to 4-D; the value head dim must equal the query's. Dropout
+    draws from torch's default generator, as torch does, but a different mask.
+    """
+    dims = query.dim() if isinstance(query, Tensor) else 0
+    if not 2 <= dims <= 4:
+        raise ValueError(f"query must have 2 to 4 dimensions ([B, H, L, E] or fewer), got "
+                         f"{tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__}")
+
+    def four_d(name, t):
+        _checks.tensor(name, t, dim=dims)
+        return t.view((1,) * (4 - dims) + tuple(t.shape))
+
+    q, k, v = four_d("query", query), four_d("key", key), four_d("value", value)
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {q.shape[1]} heads but key has {k.shape[1]}; pass enable_gqa=True for "
+                         f"grouped-query attention")
+    mask = AttentionMask.causal(align="top_left") if is_causal else AttentionMask()
+    if attn_mask is not None:
+        mask = mask & _sdpa_mask(attn_mask, dims, q)
+    out = attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)
+    return out.view(query.shape[:-1] + (out.shape[-1],))
+
+
+def _sdpa_mask(attn_mask: Tensor, dims: int, q: Tensor) -> AttentionMask:
+    """An SDPA attn_mask as an AttentionMask: recognise key padding, else dense (bool) or bias (float)."""
+    _checks.tensor("attn_mask", attn_mask, dtypes=(torch.bool,) + _checks.FLOAT_DTYPES)
+    if attn_mask.dim() > dims:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} has more dimensions than query "
+                         f"({dims}); it must broadcast to [..., L, S]")
+    m = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.dtype != torch.bool and not m.requires_grad and not torch.compiler.is_compiling():
+        hidden = torch.isneginf(m)
+        if bool((hidden | (m == 0)).all()):  # an additive 0 / -inf mask is a visibility mask
+            m = ~hidden
+    if m.dtype != torch.bool:
+        return AttentionMask.bias(m)
+    if m.shape[1] == 1 and m.shape[2] == 1 and m.shape[3] > 1:  # [B|1, 1, 1, S]: key padding
+        return AttentionMask.key_padding(mask=m.view(m.shape[0], m.shape[3]))
+    return AttentionMask.dense(m)
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t, dim=4)
+    _checks.same_dtype("q", q, k=k, v=v)
+    _checks.same_device("q", q, k=k, v=v)
+    B, H, Lq, D = q.shape
+    _, Hk, Lk, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must have shape [B={B}, Hk, Lk, D={D}] to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {tuple(k.shape)} (batch, kv heads, keys, and the head dim of q), "
+                         f"got {tuple(v.shape)}")
+    if H % Hk:
+        raise ValueError(f"q has {H} heads, not a multiple of k's {Hk} heads (GQA/MQA need H % Hk == 0)")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (last dim of q, k, v) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}")
+    if min(B, H, Lq, Lk) == 0:
+        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+
+
+def _scale(scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None (1/sqrt(head dim)), got {scale!r}")
+    return float(scale)
+
+
+def _seed(dropout_p: float, seed, generator) -> Optional[Tensor]:
+    """The dropout seed as an int64 scalar tensor (a tensor so that torch.compile can draw it in-graph)."""
+    if dropout_p == 0:
+        return None
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if seed is None:
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, generator=generator, device=device)
+    if isinstance(seed, Tensor):
+        _checks.tensor("seed", seed, dtypes=(torch.int64, torch.int32))
+        if seed.numel() != 1:
+            raise ValueError(f"seed must be an int or a one-element tensor, got shape {tuple(seed.shape)}")
+        return seed.reshape(()).to(torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64)

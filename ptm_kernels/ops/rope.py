@@ -1,0 +1,122 @@
+"""Rotary position embedding for q and k in one call: `ptm::rope`.
+
+Layout [B, H, L, D] (SDPA's); any strides with a unit last-dimension stride are read without a copy, so a
+`[B, L, H, D]` projection can be passed as `x.transpose(1, 2)`. The backward is the same rotation by minus
+the angle (rotations are orthogonal), so it runs the same kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from . import _checks
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, rotary_dim: int,
+            inverse: bool) -> Tensor:
+    return backend.kernels("rope", x).rope_fwd(x, cos, sin, positions, interleaved, rotary_dim, inverse)
+
+
+@torch.library.custom_op("ptm::rope", mutates_args=())
+def _rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
+          rotary_dim: int, inverse: bool) -> Tuple[Tensor, Tensor]:
+    q_out = _rotate(q, cos, sin, positions, interleaved, rotary_dim, inverse)
+    k_out = _rotate(k, cos, sin, positions, interleaved, rotary_dim, inverse) if k is not None else q.new_empty(0)
+    return q_out, k_out
+
+
+@_rope.register_fake
+def _(q, k, cos, sin, positions, interleaved, rotary_dim, inverse):
+    return torch.empty_like(q), (torch.empty_like(k) if k is not None else q.new_empty(0))
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, cos, sin, positions, interleaved, rotary_dim, inverse = inputs
+    ctx.args = (interleaved, rotary_dim, not inverse)
+    ctx.has_k = k is not None
+    ctx.save_for_backward(cos, sin, positions)
+
+
+def _rope_grad(ctx, dq_out, dk_out):
+    cos, sin, positions = ctx.saved_tensors
+    dq_out = dq_out if dq_out.stride(-1) == 1 else dq_out.contiguous()
+    dk = (dk_out if dk_out.stride(-1) == 1 else dk_out.contiguous()) if ctx.has_k else None
+    dq, dk = _rope(dq_out, dk, cos, sin, positions, *ctx.args)
+    return dq, (dk if ctx.has_k else None), None, None, None, None, None, None
+
+
+_rope.register_autograd(_rope_grad, setup_context=_rope_setup)
+
+
+def _positions(q: Tensor, max_positions: int, position_ids: Optional[Tensor], offset: Union[int, Tensor]) -> Tensor:
+    B, L = q.shape[0], q.shape[2]
+    if position_ids is not None:
+        _checks.tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.dim() != 2 or position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
+            raise ValueError(f"position_ids must have shape [{L}], [1, {L}] or [{B}, {L}] for q of shape "
+                             f"{tuple(q.shape)}, got {tuple(position_ids.shape)}")
+        _checks.same_device("q", q, position_ids=position_ids)
+        pos = position_ids.to(torch.int64).contiguous()
+    else:
+        steps = torch.arange(L, device=q.device, dtype=torch.int64)
+        if isinstance(offset, Tensor):
+            _checks.tensor("offset", offset, dtypes=(torch.int64, torch.int32))
+            if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] not in (1, B)):
+                raise ValueError(f"offset must be an int, a scalar tensor or a [{B}] tensor, got shape "
+                                 f"{tuple(offset.shape)}")
+            pos = (offset.to(device=q.device, dtype=torch.int64).reshape(-1, 1) + steps).contiguous()
+        else:
+            if offset < 0 or offset + L > max_positions:
+                raise ValueError(f"positions offset..offset+L-1 = {offset}..{offset + L - 1} fall outside the "
+                                 f"cos/sin cache of {max_positions} positions")
+            return (steps + int(offset)).unsqueeze(0)
+    # A user-given position must index the cache; checked here because a GPU kernel cannot raise.
+    if pos.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo < 0 or hi >= max_positions:
+            raise ValueError(f"positions must lie in [0, {max_positions}) (the cos/sin cache), got [{lo}, {hi}]")
+    return pos
+
+
+def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, *, position_ids: Optional[Tensor] = None,
+         offset: Union[int, Tensor] = 0, interleaved: bool = False, rotary_dim: Optional[int] = None):
+    """Rotate q [B, H, L, D] and k [B, Hk, L, D] (or None) by their positions; returns (q_rot, k_rot).
+
+    cos, sin: [P, rotary_dim // 2] from `rope_cos_sin` / `nn.RotaryEmbedding`. Positions are `position_ids`
+    ([L] or [B, L]), else `offset + arange(L)` (offset an int or a per-row [B] tensor: a KV cache's fill).
+    `interleaved=False` is the rotate-half layout (LLaMA, GPT-NeoX), True the interleaved one (GPT-J, GLM).
+    `rotary_dim < D` rotates only the first rotary_dim dimensions (GPT-J, GPT-NeoX partial rotary).
+    """
+    _checks.tensor("q", q, dim=4)
+    B, _, L, D = q.shape
+    if k is not None:
+        _checks.tensor("k", k, dim=4)
+        _checks.same_dtype("q", q, k=k)
+        _checks.same_device("q", q, k=k)
+        if (k.shape[0], k.shape[2], k.shape[3]) != (B, L, D):
+            raise ValueError(f"k must have shape [{B}, Hk, {L}, {D}] to match q {tuple(q.shape)}, "
+                             f"got {tuple(k.shape)}")
+    R = D if rotary_dim is None else int(rotary_dim)
+    if R <= 0 or R > D or R % 2:
+        raise ValueError(f"rotary_dim must be even and in [2, {D}] (head dim), got {R}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _checks.tensor(name, t, dim=2)
+        if t.shape[1] != R // 2:
+            raise ValueError(f"{name} must have shape [max_positions, {R // 2}] (rotary_dim // 2), "
+                             f"got {tuple(t.shape)}")
+    _checks.shape("sin", sin, cos.shape)
+    _checks.same_device("q", q, cos=cos, sin=sin)
+    positions = _positions(q, cos.shape[0], position_ids, offset)
+
+    def unit_stride(t):
+        return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+    cos32, sin32 = cos.float().contiguous(), sin.float().contiguous()
+    q_out, k_out = _rope(unit_stride(q), unit_stride(k), cos32, sin32, positions, bool(interleaved), R, False)
+    return (q_out, k_out) if k is not None else q_out

@@ -1,0 +1,340 @@
+"""The kernel interface, written in plain PyTorch: the "reference" backend.
+
+Every backend (this module, `ptm_kernels.triton`, the C++ module `ptm_kernels._C.cpu` and the CUDA module
+`ptm_kernels._C.cuda`) provides these functions with the same names, arguments and results. The public ops
+in `ptm_kernels/ops/` validate and reshape the user's tensors, then call one backend; so a kernel may rely on:
+
+- row-major 2-D inputs `[N, C]` (contiguous) for norms and activations; `C` may be any size >= 1, `N` may be 0;
+- weights/biases of shape `[C]`, contiguous, of x's dtype or float32;
+- rope inputs `[B, H, L, D]` with stride 1 in the last dimension and arbitrary other strides;
+- statistics (mean, rstd) and parameter gradients in float32.
+
+All math is in float32 (float64 when the inputs are float64, which only this backend supports: gradcheck
+runs here). Results are rounded once to the output dtype unless a convention says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_EMPTY = torch.empty(0)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def empty_stats(x: Tensor) -> Tensor:
+    """The placeholder returned for a result that does not exist (custom ops cannot return None)."""
+    return x.new_empty(0)
+
+
+# ----------------------------------------------------------------------------------------------- norms
+def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
+                 round_normed: bool):
+    """-> (y, h, rstd).
+
+    h = x + residual (rounded to x's dtype, like eager `x + residual`), or an empty tensor without residual.
+    rstd[n] = 1 / sqrt(mean(h[n]^2) + eps) in float32.
+    y = weight * n where n = h * rstd; when round_normed, n is rounded to x's dtype before the multiply
+    (the LLaMA convention). y's dtype is promote(x.dtype, weight.dtype).
+    """
+    h = x + residual if residual is not None else x
+    cd = _compute_dtype(x)
+    hf = h.to(cd)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1) + eps)
+    n = hf * rstd[:, None]
+    if round_normed:
+        n = n.to(x.dtype).to(cd)
+    out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+    y = n if weight is None else n * weight.to(cd)
+    return y.to(out_dtype), (h if residual is not None else empty_stats(x)), rstd.float() if cd != torch.float64 else rstd
+
+
+def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor, dh_out: Optional[Tensor]):
+    """-> (dh, dweight).
+
+    dy: gradient of y; h: the normalized input (x, or x + residual); dh_out: gradient flowing into the
+    returned residual sum h (or None). dh has h's dtype; dweight is float32 [C] (empty when weight is None).
+    With n = h * rstd and g = dy * weight: dh = rstd * (g - n * mean(g * n)) + dh_out.
+    """
+    cd = _compute_dtype(h)
+    hf, g = h.to(cd), dy.to(cd)
+    r = rstd.to(cd)[:, None]
+    n = hf * r
+    dw = (g * n).sum(0) if weight is not None else None
+    if weight is not None:
+        g = g * weight.to(cd)
+    dh = r * (g - n * (g * n).mean(-1, keepdim=True))
+    if dh_out is not None:
+        dh = dh + dh_out.to(cd)
+    return dh.to(h.dtype), (dw.float() if cd != torch.float64 else dw) if dw is not None else empty_stats(h)
+
+
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   eps: float):
+    """-> (y, h, mean, rstd). h as in rms_norm_fwd; y = ((h - mean) * rstd) * weight + bias in x's dtype."""
+    h = x + residual if residual is not None else x
+    cd = _compute_dtype(x)
+    hf = h.to(cd)
+    mean = hf.mean(-1)
+    var = (hf - mean[:, None]).pow(2).mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    y = (hf - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(cd)
+    if bias is not None:
+        y = y + bias.to(cd)
+    stat = (lambda t: t) if cd == torch.float64 else (lambda t: t.float())
+    return y.to(x.dtype), (h if residual is not None else empty_stats(x)), stat(mean), stat(rstd)
+
+
+def layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   dh_out: Optional[Tensor], has_bias: bool):
+    """-> (dh, dweight, dbias); dweight/dbias float32 [C], empty when absent.
+
+    With n = (h - mean) * rstd and g = dy * weight: dh = rstd * (g - mean(g) - n * mean(g * n)) + dh_out.
+    """
+    cd = _compute_dtype(h)
+    g = dy.to(cd)
+    n = (h.to(cd) - mean.to(cd)[:, None]) * rstd.to(cd)[:, None]
+    dw = (g * n).sum(0) if weight is not None else None
+    db = g.sum(0) if has_bias else None
+    if weight is not None:
+        g = g * weight.to(cd)
+    dh = rstd.to(cd)[:, None] * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))
+    if dh_out is not None:
+        dh = dh + dh_out.to(cd)
+    stat = (lambda t: t) if cd == torch.float64 else (lambda t: t.float())
+    return (dh.to(h.dtype), stat(dw) if dw is not None else empty_stats(h),
+            stat(db) if db is not None else empty_stats(h))
+
+
+# ----------------------------------------------------------------------------------------- activations
+# `act` is one of "gelu" (erf), "gelu_tanh", "silu".
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _act(z: Tensor, act: str) -> Tensor:
+    if act == "gelu":
+        return 0.5 * z * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    if act == "gelu_tanh":
+        return 0.5 * z * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    if act == "silu":
+        return z * torch.sigmoid(z)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def _act_grad(z: Tensor, act: str) -> Tensor:
+    """d act(z) / dz."""
+    if act == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + z * pdf
+    if act == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+        t = torch.tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def act_fwd(x: Tensor, bias: Optional[Tensor], act: str) -> Tensor:
+    """y = act(x + bias) for x [N, C], bias [C] or None; the sum is not rounded; y in x's dtype."""
+    cd = _compute_dtype(x)
+    z = x.to(cd) if bias is None else x.to(cd) + bias.to(cd)
+    return _act(z, act).to(x.dtype)
+
+
+def act_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: str):
+    """-> (dx, dbias): dx = dy * act'(x + bias) in x's dtype; dbias = sum over rows of dx, float32 [C]."""
+    cd = _compute_dtype(x)
+    z = x.to(cd) if bias is None else x.to(cd) + bias.to(cd)
+    dz = dy.to(cd) * _act_grad(z, act)
+    db = dz.sum(0) if bias is not None else None
+    if db is not None and cd != torch.float64:
+        db = db.float()
+    return dz.to(x.dtype), db if db is not None else empty_stats(x)
+
+
+def glu_fwd(gate: Tensor, up: Tensor, act: str) -> Tensor:
+    """y = act(gate) * up for gate, up [N, C]; y in gate's dtype."""
+    cd = _compute_dtype(gate)
+    return (_act(gate.to(cd), act) * up.to(cd)).to(gate.dtype)
+
+
+def glu_bwd(dy: Tensor, gate: Tensor, up: Tensor, act: str):
+    """-> (dgate, dup): dgate = dy * up * act'(gate); dup = dy * act(gate)."""
+    cd = _compute_dtype(gate)
+    g, u, d = gate.to(cd), up.to(cd), dy.to(cd)
+    return (d * u * _act_grad(g, act)).to(gate.dtype), (d * _act(g, act)).to(up.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ rope
+def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, rotary_dim: int,
+             inverse: bool) -> Tensor:
+    """Rotate x [B, H, L, D] (last-dim stride 1) -> a new tensor with x's strides (torch.empty_like).
+
+    cos, sin: [P, rotary_dim // 2] float32; positions: [B, L] int64 (row b of the batch uses positions[b]),
+    or [1, L] shared by the batch. Pairs: (i, i + R/2) in the rotate-half layout, (2i, 2i+1) interleaved;
+    pair i rotates by the angle at cos/sin[pos, i]:  o1 = x1*c - x2*s,  o2 = x2*c + x1*s.
+    inverse=True rotates by minus the angle (s -> -s): that is the backward, since rotations are orthogonal.
+    Dimensions >= rotary_dim are copied unchanged.
+    """
+    R = rotary_dim
+    cd = _compute_dtype(x)
+    c = cos.to(cd)[positions].unsqueeze(1)  # [B|1, 1, L, R/2]
+    s = sin.to(cd)[positions].unsqueeze(1)
+    if inverse:
+        s = -s
+    out = torch.empty_like(x)
+    xf = x[..., :R].to(cd)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out[..., 0:R:2] = (x1 * c - x2 * s).to(x.dtype)
+        out[..., 1:R:2] = (x2 * c + x1 * s).to(x.dtype)
+    else:
+        x1, x2 = xf[..., : R // 2], xf[..., R // 2:]
+        out[..., : R // 2] = (x1 * c - x2 * s).to(x.dtype)
+        out[..., R // 2: R] = (x2 * c + x1 * s).to(x.dtype)
+    out[..., R:] = x[..., R:]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- attention
+# The mask parts arrive already checked and expanded by ptm_kernels/attention (AttentionMask):
+#   causal            bool: key j visible to query i iff j <= i + (Lk - Lq)          (bottom-right aligned)
+#   window_left/right int, -1 = unbounded: visible iff (i + Lk - Lq) - j <= left and j - (i + Lk - Lq) <= right
+#   key_lengths       int64 [B] or None: visible iff j < key_lengths[b]
+#   prefix_lengths    int64 [B] or None: prefix-LM. Visible iff j < prefix_lengths[b] or j <= i + (Lk - Lq)
+#                     (bidirectional inside the prefix, causal after). Given together with causal=True.
+#   q_segments        int64 [B, Lq] and k_segments int64 [B, Lk], or None: visible iff the ids are equal
+#   dense_mask        bool, None or a view expanded to [B, H, Lq, Lk] (stride 0 on broadcast dims): True = visible
+#   bias              float, None or a view expanded to [B, H, Lq, Lk]: added to the scaled scores
+#   toeplitz          float32 [H, Lq + Lk - 1] or None: adds table[h, i - j + Lk - 1] to the scaled scores
+#   block_map         int8 [B, H, ceil(Lq/block_m), ceil(Lk/block_n)] (stride 0 on broadcast dims) or None:
+#                     0 = no visible entry in the tile (skip it), 1 = some, 2 = every entry visible (no mask
+#                     work needed); computed from all the parts above at the tile size (block_m, block_n).
+#                     A kernel that uses other tile sizes must not rely on it (it stays correct without it).
+#   dropout_p, seed   in-kernel dropout of the probabilities (kept ones scaled by 1/(1-p)); each backend is
+#                     deterministic for a given seed and exposes attention_dropout_mask() to materialize its
+#                     keep-mask, so tests can replay it through the reference.
+# q [B, H, Lq, D], k/v [B, Hk, Lk, D] with H % Hk == 0 (head h reads kv head h // (H // Hk)); unit stride in
+# the last dimension, arbitrary other strides. Scores: s = scale * q.k + bias + toeplitz.
+# A query row with no visible key gives out = 0, lse = -inf, and zero gradients.
+
+
+def attention_mask_dense(B: int, H: int, Lq: int, Lk: int, device, causal: bool, window_left: int,
+                         window_right: int, key_lengths, prefix_lengths, q_segments, k_segments, dense_mask):
+    """The visibility of every (b, h, i, j) as a bool [B, H, Lq, Lk] tensor (reference only: it is O(L^2))."""
+    i = torch.arange(Lq, device=device).view(1, 1, Lq, 1) + (Lk - Lq)  # query index in key coordinates
+    j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
+    vis = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=device)
+    if causal:
+        causal_vis = j <= i
+        if prefix_lengths is not None:
+            causal_vis = causal_vis | (j < prefix_lengths.view(B, 1, 1, 1))
+        vis = vis & causal_vis
+    if window_left >= 0:
+        vis = vis & (i - j <= window_left)
+    if window_right >= 0:
+        vis = vis & (j - i <= window_right)
+    if key_lengths is not None:
+        vis = vis & (j < key_lengths.view(B, 1, 1, 1))
+    if q_segments is not None:
+        vis = vis & (q_segments.view(B, 1, Lq, 1) == k_segments.view(B, 1, 1, Lk))
+    if dense_mask is not None:
+        vis = vis & dense_mask
+    return vis
+
+
+def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:
+    """This backend's keep-mask (bool [B, H, Lq, Lk]) for `seed`."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(B, H, Lq, Lk, generator=gen, device=device) >= dropout_p
+
+
+def _attention_probs(q, k, v, scale, causal, window_left, window_right, key_lengths, prefix_lengths,
+                     q_segments, k_segments, dense_mask, bias, toeplitz):
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    cd = _compute_dtype(q)
+    rep = H // k.shape[1]
+    kf = k.to(cd).repeat_interleave(rep, dim=1)
+    vf = v.to(cd).repeat_interleave(rep, dim=1)
+    s = scale * (q.to(cd) @ kf.transpose(-1, -2))
+    if bias is not None:
+        s = s + bias.to(cd)
+    if toeplitz is not None:
+        idx = torch.arange(Lq, device=q.device)[:, None] - torch.arange(Lk, device=q.device)[None, :] + Lk - 1
+        s = s + toeplitz.to(cd)[:, idx].unsqueeze(0)
+    vis = attention_mask_dense(B, H, Lq, Lk, q.device, causal, window_left, window_right, key_lengths,
+                               prefix_lengths, q_segments, k_segments, dense_mask)
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    return p, lse, vf, kf, vis
+
+
+def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_right: int, key_lengths,
+                  prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
+                  block_m: int, block_n: int, dropout_p: float, seed: int):
+    """-> (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)."""
+    p, lse, vf, _, _ = _attention_probs(q, k, v, scale, causal, window_left, window_right, key_lengths,
+                                        prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz)
+    if dropout_p > 0:
+        B, H, Lq, Lk = p.shape
+        keep = attention_dropout_mask(seed, dropout_p, B, H, Lq, Lk, q.device)
+        p = p * keep / (1.0 - dropout_p)
+    out = (p @ vf).to(q.dtype)
+    return out, (lse if lse.dtype == torch.float64 else lse.float())
+
+
+def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_left: int, window_right: int,
+                  key_lengths, prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
+                  block_m: int, block_n: int, dropout_p: float, seed: int, bias_requires_grad: bool,
+                  toeplitz_requires_grad: bool):
+    """-> (dq, dk, dv, dbias, dtoeplitz).
+
+    dk, dv have k's shape [B, Hk, Lk, D] (summed over the heads sharing a kv head); dbias is float32
+    [B, H, Lq, Lk] (the caller sums it down to the bias's own broadcast shape), dtoeplitz float32 like the
+    table; each is an empty tensor when not requested.
+    """
+    cd = _compute_dtype(q)
+    p, lse_, vf, kf, _ = _attention_probs(q, k, v, scale, causal, window_left, window_right, key_lengths,
+                                          prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz)
+    B, H, Lq, Lk = p.shape
+    Hk = k.shape[1]
+    do = dout.to(cd)
+    if dropout_p > 0:
+        keep = attention_dropout_mask(seed, dropout_p, B, H, Lq, Lk, q.device).to(cd) / (1.0 - dropout_p)
+    else:
+        keep = None
+    pd = p * keep if keep is not None else p  # the probabilities that multiplied v
+    dv = pd.transpose(-1, -2) @ do
+    dp = do @ vf.transpose(-1, -2)
+    if keep is not None:
+        dp = dp * keep
+    # delta_i = sum_j pd_ij * dp'_ij = rowsum(dout * out) (out includes dropout)
+    delta = (do * out.to(cd)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)  # gradient of the (biased) scores
+    dq = (scale * (ds @ kf)).to(q.dtype)
+    dk = scale * (ds.transpose(-1, -2) @ q.to(cd))
+    fold = lambda t: t.view(B, Hk, H // Hk, Lk, -1).sum(2)  # heads sharing a kv head
+    dk, dv = fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+    stat = (lambda t: t) if cd == torch.float64 else (lambda t: t.float())
+    dbias = stat(ds) if bias_requires_grad else empty_stats(q)
+    if toeplitz_requires_grad:
+        idx = (torch.arange(Lq, device=q.device)[:, None] - torch.arange(Lk, device=q.device)[None, :] + Lk - 1)
+        dt = torch.zeros(H, Lq + Lk - 1, dtype=cd, device=q.device)
+        dt.index_add_(1, idx.flatten(), ds.sum(0).reshape(H, -1))
+        dtoeplitz = stat(dt)
+    else:
+        dtoeplitz = empty_stats(q)
+    return dq, dk, dv, dbias, dtoeplitz

@@ -1,0 +1,34 @@
+"""Tolerances that mean something.
+
+float32 (and float64): within ~1e-5 relative of the float64 truth.
+float16 / bfloat16: the kernel's error against the float64 truth stays within twice the error of plain
+PyTorch computing the same thing in the same dtype, plus a small absolute slack.
+"""
+
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _scale(truth: torch.Tensor) -> float:
+    return max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+
+
+def assert_close(actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor = None, *, name: str = "",
+                 precision: torch.dtype = None, rtol: float = 1e-5, atol: float = 1e-5, half_atol: float = 1e-3):
+    """actual: the kernel's result; truth: float64 result; baseline: plain PyTorch in the inputs' dtype.
+
+    precision: the dtype the inputs had (default: actual's); a float32 output computed from bfloat16
+    inputs is judged as half precision.
+    """
+    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    if (precision or actual.dtype) in HALF:
+        assert baseline is not None, f"{name}: half precision needs a same-dtype baseline"
+        err = (actual.double() - truth.double()).abs().max().item() if actual.numel() else 0.0
+        base = (baseline.double() - truth.double()).abs().max().item() if actual.numel() else 0.0
+        bound = 2 * base + half_atol * _scale(truth)
+        assert err <= bound, f"{name}: {actual.dtype} error {err:.3g} > 2 x torch's {base:.3g} + slack ({bound:.3g})"
+    else:
+        torch.testing.assert_close(actual.double(), truth.double(), rtol=rtol, atol=atol * _scale(truth),
+                                   msg=lambda m: f"{name}: {m}")
