@@ -3,6 +3,7 @@
 // (ptm_kernels/ops/), so that the package imports and works without this extension.
 #include <torch/extension.h>
 
+#include "cpu/attention.h"
 #include "cpu/kernels.h"
 #ifdef PTM_WITH_CUDA
 #include "cuda/kernels.h"
@@ -24,6 +25,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptm_kernels C++/CUDA kernels";
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels (at::vec + at::parallel_for)");
   PTM_BIND_KERNELS(cpu, ptm::cpu)
+  cpu.def("attention_fwd", &ptm::cpu::attention_fwd);
+  cpu.def("attention_bwd", &ptm::cpu::attention_bwd);
+  cpu.def("attention_dropout_mask", &ptm::cpu::attention_dropout_mask);
+  // The tile the CPU attention classifies (and skips) at, whatever the head dim, dtype and device.
+  cpu.def("attention_tile", [](int64_t, pybind11::object, pybind11::object) {
+    return std::make_tuple(ptm::cpu::kAttentionBlockM, ptm::cpu::kAttentionBlockN);
+  });
   // Kernels that only exist on some devices are bound below their submodule.
 #ifdef PTM_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels (torch-free .cu launchers)");

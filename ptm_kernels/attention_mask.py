@@ -267,7 +267,8 @@ class AttentionMask:
             bias = self.additive_bias
             _check_broadcast("bias", bias, (B, H, Lq, Lk))
             _checks.same_device("q", q, bias=bias)
-            bias = _checks.param_dtype(q, bias) if q.dtype != torch.float64 else bias.double()
+            if bias.dtype not in (q.dtype, torch.float32):  # strides kept: a broadcast bias stays small
+                bias = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         if self.toeplitz_table is not None:
             table = self.toeplitz_table
             if table.shape[0] not in (1, H) or table.shape[1] != Lq + Lk - 1:
@@ -287,7 +288,9 @@ class AttentionMask:
         [B|1, H|1, ceil(Lq / block_m), ceil(Lk / block_n)]; None when no part hides anything.
 
         Exact for 0 and 2 (a tile is 2 only if all its entries are visible, 0 only if none is); a tile
-        where each part alone shows something but their AND shows nothing may be 1. Analytic parts use
+        where each part alone shows something but their AND shows nothing may be 1, and a tile that extends
+        past Lq or Lk (the last row or column of tiles when block_m or block_n does not divide it) is never 2,
+        since its out-of-range entries still need masking. Analytic parts use
         range arithmetic per tile, segments per-tile min/max of the ids, dense masks any/all reductions:
         no [Lq, Lk] tensor is built for the analytic parts. Cached per shapes, tile and device.
         """
@@ -346,7 +349,13 @@ class AttentionMask:
             out = torch.minimum(out, s)  # AND of parts: 0 if any part is 0, 2 if all are 2
         b = B if out.shape[0] != 1 else 1
         h = H if out.shape[1] != 1 else 1
-        return out.expand(b, h, nm, nn).contiguous()
+        out = out.expand(b, h, nm, nn).contiguous()
+        # a tile that sticks out past Lq or Lk still needs its out-of-range rows/columns masked: never 2
+        if Lq % bm:
+            out[:, :, -1].clamp_(max=1)
+        if Lk % bn:
+            out[..., -1].clamp_(max=1)
+        return out
 
     # ---------------------------------------------------------------------------------------- helpers
 

@@ -106,3 +106,50 @@ class RotaryEmbedding(nn.Module):
                 offset: Union[int, Tensor] = 0):
         return ops.rope(q, k, self.cos, self.sin, position_ids=position_ids, offset=offset,
                         interleaved=self.interleaved, rotary_dim=self.rotary_dim)
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention with q/k/v/o projections (transformers' LLaMA names: q_proj, k_proj, v_proj, o_proj), fewer
+    key/value heads if asked (num_kv_heads: GQA/MQA) and an optional rotary embedding, on the fused op.
+
+    `forward(x, mask=None, context=None, position_ids=None)`: x [B, L, hidden_size]; mask an AttentionMask;
+    context [B, S, hidden_size] makes it cross-attention (keys and values from context, no rotary).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, bias: bool = False, dropout: float = 0.0,
+                 rotary_dim: Optional[int] = None, rope_base: float = 10000.0, max_position_embeddings: int = 2048,
+                 scale: Optional[float] = None, device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.dropout, self.scale = dropout, scale
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, **kw)
+        self.rotary = (RotaryEmbedding(rotary_dim, max_position_embeddings, rope_base, device=device)
+                       if rotary_dim else None)
+
+    def forward(self, x: Tensor, mask=None, context: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        B, L, _ = x.shape
+        src = x if context is None else context
+
+        def heads(proj, t, n):  # [B, L, n * D] -> a [B, n, L, D] view (unit last stride: no copy in the op)
+            return proj(t).view(B, t.shape[1], n, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj, x, self.num_heads)
+        k = heads(self.k_proj, src, self.num_kv_heads)
+        v = heads(self.v_proj, src, self.num_kv_heads)
+        if self.rotary is not None and context is None:
+            q, k = self.rotary(q, k, position_ids=position_ids)
+        out = ops.attention(q, k, v, mask, scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"

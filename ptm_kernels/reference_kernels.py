@@ -208,7 +208,7 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
 
 
 # ------------------------------------------------------------------------------------------- attention
-# The mask parts arrive already checked and expanded by ptm_kernels/attention (AttentionMask):
+# The mask parts arrive already checked and expanded by ptm_kernels/attention_mask.py (AttentionMask):
 #   causal            bool: key j visible to query i iff j <= i + (Lk - Lq)          (bottom-right aligned)
 #   window_left/right int, -1 = unbounded: visible iff (i + Lk - Lq) - j <= left and j - (i + Lk - Lq) <= right
 #   key_lengths       int64 [B] or None: visible iff j < key_lengths[b]
@@ -216,11 +216,13 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
 #                     (bidirectional inside the prefix, causal after). Given together with causal=True.
 #   q_segments        int64 [B, Lq] and k_segments int64 [B, Lk], or None: visible iff the ids are equal
 #   dense_mask        bool, None or a view expanded to [B, H, Lq, Lk] (stride 0 on broadcast dims): True = visible
-#   bias              float, None or a view expanded to [B, H, Lq, Lk]: added to the scaled scores
+#   bias              q's dtype or float32, None or a view expanded to [B, H, Lq, Lk]: added to the scaled scores
 #   toeplitz          float32 [H, Lq + Lk - 1] or None: adds table[h, i - j + Lk - 1] to the scaled scores
 #   block_map         int8 [B, H, ceil(Lq/block_m), ceil(Lk/block_n)] (stride 0 on broadcast dims) or None:
 #                     0 = no visible entry in the tile (skip it), 1 = some, 2 = every entry visible (no mask
 #                     work needed); computed from all the parts above at the tile size (block_m, block_n).
+#                     A tile that extends past Lq or Lk (ragged last row/column of tiles) is never 2; a 1
+#                     may still hide every entry (each part shows some, their AND none).
 #                     A kernel that uses other tile sizes must not rely on it (it stays correct without it).
 #   dropout_p, seed   in-kernel dropout of the probabilities (kept ones scaled by 1/(1-p)); each backend is
 #                     deterministic for a given seed and exposes attention_dropout_mask() to materialize its
@@ -228,6 +230,7 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
 # q [B, H, Lq, D], k/v [B, Hk, Lk, D] with H % Hk == 0 (head h reads kv head h // (H // Hk)); unit stride in
 # the last dimension, arbitrary other strides. Scores: s = scale * q.k + bias + toeplitz.
 # A query row with no visible key gives out = 0, lse = -inf, and zero gradients.
+# Results are contiguous tensors (the ops' fake implementations say so to torch.compile).
 
 
 def attention_mask_dense(B: int, H: int, Lq: int, Lk: int, device, causal: bool, window_left: int,

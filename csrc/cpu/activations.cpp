@@ -22,6 +22,7 @@ struct ActArgs {
   int64_t C;         // row length (bias index = element index % C)
   DType x_dtype, b_dtype;
   Act act;
+  bool stream;  // write outputs with streaming stores (then ranges start at multiples of 64 elements)
 };
 
 // act_bwd: dbias over elements [begin, end) (whole rows) is added into the float32 buffer [C] (null: no bias).
@@ -34,60 +35,80 @@ PTM_CPU_DECLARE_KERNEL(glu_bwd_elems, (const ActArgs&, int64_t, int64_t))
 namespace CPU_CAPABILITY {
 namespace {
 
-// act(z) and act'(z), written in the reference's operation order so float32 results round alike.
+// act(z) and act'(z), on vec_utils.h's fast exp and reciprocal, each written to avoid the cancellation in the
+// reference's 1 + erf / 1 + tanh: results agree with the reference to about float32 rounding of the result.
 template <Act A>
 struct ActFn;
 
+// gelu(z) = z cdf(z), cdf = (1 + erf(x)) / 2 for x = z / sqrt 2, with erf from Abramowitz & Stegun 7.1.26 (also
+// Vectorized<float>::erf's, absolute error 1.5e-7): 1 - erf(|x|) = q = poly(t) t exp(-x^2), t = 1 / (1 + p |x|).
+// So cdf = q / 2 for z < 0 and 1 - q / 2 otherwise; exp(-x^2) = exp(-z^2 / 2) is also what pdf(z) needs.
 template <>
 struct ActFn<Act::kGelu> {
-  static constexpr float kInvSqrt2 = 0.70710678118654752440f;
-  static constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
-  static Vec fwd(const Vec& z) { return Vec(0.5f) * z * (Vec(1.f) + (z * Vec(kInvSqrt2)).erf()); }
-  // act(z) and act'(z) together: cdf = 0.5 (1 + erf(z / sqrt 2)), act = z cdf, act' = cdf + z pdf(z).
-  static void fwd_grad(const Vec& z, Vec& y, Vec& dydz) {
-    const Vec cdf = Vec(0.5f) * (Vec(1.f) + (z * Vec(kInvSqrt2)).erf());
-    const Vec pdf = (Vec(-0.5f) * z * z).exp() * Vec(kInvSqrt2Pi);
-    y = z * cdf;  // equals 0.5 z (1 + erf) bit for bit: the halvings are exact
-    dydz = cdf + z * pdf;
+  static Vec cdf(const Vec& z, Vec& e) {
+    const Vec one(1.f);
+    const Vec ax = z.abs() * Vec(0.70710678118654752440f);
+    const Vec t = reciprocal(at::vec::fmadd(Vec(0.3275911f), ax, one));
+    Vec r = at::vec::fmadd(Vec(0.5f * 1.061405429f), t, Vec(0.5f * -1.453152027f));  // poly / 2
+    r = at::vec::fmadd(r, t, Vec(0.5f * 1.421413741f));
+    r = at::vec::fmadd(r, t, Vec(0.5f * -0.284496736f));
+    r = at::vec::fmadd(r, t, Vec(0.5f * 0.254829592f));
+    e = exp_neg(ax * ax);
+    const Vec half_q = r * t * e;
+    return where_negative(z, half_q, one - half_q);
+  }
+  static Vec fwd(const Vec& z) {
+    Vec e;
+    return z * cdf(z, e);
+  }
+  static void fwd_grad(const Vec& z, Vec& y, Vec& dydz) {  // act' = cdf + z pdf
+    Vec e;
+    const Vec c = cdf(z, e);
+    y = z * c;
+    dydz = at::vec::fmadd(z, e * Vec(0.39894228040143267794f), c);
   }
   static Vec grad(const Vec& z) {
-    const Vec cdf = Vec(0.5f) * (Vec(1.f) + (z * Vec(kInvSqrt2)).erf());
-    const Vec pdf = (Vec(-0.5f) * z * z).exp() * Vec(kInvSqrt2Pi);
-    return cdf + z * pdf;
+    Vec y, dydz;
+    fwd_grad(z, y, dydz);
+    return dydz;
   }
 };
 
+// gelu_tanh(z) = z (1 + tanh(u)) / 2 = z s with s = sigmoid(2 u), u = sqrt(2 / pi) (z + 0.044715 z^3); then
+// 1 - tanh(u)^2 = 4 s (1 - s) and act' = s + 2 z s (1 - s) u'(z).
 template <>
 struct ActFn<Act::kGeluTanh> {
   static constexpr float kSqrt2OverPi = 0.79788456080286535588f;
   static constexpr float kCoef = 0.044715f;
-  static constexpr float kCoef3 = 0.134145f;  // 3 * 0.044715
-  static Vec tanh_inner(const Vec& z) { return (Vec(kSqrt2OverPi) * (z + Vec(kCoef) * z * z * z)).tanh(); }
-  static Vec fwd(const Vec& z) { return Vec(0.5f) * z * (Vec(1.f) + tanh_inner(z)); }
-  static Vec grad_from(const Vec& z, const Vec& t) {
-    return Vec(0.5f) * (Vec(1.f) + t) +
-           Vec(0.5f) * z * (Vec(1.f) - t * t) * Vec(kSqrt2OverPi) * (Vec(1.f) + Vec(kCoef3) * z * z);
+  static Vec sig(const Vec& z) {  // s
+    return sigmoid(Vec(2.f * kSqrt2OverPi) * at::vec::fmadd(Vec(kCoef) * z, z * z, z));
   }
+  static Vec fwd(const Vec& z) { return z * sig(z); }
   static void fwd_grad(const Vec& z, Vec& y, Vec& dydz) {
-    const Vec t = tanh_inner(z);
-    y = Vec(0.5f) * z * (Vec(1.f) + t);
-    dydz = grad_from(z, t);
+    const Vec s = sig(z);
+    const Vec du = Vec(kSqrt2OverPi) * at::vec::fmadd(Vec(3.f * kCoef) * z, z, Vec(1.f));  // u'(z)
+    y = z * s;
+    dydz = at::vec::fmadd(Vec(2.f) * y * (Vec(1.f) - s), du, s);
   }
-  static Vec grad(const Vec& z) { return grad_from(z, tanh_inner(z)); }
+  static Vec grad(const Vec& z) {
+    Vec y, dydz;
+    fwd_grad(z, y, dydz);
+    return dydz;
+  }
 };
 
+// silu(z) = z s with s = sigmoid(z); act' = s (1 + z (1 - s)).
 template <>
 struct ActFn<Act::kSilu> {
-  static Vec sigmoid(const Vec& z) { return Vec(1.f) / (Vec(1.f) + z.neg().exp()); }
   static Vec fwd(const Vec& z) { return z * sigmoid(z); }
   static void fwd_grad(const Vec& z, Vec& y, Vec& dydz) {
     const Vec s = sigmoid(z);
     y = z * s;
-    dydz = s * (Vec(1.f) + z * (Vec(1.f) - s));
+    dydz = s * at::vec::fmadd(z, Vec(1.f) - s, Vec(1.f));
   }
   static Vec grad(const Vec& z) {
     const Vec s = sigmoid(z);
-    return s * (Vec(1.f) + z * (Vec(1.f) - s));
+    return s * at::vec::fmadd(z, Vec(1.f) - s, Vec(1.f));
   }
 };
 
@@ -119,9 +140,10 @@ void act_fwd_impl(const ActArgs& a, int64_t begin, int64_t end) {
     for_blocks(len, [&](int64_t j, auto blk) {
       V2 z = load(x + off + j, blk);
       if (bias) z = z + load(bias + col + j, blk);  // the sum is not rounded
-      store(y + off + j, V2(Fn::fwd(z.lo), Fn::fwd(z.hi)), blk);
+      store_out(y + off + j, V2(Fn::fwd(z.lo), Fn::fwd(z.hi)), blk, a.stream);
     });
   });
+  if (a.stream) stream_fence();
 }
 
 template <typename T, typename B, typename Fn>
@@ -136,9 +158,10 @@ void act_bwd_impl(const ActArgs& a, int64_t begin, int64_t end, float* dbias) {
       if (bias) z = z + load(bias + col + j, blk);
       const V2 dz = load(dy + off + j, blk) * V2(Fn::grad(z.lo), Fn::grad(z.hi));
       if (dbias) store(dbias + col + j, dz + load(dbias + col + j, blk), blk);
-      store(dx + off + j, dz, blk);
+      store_out(dx + off + j, dz, blk, a.stream);
     });
   });
+  if (a.stream) stream_fence();
 }
 
 template <typename T, typename Fn>
@@ -149,8 +172,9 @@ void glu_fwd_impl(const ActArgs& a, int64_t begin, int64_t end) {
   for_blocks(end - begin, [&](int64_t j, auto blk) {
     const int64_t k = begin + j;
     const V2 g = load(gate + k, blk);
-    store(y + k, V2(Fn::fwd(g.lo), Fn::fwd(g.hi)) * load(up + k, blk), blk);
+    store_out(y + k, V2(Fn::fwd(g.lo), Fn::fwd(g.hi)) * load(up + k, blk), blk, a.stream);
   });
+  if (a.stream) stream_fence();
 }
 
 template <typename T, typename Fn>
@@ -166,9 +190,10 @@ void glu_bwd_impl(const ActArgs& a, int64_t begin, int64_t end) {
     V2 act, grad;
     Fn::fwd_grad(g.lo, act.lo, grad.lo);
     Fn::fwd_grad(g.hi, act.hi, grad.hi);
-    store(dgate + k, d * load(up + k, blk) * grad, blk);  // dgate = dy * up * act'(gate)
-    store(dup + k, d * act, blk);                          // dup = dy * act(gate)
+    store_out(dgate + k, d * load(up + k, blk) * grad, blk, a.stream);  // dgate = dy * up * act'(gate)
+    store_out(dup + k, d * act, blk, a.stream);                          // dup = dy * act(gate)
   });
+  if (a.stream) stream_fence();
 }
 
 }  // namespace
@@ -211,10 +236,13 @@ Act parse_act(const std::string& act) {
   TORCH_CHECK(false, "ptm_kernels cpu: unknown activation '", act, "' (expected gelu, gelu_tanh or silu)");
 }
 
-// Runs an elementwise kernel over all N * C elements in parallel.
-template <typename Kernel>
-void run_elementwise(Kernel kernel, const ActArgs& a, int64_t numel) {
-  at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+// Runs f(begin, end) over all numel elements in parallel, in pieces that start at multiples of 64 elements so
+// that streaming stores stay aligned.
+template <typename F>
+void for_elements(int64_t numel, const F& f) {
+  constexpr int64_t kUnit = 64;
+  at::parallel_for(0, (numel + kUnit - 1) / kUnit, at::internal::GRAIN_SIZE / kUnit,
+                   [&](int64_t begin, int64_t end) { f(begin * kUnit, std::min(end * kUnit, numel)); });
 }
 
 // Checks x [N, C] and an optional bias; fills the dtype tags and C of `a` (C = N * C without bias, so that
@@ -223,7 +251,7 @@ void check_act_inputs(const Tensor& x, const OptTensor& bias, ActArgs& a) {
   check_rows(x, "x");
   a.x_dtype = dtype_of(x, "x");
   a.b_dtype = a.x_dtype;
-  a.C = x.numel();
+  a.C = std::max<int64_t>(x.numel(), 1);
   if (bias) {
     check_param(*bias, "bias", x.size(1), x.scalar_type());
     a.b_dtype = dtype_of(*bias, "bias");
@@ -236,7 +264,12 @@ void check_glu_inputs(const Tensor& gate, const Tensor& up, ActArgs& a) {
   check_rows(gate, "gate");
   check_like(up, "up", gate, "gate");
   a.x_dtype = a.b_dtype = dtype_of(gate, "gate");
-  a.C = gate.numel();
+  a.C = std::max<int64_t>(gate.numel(), 1);
+}
+
+// Streaming stores for outputs of `x`'s shape and dtype, moving `tensors` such tensors in all.
+bool act_stream(const Tensor& x, const ActArgs& a, int tensors, std::initializer_list<const void*> outs) {
+  return want_stream(tensors * x.nbytes(), outs, a.bias ? a.C * x.element_size() : 0);
 }
 
 }  // namespace
@@ -248,7 +281,9 @@ Tensor act_fwd(const Tensor& x, const OptTensor& bias, const std::string& act) {
   Tensor y = at::empty_like(x);
   a.x = x.data_ptr();
   a.out = y.data_ptr();
-  if (x.numel() > 0) run_elementwise(PTM_CPU_KERNEL(act_fwd_elems), a, x.numel());
+  a.stream = act_stream(x, a, 2, {a.out});
+  const auto kernel = PTM_CPU_KERNEL(act_fwd_elems);
+  for_elements(x.numel(), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
   return y;
 }
 
@@ -262,12 +297,10 @@ std::tuple<Tensor, Tensor> act_bwd(const Tensor& dy, const Tensor& x, const OptT
   a.x = x.data_ptr();
   a.dy = dy.data_ptr();
   a.out = dx.data_ptr();
+  a.stream = act_stream(x, a, 3, {a.out});
   const auto kernel = PTM_CPU_KERNEL(act_bwd_elems);
   if (!bias) {
-    if (x.numel() > 0) {
-      at::parallel_for(0, x.numel(), at::internal::GRAIN_SIZE,
-                       [&](int64_t begin, int64_t end) { kernel(a, begin, end, nullptr); });
-    }
+    for_elements(x.numel(), [&](int64_t begin, int64_t end) { kernel(a, begin, end, nullptr); });
     return {dx, x.new_empty({0})};
   }
   // dbias: one float32 [C] buffer per chunk of whole rows, summed at the end.
@@ -289,7 +322,9 @@ Tensor glu_fwd(const Tensor& gate, const Tensor& up, const std::string& act) {
   a.x = gate.data_ptr();
   a.bias = up.data_ptr();
   a.out = y.data_ptr();
-  if (gate.numel() > 0) run_elementwise(PTM_CPU_KERNEL(glu_fwd_elems), a, gate.numel());
+  a.stream = want_stream(3 * gate.nbytes(), {a.out});
+  const auto kernel = PTM_CPU_KERNEL(glu_fwd_elems);
+  for_elements(gate.numel(), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
   return y;
 }
 
@@ -305,7 +340,9 @@ std::tuple<Tensor, Tensor> glu_bwd(const Tensor& dy, const Tensor& gate, const T
   a.dy = dy.data_ptr();
   a.out = dgate.data_ptr();
   a.out2 = dup.data_ptr();
-  if (gate.numel() > 0) run_elementwise(PTM_CPU_KERNEL(glu_bwd_elems), a, gate.numel());
+  a.stream = want_stream(5 * gate.nbytes(), {a.out, a.out2});
+  const auto kernel = PTM_CPU_KERNEL(glu_bwd_elems);
+  for_elements(gate.numel(), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
   return {dgate, dup};
 }
 

@@ -11,7 +11,8 @@
 //   dS) is element-wise code that the compiler vectorises, cloned per x86 ISA level (AVX-512 / AVX2 / SSE2)
 //   since the extension is built without -march flags.
 // - All math in float32: half/bfloat16 inputs are converted once up front.
-// - Forward: one work item per (b, h, query tile). Backward: one per (b, kv head, key-tile partition), which
+// - Forward: one work item per (b, h, group of kGroupTiles query tiles); consecutive tiles of a group whose
+//   key tiles have identical statuses share their GEMMs. Backward: one per (b, kv head, key-tile partition), which
 //   owns dK/dV of its key tiles (GQA heads of a group are summed inside the item) and adds into a dQ buffer
 //   of its partition; partitions only exist when there are fewer (b, kv head) pairs than threads, and are
 //   summed in a fixed order, so results do not depend on scheduling.
@@ -32,6 +33,9 @@ namespace {
 
 constexpr int64_t kTileM = kAttentionBlockM;
 constexpr int64_t kTileN = kAttentionBlockN;
+// GEMM sizes. Measured with MKL on this machine: 64 x 64 x 64 tiles already run at ~95% of its best, the
+// larger GEMMs gain a few percent more (less packing per flop).
+constexpr int64_t kGroupTiles = 4;   // forward: query tiles per work item, sharing GEMMs when they can
 constexpr int64_t kMaxChunkN = 256;  // forward: keys per GEMM (a run of visible key tiles)
 constexpr int64_t kMaxChunkM = 256;  // backward: query rows per GEMM (a run of visible query tiles)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -41,7 +45,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------------------------- element-wise math
 // Each PTM_SIMD function is compiled for AVX-512, AVX2 and baseline x86-64, picked at load time (ifunc).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define PTM_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PTM_SIMD
@@ -81,7 +85,7 @@ PTM_SIMD void scores_row(float* s, int64_t n, float scale, const float* bias, co
     const float* add = bias ? bias : toep;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) s[j] = s[j] * scale + add[j];
-  } else if (scale != 1.f) {
+  } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) s[j] *= scale;
   }
@@ -94,22 +98,22 @@ PTM_SIMD float max_row(const float* s, int64_t n) {
   return m;
 }
 
-// s = exp(s - m); returns the sum
-PTM_SIMD float exp_sum_row(float* s, int64_t n, float m) {
+// s = exp(s * a - m); returns the sum
+PTM_SIMD float exp_sum_row(float* s, int64_t n, float a, float m) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float p = fast_exp(s[j] - m);
+    const float p = fast_exp(s[j] * a - m);
     s[j] = p;
     sum += p;
   }
   return sum;
 }
 
-// s = exp(s - m)
-PTM_SIMD void exp_row(float* s, int64_t n, float m) {
+// s = exp(s * a - m)
+PTM_SIMD void exp_row(float* s, int64_t n, float a, float m) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] - m);
+  for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] * a - m);
 }
 
 PTM_SIMD void scale_row(float* x, int64_t n, float a) {
@@ -124,12 +128,13 @@ PTM_SIMD void add_row(float* dst, const float* src, int64_t n) {
 
 PTM_SIMD void mask_segments_row(float* s, int64_t n, const int64_t* k_seg, int64_t q_seg) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = k_seg[j] == q_seg ? s[j] : kNegInf;
+  for (int64_t j = 0; j < n; ++j) s[j] += k_seg[j] == q_seg ? 0.f : kNegInf;  // an add, not a branch
 }
 
-PTM_SIMD void mask_dense_row(float* s, int64_t n, const bool* visible) {
+// visible: the bytes of a bool array (GCC does not vectorise bool loads)
+PTM_SIMD void mask_dense_row(float* s, int64_t n, const uint8_t* visible) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = visible[j] ? s[j] : kNegInf;
+  for (int64_t j = 0; j < n; ++j) s[j] += visible[j] ? 0.f : kNegInf;  // an add, not a branch
 }
 
 // dS = P * (dP - delta), written over dp
@@ -184,7 +189,7 @@ PTM_SIMD void dropout_row(float* p, int64_t n, uint32_t k1, uint32_t k2, uint32_
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const bool keep = dropout_bits(k1, k2, j0 + static_cast<uint32_t>(j)) >= threshold;
-    p[j] = keep ? p[j] * keep_scale : 0.f;
+    p[j] *= keep ? keep_scale : 0.f;
   }
 }
 
@@ -344,26 +349,33 @@ struct Problem {
     return status;
   }
 
-  // s holds q_i . k_j for the keys [c0, c1); makes it the score: scaled, biased, -inf where masked. The
-  // per-element masks (segments, dense) are applied only on the ranges in `partial`.
-  void score_row(float* s, int64_t b, int64_t h, int64_t i, int64_t c0, int64_t c1,
-                 const ColumnRuns& partial) const {
+  // s holds q_i . k_j for the keys [c0, c1); makes it the score: biased, -inf where masked. The
+  // per-element masks (segments, dense) are applied only on the ranges in `partial`. Returns the factor
+  // s still has to be multiplied by: when nothing is added, the scale is left to the exponential (saving
+  // a pass over the scores).
+  float score_row(float* s, int64_t b, int64_t h, int64_t i, int64_t c0, int64_t c1,
+                  const ColumnRuns& partial) const {
     const int64_t n = c1 - c0;
-    scores_row(s, n, scale, bias ? bias.row(b, h, i) + c0 : nullptr,
-               toeplitz_rev ? toeplitz_rev + h * (Lq + Lk - 1) + (Lq - 1 - i) + c0 : nullptr);
+    const bool fold_scale = !bias && !toeplitz_rev && scale > 0;  // a positive factor keeps the max
+    if (!fold_scale)
+      scores_row(s, n, scale, bias ? bias.row(b, h, i) + c0 : nullptr,
+                 toeplitz_rev ? toeplitz_rev + h * (Lq + Lk - 1) + (Lq - 1 - i) + c0 : nullptr);
     int64_t lo, hi;
     row_range(b, i, lo, hi);
     lo = std::min(std::max(lo, c0), c1);
     hi = std::min(std::max(hi, lo), c1);
     std::fill(s, s + (lo - c0), kNegInf);
     std::fill(s + (hi - c0), s + n, kNegInf);
-    if (!elementwise_masks()) return;
-    for (const auto& [r0, r1] : partial) {
-      const int64_t a = std::max(r0, lo), e = std::min(r1, hi);
-      if (a >= e) continue;
-      if (q_segments) mask_segments_row(s + (a - c0), e - a, k_segments + b * Lk + a, q_segments[b * Lq + i]);
-      if (dense) mask_dense_row(s + (a - c0), e - a, dense.row(b, h, i) + a);
+    if (elementwise_masks()) {
+      for (const auto& [r0, r1] : partial) {
+        const int64_t a = std::max(r0, lo), e = std::min(r1, hi);
+        if (a >= e) continue;
+        if (q_segments) mask_segments_row(s + (a - c0), e - a, k_segments + b * Lk + a, q_segments[b * Lq + i]);
+        if (dense)
+          mask_dense_row(s + (a - c0), e - a, reinterpret_cast<const uint8_t*>(dense.row(b, h, i) + a));
+      }
     }
+    return fold_scale ? scale : 1.f;
   }
 
   std::pair<uint32_t, uint32_t> dropout_keys(int64_t b, int64_t h, int64_t i) const {
@@ -460,41 +472,40 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, double s
 // ---------------------------------------------------------------------------------------------- forward
 struct ForwardWorkspace {
   std::vector<float> s, o, m, l;
-  std::vector<int> status;
+  std::vector<int8_t> status;  // [kGroupTiles, nkt]: the key tiles' statuses of each query tile of a group
   ColumnRuns partial;
   explicit ForwardWorkspace(const Problem& P)
-      : s(kTileM * kMaxChunkN), o(kTileM * P.D), m(kTileM), l(kTileM), status(P.nkt) {}
+      : s(kGroupTiles * kTileM * kMaxChunkN),
+        o(kGroupTiles * kTileM * P.D),
+        m(kGroupTiles * kTileM),
+        l(kGroupTiles * kTileM),
+        status(kGroupTiles * P.nkt) {}
 };
 
-// Query tile qt of head (b, h): online softmax over runs of visible key tiles; writes out rows and lse.
-void forward_tile(const Problem& P, const Heads& Q, const Heads& K, const Heads& V, const Heads& O,
-                  float* lse, ForwardWorkspace& ws, int64_t b, int64_t h, int64_t qt) {
-  const int64_t i0 = qt * kTileM, rows = std::min(kTileM, P.Lq - i0), D = P.D, kv = P.kv_head(h);
+// Query rows [i0, i0 + rows) of head (b, h), whose key tiles in [kt_begin, kt_end) all have the statuses
+// `status` (none visible outside): online softmax over runs of visible key tiles; writes out rows and lse.
+void forward_rows(const Problem& P, const Heads& Q, const Heads& K, const Heads& V, const Heads& O, float* lse,
+                  ForwardWorkspace& ws, int64_t b, int64_t h, int64_t i0, int64_t rows, const int8_t* status,
+                  int64_t kt_begin, int64_t kt_end) {
+  const int64_t D = P.D, kv = P.kv_head(h);
   float* o = ws.o.data();
   float* s = ws.s.data();
-  std::fill(ws.o.begin(), ws.o.end(), 0.f);
+  std::fill(o, o + rows * D, 0.f);
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.f);
 
-  // Key tiles between the first row's first visible key and the last row's last one.
-  int64_t lo, hi, lo_last, hi_last;
-  P.row_range(b, i0, lo, hi);
-  P.row_range(b, i0 + rows - 1, lo_last, hi_last);
-  const int64_t kt_begin = lo / kTileN, kt_end = hi_last > lo ? ceil_div(hi_last, kTileN) : kt_begin;
-  for (int64_t kt = kt_begin; kt < kt_end; ++kt) ws.status[kt] = P.tile_status(b, h, qt, kt);
-
-  const Tensor q_tile = mat(Q.row(b, h, i0), rows, D, Q.sl);
-  const Tensor o_tile = mat(o, rows, D, D);
+  const Tensor q_rows = mat(Q.row(b, h, i0), rows, D, Q.sl);
+  const Tensor o_rows = mat(o, rows, D, D);
   for (int64_t kt = kt_begin; kt < kt_end;) {
-    if (ws.status[kt] == 0) {
+    if (status[kt] == 0) {
       ++kt;
       continue;
     }
     // A run of visible tiles, one GEMM wide.
     const int64_t first = kt;
     ws.partial.clear();
-    for (; kt < kt_end && ws.status[kt] != 0 && (kt - first) * kTileN < kMaxChunkN; ++kt) {
-      if (ws.status[kt] != 1) continue;
+    for (; kt < kt_end && status[kt] != 0 && (kt - first) * kTileN < kMaxChunkN; ++kt) {
+      if (status[kt] != 1) continue;
       const int64_t j0 = kt * kTileN, j1 = std::min(j0 + kTileN, P.Lk);
       if (!ws.partial.empty() && ws.partial.back().second == j0)
         ws.partial.back().second = j1;
@@ -502,17 +513,17 @@ void forward_tile(const Problem& P, const Heads& Q, const Heads& K, const Heads&
         ws.partial.emplace_back(j0, j1);
     }
     const int64_t c0 = first * kTileN, c1 = std::min(kt * kTileN, P.Lk), n = c1 - c0;
-    gemm(mat(s, rows, n, n), q_tile, mat_t(K.row(b, kv, c0), n, D, K.sl));
+    gemm(mat(s, rows, n, n), q_rows, mat_t(K.row(b, kv, c0), n, D, K.sl));
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = s + r * n;
-      P.score_row(sr, b, h, i0 + r, c0, c1, ws.partial);
-      const float m_new = std::max(ws.m[r], max_row(sr, n));
+      const float a = P.score_row(sr, b, h, i0 + r, c0, c1, ws.partial);
+      const float m_new = std::max(ws.m[r], max_row(sr, n) * a);
       if (m_new == kNegInf) {  // nothing visible in this row so far
         std::fill(sr, sr + n, 0.f);
         continue;
       }
       const float alpha = std::exp(ws.m[r] - m_new);
-      ws.l[r] = ws.l[r] * alpha + exp_sum_row(sr, n, m_new);
+      ws.l[r] = ws.l[r] * alpha + exp_sum_row(sr, n, a, m_new);
       ws.m[r] = m_new;
       if (alpha != 1.f) scale_row(o + r * D, D, alpha);
       if (P.dropout.on) {
@@ -520,7 +531,7 @@ void forward_tile(const Problem& P, const Heads& Q, const Heads& K, const Heads&
         dropout_row(sr, n, k1, k2, static_cast<uint32_t>(c0), P.dropout.threshold, P.dropout.keep_scale);
       }
     }
-    gemm_acc(o_tile, mat(s, rows, n, n), mat(V.row(b, kv, c0), n, D, V.sl));
+    gemm_acc(o_rows, mat(s, rows, n, n), mat(V.row(b, kv, c0), n, D, V.sl));
   }
 
   // Normalise; rows with no visible key stay 0 with lse = -inf.
@@ -530,11 +541,35 @@ void forward_tile(const Problem& P, const Heads& Q, const Heads& K, const Heads&
     if (l > 0) {
       const float inv = 1.f / l;
       for (int64_t d = 0; d < D; ++d) out_row[d] = o[r * D + d] * inv;
-      lse[r] = ws.m[r] + std::log(l);
+      lse[i0 + r] = ws.m[r] + std::log(l);
     } else {
       std::fill(out_row, out_row + D, 0.f);
-      lse[r] = kNegInf;
+      lse[i0 + r] = kNegInf;
     }
+  }
+}
+
+// Query tiles [qt0, qt1) of head (b, h). Consecutive tiles whose key tiles have the same statuses (every
+// tile without a mask, tiles of one packed document, ...) share their GEMMs: larger GEMMs run faster.
+void forward_tiles(const Problem& P, const Heads& Q, const Heads& K, const Heads& V, const Heads& O, float* lse,
+                   ForwardWorkspace& ws, int64_t b, int64_t h, int64_t qt0, int64_t qt1) {
+  // Key tiles between the first row's first visible key and the last row's last one.
+  int64_t lo, hi, lo_last, hi_last;
+  P.row_range(b, qt0 * kTileM, lo, hi);
+  P.row_range(b, std::min(qt1 * kTileM, P.Lq) - 1, lo_last, hi_last);
+  const int64_t kt_begin = lo / kTileN, kt_end = hi_last > lo ? ceil_div(hi_last, kTileN) : kt_begin;
+  int8_t* st = ws.status.data();
+  for (int64_t g = 0; g < qt1 - qt0; ++g)
+    for (int64_t kt = kt_begin; kt < kt_end; ++kt) st[g * P.nkt + kt] = P.tile_status(b, h, qt0 + g, kt);
+
+  for (int64_t g = 0; g < qt1 - qt0;) {
+    int64_t g_end = g + 1;
+    while (g_end < qt1 - qt0 &&
+           std::equal(st + g * P.nkt + kt_begin, st + g * P.nkt + kt_end, st + g_end * P.nkt + kt_begin))
+      ++g_end;
+    const int64_t i0 = (qt0 + g) * kTileM, i1 = std::min((qt0 + g_end) * kTileM, P.Lq);
+    forward_rows(P, Q, K, V, O, lse, ws, b, h, i0, i1 - i0, st + g * P.nkt, kt_begin, kt_end);
+    g = g_end;
   }
 }
 
@@ -588,9 +623,9 @@ void backward_tile(const Problem& P, const Heads& Q, const Heads& K, const Heads
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = r0 + r;
         float* pr = p + r * n;
-        P.score_row(pr, b, h, i, j0, j1, ws.status[i / kTileM] == 1 ? ws.all : ws.none);
+        const float a = P.score_row(pr, b, h, i, j0, j1, ws.status[i / kTileM] == 1 ? ws.all : ws.none);
         const float l = lse[bh * P.Lq + i];
-        exp_row(pr, n, l == kNegInf ? kPosInf : l);  // a row with no visible key has P = 0
+        exp_row(pr, n, a, l == kNegInf ? kPosInf : l);  // a row with no visible key has P = 0
       }
       // dS = P * (dP - delta), dP = dO V^T (dropout: P and dP through the keep-mask)
       gemm(mat(dp, rows, n, n), do_rows, vt_tile);
@@ -638,14 +673,15 @@ std::tuple<Tensor, Tensor> attention_fwd(
   const Heads Q(qf), K(kf), V(vf), O(out);
   float* lse_ptr = lse.data_ptr<float>();
 
-  // Items: (b, h) major, the query tiles of a head from last to first (under causal masks the last are the
-  // most expensive: taking them first balances the workers).
-  const int64_t n_items = P.B * P.H * P.nqt;
+  // Items: (b, h) major, then groups of kGroupTiles query tiles of a head from last to first (under causal
+  // masks the last are the most expensive: taking them first balances the workers).
+  const int64_t groups = ceil_div(P.nqt, kGroupTiles), n_items = P.B * P.H * groups;
   for_each_worker(n_items, [&](const auto& next) {
     ForwardWorkspace ws(P);
     for (int64_t it; (it = next()) < n_items;) {
-      const int64_t bh = it / P.nqt, qt = P.nqt - 1 - it % P.nqt;
-      forward_tile(P, Q, K, V, O, lse_ptr + bh * P.Lq + qt * kTileM, ws, bh / P.H, bh % P.H, qt);
+      const int64_t bh = it / groups, qt0 = (groups - 1 - it % groups) * kGroupTiles;
+      forward_tiles(P, Q, K, V, O, lse_ptr + bh * P.Lq, ws, bh / P.H, bh % P.H, qt0,
+                    std::min(qt0 + kGroupTiles, P.nqt));
     }
   });
   return {out.to(q.scalar_type()), lse};

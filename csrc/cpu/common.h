@@ -53,6 +53,7 @@ enum class DType : int8_t { kFloat, kBFloat16, kHalf };
 #include <ATen/Version.h>         // at::get_cpu_capability
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "kernels.h"
@@ -125,6 +126,16 @@ inline void check_stat(const at::Tensor& s, const char* what, int64_t N) {
                   s.is_contiguous(),
               "ptm_kernels cpu: ", what, " must be a contiguous float32 CPU tensor of shape [", N, "], got ",
               s.scalar_type(), " ", s.sizes());
+}
+
+// Whether kernels should write their outputs with streaming stores (see vec_utils.h): when the op moves much
+// more memory than the last-level cache holds, so its outputs would be evicted before being read anyway, and
+// every output block is 64-byte aligned: the outputs are, and so are their rows when row_bytes is given.
+constexpr int64_t kStreamMinBytes = int64_t{24} << 20;
+inline bool want_stream(int64_t bytes_moved, std::initializer_list<const void*> outs, int64_t row_bytes = 0) {
+  bool aligned = row_bytes % 64 == 0;
+  for (const void* p : outs) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 64 == 0;
+  return aligned && bytes_moved >= kStreamMinBytes;
 }
 
 // Rows per parallel task, so that a task covers about GRAIN_SIZE elements.

@@ -21,6 +21,7 @@ struct RmsFwdArgs {
   int64_t C;
   float eps;
   bool round_normed;
+  bool stream;  // write y and h with streaming stores
   DType x_dtype, w_dtype;
 };
 
@@ -32,6 +33,7 @@ struct RmsBwdArgs {
   const void* dh_out;  // null: none
   void* dh;
   int64_t C;
+  bool stream;  // write dh with streaming stores
   DType x_dtype, w_dtype;
 };
 
@@ -46,6 +48,7 @@ struct LnFwdArgs {
   float* rstd;
   int64_t C;
   float eps;
+  bool stream;
   DType x_dtype, w_dtype;
 };
 
@@ -58,6 +61,7 @@ struct LnBwdArgs {
   const void* dh_out;
   void* dh;
   int64_t C;
+  bool stream;
   DType x_dtype, w_dtype;
 };
 
@@ -71,40 +75,54 @@ PTM_CPU_DECLARE_KERNEL(layer_norm_bwd_rows, (const LnBwdArgs&, int64_t, int64_t,
 namespace CPU_CAPABILITY {
 namespace {
 
-// Pass 1 of the forward: h = x (+ residual, rounded to T and stored), calling stat(h) per block.
-// Returns h's row (x's row without residual): the later passes re-read it from cache.
-template <typename T, typename Stat>
-inline const T* sum_residual(const void* x_, const void* residual_, void* h_, int64_t i, int64_t C,
-                             Stat&& stat) {
-  const T* x = static_cast<const T*>(x_) + i * C;
-  if (residual_ == nullptr) {
-    for_blocks(C, [&](int64_t j, auto blk) { stat(load(x + j, blk), blk); });
-    return x;
+// One row of the forward's input h = x, or x + residual rounded to T. Later passes recompute h from x and
+// residual, which are still in cache, rather than re-reading h: h may have been written with streaming stores.
+template <typename T>
+struct RowInput {
+  const T* x;
+  const T* r;  // null without residual
+  T* h;        // where to store h in the first pass; null without residual
+  RowInput(const void* x_, const void* r_, void* h_, int64_t i, int64_t C)
+      : x(static_cast<const T*>(x_) + i * C),
+        r(r_ ? static_cast<const T*>(r_) + i * C : nullptr),
+        h(r_ ? static_cast<T*>(h_) + i * C : nullptr) {}
+  template <typename Blk>
+  V2 operator()(int64_t j, Blk blk) const {
+    const V2 v = load(x + j, blk);
+    return r ? round_to<T>(v + load(r + j, blk)) : v;
   }
-  const T* r = static_cast<const T*>(residual_) + i * C;
-  T* h = static_cast<T*>(h_) + i * C;
-  for_blocks(C, [&](int64_t j, auto blk) { stat(store_rounded(h + j, load(x + j, blk) + load(r + j, blk), blk), blk); });
-  return h;
-}
+  // The first pass: also stores h.
+  template <typename Blk>
+  V2 first(int64_t j, Blk blk, bool stream) const {
+    const V2 v = (*this)(j, blk);
+    if (h) store_out(h + j, v, blk, stream);
+    return v;
+  }
+};
 
 template <typename T, typename W>  // y has dtype W = promote(T, W)
 void rms_fwd(const RmsFwdArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.C;
   const W* w = static_cast<const W*>(a.weight);
   for (int64_t i = begin; i < end; ++i) {
+    const RowInput<T> h(a.x, a.residual, a.h, i, C);
     V2 ss(0.f);
-    const T* h = sum_residual<T>(a.x, a.residual, a.h, i, C, [&](const V2& v, auto) { ss = fmadd(v, v, ss); });
+    for_blocks(C, [&](int64_t j, auto blk) {
+      const V2 v = h.first(j, blk, a.stream);
+      ss = fmadd(v, v, ss);
+    });
     const float rstd = 1.f / std::sqrt(reduce_add(ss) / static_cast<float>(C) + a.eps);
     a.rstd[i] = rstd;
     const V2 r(rstd);
     W* y = static_cast<W*>(a.y) + i * C;
     for_blocks(C, [&](int64_t j, auto blk) {
-      V2 n = load(h + j, blk) * r;
+      V2 n = h(j, blk) * r;
       if (a.round_normed) n = round_to<T>(n);  // the LLaMA convention: normalize, cast, then scale
       if (w) n = n * load(w + j, blk);
-      store(y + j, n, blk);
+      store_out(y + j, n, blk, a.stream);
     });
   }
+  if (a.stream) stream_fence();
 }
 
 template <typename T, typename W>  // dy has dtype W
@@ -133,9 +151,10 @@ void rms_bwd(const RmsBwdArgs& a, int64_t begin, int64_t end, float* dw) {
       if (w) g = g * load(w + j, blk);
       V2 d = r * (g - n * m);
       if (dh_out) d = d + load(dh_out + j, blk);
-      store(dh + j, d, blk);
+      store_out(dh + j, d, blk, a.stream);
     });
   }
+  if (a.stream) stream_fence();
 }
 
 template <typename T, typename W>
@@ -144,14 +163,15 @@ void ln_fwd(const LnFwdArgs& a, int64_t begin, int64_t end) {
   const W* w = static_cast<const W*>(a.weight);
   const W* b = static_cast<const W*>(a.bias);
   for (int64_t i = begin; i < end; ++i) {
+    const RowInput<T> h(a.x, a.residual, a.h, i, C);
     V2 s(0.f);
-    const T* h = sum_residual<T>(a.x, a.residual, a.h, i, C, [&](const V2& v, auto) { s = s + v; });
+    for_blocks(C, [&](int64_t j, auto blk) { s = s + h.first(j, blk, a.stream); });
     const float mean = reduce_add(s) / static_cast<float>(C);
     const V2 mv(mean);
     // Two-pass variance (mean of squared deviations), like the reference: no cancellation.
     V2 ss(0.f);
     for_blocks(C, [&](int64_t j, auto blk) {
-      const V2 d = keep_valid(load(h + j, blk) - mv, blk);
+      const V2 d = keep_valid(h(j, blk) - mv, blk);
       ss = fmadd(d, d, ss);
     });
     const float rstd = 1.f / std::sqrt(reduce_add(ss) / static_cast<float>(C) + a.eps);
@@ -160,12 +180,13 @@ void ln_fwd(const LnFwdArgs& a, int64_t begin, int64_t end) {
     const V2 r(rstd);
     T* y = static_cast<T*>(a.y) + i * C;
     for_blocks(C, [&](int64_t j, auto blk) {
-      V2 v = (load(h + j, blk) - mv) * r;
+      V2 v = (h(j, blk) - mv) * r;
       if (w) v = v * load(w + j, blk);
       if (b) v = v + load(b + j, blk);
-      store(y + j, v, blk);
+      store_out(y + j, v, blk, a.stream);
     });
   }
+  if (a.stream) stream_fence();
 }
 
 template <typename T, typename W>
@@ -197,9 +218,10 @@ void ln_bwd(const LnBwdArgs& a, int64_t begin, int64_t end, float* dw, float* db
       if (w) g = g * load(w + j, blk);
       V2 d = r * (g - mg - n * mgn);
       if (dh_out) d = d + load(dh_out + j, blk);
-      store(dh + j, d, blk);
+      store_out(dh + j, d, blk, a.stream);
     });
   }
+  if (a.stream) stream_fence();
 }
 
 }  // namespace
@@ -264,9 +286,12 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const OptTensor
   Tensor y = at::empty({N, C}, x.options().dtype(y_dtype));
   Tensor h = residual ? at::empty_like(x) : x.new_empty({0});
   Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  const bool stream = want_stream(x.nbytes() * (residual ? 3 : 1) + y.nbytes(),
+                                  {y.data_ptr(), residual ? h.data_ptr() : nullptr}, C * x.element_size()) &&
+                      (C * y.element_size()) % 64 == 0;
   const RmsFwdArgs a{x.data_ptr(), ptr_or_null(residual), ptr_or_null(weight), y.data_ptr(),
                      residual ? h.data_ptr() : nullptr, rstd.data_ptr<float>(), C, static_cast<float>(eps),
-                     round_normed, dtype_of(x, "x"), wd};
+                     round_normed, stream, dtype_of(x, "x"), wd};
   const auto kernel = PTM_CPU_KERNEL(rms_norm_fwd_rows);
   at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
   return {y, h, rstd};
@@ -281,8 +306,10 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& h, const
   check_stat(rstd, "rstd", N);
   if (dh_out) check_like(*dh_out, "dh_out", h, "h");
   Tensor dh = at::empty_like(h);
+  const bool stream = want_stream(dy.nbytes() + h.nbytes() * (dh_out ? 3 : 2), {dh.data_ptr()},
+                                  C * h.element_size());
   const RmsBwdArgs a{dy.data_ptr(), h.data_ptr(), ptr_or_null(weight), rstd.data_ptr<float>(),
-                     ptr_or_null(dh_out), dh.data_ptr(), C, dtype_of(h, "h"), wd};
+                     ptr_or_null(dh_out), dh.data_ptr(), C, stream, dtype_of(h, "h"), wd};
   const auto kernel = PTM_CPU_KERNEL(rms_norm_bwd_rows);
   if (!weight) {
     at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) { kernel(a, begin, end, nullptr); });
@@ -304,9 +331,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
   Tensor h = residual ? at::empty_like(x) : x.new_empty({0});
   Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  const bool stream = want_stream(x.nbytes() * (residual ? 4 : 2),
+                                  {y.data_ptr(), residual ? h.data_ptr() : nullptr}, C * x.element_size());
   const LnFwdArgs a{x.data_ptr(), ptr_or_null(residual), ptr_or_null(weight), ptr_or_null(bias), y.data_ptr(),
                     residual ? h.data_ptr() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), C,
-                    static_cast<float>(eps), dtype_of(x, "x"), wd};
+                    static_cast<float>(eps), stream, dtype_of(x, "x"), wd};
   const auto kernel = PTM_CPU_KERNEL(layer_norm_fwd_rows);
   at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
   return {y, h, mean, rstd};
@@ -322,8 +351,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   check_stat(rstd, "rstd", N);
   if (dh_out) check_like(*dh_out, "dh_out", h, "h");
   Tensor dh = at::empty_like(h);
+  const bool stream = want_stream(h.nbytes() * (dh_out ? 4 : 3), {dh.data_ptr()}, C * h.element_size());
   const LnBwdArgs a{dy.data_ptr(), h.data_ptr(), ptr_or_null(weight), mean.data_ptr<float>(),
-                    rstd.data_ptr<float>(), ptr_or_null(dh_out), dh.data_ptr(), C, dtype_of(h, "h"), wd};
+                    rstd.data_ptr<float>(), ptr_or_null(dh_out), dh.data_ptr(), C, stream, dtype_of(h, "h"), wd};
   const auto kernel = PTM_CPU_KERNEL(layer_norm_bwd_rows);
   const Tensor empty = h.new_empty({0});
   if (!weight && !has_bias) {

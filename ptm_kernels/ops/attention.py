@@ -159,13 +159,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask] = N
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
+    out, lse = _attention(*op_args(q, k, v, mask, scale, dropout_p, seed, generator))
+    return (out, lse) if return_lse else out
+
+
+def op_args(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, dropout_p: float, seed=None,
+            generator=None) -> tuple:
+    """The arguments of ptm::attention for checked inputs: the mask resolved for these shapes, the block map
+    at the tile of the backend that will run (None when it takes none), the dropout seed."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
     vis = mask.visibility(B, H, Lq, Lk, q.device)
     bias, table = mask.scores(B, H, Lq, Lk, q)
     tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility else None
     block_map = mask.block_map(B, H, Lq, Lk, *tile, q.device) if tile is not None else None
-    out, lse = _attention(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale, *vis, bias, table, block_map,
-                          *(tile or (0, 0)), float(dropout_p), _seed(dropout_p, seed, generator))
-    return (out, lse) if return_lse else out
+    return (_unit_stride(q), _unit_stride(k), _unit_stride(v), scale, *vis, bias, table, block_map,
+            *(tile or (0, 0)), float(dropout_p), _seed(dropout_p, seed, generator))
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

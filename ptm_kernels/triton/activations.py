@@ -31,15 +31,28 @@ _GELU_TANH_C = tl.constexpr(0.044715)
 # tanh is not in tl.math (only in the per-backend libdevice), so gelu_tanh is written with a sigmoid:
 # 0.5 * (1 + tanh(u)) == sigmoid(2u), which also avoids the cancellation in 1 + tanh(u) for u << 0.
 @triton.jit
+def _sigmoid_pair(x):
+    """-> (sigmoid(x), 1 - sigmoid(x)), the smaller one computed directly rather than as 1 - the larger
+    (no cancellation in the gradients), and exp only of non-positive numbers (no overflow)."""
+    e = tl.exp(-tl.abs(x))
+    big = 1.0 / (1.0 + e)
+    small = e * big
+    pos = x >= 0
+    return tl.where(pos, big, small), tl.where(pos, small, big)
+
+
+@triton.jit
 def _act(z, ACT: tl.constexpr):
     """act(z) for float32 z."""
     if ACT == "gelu":
         y = 0.5 * z * (1.0 + tl.math.erf(z * _INV_SQRT2))
     elif ACT == "gelu_tanh":
         u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)
-        y = z * tl.sigmoid(2.0 * u)
+        s, _ = _sigmoid_pair(2.0 * u)
+        y = z * s
     else:  # silu
-        y = z * tl.sigmoid(z)
+        s, _ = _sigmoid_pair(z)
+        y = z * s
     return y
 
 
@@ -53,11 +66,11 @@ def _act_grad(z, ACT: tl.constexpr):
     elif ACT == "gelu_tanh":
         # With s = sigmoid(2u) = (1 + tanh u) / 2:  1 - tanh(u)^2 = 4 s (1 - s).
         u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)
-        s = tl.sigmoid(2.0 * u)
-        d = s + 2.0 * z * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+        s, one_minus_s = _sigmoid_pair(2.0 * u)
+        d = s + 2.0 * z * s * one_minus_s * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
     else:  # silu
-        s = tl.sigmoid(z)
-        d = s * (1.0 + z * (1.0 - s))
+        s, one_minus_s = _sigmoid_pair(z)
+        d = s * (1.0 + z * one_minus_s)
     return d
 
 

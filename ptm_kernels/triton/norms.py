@@ -352,7 +352,7 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor, 
     programs, rows_per_program = split_rows(N, num_programs(h.device)) if N > 0 else (0, 1)
     dw_partial = _partials(programs, C, has_weight, h)
     if N > 0:
-        BLOCK, ONE_PASS, num_warps = row_block(C)
+        BLOCK, ONE_PASS, num_warps = row_block(C, backward=True)
         _rms_norm_bwd_kernel[(programs,)](
             dh, dw_partial if has_weight else h, dy, h,
             weight.contiguous() if has_weight else h,
@@ -402,7 +402,7 @@ def layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor
     dw_partial = _partials(programs, C, has_weight, h)
     db_partial = _partials(programs, C, has_bias, h)
     if N > 0:
-        BLOCK, ONE_PASS, num_warps = row_block(C)
+        BLOCK, ONE_PASS, num_warps = row_block(C, backward=True)
         _layer_norm_bwd_kernel[(programs,)](
             dh, dw_partial if has_weight else h, db_partial if has_bias else h, dy, h,
             weight.contiguous() if has_weight else h,

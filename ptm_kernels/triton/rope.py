@@ -90,7 +90,8 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
     half = R // 2
     BLOCK_HALF = max(16, triton.next_power_of_2(half))
     BLOCK_PASS = max(16, triton.next_power_of_2(D - R))
-    BLOCK_H = max(1, min(triton.next_power_of_2(H), ELEMENTWISE_TILE // max(BLOCK_HALF, BLOCK_PASS)))
+    # About 1024 elements per half-tile: x1 and x2 together are then an ELEMENTWISE_TILE.
+    BLOCK_H = max(1, min(triton.next_power_of_2(H), (ELEMENTWISE_TILE // 2) // max(BLOCK_HALF, BLOCK_PASS)))
     _rope_kernel[(B * L,)](
         out, x, cos, sin, positions,
         L, H, D, half,

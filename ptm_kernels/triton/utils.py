@@ -15,7 +15,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to this many elements are normalized in one pass, held in registers; longer rows are looped over
 # in chunks of LOOP_BLOCK elements (more reads, but no register spills).
 MAX_FUSED_BLOCK = 8192
-LOOP_BLOCK = 4096
+LOOP_BLOCK = 2048
 
 # Elements per program for the element-wise kernels.
 ELEMENTWISE_TILE = 2048
@@ -40,14 +40,17 @@ def num_warps_for(block: int) -> int:
     return 4
 
 
-def row_block(C: int):
+def row_block(C: int, backward: bool = False):
     """-> (BLOCK, ONE_PASS, num_warps) for kernels that reduce over rows of C elements."""
     # Blocks of at least 16 elements: tiny tensors are legal in Triton but gain nothing.
     block = max(16, triton.next_power_of_2(C))
     one_pass = block <= MAX_FUSED_BLOCK
     if not one_pass:
         block = LOOP_BLOCK
-    return block, one_pass, num_warps_for(block)
+    num_warps = num_warps_for(block)
+    if backward:  # about twice as many live row-sized values: spread them over twice the threads
+        num_warps = min(16, 2 * num_warps)
+    return block, one_pass, num_warps
 
 
 def tile_2d(C: int, tile: int = ELEMENTWISE_TILE):

@@ -1,0 +1,352 @@
+"""MobileBERT (Sun et al., 2020): a thin, deep BERT for phones, as transformers' `mobilebert`.
+
+Each layer keeps the residual stream at H (512) but computes in a bottleneck of T (intra_bottleneck_size, 128):
+- bottlenecks: `bottleneck_in` maps the H-wide input to T (the attention's residual); with
+  key_query_shared_bottleneck a second projection H -> T feeds the queries and keys, while the values read the
+  H-wide input; `bottleneck_out` maps back to H at the end of the layer (add & norm with the layer's input);
+- stacked FFNs: num_feedforward_networks FFNs (T -> I -> T, add & norm) after the attention instead of one;
+- NoNorm: `x * weight + bias` per feature in place of LayerNorm (normalization_type="no_norm");
+- embeddings: word vectors of size E (128); with trigram_input the vectors of the next, current and previous
+  tokens are concatenated (3E) and projected to H.
+The MLM head scores against [word embeddings E | an extra H - E block] (both V x ...), so the tied decoder
+still covers the full hidden size.
+
+    model = MobileBertForMaskedLM.from_hf(hf_model)
+    out = model(input_ids, attention_mask=mask, unpad=True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ptm_kernels as pk
+from ptm_kernels import AttentionMask
+from ptm_kernels.nn import LayerNorm
+
+from .bert import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForQuestionAnswering,
+                   BertForSequenceClassification, BertForTokenClassification, BertModel, MLMHead, Output, _BertTask,
+                   init_weights)
+from .convert import prefixed
+from .encoder import BiasAct
+
+_TORCH_LN_EPS = 1e-5  # two of transformers' norms are built without the config's eps
+
+
+@dataclass
+class MobileBertConfig(BertConfig):
+    hidden_size: int = 512
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    hidden_act: str = "relu"
+    hidden_dropout_prob: float = 0.0
+    embedding_size: int = 128
+    trigram_input: bool = True
+    use_bottleneck: bool = True
+    intra_bottleneck_size: int = 128
+    use_bottleneck_attention: bool = False
+    key_query_shared_bottleneck: bool = True
+    num_feedforward_networks: int = 4
+    normalization_type: str = "no_norm"
+    classifier_activation: bool = True
+
+    hf_config_class = "MobileBertConfig"
+
+    @property
+    def true_hidden_size(self) -> int:
+        return self.intra_bottleneck_size if self.use_bottleneck else self.hidden_size
+
+
+class NoNorm(nn.Module):
+    """MobileBERT's replacement for LayerNorm: an elementwise affine x * weight + bias, no statistics. Called
+    like ptm_kernels' LayerNorm: with `residual`, returns (norm(x + residual), x + residual)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        if residual is None:
+            return torch.addcmul(self.bias, x, self.weight)
+        s = x + residual
+        return torch.addcmul(self.bias, s, self.weight), s
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "no_norm":
+        return NoNorm(dim)
+    if kind == "layer_norm":
+        return LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown normalization_type {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+
+
+def trigram_neighbours(input_ids: Tensor) -> Tensor:
+    """[B, L, 2]: the next and the previous token id of each position, -1 past either end of the row. Computed
+    on the padded batch, so that packing (unpad=True) keeps each token's neighbours as they were."""
+    nxt = F.pad(input_ids[:, 1:], (0, 1), value=-1)
+    prev = F.pad(input_ids[:, :-1], (1, 0), value=-1)
+    return torch.stack([nxt, prev], -1)
+
+
+class MobileBertEmbeddings(nn.Module):
+    """word (E) [+ next and previous words: trigram] -> project to H, + position + token type, norm, dropout."""
+
+    def __init__(self, c: MobileBertConfig):
+        super().__init__()
+        self.word = nn.Embedding(c.vocab_size, c.embedding_size, padding_idx=c.pad_token_id)
+        self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.trigram = c.trigram_input
+        self.project = nn.Linear(c.embedding_size * (3 if c.trigram_input else 1), c.hidden_size)
+        self.use_project = c.trigram_input or c.embedding_size != c.hidden_size
+        self.project.requires_grad_(self.use_project)  # else unused, as in transformers; kept for the round trip
+        self.norm = make_norm(c.normalization_type, c.hidden_size, _TORCH_LN_EPS)
+        self.dropout = c.hidden_dropout_prob
+
+    def _word_or_zero(self, ids: Tensor) -> Tensor:
+        return self.word(ids.clamp_min(0)) * ids.ge(0).unsqueeze(-1).to(self.word.weight.dtype)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor] = None,
+                neighbour_ids: Optional[Tensor] = None) -> Tensor:
+        x = self.word(input_ids)
+        if self.trigram:
+            nxt, prev = neighbour_ids.unbind(-1)
+            x = torch.cat([self._word_or_zero(nxt), x, self._word_or_zero(prev)], -1)
+        if self.use_project:
+            x = self.project(x)
+        types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        x = x + self.position(position_ids) + self.token_type(types)
+        return F.dropout(self.norm(x), self.dropout, self.training)
+
+
+# ------------------------------------------------------------------------------------------------ layer
+
+
+class FFN(nn.Module):
+    """fc1 -> act (fused with its bias) -> fc2, dropout, add & norm with the input."""
+
+    def __init__(self, dim: int, inner: int, act: str, norm: nn.Module, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = BiasAct(dim, inner, act)
+        self.fc2 = nn.Linear(inner, dim)
+        self.norm = norm
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(F.dropout(self.fc2(self.fc1(x)), self.dropout, self.training), residual=x)[0]
+
+
+class MobileBertLayer(nn.Module):
+    def __init__(self, c: MobileBertConfig):
+        super().__init__()
+        H, T, I = c.hidden_size, c.true_hidden_size, c.intermediate_size
+        self.heads, self.head_dim = c.num_attention_heads, T // c.num_attention_heads
+        self.use_bottleneck, self.bottleneck_attention = c.use_bottleneck, c.use_bottleneck and c.use_bottleneck_attention
+        self.shared_qk = c.use_bottleneck and c.key_query_shared_bottleneck and not self.bottleneck_attention
+        self.dropout, self.attn_dropout = c.hidden_dropout_prob, c.attention_probs_dropout_prob
+
+        def norm(dim, eps=c.layer_norm_eps):
+            return make_norm(c.normalization_type, dim, eps)
+
+        if c.use_bottleneck:
+            self.bottleneck_in = nn.Linear(H, T)
+            self.bottleneck_in_norm = norm(T)
+            if c.key_query_shared_bottleneck:
+                self.bottleneck_qk = nn.Linear(H, T)
+                self.bottleneck_qk_norm = norm(T)
+        self.qk = nn.Linear(T, 2 * T)  # queries and keys always read the same input
+        self.v = nn.Linear(T if self.bottleneck_attention else H, T)
+        self.attn_out = nn.Linear(T, T)
+        self.attn_norm = norm(T)
+        self.ffns = nn.ModuleList(FFN(T, I, c.hidden_act, norm(T)) for _ in range(c.num_feedforward_networks - 1))
+        self.ffn = FFN(T, I, c.hidden_act, norm(T, _TORCH_LN_EPS), 0.0 if c.use_bottleneck else c.hidden_dropout_prob)
+        if c.use_bottleneck:
+            self.bottleneck_out = nn.Linear(T, H)
+            self.bottleneck_out_norm = norm(H)
+
+    def attention(self, qk_in: Tensor, v_in: Tensor, mask: AttentionMask) -> Tensor:
+        B, L, _ = qk_in.shape
+        q, k = self.qk(qk_in).view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(v_in).view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        y = pk.attention(q, k, v, mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
+
+    def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:
+        if self.use_bottleneck:
+            inner = self.bottleneck_in_norm(self.bottleneck_in(x))  # the T-wide residual of the attention
+        else:
+            inner = x
+        if self.bottleneck_attention:
+            qk_in, v_in = inner, inner
+        elif self.shared_qk:
+            qk_in, v_in = self.bottleneck_qk_norm(self.bottleneck_qk(x)), x
+        else:
+            qk_in, v_in = x, x
+        a = self.attention(qk_in, v_in, mask)
+        if not self.use_bottleneck:
+            a = F.dropout(a, self.dropout, self.training)
+        h = self.attn_norm(a, residual=inner)[0]
+        for ffn in self.ffns:
+            h = ffn(h)
+        h = self.ffn(h)
+        if not self.use_bottleneck:
+            return h
+        out = F.dropout(self.bottleneck_out(h), self.dropout, self.training)
+        return self.bottleneck_out_norm(out, residual=x)[0]
+
+
+def layer_mapping(c: MobileBertConfig) -> list:
+    """(our key, HF key) pairs of one layer (HF names relative to encoder.layer.<i>.)."""
+    def lin(ours, hf):
+        return [(f"{ours}.weight", f"{hf}.weight"), (f"{ours}.bias", f"{hf}.bias")]
+
+    a = "attention.self."
+    m = [("qk.weight", (a + "query.weight", a + "key.weight")), ("qk.bias", (a + "query.bias", a + "key.bias"))]
+    m += lin("v", a + "value") + lin("attn_out", "attention.output.dense")
+    m += lin("attn_norm", "attention.output.LayerNorm")
+    for j in range(c.num_feedforward_networks - 1):
+        m += (lin(f"ffns.{j}.fc1", f"ffn.{j}.intermediate.dense") + lin(f"ffns.{j}.fc2", f"ffn.{j}.output.dense")
+              + lin(f"ffns.{j}.norm", f"ffn.{j}.output.LayerNorm"))
+    m += lin("ffn.fc1", "intermediate.dense") + lin("ffn.fc2", "output.dense") + lin("ffn.norm", "output.LayerNorm")
+    if c.use_bottleneck:
+        m += lin("bottleneck_in", "bottleneck.input.dense") + lin("bottleneck_in_norm", "bottleneck.input.LayerNorm")
+        m += lin("bottleneck_out", "output.bottleneck.dense")
+        m += lin("bottleneck_out_norm", "output.bottleneck.LayerNorm")
+        if c.key_query_shared_bottleneck:
+            m += lin("bottleneck_qk", "bottleneck.attention.dense")
+            m += lin("bottleneck_qk_norm", "bottleneck.attention.LayerNorm")
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class MobileBertModel(BertModel):
+    """The pooler is dense + tanh on the first token with classifier_activation, else the first token as is."""
+
+    def __init__(self, config: MobileBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer=add_pooling_layer and config.classifier_activation)
+        self.with_pooling = add_pooling_layer
+
+    @staticmethod
+    def make_embeddings(c, dim=None) -> MobileBertEmbeddings:
+        return MobileBertEmbeddings(c)
+
+    @staticmethod
+    def make_layer(c) -> MobileBertLayer:
+        return MobileBertLayer(c)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, **kw):
+        if self.config.trigram_input:
+            kw["neighbour_ids"] = trigram_neighbours(input_ids)
+        return super().encode(input_ids, attention_mask, token_type_ids, position_ids, **kw)
+
+    def pool(self, h: Tensor) -> Tensor:
+        return h[:, 0] if self.pooler is None else torch.tanh(self.pooler(h[:, 0]))
+
+    def forward(self, *args, **kw) -> Output:
+        out = super().forward(*args, **kw)
+        if self.with_pooling and out.pooler_output is None:
+            out.pooler_output = self.pool(out.last_hidden_state)
+        return out
+
+    def hf_mapping(self) -> list:
+        e = "embeddings."
+        m = [(e + "word.weight", e + "word_embeddings.weight"), (e + "position.weight", e + "position_embeddings.weight"),
+             (e + "token_type.weight", e + "token_type_embeddings.weight"),
+             (e + "project.weight", e + "embedding_transformation.weight"),
+             (e + "project.bias", e + "embedding_transformation.bias"),
+             (e + "norm.weight", e + "LayerNorm.weight"), (e + "norm.bias", e + "LayerNorm.bias")]
+        for i in range(len(self.layers)):
+            m += prefixed(layer_mapping(self.config), f"layers.{i}.", f"encoder.layer.{i}.")
+        if self.pooler is not None:
+            m += [("pooler.weight", "pooler.dense.weight"), ("pooler.bias", "pooler.dense.bias")]
+        return m
+
+
+# ------------------------------------------------------------------------------------------------ heads
+
+
+class MobileBertMLMHead(MLMHead):
+    """BERT's transform, then scores against [word embeddings (V x E) | dense (V x (H - E))]."""
+
+    def __init__(self, c: MobileBertConfig):
+        super().__init__(c.hidden_size, c.vocab_size, c.hidden_act, c.layer_norm_eps)
+        init_weights(self)
+        self.dense = nn.Parameter(torch.empty(c.hidden_size - c.embedding_size, c.vocab_size))  # HF's layout
+        nn.init.normal_(self.dense, std=0.02)
+
+    def forward(self, h: Tensor, word_embeddings: Tensor) -> Tensor:
+        return F.linear(self.norm(self.transform(h)), torch.cat([word_embeddings, self.dense.t()], 1), self.bias)
+
+
+class _MobileBertTask(_BertTask):
+    base = "mobilebert"
+    model_class = MobileBertModel
+    config_class = MobileBertConfig
+
+
+class MobileBertForPreTraining(_MobileBertTask, BertForPreTraining):
+    """MLM + NSP (MobileBERT is distilled from IB-BERT layer by layer, then pre-trained with these)."""
+    hf_class = "MobileBertForPreTraining"
+
+    def __init__(self, config: MobileBertConfig):
+        super().__init__(config)
+        self.mlm = MobileBertMLMHead(config)
+
+    def hf_mapping(self):
+        return super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
+
+
+class MobileBertForMaskedLM(_MobileBertTask, BertForMaskedLM):
+    hf_class = "MobileBertForMaskedLM"
+
+    def __init__(self, config: MobileBertConfig):
+        super().__init__(config)
+        self.mlm = MobileBertMLMHead(config)
+
+    def hf_mapping(self):
+        return super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
+
+
+class MobileBertForNextSentencePrediction(_MobileBertTask):
+    hf_class = "MobileBertForNextSentencePrediction"
+
+    def __init__(self, config: MobileBertConfig):
+        super().__init__()
+        self.config = c = config
+        self.make_backbone(c)
+        self.nsp = nn.Linear(c.hidden_size, 2)
+        init_weights(self.nsp)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
+                unpad=False, labels=None) -> Output:
+        out = self.mobilebert(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths, unpad=unpad)
+        logits = self.nsp(out.pooler_output)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return Output(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
+
+    def hf_mapping(self):
+        return self.encoder_mapping() + [("nsp.weight", "cls.seq_relationship.weight"),
+                                         ("nsp.bias", "cls.seq_relationship.bias")]
+
+
+class MobileBertForSequenceClassification(_MobileBertTask, BertForSequenceClassification):
+    hf_class = "MobileBertForSequenceClassification"
+
+
+class MobileBertForTokenClassification(_MobileBertTask, BertForTokenClassification):
+    hf_class = "MobileBertForTokenClassification"
+
+
+class MobileBertForQuestionAnswering(_MobileBertTask, BertForQuestionAnswering):
+    hf_class = "MobileBertForQuestionAnswering"
