@@ -14,9 +14,8 @@ is projected; everything that runs is here, on ptm_kernels ops:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -348,10 +347,6 @@ class EncoderDecoderLM(nn.Module):
 def _if_padded(mask: Optional[Tensor]) -> Optional[Tensor]:
     """The 0/1 mask, or None when it hides nothing (then no mask part is built)."""
     return None if mask is None or bool(mask.bool().all()) else mask
-
-
-def config_replace(config, **changes):
-    return dataclasses.replace(config, **changes)
 
 
 # ---------------------------------------------------------------------------------------------- generation

@@ -15,7 +15,7 @@ def _scale(truth: torch.Tensor) -> float:
 
 
 def assert_close(actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor = None, *, name: str = "",
-                 precision: torch.dtype = None, rtol: float = 1e-5, atol: float = 1e-5, half_atol: float = 1e-3):
+                 precision: torch.dtype = None, rtol: float = 1e-5, atol: float = 1e-5):
     """actual: the kernel's result; truth: float64 result; baseline: plain PyTorch in the inputs' dtype.
 
     precision: the dtype the inputs had (default: actual's); a float32 output computed from bfloat16
@@ -27,7 +27,7 @@ def assert_close(actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tens
         assert baseline is not None, f"{name}: half precision needs a same-dtype baseline"
         err = (actual.double() - truth.double()).abs().max().item() if actual.numel() else 0.0
         base = (baseline.double() - truth.double()).abs().max().item() if actual.numel() else 0.0
-        bound = 2 * base + half_atol * _scale(truth)
+        bound = 2 * base + torch.finfo(precision or actual.dtype).eps * _scale(truth)
         assert err <= bound, f"{name}: {actual.dtype} error {err:.3g} > 2 x torch's {base:.3g} + slack ({bound:.3g})"
     else:
         torch.testing.assert_close(actual.double(), truth.double(), rtol=rtol, atol=atol * _scale(truth),

@@ -136,11 +136,13 @@ void act_fwd_impl(const ActArgs& a, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(a.x);
   const B* bias = static_cast<const B*>(a.bias);
   T* y = static_cast<T*>(a.out);
-  for_row_pieces(begin, end, a.C, [&](int64_t off, int64_t col, int64_t len) {
-    for_blocks(len, [&](int64_t j, auto blk) {
-      V2 z = load(x + off + j, blk);
-      if (bias) z = z + load(bias + col + j, blk);  // the sum is not rounded
-      store_out(y + off + j, V2(Fn::fwd(z.lo), Fn::fwd(z.hi)), blk, a.stream);
+  with_flag(bias != nullptr, [&](auto has_bias) {
+    for_row_pieces(begin, end, a.C, [&](int64_t off, int64_t col, int64_t len) {
+      for_blocks(len, [&](int64_t j, auto blk) {
+        V2 z = load(x + off + j, blk);
+        if constexpr (has_bias) z = z + load(bias + col + j, blk);  // the sum is not rounded
+        store_out(y + off + j, V2(Fn::fwd(z.lo), Fn::fwd(z.hi)), blk, a.stream);
+      });
     });
   });
   if (a.stream) stream_fence();
@@ -152,13 +154,15 @@ void act_bwd_impl(const ActArgs& a, int64_t begin, int64_t end, float* dbias) {
   const B* bias = static_cast<const B*>(a.bias);
   const T* dy = static_cast<const T*>(a.dy);
   T* dx = static_cast<T*>(a.out);
-  for_row_pieces(begin, end, a.C, [&](int64_t off, int64_t col, int64_t len) {
-    for_blocks(len, [&](int64_t j, auto blk) {
-      V2 z = load(x + off + j, blk);
-      if (bias) z = z + load(bias + col + j, blk);
-      const V2 dz = load(dy + off + j, blk) * V2(Fn::grad(z.lo), Fn::grad(z.hi));
-      if (dbias) store(dbias + col + j, dz + load(dbias + col + j, blk), blk);
-      store_out(dx + off + j, dz, blk, a.stream);
+  with_flag(bias != nullptr, [&](auto has_bias) {  // dbias is null exactly when bias is
+    for_row_pieces(begin, end, a.C, [&](int64_t off, int64_t col, int64_t len) {
+      for_blocks(len, [&](int64_t j, auto blk) {
+        V2 z = load(x + off + j, blk);
+        if constexpr (has_bias) z = z + load(bias + col + j, blk);
+        const V2 dz = load(dy + off + j, blk) * V2(Fn::grad(z.lo), Fn::grad(z.hi));
+        if constexpr (has_bias) store(dbias + col + j, dz + load(dbias + col + j, blk), blk);
+        store_out(dx + off + j, dz, blk, a.stream);
+      });
     });
   });
   if (a.stream) stream_fence();

@@ -253,7 +253,7 @@ Tensor as_float_rows(const Tensor& t) {
 Tensor score_matrix_tensor(const Tensor& t, at::ScalarType dt) {
   if (t.scalar_type() == dt && (t.stride(3) == 1 || t.size(3) <= 1)) return t;
   Tensor c = t;
-  for (int64_t d = 0; d < 2; ++d)
+  for (int64_t d = 0; d < 3; ++d)
     if (c.size(d) > 1 && c.stride(d) == 0) c = c.narrow(d, 0, 1);
   return c.to(dt).contiguous().expand(t.sizes());
 }
@@ -704,9 +704,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
   const Tensor lse_c = lse.to(at::kFloat).contiguous();
   const Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();  // rowsum(dO * O)
 
-  // Partitions of the key tiles when (b, kv head) pairs alone cannot keep the threads busy.
+  // Partitions of the key tiles when (b, kv head) pairs alone cannot keep the threads busy; each has its own
+  // dQ buffer, so their number is capped (memory), at the price of idle threads for B * Hk < threads / 4.
   const int64_t pairs = P.B * P.Hk, threads = at::get_num_threads();
-  const int64_t parts = std::max<int64_t>(1, std::min(P.nkt, ceil_div(4 * threads, pairs)));
+  const int64_t parts = std::max<int64_t>(1, std::min({P.nkt, ceil_div(2 * threads, pairs), int64_t(8)}));
   Tensor dq_parts = at::zeros({parts * P.B, P.H, P.Lq, P.D}, f32);
   Tensor dk = at::zeros({P.B, P.Hk, P.Lk, P.D}, f32), dv = at::zeros({P.B, P.Hk, P.Lk, P.D}, f32);
   Tensor dbias = bias_requires_grad ? at::zeros({P.B, P.H, P.Lq, P.Lk}, f32) : at::empty({0}, f32);

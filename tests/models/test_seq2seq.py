@@ -27,6 +27,7 @@ class Case:
     make_hf: Callable
     ours: Callable  # our class (has from_hf)
     pad: int
+    gen_scale: float = 3.0  # weight scale for the generation tests (see gen_pair)
 
 
 def _t5(proj, tie):
@@ -54,7 +55,7 @@ CASES = [
     Case("t5_v1_0", lambda: _t5("relu", True), lambda: model_module("t5").T5, 0),
     Case("t5_v1_1", lambda: _t5("gated-gelu", False), lambda: model_module("t5").T5, 0),
     Case("bart", _bart, lambda: model_module("bart").Bart, 1),
-    Case("pegasus", _pegasus, lambda: model_module("pegasus").Pegasus, 0),
+    Case("pegasus", _pegasus, lambda: model_module("pegasus").Pegasus, 0, gen_scale=8.0),
 ]
 
 
@@ -67,9 +68,9 @@ def _build(case, scale):
         for name, p in hf.named_parameters():
             if "norm" in name:  # norms start at 1 / 0: perturb them so that each mapping is tested
                 p.add_(0.1 * torch.randn_like(p))
-            elif "layers" in name or "block" in name or "positions" in name:
+            elif p.requires_grad and ("layers" in name or "block" in name or "positions" in name):
                 p.mul_(scale)
-        if hasattr(hf, "final_logits_bias"):
+        if hasattr(hf, "final_logits_bias") and scale == 1.0:  # (it would pick one token at every step)
             hf.final_logits_bias.normal_()
     return hf, case.ours().from_hf(hf), case
 
@@ -83,7 +84,7 @@ def pair(request):
 def gen_pair(request):
     """On the initial weights every model repeats one token forever: larger sub-layers (and positions,
     relative biases) make greedy and beam decoding move, and so test something."""
-    return _build(request.param, 3.0)
+    return _build(request.param, request.param.gen_scale)
 
 
 def _batch(pad):
@@ -152,7 +153,7 @@ def test_cached_decoding_equals_recompute(gen_pair):
         cache = ours.new_cache(enc, mask, cached.shape[1])
         first = ours.project(ours.decode(cached[:, :-1], cache=cache))
         last = ours.project(ours.decode(cached[:, -1:], cache=cache))
-    assert (torch.cat([first, last], 1) - whole).abs().max().item() <= 1e-5
+    assert (torch.cat([first, last], 1) - whole).abs().max().item() <= TOL
 
 
 def _trim(row, eos):
