@@ -150,7 +150,8 @@ class MobileBertLayer(nn.Module):
         super().__init__()
         H, T, I = c.hidden_size, c.true_hidden_size, c.intermediate_size
         self.heads, self.head_dim = c.num_attention_heads, T // c.num_attention_heads
-        self.use_bottleneck, self.bottleneck_attention = c.use_bottleneck, c.use_bottleneck and c.use_bottleneck_attention
+        self.use_bottleneck = c.use_bottleneck
+        self.bottleneck_attention = c.use_bottleneck and c.use_bottleneck_attention  # q, k, v all from `inner`
         self.shared_qk = c.use_bottleneck and c.key_query_shared_bottleneck and not self.bottleneck_attention
         self.dropout, self.attn_dropout = c.hidden_dropout_prob, c.attention_probs_dropout_prob
 
@@ -261,7 +262,8 @@ class MobileBertModel(BertModel):
 
     def hf_mapping(self) -> list:
         e = "embeddings."
-        m = [(e + "word.weight", e + "word_embeddings.weight"), (e + "position.weight", e + "position_embeddings.weight"),
+        m = [(e + "word.weight", e + "word_embeddings.weight"),
+             (e + "position.weight", e + "position_embeddings.weight"),
              (e + "token_type.weight", e + "token_type_embeddings.weight"),
              (e + "project.weight", e + "embedding_transformation.weight"),
              (e + "project.bias", e + "embedding_transformation.bias"),

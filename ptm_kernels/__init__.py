@@ -11,12 +11,13 @@ from . import backend, nn, reference
 from .attention_mask import AttentionMask
 from .ops import bias_gelu, geglu, gelu, layer_norm, rms_norm, rope, silu, swiglu
 from .ops import attention, scaled_dot_product_attention
+from .ops import relative_attention, two_stream_attention
 from .reference import rope_cos_sin
 
 __version__ = "0.1.0"
 
 __all__ = [
     "rms_norm", "layer_norm", "gelu", "bias_gelu", "silu", "swiglu", "geglu", "rope", "rope_cos_sin",
-    "attention", "scaled_dot_product_attention", "AttentionMask",
+    "attention", "scaled_dot_product_attention", "AttentionMask", "relative_attention", "two_stream_attention",
     "backend", "nn", "reference",
 ]

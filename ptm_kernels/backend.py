@@ -28,7 +28,7 @@ from . import _ext
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 # Op families, each a set of kernel functions selected together (forward and backward must agree).
-OPS = ("rms_norm", "layer_norm", "activation", "rope", "attention")
+OPS = ("rms_norm", "layer_norm", "activation", "rope", "attention", "relative_attention")
 
 _local = threading.local()
 
@@ -109,7 +109,8 @@ def supports(name: str, op: str, device_type: str) -> bool:
     if name == "triton" and device_type == "cpu" and not triton_interpreted():
         return False
     probe = {"rms_norm": "rms_norm_fwd", "layer_norm": "layer_norm_fwd", "activation": "act_fwd",
-             "rope": "rope_fwd", "attention": "attention_fwd"}[op]
+             "rope": "rope_fwd", "attention": "attention_fwd",
+             "relative_attention": "relative_attention_fwd"}[op]
     return hasattr(mod, probe)
 
 

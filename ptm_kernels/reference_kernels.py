@@ -341,3 +341,17 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
     else:
         dtoeplitz = empty_stats(q)
     return dq, dk, dv, dbias, dtoeplitz
+
+
+# ------------------------------------------------------------------------------ relative-position attention
+# Transformer-XL / XLNet attention lives in its own file (ptm_kernels/reference_relative.py); its kernel
+# functions are attributes of this module too, so that this module is the whole reference backend.
+_RELATIVE = ("relative_attention_fwd", "relative_attention_bwd", "two_stream_attention_fwd",
+             "two_stream_attention_bwd")
+
+
+def __getattr__(name):  # resolved on use: reference_relative imports this module
+    if name in _RELATIVE:
+        from . import reference_relative
+        return getattr(reference_relative, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,10 +4,12 @@
 // Why several instruction sets: setup.py compiles every source with baseline flags (no -mavx2), and
 // at::vec::Vectorized is only fast when compiled for AVX2/AVX512. So, like ATen's own kernels, each family's
 // kernel half is compiled several times: once inside the family's .cpp (namespace ptm::cpu::DEFAULT), and
-// once per x86 instruction set by isa_avx2.cpp / isa_avx512.cpp, which #include the family .cpp files with
-// PTM_CPU_KERNELS_ONLY under `#pragma GCC target` (namespaces ptm::cpu::AVX2, ptm::cpu::AVX512). The host
-// half picks one at runtime with PTM_CPU_KERNEL(name), following at::get_cpu_capability(): the instruction
-// set eager PyTorch uses, including an ATEN_CPU_CAPABILITY=default|avx2 override.
+// once per x86 instruction set by isa_avx2.cpp, isa_avx512.cpp and isa_avx512_bf16.cpp, which #include the
+// family .cpp files with PTM_CPU_KERNELS_ONLY under `#pragma GCC target` (namespaces ptm::cpu::AVX2, AVX512,
+// AVX512_BF16). The host half picks one at runtime with PTM_CPU_KERNEL(name), following
+// at::get_cpu_capability(): the instruction set eager PyTorch uses, including an ATEN_CPU_CAPABILITY=default|avx2
+// override. AVX512_BF16 is AVX512 plus the bfloat16 conversion instructions (one instruction instead of ~15 to
+// round 32 floats to bfloat16), used when the CPU has them.
 //
 // Rules for a kernel half (it is compiled into TUs that may only run on AVX512 machines): raw pointers and
 // plain argument structs only; no at::Tensor, TORCH_CHECK or at::parallel_for. An inline function from a
@@ -24,7 +26,10 @@
 #endif
 
 #ifndef CPU_CAPABILITY
-#define CPU_CAPABILITY DEFAULT  // the namespace ATen's vec headers and our kernel halves use in this TU
+#define CPU_CAPABILITY DEFAULT  // the namespace of ATen's vec headers in this TU
+#endif
+#ifndef PTM_CPU_ISA
+#define PTM_CPU_ISA CPU_CAPABILITY  // the namespace of our kernel halves in this TU
 #endif
 
 // Declares kernel `name` with parameter list `params` in every instruction-set namespace.
@@ -32,7 +37,8 @@
 #define PTM_CPU_DECLARE_KERNEL(name, params) \
   namespace DEFAULT { void name params; }    \
   namespace AVX2 { void name params; }       \
-  namespace AVX512 { void name params; }
+  namespace AVX512 { void name params; }     \
+  namespace AVX512_BF16 { void name params; }
 #else
 #define PTM_CPU_DECLARE_KERNEL(name, params) \
   namespace DEFAULT { void name params; }
@@ -53,6 +59,7 @@ enum class DType : int8_t { kFloat, kBFloat16, kHalf };
 #include <ATen/Version.h>         // at::get_cpu_capability
 
 #include <algorithm>
+#include <cstdlib>
 #include <initializer_list>
 #include <string>
 
@@ -60,23 +67,41 @@ enum class DType : int8_t { kFloat, kBFloat16, kHalf };
 
 namespace ptm::cpu {
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
+enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
 
+// The instruction set of this machine's kernels: at::get_cpu_capability()'s, capped by the environment variable
+// PTM_KERNELS_CPU_ISA=default|avx2|avx512 if set (to test the other kernels).
 inline Isa cpu_isa() {
   static const Isa isa = [] {
-    if (!PTM_CPU_X86_ISAS) return Isa::kDefault;
+    Isa best = Isa::kDefault;
+#if PTM_CPU_X86_ISAS
     const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? Isa::kAvx512 : cap == "AVX2" ? Isa::kAvx2 : Isa::kDefault;
+    if (cap == "AVX512") best = __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+    if (cap == "AVX2") best = Isa::kAvx2;
+#endif
+    const char* env = std::getenv("PTM_KERNELS_CPU_ISA");
+    const std::string cap_env = env ? env : "";
+    const Isa cap_isa = cap_env == "default" ? Isa::kDefault
+                        : cap_env == "avx2"  ? Isa::kAvx2
+                        : cap_env == "avx512" ? Isa::kAvx512
+                                              : Isa::kAvx512Bf16;
+    return std::min(best, cap_isa);
   }();
   return isa;
 }
 
 // The kernel `name` compiled for this machine's instruction set (a function pointer).
 #if PTM_CPU_X86_ISAS
-#define PTM_CPU_KERNEL(name)                                      \
-  (::ptm::cpu::cpu_isa() == ::ptm::cpu::Isa::kAvx512 ? &AVX512::name \
-   : ::ptm::cpu::cpu_isa() == ::ptm::cpu::Isa::kAvx2 ? &AVX2::name   \
-                                                     : &DEFAULT::name)
+#define PTM_CPU_KERNEL(name) ::ptm::cpu::select_kernel(&DEFAULT::name, &AVX2::name, &AVX512::name, &AVX512_BF16::name)
+template <typename Fn>
+Fn select_kernel(Fn default_, Fn avx2, Fn avx512, Fn avx512_bf16) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512Bf16: return avx512_bf16;
+    case Isa::kAvx512: return avx512;
+    case Isa::kAvx2: return avx2;
+    default: return default_;
+  }
+}
 #else
 #define PTM_CPU_KERNEL(name) (&DEFAULT::name)
 #endif
@@ -129,13 +154,18 @@ inline void check_stat(const at::Tensor& s, const char* what, int64_t N) {
 }
 
 // Whether kernels should write their outputs with streaming stores (see vec_utils.h): when the op moves much
-// more memory than the last-level cache holds, so its outputs would be evicted before being read anyway, and
-// every output block is 64-byte aligned: the outputs are, and so are their rows when row_bytes is given.
-constexpr int64_t kStreamMinBytes = int64_t{24} << 20;
-inline bool want_stream(int64_t bytes_moved, std::initializer_list<const void*> outs, int64_t row_bytes = 0) {
+// more memory than the last-level cache holds, so its outputs would be evicted before being read anyway; when
+// every output block is 64-byte aligned (the outputs are, and so are their rows when row_bytes is given); and
+// when each output is under 32 MiB. Larger outputs come straight from mmap (glibc's largest threshold), and the
+// kernel zeroes each fresh page through the cache on first touch, so ordinary stores then hit in cache and
+// streaming measured slower. Thresholds measured on a 32 MiB-L3 machine.
+constexpr int64_t kStreamMinBytesMoved = int64_t{32} << 20;
+constexpr int64_t kStreamMaxOutputBytes = int64_t{32} << 20;
+inline bool want_stream(int64_t bytes_moved, int64_t output_bytes, std::initializer_list<const void*> outs,
+                        int64_t row_bytes = 0) {
   bool aligned = row_bytes % 64 == 0;
   for (const void* p : outs) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 64 == 0;
-  return aligned && bytes_moved >= kStreamMinBytes;
+  return aligned && bytes_moved >= kStreamMinBytesMoved && output_bytes < kStreamMaxOutputBytes;
 }
 
 // Rows per parallel task, so that a task covers about GRAIN_SIZE elements.

@@ -3,11 +3,10 @@
 #define PTM_CPU_KERNELS_ONLY
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
-#define PTM_EXPERIMENT_BF16 1
 #include "common.h"
 
 #if PTM_CPU_X86_ISAS
-#pragma GCC target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // sleef.h (included by ATen's vec headers) declares its vector functions only under the compiler's
 // instruction-set macros, which #pragma GCC target does not define: include it once with them.
 #include <immintrin.h>

@@ -72,7 +72,7 @@ PTM_CPU_DECLARE_KERNEL(layer_norm_fwd_rows, (const LnFwdArgs&, int64_t, int64_t)
 PTM_CPU_DECLARE_KERNEL(layer_norm_bwd_rows, (const LnBwdArgs&, int64_t, int64_t, float* dweight, float* dbias))
 
 // ---------------------------------------------------------------------------------------------- kernels
-namespace CPU_CAPABILITY {
+namespace PTM_CPU_ISA {
 namespace {
 
 // One row of the forward's input h = x, or x + residual rounded to T. Later passes recompute h from x and
@@ -247,7 +247,7 @@ void layer_norm_bwd_rows(const LnBwdArgs& a, int64_t begin, int64_t end, float* 
   });
 }
 
-}  // namespace CPU_CAPABILITY
+}  // namespace PTM_CPU_ISA
 
 // ------------------------------------------------------------------------------------------------- host
 #ifndef PTM_CPU_KERNELS_ONLY
@@ -264,10 +264,6 @@ DType check_norm_inputs(const Tensor& x, const OptTensor& weight, const OptTenso
   if (residual) check_like(*residual, "residual", x, "x");
   if (weight) check_param(*weight, "weight", C, x.scalar_type());
   if (bias) check_param(*bias, "bias", C, x.scalar_type());
-  if (weight && bias) {
-    TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), "ptm_kernels cpu: weight and bias must have the "
-                "same dtype, got ", weight->scalar_type(), " and ", bias->scalar_type());
-  }
   if (weight) return dtype_of(*weight, "weight");
   if (bias) return dtype_of(*bias, "bias");
   return xd;
@@ -286,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const OptTensor
   Tensor y = at::empty({N, C}, x.options().dtype(y_dtype));
   Tensor h = residual ? at::empty_like(x) : x.new_empty({0});
   Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
-  const bool stream = want_stream(x.nbytes() * (residual ? 3 : 1) + y.nbytes(),
+  const bool stream = want_stream(x.nbytes() * (residual ? 3 : 1) + y.nbytes(), y.nbytes(),
                                   {y.data_ptr(), residual ? h.data_ptr() : nullptr}, C * x.element_size()) &&
                       (C * y.element_size()) % 64 == 0;
   const RmsFwdArgs a{x.data_ptr(), ptr_or_null(residual), ptr_or_null(weight), y.data_ptr(),
@@ -306,7 +302,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& h, const
   check_stat(rstd, "rstd", N);
   if (dh_out) check_like(*dh_out, "dh_out", h, "h");
   Tensor dh = at::empty_like(h);
-  const bool stream = want_stream(dy.nbytes() + h.nbytes() * (dh_out ? 3 : 2), {dh.data_ptr()},
+  const bool stream = want_stream(dy.nbytes() + h.nbytes() * (dh_out ? 3 : 2), h.nbytes(), {dh.data_ptr()},
                                   C * h.element_size());
   const RmsBwdArgs a{dy.data_ptr(), h.data_ptr(), ptr_or_null(weight), rstd.data_ptr<float>(),
                      ptr_or_null(dh_out), dh.data_ptr(), C, stream, dtype_of(h, "h"), wd};
@@ -325,15 +321,23 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& h, const
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& weight,
                                                           const OptTensor& bias, const OptTensor& residual,
                                                           double eps) {
-  const DType wd = check_norm_inputs(x, weight, bias, residual);
+  check_norm_inputs(x, weight, bias, residual);
+  // The kernels take one dtype for weight and bias: if one is float32 and the other x's dtype, upcast the
+  // other (exact; the math is float32 anyway).
+  OptTensor w = weight, b = bias;
+  if (w && b && w->scalar_type() != b->scalar_type()) {
+    w = w->to(at::kFloat);
+    b = b->to(at::kFloat);
+  }
+  const DType wd = check_norm_inputs(x, w, b, residual);
   const int64_t N = x.size(0), C = x.size(1);
   Tensor y = at::empty_like(x);
   Tensor h = residual ? at::empty_like(x) : x.new_empty({0});
   Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
-  const bool stream = want_stream(x.nbytes() * (residual ? 4 : 2),
+  const bool stream = want_stream(x.nbytes() * (residual ? 4 : 2), x.nbytes(),
                                   {y.data_ptr(), residual ? h.data_ptr() : nullptr}, C * x.element_size());
-  const LnFwdArgs a{x.data_ptr(), ptr_or_null(residual), ptr_or_null(weight), ptr_or_null(bias), y.data_ptr(),
+  const LnFwdArgs a{x.data_ptr(), ptr_or_null(residual), ptr_or_null(w), ptr_or_null(b), y.data_ptr(),
                     residual ? h.data_ptr() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), C,
                     static_cast<float>(eps), stream, dtype_of(x, "x"), wd};
   const auto kernel = PTM_CPU_KERNEL(layer_norm_fwd_rows);
@@ -351,25 +355,26 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   check_stat(rstd, "rstd", N);
   if (dh_out) check_like(*dh_out, "dh_out", h, "h");
   Tensor dh = at::empty_like(h);
-  const bool stream = want_stream(h.nbytes() * (dh_out ? 4 : 3), {dh.data_ptr()}, C * h.element_size());
+  const bool stream = want_stream(h.nbytes() * (dh_out ? 4 : 3), h.nbytes(), {dh.data_ptr()}, C * h.element_size());
   const LnBwdArgs a{dy.data_ptr(), h.data_ptr(), ptr_or_null(weight), mean.data_ptr<float>(),
                     rstd.data_ptr<float>(), ptr_or_null(dh_out), dh.data_ptr(), C, stream, dtype_of(h, "h"), wd};
   const auto kernel = PTM_CPU_KERNEL(layer_norm_bwd_rows);
-  const Tensor empty = h.new_empty({0});
+  // Absent gradients are distinct empty tensors: outputs of a torch.library op may not alias each other.
+  const auto empty = [&] { return h.new_empty({0}); };
   if (!weight && !has_bias) {
     at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { kernel(a, b, e, nullptr, nullptr); });
-    return {dh, empty, empty};
+    return {dh, empty(), empty()};
   }
   // One float32 [C] buffer per chunk and parameter, summed over chunks at the end.
   const int64_t chunks = num_row_chunks(N, C);
-  Tensor pw = weight ? at::zeros({chunks, C}, h.options().dtype(at::kFloat)) : empty;
-  Tensor pb = has_bias ? at::zeros({chunks, C}, h.options().dtype(at::kFloat)) : empty;
+  Tensor pw = weight ? at::zeros({chunks, C}, h.options().dtype(at::kFloat)) : empty();
+  Tensor pb = has_bias ? at::zeros({chunks, C}, h.options().dtype(at::kFloat)) : empty();
   float* dw = weight ? pw.data_ptr<float>() : nullptr;
   float* db = has_bias ? pb.data_ptr<float>() : nullptr;
   for_row_chunks(N, chunks, [&](int64_t c, int64_t begin, int64_t end) {
     kernel(a, begin, end, dw ? dw + c * C : nullptr, db ? db + c * C : nullptr);
   });
-  return {dh, weight ? sum_chunks(pw) : empty, has_bias ? sum_chunks(pb) : empty};
+  return {dh, weight ? sum_chunks(pw) : empty(), has_bias ? sum_chunks(pb) : empty()};
 }
 
 #endif  // PTM_CPU_KERNELS_ONLY

@@ -28,7 +28,7 @@ struct RopeArgs {
 PTM_CPU_DECLARE_KERNEL(rope_rows, (const RopeArgs&, int64_t, int64_t))
 
 // ---------------------------------------------------------------------------------------------- kernels
-namespace CPU_CAPABILITY {
+namespace PTM_CPU_ISA {
 namespace {
 
 // The block of cos/sin for a block of pairs of an interleaved row: kVec pairs (kBlock elements) per block.
@@ -78,7 +78,7 @@ void rope_rows(const RopeArgs& a, int64_t begin, int64_t end) {
   dispatch_dtype(a.dtype, [&](auto t) { rope_impl<typename decltype(t)::type>(a, begin, end); });
 }
 
-}  // namespace CPU_CAPABILITY
+}  // namespace PTM_CPU_ISA
 
 // ------------------------------------------------------------------------------------------------- host
 #ifndef PTM_CPU_KERNELS_ONLY

@@ -1,5 +1,5 @@
 // Vector helpers for the kernel halves. Compiled once per instruction set (see common.h), so everything here
-// lives in namespace ptm::cpu::CPU_CAPABILITY.
+// lives in namespace ptm::cpu::PTM_CPU_ISA.
 //
 // All math is float32: a "block" of kBlock = 2 * Vec::size() elements of any input dtype is loaded as two
 // float vectors (a V2), because one Vectorized<bfloat16/half> holds exactly two float vectors' worth. Row loops
@@ -19,7 +19,7 @@
 #include <type_traits>
 
 namespace ptm::cpu {
-namespace CPU_CAPABILITY {
+namespace PTM_CPU_ISA {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
@@ -80,17 +80,26 @@ inline V2 load(const T* p, Part b) {
   }
 }
 
+// v rounded to a vector of T (T = bfloat16 or half), to nearest even like a cast.
+template <typename T>
+inline at::vec::Vectorized<T> from_float(const V2& v) {
+#if defined(PTM_CPU_AVX512_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // One vcvtne2ps2bf16 instead of ~15 integer instructions. It treats float denormals (|v| < 1.2e-38) as
+    // zero, where a cast would give a bfloat16 denormal.
+    return at::vec::Vectorized<T>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v.hi, v.lo)));
+  }
+#endif
+  return at::vec::convert_from_float<T>(v.lo, v.hi);
+}
+
 template <typename T>
 inline void store(T* p, const V2& v, Full) {
   if constexpr (std::is_same_v<T, float>) {
     v.lo.store(p);
     v.hi.store(p + kVec);
-#ifdef PTM_EXPERIMENT_BF16
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(v.hi, v.lo));
-#endif
   } else {
-    at::vec::convert_from_float<T>(v.lo, v.hi).store(p);
+    from_float<T>(v).store(p);
   }
 }
 template <typename T>
@@ -99,7 +108,7 @@ inline void store(T* p, const V2& v, Part b) {
     v.lo.store(p, std::min(b.n, kVec));
     if (b.n > kVec) v.hi.store(p + kVec, b.n - kVec);
   } else {
-    at::vec::convert_from_float<T>(v.lo, v.hi).store(p, static_cast<int>(b.n));
+    from_float<T>(v).store(p, static_cast<int>(b.n));
   }
 }
 
@@ -114,14 +123,14 @@ inline void store_stream(T* p, const V2& v) {
     _mm512_stream_ps(p, v.lo);
     _mm512_stream_ps(p + kVec, v.hi);
   } else {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(v.lo, v.hi));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), from_float<T>(v));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     _mm256_stream_ps(p, v.lo);
     _mm256_stream_ps(p + kVec, v.hi);
   } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(v.lo, v.hi));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), from_float<T>(v));
   }
 #else
   store(p, v, Full{});
@@ -151,16 +160,9 @@ inline V2 round_to(const V2& v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
-    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v.lo, v.hi));
+    auto [lo, hi] = at::vec::convert_to_float<T>(from_float<T>(v));
     return {lo, hi};
   }
-}
-
-// Stores v as T and returns what was stored, as float (what reading it back would give).
-template <typename T, typename Blk>
-inline V2 store_rounded(T* p, const V2& v, Blk blk) {
-  store(p, v, blk);
-  return round_to<T>(v);
 }
 
 // v with the lanes past the block's end set to zero (for sums of values that are not zero there).
@@ -212,16 +214,14 @@ inline Vec exp_neg(const Vec& y) {
 #endif
 }
 
-// 1 / x for x >= 1 (+inf gives 0, NaN a finite value): the hardware estimate refined by one Newton step.
+// 1 / x for finite x with 1e-30 < |x| < 1e30: the hardware estimate refined by one Newton step (about 1 ulp).
 inline Vec reciprocal(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 xc = _mm512_min_ps(x, _mm512_set1_ps(1e30f));
-  const __m512 r = _mm512_rcp14_ps(xc);
-  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(xc, r, _mm512_set1_ps(1.f)), r);  // r + r (1 - x r)
+  const __m512 r = _mm512_rcp14_ps(x);
+  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.f)), r);  // r + r (1 - x r)
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 xc = _mm256_min_ps(x, _mm256_set1_ps(1e30f));
-  const __m256 r = _mm256_rcp_ps(xc);
-  return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(xc, r, _mm256_set1_ps(1.f)), r);
+  const __m256 r = _mm256_rcp_ps(x);
+  return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(1.f)), r);
 #else
   return Vec(1.f) / x;
 #endif
@@ -238,10 +238,29 @@ inline Vec where_negative(const Vec& v, const Vec& a, const Vec& b) {
 #endif
 }
 
-// sigmoid(v) = 1 / (1 + exp(-v)), evaluated as e / (1 + e) for v < 0 (e = exp(-|v|)) so exp never overflows.
+// Whether any lane of v is below c.
+inline bool any_less(const Vec& v, float c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(v, _mm512_set1_ps(c), _CMP_LT_OQ) != 0;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(c), _CMP_LT_OQ)) != 0;
+#else
+  return (v < Vec(c)).zero_mask() != (1 << kVec) - 1;
+#endif
+}
+
+// sigmoid(v) = 1 / (1 + exp(-v)), as e / (1 + e) for v < 0 (e = exp(-|v|)) so that exp never overflows.
 inline Vec sigmoid(const Vec& v) {
   const Vec e = exp_neg(v.abs());
   return where_negative(v, e, Vec(1.f)) * reciprocal(Vec(1.f) + e);
+}
+// s = sigmoid(v) and 1 - s = sigmoid(-v), both without cancellation (1 - s computed as 1 minus s loses all
+// accuracy once s rounds to 1, and gradients multiply it by large factors).
+inline void sigmoid_both(const Vec& v, Vec& s, Vec& one_minus_s) {
+  const Vec e = exp_neg(v.abs());
+  const Vec r = reciprocal(Vec(1.f) + e);
+  s = where_negative(v, e, Vec(1.f)) * r;
+  one_minus_s = where_negative(v, Vec(1.f), e) * r;
 }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): hoists a loop-invariant test out of an inner loop.
@@ -285,5 +304,5 @@ inline void dispatch_dtype_param(DType x, DType p, F&& f) {
   });
 }
 
-}  // namespace CPU_CAPABILITY
+}  // namespace PTM_CPU_ISA
 }  // namespace ptm::cpu

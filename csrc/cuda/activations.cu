@@ -173,7 +173,7 @@ BiasTiling bias_tiling(const ActBwdArgs& a, int vec) {
   BiasTiling t;
   t.vec = vec;
   const int64_t nvec = a.C / vec;
-  const int bx = next_pow2(nvec) < 32 ? next_pow2(nvec) : 32;
+  const int bx = pow2_ceil(nvec, 32);
   const int by = kThreads / bx;
   const int64_t strips = ceil_div(nvec, bx);
   // Enough row slices to give every SM several blocks; never more slices than row groups.

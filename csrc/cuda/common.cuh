@@ -163,9 +163,10 @@ inline bool aligned_for(const void* p, DType dt, int n) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline int next_pow2(int64_t v) {
+// The smallest power of two >= v, capped at `cap` (a power of two).
+inline int pow2_ceil(int64_t v, int cap) {
   int p = 1;
-  while (p < v) p *= 2;
+  while (p < v && p < cap) p *= 2;
   return p;
 }
 

@@ -418,8 +418,8 @@ RowPlan plan_rows_cached(int64_t C, int vec, int max_cache) {
   const int64_t nvec = C / vec;
   const int sub_max_cache = max_cache < 4 ? max_cache : 4;
   if (nvec <= 32 * sub_max_cache) {  // short rows: a sub-warp per row, several rows per block
-    p.tpr = next_pow2(nvec) < 32 ? next_pow2(nvec) : 32;
-    p.cache = next_pow2(ceil_div(nvec, p.tpr));
+    p.tpr = pow2_ceil(nvec, 32);
+    p.cache = pow2_ceil(ceil_div(nvec, p.tpr), 4);
     p.rpb = 256 / p.tpr;
     return p;
   }

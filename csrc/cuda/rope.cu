@@ -108,9 +108,8 @@ template <typename T, int V, bool kInterleaved, bool kPacked>
 cudaError_t launch_rope(const RopeArgs& a, cudaStream_t stream) {
   const int64_t R = a.rotary_dim;
   const int64_t slots = (kInterleaved ? R / V : R / 2 / V) + (a.D - R) / (kPacked ? V : 1);
-  const int bx = next_pow2(slots) < 32 ? next_pow2(slots) : 32;
-  int by = kThreads / bx;
-  if (by > a.L) by = next_pow2(a.L);  // short sequences (decoding): fewer idle rows per block
+  const int bx = pow2_ceil(slots, 32);
+  const int by = pow2_ceil(a.L, kThreads / bx);  // short sequences (decoding): fewer idle rows per block
   const int64_t gx = ceil_div(a.L, by);
   const int64_t gy = a.B < 65535 ? a.B : 65535;
   if (gx > INT_MAX) return cudaErrorInvalidValue;

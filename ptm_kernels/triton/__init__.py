@@ -5,11 +5,16 @@ triton is imported).
 """
 
 from .activations import act_bwd, act_fwd, glu_bwd, glu_fwd
+from .attention import attention_bwd, attention_dropout_mask, attention_fwd, attention_tile
 from .norms import layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd
 from .rope import rope_fwd
+from .relative_attention import (relative_attention_bwd, relative_attention_fwd, two_stream_attention_bwd,
+                                 two_stream_attention_fwd)
 
 __all__ = [
     "rms_norm_fwd", "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd",
     "act_fwd", "act_bwd", "glu_fwd", "glu_bwd",
     "rope_fwd",
+    "attention_fwd", "attention_bwd", "attention_dropout_mask", "attention_tile",
+    "relative_attention_fwd", "relative_attention_bwd", "two_stream_attention_fwd", "two_stream_attention_bwd",
 ]

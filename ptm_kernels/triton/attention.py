@@ -46,19 +46,24 @@ dtoeplitz: per-diagonal sums of dS, accumulated by the dQ kernel with tl.atomic_
 [H, Lq + Lk - 1] table (float atomics: the summation order, hence the last bits, may vary run to run).
 
 Precision: 16-bit inputs use tensor-core dots with float32 accumulation (P and dS are rounded to the input
-dtype before their dots, as FlashAttention does). float32 inputs use input_precision="ieee" (exact float32,
-so results match the float32 reference to ~1e-6; slower, CUDA cores) unless
-torch.backends.cuda.matmul.allow_tf32 is True, in which case "tf32" is used.
+dtype before their dots, as FlashAttention does). float32 inputs on a GPU use input_precision="tf32x3"
+(each operand split into two tf32 parts, three tensor-core products: ~1e-6 relative error, float32-level;
+plain "ieee" FMA dots replicate operands in registers and spill heavily), or "tf32" when
+torch.backends.cuda.matmul.allow_tf32 is True; under the interpreter they are exact float32. The
+interpreter multiplies bfloat16 tiles as raw bits, so there (only) bfloat16 operands are widened first.
 
-Tiles / warps / stages per head dim and dtype are in _fwd_configs / _bwd_configs (H100 values follow
-FlexAttention's tuned sm90 defaults); a config that runs out of shared memory falls back to the next,
-smaller one. Under TRITON_INTERPRET=1 (CPU tensors) one small config is used and nothing is autotuned.
+Tiles / warps / stages per head dim, dtype and "heaviness" of the mask are in _fwd_configs / _bwd_configs,
+picked by compiling for sm_90 offline (no spills, shared memory in budget) around FlexAttention's sm90
+defaults and the tutorial's; a config that runs out of resources on the device falls back to the next,
+smaller one. No autotuning. Under TRITON_INTERPRET=1 (CPU tensors) one small config is used.
+
+Tile classification invariant: a tile on the unmasked ("full") path lies entirely inside [0, Lq) x [0, Lk),
+so its loads carry no bounds masks; ragged last tiles always take the masked path.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -101,6 +106,14 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, mask, USE_MASK: tl.constexpr):
+    if USE_MASK:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _keep_mask(seed, bh64, rows, cols, Lq, Lk, p_drop):
     """Dropout keep-mask of the (rows x cols) block of head bh64: uniform(philox(seed, off)) >= p_drop."""
     off = (bh64 * Lq + rows) * Lk + cols  # int64
@@ -116,7 +129,8 @@ def _mod_scores(s, rows, cols, b64, h64, Lq, Lk, klen, plen, wl, wr,
                 QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn,
                 DMASK, s_db, s_dh, s_dm, s_dn,
                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_TOEP: tl.constexpr):
     """Add bias/Toeplitz (times log2 e) to base-2 scores s and, if MASK, set invisible entries to -inf.
 
@@ -160,7 +174,8 @@ def _key_tile_range(m0, Lq, Lk, klen, plen, wl, wr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_KLEN: tl.constexpr, ELEMWISE: tl.constexpr):
-    """Key tiles a query tile [m0, m0 + BLOCK_M) must visit: [A, Z), of which [F0, F1) need no mask."""
+    """Key tiles a query tile [m0, m0 + BLOCK_M) must visit: [A, Z), of which [F0, F1) need no mask (and lie
+    inside [0, Lk))."""
     off = Lk - Lq
     m_last = tl.minimum(m0 + BLOCK_M, Lq) - 1  # last valid query row of the tile
     lo = m0 * 0
@@ -198,15 +213,14 @@ def _query_tile_range(n0, Lq, Lk, klen, plen, wl, wr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                       HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       HAS_KLEN: tl.constexpr, ELEMWISE: tl.constexpr):
-    """Query tiles a key tile [n0, n0 + BLOCK_N) must visit: [A, Z), of which [F0, F1) need no mask.
-
-    Rows past Lq contribute nothing to dK/dV (their lse is read as +inf), so they need no mask."""
+    """Query tiles a key tile [n0, n0 + BLOCK_N) must visit: [A, Z), of which [F0, F1) need no mask (and lie
+    inside [0, Lq))."""
     off = Lk - Lq
     n_last = tl.minimum(n0 + BLOCK_N, Lk) - 1
     lo = n0 * 0
     hi = lo + Lq
     full_lo = lo
-    full_hi = lo + tl.cdiv(Lq, BLOCK_M) * BLOCK_M
+    full_hi = lo + (Lq // BLOCK_M) * BLOCK_M  # full tiles lie inside [0, Lq) (unmasked loads)
     full_hi = tl.where(n0 + BLOCK_N <= Lk, full_hi, 0)
     if HAS_KLEN:
         hi = tl.where(n0 < klen, hi, 0)
@@ -255,11 +269,15 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
             start_n = it * BLOCK_N
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if EVEN_D:
-            kv_mask = cols[:, None] < Lk
+        # A tile on the unmasked path lies inside [0, Lk) (see _key_tile_range / _convert_map): no bounds mask.
+        if MASK:
+            if EVEN_D:
+                kv_mask = cols[:, None] < Lk
+            else:
+                kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
         else:
-            kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
-        k = tl.load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, mask=kv_mask, other=0.0)
+            kv_mask = offs_d[None, :] < D  # (unused when EVEN_D)
+        k = _load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
         s = _mma(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
         s = _mod_scores(s, offs_m[:, None], cols[None, :], b64, h64, Lq, Lk, klen, plen, wl, wr,
                         QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
@@ -275,7 +293,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
         if HAS_DROPOUT:
             keep = _keep_mask(seed, bh64, offs_m[:, None], cols[None, :], Lq, Lk, p_drop)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, mask=kv_mask, other=0.0)
+        v = _load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
         acc = _mma(p.to(v.dtype), v, acc, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -431,18 +449,24 @@ def _attn_combine_kernel(OP, LP, O, LSE, s_os, s_ls, s_ob, s_oh, s_om, H, Lq, D,
     else:
         mask = row_ok[:, None] & (offs_d[None, :] < D)
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    lp = LP + bh64 * Lq + offs_m  # pointers advance by the split strides (64-bit pointer arithmetic)
     for s in range(0, n_split):
-        ls = tl.load(LP + s * s_ls + bh64 * Lq + offs_m, mask=row_ok, other=float("-inf"))
+        ls = tl.load(lp, mask=row_ok, other=float("-inf"))
         lse_max = tl.maximum(lse_max, ls)
+        lp += s_ls
     m_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     wsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lp = LP + bh64 * Lq + offs_m
+    op = OP + (bh64 * Lq + offs_m[:, None]) * D + offs_d[None, :]
     for s in range(0, n_split):
-        ls = tl.load(LP + s * s_ls + bh64 * Lq + offs_m, mask=row_ok, other=float("-inf"))
+        ls = tl.load(lp, mask=row_ok, other=float("-inf"))
         w = tl.exp(ls - m_use)
-        o = tl.load(OP + s * s_os + (bh64 * Lq + offs_m[:, None]) * D + offs_d[None, :], mask=mask, other=0.0)
+        o = tl.load(op, mask=mask, other=0.0)
         acc += w[:, None] * o
         wsum += w
+        lp += s_ls
+        op += s_os
     empty = wsum == 0.0
     out = acc / tl.where(empty, 1.0, wsum)[:, None]
     lse = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, wsum)))
@@ -510,12 +534,15 @@ def _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, 
             start_n = it * BLOCK_N
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if EVEN_D:
-            kv_mask = cols[:, None] < Lk
-        else:
-            kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
-        k = tl.load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, mask=kv_mask, other=0.0)
-        v = tl.load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, mask=kv_mask, other=0.0)
+        if MASK:
+            if EVEN_D:
+                kv_mask = cols[:, None] < Lk
+            else:
+                kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
+        else:  # in bounds (see _fwd_tiles)
+            kv_mask = offs_d[None, :] < D
+        k = _load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
+        v = _load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
         s = _mma(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
         s = _mod_scores(s, offs_m[:, None], cols[None, :], b64, h64, Lq, Lk, klen, plen, wl, wr,
                         QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
@@ -662,17 +689,22 @@ def _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, it_lo, it_hi, IDX,
             start_m = it * BLOCK_M
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_mb
-        row_ok = rows < Lq
-        if EVEN_D:
-            q_mask = row_ok[:, None]
-        else:
-            q_mask = row_ok[:, None] & (offs_d[None, :] < D)
         rows64 = rows[:, None].to(tl.int64)
-        q = tl.load(Q_bh + rows64 * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO_bh + rows64 * s_dom + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE_bh + rows, mask=row_ok, other=float("inf"))
+        if MASK:
+            row_ok = rows < Lq
+            if EVEN_D:
+                q_mask = row_ok[:, None]
+            else:
+                q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+            lse = tl.load(LSE_bh + rows, mask=row_ok, other=float("inf"))  # rows past Lq: p = 0
+            delta = tl.load(DELTA_bh + rows, mask=row_ok, other=0.0)
+        else:  # a full query tile lies inside [0, Lq) (see _query_tile_range / _convert_map)
+            q_mask = offs_d[None, :] < D
+            lse = tl.load(LSE_bh + rows)
+            delta = tl.load(DELTA_bh + rows)
+        q = _load(Q_bh + rows64 * s_qm + offs_d[None, :], q_mask, MASK or not EVEN_D)
+        do = _load(DO_bh + rows64 * s_dom + offs_d[None, :], q_mask, MASK or not EVEN_D)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(DELTA_bh + rows, mask=row_ok, other=0.0)
         # Transposed scores: [keys, queries].
         sT = _mma(k, tl.trans(q), None, PREC, UPCAST) * qk_scale
         sT = _mod_scores(sT, rows[None, :], cols[:, None], b64, h64, Lq, Lk, klen, plen, wl, wr,
@@ -830,72 +862,82 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _fwd_configs(D: int, dtype: torch.dtype, device) -> list:
+# Config tables, chosen by compiling for sm_90 offline (ptxas register / spill / shared-memory reports) among
+# FlexAttention's and the Triton tutorial's known-good points; "heavy" variants (additive bias, Toeplitz,
+# dense mask or dropout: extra per-element loads, multi-buffered in shared memory, or philox registers) use
+# fewer pipeline stages and thinner backward tiles so they fit without spills. Forward tiles of a heavy variant
+# equal the light ones (the block map is built at attention_tile()). Not yet timed on a GPU: see the report.
+def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
     """Forward configs (BLOCK_M, BLOCK_N, num_warps, num_stages), best first; later ones use less memory."""
-    key = ("fwd", _block_d(D), dtype)
+    bd = _block_d(D)
+    key = ("fwd", bd, dtype, heavy)
     if key in _CONFIG_OVERRIDE:
         return list(_CONFIG_OVERRIDE[key])
-    if _interpreted(device):
-        return [(32, 32, 4, 1)]
-    bd = _block_d(D)
+    if _interpreted(device):  # small enough that short test sequences span several tiles
+        return [(64, 32, 4, 1)]
     cap = _capability(device)
-    if dtype == torch.float32:  # ieee float32 dots on CUDA cores: register-bound, small tiles
+    if dtype == torch.float32:  # tf32x3 dots: operands twice as large, three products each
         if bd <= 64:
+            cfgs = [(128, 64, 8, 2), (64, 64, 4, 2)]
+        elif bd <= 128:
             cfgs = [(64, 32, 4, 2), (32, 32, 4, 2)]
-        elif bd <= 128:
+        else:
             cfgs = [(32, 32, 4, 2), (32, 16, 4, 1)]
-        else:
-            cfgs = [(32, 16, 4, 1), (16, 16, 4, 1)]
-    elif cap[0] == 9:  # H100 / H200 (FlexAttention's sm90 defaults)
+    elif cap[0] >= 9:  # Hopper
         if bd <= 64:
-            cfgs = [(128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2)]
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 4, 3)]
         elif bd <= 128:
-            cfgs = [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2)]
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3)]
         else:
-            cfgs = [(64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)]
-    else:  # A100 and others
+            cfgs = [(64, 32, 8, 2)] if heavy else [(64, 32, 4, 3)]
+    else:  # Ampere and others (FlexAttention's A100 defaults)
         if bd <= 64:
-            cfgs = [(128, 64, 4, 3), (64, 64, 4, 2)]
+            cfgs = [(128, 64, 4, 2)] if heavy else [(128, 64, 4, 3)]
         elif bd <= 128:
-            cfgs = [(128, 64, 8, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3)]
         else:
-            cfgs = [(64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)]
-    return cfgs
+            cfgs = [(64, 32, 8, 2)] if heavy else [(64, 32, 4, 2)]
+    # Fallbacks for devices with less shared memory / registers.
+    return cfgs + [c for c in ((64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1)) if c not in cfgs]
 
 
-def _bwd_configs(D: int, dtype: torch.dtype, device) -> list:
+def _bwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
     """Backward configs ((BLOCK_M1, BLOCK_N1, warps, stages) for dK/dV, (BLOCK_M2, BLOCK_N2, warps, stages) for
     dQ), best first. BLOCK_M1 is the query step of the dK/dV kernel, BLOCK_N1 its key tile."""
-    key = ("bwd", _block_d(D), dtype)
+    bd = _block_d(D)
+    key = ("bwd", bd, dtype, heavy)
     if key in _CONFIG_OVERRIDE:
         return list(_CONFIG_OVERRIDE[key])
-    if _interpreted(device):
-        return [((16, 32, 4, 1), (32, 16, 4, 1))]
-    bd = _block_d(D)
+    if _interpreted(device):  # differs from the forward tile: exercises the block-map conversion
+        return [((32, 32, 4, 1), (32, 32, 4, 1))]
     cap = _capability(device)
     if dtype == torch.float32:
         if bd <= 64:
-            cfgs = [((32, 64, 4, 2), (64, 32, 4, 2)), ((16, 32, 4, 1), (32, 16, 4, 1))]
+            cfgs = [((16, 64, 4, 2), (64, 32, 4, 2))]
         elif bd <= 128:
-            cfgs = [((32, 32, 4, 2), (32, 32, 4, 2)), ((16, 32, 4, 1), (32, 16, 4, 1))]
+            cfgs = [((32, 32, 4, 2), (32, 32, 4, 2))]
         else:
-            cfgs = [((16, 32, 4, 1), (32, 16, 4, 1)), ((16, 16, 4, 1), (16, 16, 4, 1))]
-    elif cap[0] == 9:  # FlexAttention's sm90 defaults
-        if bd < 64:
-            cfgs = [((64, 64, 4, 3), (64, 64, 4, 3)), ((32, 64, 4, 2), (64, 32, 4, 2))]
+            cfgs = [((16, 32, 4, 1), (32, 16, 4, 1))]
+    elif cap[0] >= 9:  # Hopper (light: FlexAttention's sm90 defaults)
+        if heavy and bd <= 128:
+            cfgs = [((32, 128, 8, 2), (128, 32, 8, 2))]
+        elif bd < 64:
+            cfgs = [((64, 64, 4, 3), (64, 64, 4, 3))]
         elif bd <= 128:
-            cfgs = [((64, 128, 8, 3), (128, 64, 8, 3)), ((64, 64, 4, 2), (64, 64, 4, 2)),
-                    ((32, 64, 4, 2), (64, 32, 4, 2))]
+            cfgs = [((64, 128, 8, 3), (128, 64, 8, 3))]
         else:
-            cfgs = [((32, 64, 8, 2), (64, 32, 4, 2)), ((16, 32, 4, 1), (32, 16, 4, 1))]
-    else:
-        if bd < 64:
-            cfgs = [((32, 128, 4, 3), (128, 32, 4, 3)), ((32, 64, 4, 2), (64, 32, 4, 2))]
+            cfgs = [((16, 64, 8, 2), (64, 32, 8, 2))]
+    else:  # Ampere and others
+        if heavy and bd <= 128:
+            cfgs = [((32, 64, 4, 2), (64, 32, 4, 2))]
+        elif bd < 64:
+            cfgs = [((32, 128, 4, 3), (128, 32, 4, 3))]
         elif bd <= 128:
-            cfgs = [((64, 64, 4, 2), (64, 64, 4, 2)), ((32, 64, 4, 2), (64, 32, 4, 2))]
+            cfgs = [((64, 64, 4, 2), (64, 64, 4, 2))]
         else:
-            cfgs = [((32, 64, 8, 1), (64, 32, 4, 1)), ((16, 32, 4, 1), (32, 16, 4, 1))]
-    return cfgs
+            cfgs = [((16, 64, 8, 2), (64, 32, 8, 2))]
+    fallbacks = (((32, 64, 4, 2), (64, 32, 4, 2)), ((16, 32, 4, 1), (32, 16, 4, 1)), ((16, 16, 4, 1), (16, 16, 4, 1)))
+    return cfgs + [c for c in fallbacks if c not in cfgs]
 
 
 def attention_tile(head_dim: int, dtype: torch.dtype, device) -> tuple:
@@ -965,8 +1007,12 @@ def _convert_map(block_map: Tensor, src_bm: int, src_bn: int, dst_bm: int, dst_b
         any_vis = rect(bmap != 0) > 0
         all_full = rect(bmap == 2) == area
         t = torch.where(all_full & any_vis, 2, torch.where(any_vis, 1, 0)).to(torch.int8)
-    if Lk % dst_bn:  # the last key tile holds keys past Lk: never treat it as full
+    # A ragged last tile (keys past Lk, queries past Lq) is never "full": full tiles are loaded without bounds
+    # masks, and the forward must mask keys past Lk.
+    if Lk % dst_bn:
         t[..., -1] = torch.clamp(t[..., -1], max=1)
+    if Lq % dst_bm:
+        t[..., -1, :] = torch.clamp(t[..., -1, :], max=1)
     return t
 
 
@@ -1005,8 +1051,8 @@ def _tile_lists(block_map: Tensor, src_bm: int, src_bn: int, dst_bm: int, dst_bn
 def _map_usable(block_map, B, H, Lq, Lk, block_m, block_n) -> bool:
     if block_map is None or block_m is None or block_n is None or block_m <= 0 or block_n <= 0:
         return False
-    return (block_map.dim() == 4 and tuple(block_map.shape) == (B, H, triton.cdiv(Lq, block_m),
-                                                                triton.cdiv(Lk, block_n)))
+    return (block_map.dim() == 4 and block_map.shape[0] in (1, B) and block_map.shape[1] in (1, H)
+            and tuple(block_map.shape[2:]) == (triton.cdiv(Lq, block_m), triton.cdiv(Lk, block_n)))
 
 
 # --------------------------------------------------------------------------------------- argument packing
@@ -1069,6 +1115,10 @@ class _Masks:
     @property
     def elementwise(self) -> bool:
         return self.has_seg or self.has_dense
+
+    @property
+    def heavy(self) -> bool:
+        return self.has_bias or self.has_toep or self.has_dense or self.has_dropout
 
     def tensors(self):
         return (self.klen, self.plen, self.qseg, self.kseg, self.dmask, self.bias, self.toep)
@@ -1133,15 +1183,17 @@ def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_
     mk = _Masks(q, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
                 k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
     use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
-    cfgs = _fwd_configs(D, q.dtype, q.device)
+    cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy)
 
     def run(cfg):
         BM, BN, warps, stages = cfg
         BM, BN = _shrink(BM, Lq), _shrink(BN, Lk)
+        if BM <= 32:  # decoding-sized query tiles: fewer warps
+            warps = min(warps, 4)
         return _fwd_launch(q, k, v, out, lse, float(scale), mk, block_map if use_map else None, block_m,
                            block_n, BM, BN, warps, stages)
 
-    _with_fallback(("fwd", _block_d(D), q.dtype, str(q.device)), cfgs, run)
+    _with_fallback(("fwd", _block_d(D), q.dtype, str(q.device), mk.heavy), cfgs, run)
     return out, lse
 
 
@@ -1196,7 +1248,7 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
         num_warps=warps, num_stages=stages,
     )
     if split:
-        BMC = _shrink(64, Lq)
+        BMC = _shrink(32 if BD <= 128 else 16, Lq)
         _attn_combine_kernel[(triton.cdiv(Lq, BMC) * B * H,)](
             o_buf, l_buf, out, lse, o_buf.stride(0), l_buf.stride(0),
             out.stride(0), out.stride(1), out.stride(2), H, Lq, D, n_split,
@@ -1257,7 +1309,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
                     block_map if use_map else None, block_m, block_n, cfg, bias_requires_grad,
                     toeplitz_requires_grad)
 
-    _with_fallback(("bwd", BD, q.dtype, str(dev)), _bwd_configs(D, q.dtype, dev), run)
+    _with_fallback(("bwd", BD, q.dtype, str(dev), mk.heavy), _bwd_configs(D, q.dtype, dev, mk.heavy), run)
     return dq, dk, dv, dbias, dtoep
 
 
@@ -1270,6 +1322,10 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
     (BM1, BN1, w1, st1), (BM2, BN2, w2, st2) = cfg
     BM1, BN1 = _shrink(BM1, Lq), _shrink(BN1, Lk)
     BM2, BN2 = _shrink(BM2, Lq), _shrink(BN2, Lk)
+    if BN1 <= 32:  # tiny tiles (short sequences): fewer warps
+        w1 = min(w1, 4)
+    if BM2 <= 32:
+        w2 = min(w2, 4)
     prec = _precision(q.dtype, q.device)
     flags = mk.flags()
     common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

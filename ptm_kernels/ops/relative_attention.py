@@ -1,0 +1,445 @@
+"""Relative-position attention (Transformer-XL, XLNet): `ptm::relative_attention`, `ptm::two_stream_attention`
+and their backward ops.
+
+    out = ptm_kernels.relative_attention(q, k, v, r, u, v_bias, mask=AttentionMask.causal(), scale=1/8)
+    h, g = ptm_kernels.two_stream_attention(q_h, q_g, k, v, r, u, v_bias, content_mask=..., query_mask=...,
+                                            query_positions=pos, segment_ids=seg, seg_embed=e, s_bias=s)
+
+Position convention (one formula for both papers). Query row i (at position p_i of the current segment; p_i = i
+except in the query stream with `query_positions`) sits at index p' = p_i + (Lk - Lq) among the keys (memory
+first: Lk = M + Lq). Its relative distance to key j is d = p' - j (positive = key in the past), and the
+position term uses row
+
+    t = r_offset - d = r_offset - (i + Lk - Lq - j)
+
+of r; when t falls outside [0, R) the position term is 0 (such pairs are normally masked). r is ordered by
+decreasing distance, as both papers build it, and r_offset is the row holding distance 0:
+
+  * Transformer-XL: pos_seq = arange(klen - 1, -1, -1) (R = Lk rows: distances Lk - 1 ... 0), so
+    r_offset = Lk - 1. Example: M = 2, Lq = 3, Lk = 5: query i = 0 is key index p' = 2; key j = 0 is at
+    distance 2, uses r row 4 - 2 = 2 (pos_seq[2] = 2); key j = 2 (itself) uses row 4 (pos_seq[4] = 0).
+    This is exactly the padded `_rel_shift` (x[i, j] = BD[i, j + Lq - 1 - i]) on every causal-visible pair.
+  * XLNet: pos_seq = arange(klen, -qlen, -1) (attn_type "bi", R = Lk + Lq rows: distances Lk ... -Lq + 1)
+    or arange(klen, -1, -1) ("uni", R = Lk + 1), so r_offset = Lk. Example: M = 0, Lq = Lk = 3
+    (pos_seq = [3, 2, 1, 0, -1, -2]): query 0, key 2 is at distance -2 and uses row t = 3 - (0 - 2) = 5
+    (pos_seq[5] = -2); query 2, key 0 uses t = 3 - 2 = 1 (pos_seq[1] = 2). This is exactly `rel_shift_bnij` (bd[i, j] = BD[i, j + Lq - i]).
+  * bi_data (XLNet): the batch halves use different r: pass r as [B, H, R, D].
+  * clamp_len: clamp pos_seq before embedding it, as the papers do; the rows keep their places.
+  * Default r_offset: Lk when R > Lk (XLNet), else Lk - 1 (Transformer-XL).
+
+Score (before the mask): scale * [(q_i + u)·k_j + (q_i + v_bias)·r[t] + (q_i + s_bias)·seg_embed[s(i, j)]],
+s(i, j) = 0 when segment_ids[b, p_i] == key_segment_ids[b, j] (same segment), else 1 (XLNet's one-hot seg_mat:
+seg_embed[0] is "same", seg_embed[1] "different"). key_segment_ids defaults to [0] * M + segment_ids (XLNet
+gives memory the segment id 0). Any visibility part of an AttentionMask applies (causal is bottom-right
+aligned, i.e. key j visible iff j <= p'; sliding_window(M, 0) & causal() is Transformer-XL's same_length; an
+XLNet permutation / padding mask goes in as a dense bool part, True = visible); additive bias and Toeplitz
+parts are refused (the position term is the bias). A row that sees no key gives zeros.
+
+Implementation: q + u and q + v_bias are formed here (in q's dtype, as the eager models do) and the segment
+term is reduced to two numbers per row, (q_i + s_bias)·seg_embed[0|1] (float32, [B, H, Lq, 2]), before the op:
+autograd carries their gradients to q, u, v_bias, s_bias and seg_embed. The op takes them, k, v, r, the ids and
+the mask's visibility arguments (kernel interface: ptm_kernels/reference_relative.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from ..attention_mask import AttentionMask
+from . import _checks
+from .attention import _scale, _seed, _seed_int, _stat_dtype, _unit_stride
+
+MAX_HEAD_DIM = 256
+_OP = "relative_attention"
+
+# ------------------------------------------------------------------------------------------ the ops
+
+
+def _expand_r(r: Tensor, B: int) -> Tensor:
+    return r.expand(B, *r.shape[1:])
+
+
+def _expand_dense(dense: Optional[Tensor], B: int, H: int, Lr: int, Lk: int) -> Optional[Tensor]:
+    return None if dense is None else dense.expand(B, H, Lr, Lk)
+
+
+@torch.library.custom_op("ptm::relative_attention", mutates_args=())
+def _relative_attention(k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor], scale: float, r_offset: int,
+                        q_len: int, dropout_p: float, seed: Optional[Tensor], qu: Tensor, qv: Tensor,
+                        seg: Optional[Tensor], q_ids: Optional[Tensor], positions: Optional[Tensor], causal: bool,
+                        window_left: int, window_right: int, key_lengths: Optional[Tensor],
+                        prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
+                        k_segments: Optional[Tensor], dense_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    B, H, Lr, _ = qu.shape
+    out, lse = backend.kernels(_OP, qu).relative_attention_fwd(
+        k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed), qu, qv, seg, q_ids,
+        positions, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments,
+        _expand_dense(dense_mask, B, H, Lr, k.shape[2]))
+    return out, lse
+
+
+@_relative_attention.register_fake
+def _(k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, qu, *args):
+    B, H, Lr, D = qu.shape
+    return qu.new_empty(B, H, Lr, v.shape[-1]), qu.new_empty(B, H, Lr, dtype=_stat_dtype(qu))
+
+
+@torch.library.custom_op("ptm::relative_attention_backward", mutates_args=())
+def _relative_attention_backward(dout: Tensor, out: Tensor, lse: Tensor, k: Tensor, v: Tensor, r: Tensor,
+                                 k_ids: Optional[Tensor], scale: float, r_offset: int, q_len: int,
+                                 dropout_p: float, seed: Optional[Tensor], qu: Tensor, qv: Tensor,
+                                 seg: Optional[Tensor], q_ids: Optional[Tensor], positions: Optional[Tensor],
+                                 causal: bool, window_left: int, window_right: int, key_lengths: Optional[Tensor],
+                                 prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
+                                 k_segments: Optional[Tensor], dense_mask: Optional[Tensor]
+                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, H, Lr, _ = qu.shape
+    dqu, dqv, dk, dv, dr, dseg = backend.kernels(_OP, qu).relative_attention_bwd(
+        dout, out, lse, k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed), qu, qv,
+        seg, q_ids, positions, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
+        k_segments, _expand_dense(dense_mask, B, H, Lr, k.shape[2]))
+    return dqu, dqv, dk, dv, dr.sum_to_size(r.shape).to(r.dtype), dseg
+
+
+@_relative_attention_backward.register_fake
+def _(dout, out, lse, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, qu, qv, seg, *args):
+    dseg = seg.new_empty(seg.shape) if seg is not None else qu.new_empty(0)
+    return (qu.new_empty(qu.shape), qv.new_empty(qv.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            r.new_empty(r.shape), dseg)
+
+
+def _rel_setup(ctx, inputs, output):
+    (k, v, r, k_ids, scale, r_offset, q_len, p, seed, qu, qv, seg, q_ids, positions, causal, wl, wr, kl, pl, qs,
+     ks, dense) = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.consts = (scale, r_offset, q_len, p)
+    ctx.flags = (causal, wl, wr)
+    ctx.save_for_backward(out, lse, k, v, r, k_ids, seed, qu, qv, seg, q_ids, positions, kl, pl, qs, ks, dense)
+
+
+def _rel_grad(ctx, dout, _dlse):
+    out, lse, k, v, r, k_ids, seed, qu, qv, seg, q_ids, positions, kl, pl, qs, ks, dense = ctx.saved_tensors
+    scale, r_offset, q_len, p = ctx.consts
+    causal, wl, wr = ctx.flags
+    dqu, dqv, dk, dv, dr, dseg = _relative_attention_backward(
+        _unit_stride(dout), out, lse, k, v, r, k_ids, scale, r_offset, q_len, p, seed, qu, qv, seg, q_ids,
+        positions, causal, wl, wr, kl, pl, qs, ks, dense)
+    return (dk, dv, dr, None, None, None, None, None, None, dqu, dqv, dseg if seg is not None else None) \
+        + (None,) * 10
+
+
+_relative_attention.register_autograd(_rel_grad, setup_context=_rel_setup)
+
+
+@torch.library.custom_op("ptm::two_stream_attention", mutates_args=())
+def _two_stream(k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor], scale: float, r_offset: int, q_len: int,
+                dropout_p: float, seed: Optional[Tensor],
+                qu_c: Tensor, qv_c: Tensor, seg_c: Optional[Tensor], q_ids_c: Optional[Tensor],
+                positions_c: Optional[Tensor], causal_c: bool, wl_c: int, wr_c: int, kl_c: Optional[Tensor],
+                pl_c: Optional[Tensor], qs_c: Optional[Tensor], ks_c: Optional[Tensor], dense_c: Optional[Tensor],
+                qu_g: Tensor, qv_g: Tensor, seg_g: Optional[Tensor], q_ids_g: Optional[Tensor],
+                positions_g: Optional[Tensor], causal_g: bool, wl_g: int, wr_g: int, kl_g: Optional[Tensor],
+                pl_g: Optional[Tensor], qs_g: Optional[Tensor], ks_g: Optional[Tensor], dense_g: Optional[Tensor]
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, H, Lc, _ = qu_c.shape
+    Lg, Lk = qu_g.shape[2], k.shape[2]
+    oc, lc, og, lg = backend.kernels(_OP, qu_c).two_stream_attention_fwd(
+        k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed),
+        qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c,
+        _expand_dense(dense_c, B, H, Lc, Lk),
+        qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g, wl_g, wr_g, kl_g, pl_g, qs_g, ks_g,
+        _expand_dense(dense_g, B, H, Lg, Lk))
+    return oc, lc, og, lg
+
+
+@_two_stream.register_fake
+def _(k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c,
+      wl_c, wr_c, kl_c, pl_c, qs_c, ks_c, dense_c, qu_g, *args):
+    sd = _stat_dtype(qu_c)
+    B, H, Lc, _ = qu_c.shape
+    Lg = qu_g.shape[2]
+    Dv = v.shape[-1]
+    return (qu_c.new_empty(B, H, Lc, Dv), qu_c.new_empty(B, H, Lc, dtype=sd), qu_g.new_empty(B, H, Lg, Dv),
+            qu_g.new_empty(B, H, Lg, dtype=sd))
+
+
+@torch.library.custom_op("ptm::two_stream_attention_backward", mutates_args=())
+def _two_stream_backward(dout_c: Tensor, out_c: Tensor, lse_c: Tensor, dout_g: Tensor, out_g: Tensor,
+                         lse_g: Tensor, k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor], scale: float,
+                         r_offset: int, q_len: int, dropout_p: float, seed: Optional[Tensor],
+                         qu_c: Tensor, qv_c: Tensor, seg_c: Optional[Tensor], q_ids_c: Optional[Tensor],
+                         positions_c: Optional[Tensor], causal_c: bool, wl_c: int, wr_c: int,
+                         kl_c: Optional[Tensor], pl_c: Optional[Tensor], qs_c: Optional[Tensor],
+                         ks_c: Optional[Tensor], dense_c: Optional[Tensor],
+                         qu_g: Tensor, qv_g: Tensor, seg_g: Optional[Tensor], q_ids_g: Optional[Tensor],
+                         positions_g: Optional[Tensor], causal_g: bool, wl_g: int, wr_g: int,
+                         kl_g: Optional[Tensor], pl_g: Optional[Tensor], qs_g: Optional[Tensor],
+                         ks_g: Optional[Tensor], dense_g: Optional[Tensor]
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, H, Lc, _ = qu_c.shape
+    Lg, Lk = qu_g.shape[2], k.shape[2]
+    res = backend.kernels(_OP, qu_c).two_stream_attention_bwd(
+        dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len,
+        dropout_p, _seed_int(seed),
+        qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c,
+        _expand_dense(dense_c, B, H, Lc, Lk),
+        qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g, wl_g, wr_g, kl_g, pl_g, qs_g, ks_g,
+        _expand_dense(dense_g, B, H, Lg, Lk))
+    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = res
+    return dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr.sum_to_size(r.shape).to(r.dtype)
+
+
+@_two_stream_backward.register_fake
+def _(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed,
+      qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c, dense_c,
+      qu_g, qv_g, seg_g, *args):
+    e = qu_c.new_empty(0)
+    return (qu_c.new_empty(qu_c.shape), qv_c.new_empty(qv_c.shape),
+            seg_c.new_empty(seg_c.shape) if seg_c is not None else e,
+            qu_g.new_empty(qu_g.shape), qv_g.new_empty(qv_g.shape),
+            seg_g.new_empty(seg_g.shape) if seg_g is not None else e,
+            k.new_empty(k.shape), v.new_empty(v.shape), r.new_empty(r.shape))
+
+
+_N_SHARED, _N_STREAM = 9, 13
+
+
+def _ts_setup(ctx, inputs, output):
+    shared, c, g = inputs[:_N_SHARED], inputs[_N_SHARED:_N_SHARED + _N_STREAM], inputs[_N_SHARED + _N_STREAM:]
+    k, v, r, k_ids, scale, r_offset, q_len, p, seed = shared
+    oc, lc, og, lg = output
+    ctx.mark_non_differentiable(lc, lg)
+    ctx.consts = (scale, r_offset, q_len, p)
+    ctx.flags = (c[5:8], g[5:8])
+    ctx.has_seg = (c[2] is not None, g[2] is not None)
+    tensors = [oc, lc, og, lg, k, v, r, k_ids, seed]
+    for s in (c, g):
+        tensors += [s[0], s[1], s[2], s[3], s[4], s[8], s[9], s[10], s[11], s[12]]
+    ctx.save_for_backward(*tensors)
+
+
+def _ts_grad(ctx, dout_c, _dlc, dout_g, _dlg):
+    t = ctx.saved_tensors
+    oc, lc, og, lg, k, v, r, k_ids, seed = t[:9]
+    scale, r_offset, q_len, p = ctx.consts
+
+    def stream(i, flags):
+        qu, qv, seg, q_ids, pos, kl, pl, qs, ks, dense = t[9 + 10 * i: 19 + 10 * i]
+        return (qu, qv, seg, q_ids, pos, *flags, kl, pl, qs, ks, dense)
+
+    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = _two_stream_backward(
+        _unit_stride(dout_c), oc, lc, _unit_stride(dout_g), og, lg, k, v, r, k_ids, scale, r_offset, q_len, p, seed,
+        *stream(0, ctx.flags[0]), *stream(1, ctx.flags[1]))
+    rest = (None,) * 10
+    return ((dk, dv, dr) + (None,) * 6
+            + (dqu_c, dqv_c, dseg_c if ctx.has_seg[0] else None) + rest
+            + (dqu_g, dqv_g, dseg_g if ctx.has_seg[1] else None) + rest)
+
+
+_two_stream.register_autograd(_ts_grad, setup_context=_ts_setup)
+
+
+# -------------------------------------------------------------------------------------- public API
+
+
+def relative_attention(q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Optional[Tensor] = None,
+                       v_bias: Optional[Tensor] = None, *, scale: Optional[float] = None,
+                       r_offset: Optional[int] = None, mask: Optional[AttentionMask] = None,
+                       segment_ids: Optional[Tensor] = None, key_segment_ids: Optional[Tensor] = None,
+                       seg_embed: Optional[Tensor] = None, s_bias: Optional[Tensor] = None,
+                       dropout_p: float = 0.0, seed: Optional[Union[int, Tensor]] = None,
+                       generator: Optional[torch.Generator] = None, return_lse: bool = False):
+    """Transformer-XL / XLNet relative attention, fused; see the module docstring for the position convention.
+
+    q [B, H, Lq, D]; k, v [B, H, Lk, D] (memory first, Lk = M + Lq); r [H, R, D] or [B|1, H, R, D] (the
+    projected position embeddings, decreasing distance); u, v_bias (r_w_bias, r_r_bias) [H, D] or None;
+    scale: Transformer-XL and XLNet use 1/sqrt(D) (the default). Segment term (XLNet): segment_ids int [B, Lq],
+    key_segment_ids int [B, Lk] (default: zeros for the memory, then segment_ids), seg_embed [2, H, D], s_bias
+    (r_s_bias) [H, D] or None. mask: an AttentionMask of visibility parts (Transformer-XL: causal(); XLNet:
+    dense(~perm_mask) etc.). Dropout of the probabilities as in ptm_kernels.attention. With return_lse, also
+    the float32 [B, H, Lq] log-sum-exp of each row's scores.
+
+    Returns [B, H, Lq, D] in q's dtype. Gradients flow to q, k, v, r, u, v_bias, s_bias and seg_embed.
+    """
+    B, H, Lq, D = _check_common(q, k, v, r, u, v_bias)
+    shared, seg_fn = _shared(q, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed, s_bias,
+                             dropout_p, seed, generator)
+    stream = _stream("mask", q, u, v_bias, seg_fn, None, mask, k.shape[2], Lq)
+    out, lse = _relative_attention(*shared, *stream)
+    return (out, lse) if return_lse else out
+
+
+def two_stream_attention(q_content: Tensor, q_query: Tensor, k: Tensor, v: Tensor, r: Tensor,
+                         u: Optional[Tensor] = None, v_bias: Optional[Tensor] = None, *,
+                         query_positions: Optional[Tensor] = None, scale: Optional[float] = None,
+                         r_offset: Optional[int] = None, content_mask: Optional[AttentionMask] = None,
+                         query_mask: Optional[AttentionMask] = None, segment_ids: Optional[Tensor] = None,
+                         key_segment_ids: Optional[Tensor] = None, seg_embed: Optional[Tensor] = None,
+                         s_bias: Optional[Tensor] = None, dropout_p: float = 0.0,
+                         seed: Optional[Union[int, Tensor]] = None, generator: Optional[torch.Generator] = None
+                         ) -> Tuple[Tensor, Tensor]:
+    """XLNet's two-stream attention in one op: -> (content_out [B, H, Lq, D], query_out [B, H, Lg, D]).
+
+    q_content [B, H, Lq, D] (the h stream), q_query [B, H, Lg, D] (the g stream) attend to the same k, v, r
+    with their own masks; every other argument is as in `relative_attention`. The query stream may have fewer
+    rows (Lg < Lq, XLNet's target_mapping with one-hot rows): `query_positions` int [B, Lg] gives the position
+    (0 <= p < Lq) of each query-stream row in the current segment; it defaults to 0..Lq-1 (then Lg must equal
+    Lq). For a query-stream row, the relative position, the segment id and the analytic mask parts (causal,
+    window, prefix-LM) use its position; the row-indexed parts of `query_mask` (a dense mask, segment ids of a
+    segments() part) have Lg rows. HF's `einsum("mbnd,mlb->lbnd", q_g, target_mapping)` with a one-hot mapping
+    is `query_positions = target_mapping.argmax(1).T`; pass `query_mask` = the visibility of those rows.
+    """
+    B, H, Lq, D = _check_common(q_content, k, v, r, u, v_bias)
+    _checks.tensor("q_query", q_query, dim=4)
+    _checks.same_dtype("q_content", q_content, q_query=q_query)
+    _checks.same_device("q_content", q_content, q_query=q_query)
+    Lg = q_query.shape[2]
+    if q_query.shape[0] != B or q_query.shape[1] != H or q_query.shape[3] != D or Lg == 0:
+        raise ValueError(f"q_query must have shape [B={B}, H={H}, Lg > 0, D={D}], got {tuple(q_query.shape)}")
+    Lk = k.shape[2]
+    if query_positions is None:
+        if Lg != Lq:
+            raise ValueError(f"q_query has {Lg} rows but q_content has {Lq}: pass query_positions [B, {Lg}] (the "
+                             f"position of each query-stream row)")
+    else:
+        _checks.tensor("query_positions", query_positions, dtypes=(torch.int64, torch.int32))
+        _checks.same_device("q_content", q_content, query_positions=query_positions)
+        if query_positions.dim() == 1:
+            query_positions = query_positions.unsqueeze(0)
+        if query_positions.dim() != 2 or query_positions.shape[0] not in (1, B) or query_positions.shape[1] != Lg:
+            raise ValueError(f"query_positions must have shape [B={B} or 1, Lg={Lg}], got "
+                             f"{tuple(query_positions.shape)}")
+        query_positions = query_positions.to(torch.int64).expand(B, Lg).contiguous()
+        if not torch.compiler.is_compiling():
+            lo, hi = int(query_positions.min()), int(query_positions.max())
+            if lo < 0 or hi >= Lq:
+                raise ValueError(f"query_positions must lie in [0, Lq = {Lq}), got values in [{lo}, {hi}]")
+    shared, seg_fn = _shared(q_content, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed, s_bias,
+                             dropout_p, seed, generator)
+    sc = _stream("content_mask", q_content, u, v_bias, seg_fn, None, content_mask, Lk, Lq)
+    sg = _stream("query_mask", q_query, u, v_bias, seg_fn, query_positions, query_mask, Lk, Lq)
+    oc, _, og, _ = _two_stream(*shared, *sc, *sg)
+    return oc, og
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _shared(q, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed, s_bias, dropout_p, seed,
+            generator):
+    """The op arguments shared by the streams, and a function giving one stream's segment arguments."""
+    B, H, Lq, D = q.shape
+    Lk, R = k.shape[2], r.shape[-2]
+    scale = _scale(scale, D)
+    if r_offset is None:
+        r_offset = Lk if R > Lk else Lk - 1
+    if isinstance(r_offset, bool) or not isinstance(r_offset, int):
+        raise ValueError(f"r_offset must be an int (the row of r holding relative distance 0), got {r_offset!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    r4 = r if r.dim() == 4 else r.unsqueeze(0)
+    seg_fn = _segments(q, Lk, segment_ids, key_segment_ids, seg_embed, s_bias)
+    k_ids = seg_fn.k_ids if seg_fn is not None else None
+    return (_unit_stride(k), _unit_stride(v), _unit_stride(r4), k_ids, scale, int(r_offset), Lq, float(dropout_p),
+            _seed(dropout_p, seed, generator)), seg_fn
+
+
+class _Segments:
+    def __init__(self, q_ids, k_ids, seg_embed, s_bias):
+        self.q_ids, self.k_ids, self.seg_embed, self.s_bias = q_ids, k_ids, seg_embed, s_bias
+
+    def __call__(self, q, positions):
+        """(seg [B, H, Lr, 2] float32, q_ids of the rows [B, Lr])."""
+        cd = _stat_dtype(q)
+        qs = q.to(cd) if self.s_bias is None else q.to(cd) + self.s_bias.to(cd)[None, :, None, :]
+        seg = torch.einsum("bhid,shd->bhis", qs, self.seg_embed.to(cd))
+        ids = self.q_ids if positions is None else self.q_ids.gather(1, positions)
+        return seg, ids
+
+
+def _segments(q, Lk, segment_ids, key_segment_ids, seg_embed, s_bias) -> Optional[_Segments]:
+    B, H, Lq, D = q.shape
+    if seg_embed is None:
+        if segment_ids is not None or key_segment_ids is not None or s_bias is not None:
+            raise ValueError("segment_ids / key_segment_ids / s_bias need seg_embed (the [2, H, D] segment "
+                             "embeddings); give seg_embed with segment_ids")
+        return None
+    _checks.tensor("seg_embed", seg_embed)
+    _checks.shape("seg_embed", seg_embed, (2, H, D))
+    _checks.same_device("q", q, seg_embed=seg_embed)
+    if s_bias is not None:
+        _checks.tensor("s_bias", s_bias)
+        _checks.shape("s_bias", s_bias, (H, D))
+        _checks.same_device("q", q, s_bias=s_bias)
+    if segment_ids is None:
+        raise ValueError("seg_embed needs segment_ids (int [B, Lq]: the segment of each query)")
+
+    def ids(name, t, L):
+        _checks.tensor(name, t, dtypes=(torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool))
+        _checks.same_device("q", q, **{name: t})
+        t = t.unsqueeze(0) if t.dim() == 1 else t
+        if t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] != L:
+            raise ValueError(f"{name} must have shape [B={B} or 1, {L}], got {tuple(t.shape)}")
+        return t.to(torch.int64).expand(B, L).contiguous()
+
+    q_ids = ids("segment_ids", segment_ids, Lq)
+    if key_segment_ids is None:
+        if Lk < Lq:
+            raise ValueError(f"key_segment_ids is needed when Lk ({Lk}) < Lq ({Lq})")
+        k_ids = torch.cat([q_ids.new_zeros(B, Lk - Lq), q_ids], dim=1)
+    else:
+        k_ids = ids("key_segment_ids", key_segment_ids, Lk)
+    return _Segments(q_ids, k_ids, seg_embed, s_bias)
+
+
+def _stream(mask_name, q, u, v_bias, seg_fn, positions, mask, Lk, Lq):
+    """One stream's op arguments: q + u, q + v_bias, segment term, ids, positions, visibility."""
+    B, H, Lr, D = q.shape
+    qu = q if u is None else (q + u[None, :, None, :]).to(q.dtype)
+    qv = q if v_bias is None else (q + v_bias[None, :, None, :]).to(q.dtype)
+    seg, q_ids = seg_fn(q, positions) if seg_fn is not None else (None, None)
+    if mask is None:
+        mask = AttentionMask()
+    elif not isinstance(mask, AttentionMask):
+        raise TypeError(f"{mask_name} must be an AttentionMask or None, got {type(mask).__name__}; wrap a bool "
+                        f"tensor (True = visible) with AttentionMask.dense(...)")
+    if mask.additive_bias is not None or mask.toeplitz_table is not None:
+        raise ValueError(f"{mask_name}: relative attention takes visibility parts only (causal, sliding_window, "
+                         f"key_padding, prefix_lm, segments, dense); additive bias and Toeplitz parts are not "
+                         f"supported (the position term r is the relative bias)")
+    vis = mask.visibility(B, H, Lr, Lk, q.device)
+    return (_unit_stride(qu), _unit_stride(qv), seg, q_ids, positions, *vis)
+
+
+def _check_common(q, k, v, r, u, v_bias):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t, dim=4)
+    _checks.tensor("r", r)
+    _checks.same_dtype("q", q, k=k, v=v, r=r)
+    _checks.same_device("q", q, k=k, v=v, r=r, u=u, v_bias=v_bias)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if tuple(k.shape) != (B, H, Lk, D):
+        raise ValueError(f"k must have shape [B={B}, H={H}, Lk, D={D}] to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if r.dim() not in (3, 4) or r.shape[-3] != H or r.shape[-1] != D or (r.dim() == 4 and r.shape[0] not in (1, B)):
+        raise ValueError(f"r must have shape [H={H}, R, D={D}] or [B={B} or 1, H, R, D], got {tuple(r.shape)}")
+    if r.shape[-2] == 0:
+        raise ValueError("r must have at least one row (R > 0)")
+    for name, t in (("u", u), ("v_bias", v_bias)):
+        if t is not None:
+            _checks.tensor(name, t)
+            _checks.shape(name, t, (H, D))
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (last dim of q, k, v, r) must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if min(B, H, Lq, Lk) == 0:
+        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    return B, H, Lq, D

@@ -1,0 +1,509 @@
+"""relative_attention / two_stream_attention: every backend against plain-PyTorch transcriptions (written here)
+of transformers' XLNet `rel_attn_core` (einsum + rel_shift_bnij, seg_mat, attn_mask, two streams with a
+target_mapping) and of the original Transformer-XL `RelPartialLearnableMultiHeadAttn` (memory, rel_shift by
+zero-pad reshape, same_length, clamp_len): forward and every gradient, float32 and bfloat16.
+
+The transcriptions run in float64 (the truth) and in the inputs' dtype (torch's own error, the half-precision
+baseline of tests/compare.py). Fresh random data each run; the seed is printed (rerun: PTM_TEST_SEED=<seed>).
+"""
+
+import importlib
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import ptm_kernels as pk
+from ptm_kernels import AttentionMask, backend, reference_relative
+
+from ..compare import assert_close
+from ..conftest import DEVICE, backend_params
+from .common import run
+
+IMPLS = backend_params("relative_attention")
+DTYPES = [torch.float32, torch.bfloat16]
+F32_TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def interpreted(impl):
+    return impl == "triton" and backend.triton_interpreted()
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("PTM_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"seed={seed}: rerun with PTM_TEST_SEED={seed}")
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+# ------------------------------------------------------------------------------- XLNet transcription
+
+
+def rel_shift_bnij(x, klen):
+    """transformers' XLNetRelativeAttention.rel_shift_bnij."""
+    B, N, I, J = x.shape
+    x = x.reshape(B, N, J, I)[:, :, 1:, :].reshape(B, N, I, J - 1)
+    return torch.index_select(x, 3, torch.arange(klen, device=x.device, dtype=torch.long))
+
+
+def xlnet_rel_attn_core(q_head, k_head_h, v_head_h, k_head_r, r_w_bias, r_r_bias, r_s_bias, seg_embed, seg_mat,
+                        attn_mask, scale):
+    """transformers' XLNetRelativeAttention.rel_attn_core (no dropout): layouts ibnd, seg_mat [i, j, b, 2],
+    attn_mask float [i, j, b, 1] (1 = masked)."""
+    ac = torch.einsum("ibnd,jbnd->bnij", q_head + r_w_bias, k_head_h)
+    bd = torch.einsum("ibnd,jbnd->bnij", q_head + r_r_bias, k_head_r)
+    bd = rel_shift_bnij(bd, klen=ac.shape[3])
+    if seg_mat is None:
+        ef = 0
+    else:
+        ef = torch.einsum("ibnd,snd->ibns", q_head + r_s_bias, seg_embed)
+        ef = torch.einsum("ijbs,ibns->bnij", seg_mat, ef)
+    attn_score = (ac + bd + ef) * scale
+    if attn_mask is not None:
+        attn_score = attn_score - 1e30 * torch.einsum("ijbn->bnij", attn_mask)
+    attn_prob = torch.softmax(attn_score, dim=3)
+    return torch.einsum("bnij,jbnd->ibnd", attn_prob, v_head_h)
+
+
+def xlnet_positions(klen, qlen, attn_type="bi", clamp_len=-1):
+    beg, end = (klen, -qlen) if attn_type == "bi" else (klen, -1)
+    pos = torch.arange(beg, end, -1.0, dtype=torch.float64)
+    return pos.clamp(-clamp_len, clamp_len) if clamp_len > 0 else pos
+
+
+def sinusoid(pos_seq, d_model):
+    inv_freq = 1 / torch.pow(10000, torch.arange(0, d_model, 2.0, dtype=torch.float64) / d_model)
+    x = pos_seq[:, None] * inv_freq
+    return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
+
+
+def projected_r(pos_seq, H, D, B=None):
+    """A position embedding projected per head, [H, R, D] (or [B, H, R, D]), as the models build r."""
+    emb = sinusoid(pos_seq, 2 * D).to(DEVICE)  # [R, 2D]
+    w = randn(2 * D, H, D, dtype=torch.float64, scale=1 / math.sqrt(2 * D))
+    r = torch.einsum("ie,ehd->hid", emb, w)
+    if B is not None:
+        r = r.unsqueeze(0) + randn(B, H, r.shape[1], D, dtype=torch.float64, scale=0.1)
+    return r
+
+
+def xlnet_reference(q, qg, k, v, r, u, vb, sb, se, seg_ids, mems_len, mask_h, mask_g, tmap, scale):
+    """Our layout in, the transformers computation inside: -> (content out, query out or None) [B, H, L, D].
+
+    mask_h / mask_g: float [Lq, Lk, B, 1] (1 = masked); tmap: [Lg, Lq, B] one-hot target_mapping or None.
+    """
+    tr = lambda t: t.permute(2, 0, 1, 3)  # [B, H, L, D] -> [L, B, H, D]
+    back = lambda t: t.permute(1, 2, 0, 3)
+    rr = r if r.dim() == 4 else r.unsqueeze(0).expand(q.shape[0], *r.shape)
+    k_head_r = rr.permute(2, 0, 1, 3)
+    seg_mat = None
+    if seg_ids is not None:
+        B = q.shape[0]
+        cat_ids = torch.cat([seg_ids.new_zeros(B, mems_len), seg_ids], dim=1).t()
+        seg_mat = (seg_ids.t()[:, None] != cat_ids[None, :]).long()
+        seg_mat = torch.nn.functional.one_hot(seg_mat, num_classes=2).to(q.dtype)
+    h = xlnet_rel_attn_core(tr(q), tr(k), tr(v), k_head_r, u, vb, sb, se, seg_mat, mask_h, scale)
+    g = None
+    if qg is not None:
+        q_head_g = tr(qg)
+        if tmap is not None:
+            q_head_g = torch.einsum("mbnd,mlb->lbnd", q_head_g, tmap.to(q.dtype))
+        g = xlnet_rel_attn_core(q_head_g, tr(k), tr(v), k_head_r, u, vb, sb, se, seg_mat, mask_g, scale)
+        if tmap is not None:
+            g = torch.einsum("lbnd,mlb->mbnd", g, tmap.to(q.dtype))
+        g = back(g)
+    return back(h), g
+
+
+# ---------------------------------------------------------------------------- Transformer-XL transcription
+
+
+def txl_rel_shift(x):
+    """The original Transformer-XL RelPartialLearnableMultiHeadAttn._rel_shift: x [qlen, klen, B, H]."""
+    zero_pad = torch.zeros((x.size(0), 1, *x.size()[2:]), device=x.device, dtype=x.dtype)
+    x_padded = torch.cat([zero_pad, x], dim=1)
+    x_padded = x_padded.view(x.size(1) + 1, x.size(0), *x.size()[2:])
+    return x_padded[1:].view_as(x)
+
+
+def txl_attention(q, k, v, r, u, vb, attn_mask, scale):
+    """RelPartialLearnableMultiHeadAttn's core: q [B, H, Lq, D], k/v [B, H, Lk, D] (memory first),
+    r [H, Lk, D] (r_head_k), attn_mask bool [Lq, Lk] (True = masked)."""
+    w_head_q, w_head_k, w_head_v = (t.permute(2, 0, 1, 3) for t in (q, k, v))
+    r_head_k = r.permute(1, 0, 2)  # [rlen, n_head, d_head]
+    AC = torch.einsum("ibnd,jbnd->ijbn", w_head_q + u, w_head_k)
+    BD = torch.einsum("ibnd,jnd->ijbn", w_head_q + vb, r_head_k)
+    BD = txl_rel_shift(BD)
+    attn_score = (AC + BD) * scale
+    attn_score = attn_score.float().masked_fill(attn_mask[:, :, None, None], -float("inf")).type_as(attn_score)
+    attn_prob = torch.softmax(attn_score, dim=1)
+    return torch.einsum("ijbn,jbnd->ibnd", attn_prob, w_head_v).permute(1, 2, 0, 3)
+
+
+def txl_mask(qlen, mlen, same_length, mem_len):
+    """The original dec_attn_mask (True = masked)."""
+    klen = qlen + mlen
+    all_ones = torch.ones(qlen, klen, device=DEVICE)
+    if same_length:
+        mask_len = klen - mem_len
+        mask_shift_len = qlen - mask_len if mask_len > 0 else qlen
+        return (torch.triu(all_ones, 1 + mlen) + torch.tril(all_ones, -mask_shift_len)).bool()
+    return torch.triu(all_ones, diagonal=1 + mlen).bool()
+
+
+# --------------------------------------------------------------------------------------- comparing
+
+
+def check_all(outs, grads, truth_outs, truth_grads, base_outs, base_grads, names, dtype):
+    for o, t, b, n in zip(outs, truth_outs, base_outs, ("out", "out_g")):
+        assert_close(o, t, b, name=n, precision=dtype, **F32_TOL)
+    for g, t, b, n in zip(grads, truth_grads, base_grads, names):
+        if t is None:
+            continue
+        assert g is not None, f"no gradient for {n}"
+        assert_close(g, t, b, name=f"d{n}", precision=dtype, **F32_TOL)
+
+
+def max_errors(grads, truth_grads, names):
+    return {n: (g.double() - t).abs().max().item() for g, t, n in zip(grads, truth_grads, names)
+            if g is not None and t is not None}
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def xlnet_case(rng, impl, two_stream, bi_data=False, segments=True):
+    small = interpreted(impl)
+    B, H = rng.choice([1, 2]), rng.choice([1, 2, 3])
+    D = rng.choice([16, 32] if small else [16, 32, 64])
+    Lq = rng.randint(3, 12 if small else 40)
+    M = rng.choice([0, rng.randint(1, 8 if small else 24)])
+    Lk = M + Lq
+    attn_type = rng.choice(["bi", "uni"])
+    pos = xlnet_positions(Lk, Lq, attn_type, clamp_len=rng.choice([-1, 4]))
+    r = projected_r(pos, H, D, B=B if bi_data else None)
+    # permutation mask: a random order of the current segment, i sees j iff order[j] < order[i] (+ memory)
+    order = torch.stack([torch.randperm(Lq) for _ in range(B)]).to(DEVICE)  # [B, Lq]
+    perm = (order[:, None, :] >= order[:, :, None]).double()  # 1 = masked: j not before i (incl. itself)
+    if attn_type == "uni":  # XLNet's uni attention is causal too (r has no rows for future keys)
+        perm = torch.maximum(perm, torch.ones(Lq, Lq, device=DEVICE, dtype=torch.float64).triu(1))
+    mask_g = torch.cat([torch.zeros(B, Lq, M, device=DEVICE, dtype=torch.float64), perm], dim=2)  # [B, Lq, Lk]
+    non_tgt = mask_g.clone()
+    non_tgt[:, torch.arange(Lq), M + torch.arange(Lq)] = 0.0  # the content stream sees itself
+    # a query-stream row that sees nothing (eager gives a uniform row there, we give zeros): let it see itself
+    empty = (mask_g == 1).all(-1)  # [B, Lq]
+    diag = mask_g[:, torch.arange(Lq), M + torch.arange(Lq)]
+    mask_g[:, torch.arange(Lq), M + torch.arange(Lq)] = torch.where(empty, 0.0, diag)
+    case = dict(B=B, H=H, D=D, Lq=Lq, M=M, r=r, mask_h=non_tgt, mask_g=mask_g)
+    case["seg_ids"] = torch.randint(0, 2, (B, Lq), device=DEVICE) if segments else None
+    if two_stream:
+        Lg = rng.randint(1, Lq)
+        tpos = torch.stack([torch.randperm(Lq)[:Lg] for _ in range(B)]).to(DEVICE)  # [B, Lg]
+        tmap = torch.zeros(Lg, Lq, B, device=DEVICE, dtype=torch.float64)
+        for b in range(B):
+            tmap[torch.arange(Lg), tpos[b], b] = 1.0
+        case.update(Lg=Lg, tpos=tpos, tmap=tmap)
+    return case
+
+
+def run_xlnet(impl, case, dtype, two_stream):
+    B, H, D, Lq, M = case["B"], case["H"], case["D"], case["Lq"], case["M"]
+    Lk = Lq + M
+    scale = 1 / math.sqrt(D)
+    q, k, v = randn(B, H, Lq, D, dtype=torch.float64), randn(B, H, Lk, D, dtype=torch.float64), \
+        randn(B, H, Lk, D, dtype=torch.float64)
+    u, vb, sb = (randn(H, D, dtype=torch.float64, scale=0.5) for _ in range(3))
+    se = randn(2, H, D, dtype=torch.float64, scale=0.5)
+    r = case["r"]
+    seg_ids = case["seg_ids"]
+    Lg = case.get("Lg", Lq)
+    qg = randn(B, H, Lg, D, dtype=torch.float64) if two_stream else None
+    mask_h = case["mask_h"].permute(1, 2, 0)[..., None]  # [Lq, Lk, B, 1]
+    mask_g = case["mask_g"].permute(1, 2, 0)[..., None]
+    tmap = case.get("tmap")
+    seg_leaves = (sb, se) if seg_ids is not None else (None, None)
+    inputs = [q, qg, k, v, r, u, vb, *seg_leaves]
+    names = ["q", "q_query", "k", "v", "r", "u", "v_bias", "s_bias", "seg_embed"]
+
+    def ours(q, qg, k, v, r, u, vb, sb, se):
+        kw = dict(scale=scale, segment_ids=seg_ids, seg_embed=se, s_bias=sb) if seg_ids is not None else \
+            dict(scale=scale)
+        vis_h = AttentionMask.dense(case["mask_h"][:, None] == 0)
+        if not two_stream:
+            return pk.relative_attention(q, k, v, r, u, vb, mask=vis_h, **kw)
+        tpos = case.get("tpos")
+        rows = case["mask_g"] if tpos is None else case["mask_g"].gather(1, tpos[..., None].expand(-1, -1, Lk))
+        vis_g = AttentionMask.dense(rows[:, None] == 0)
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos, content_mask=vis_h,
+                                       query_mask=vis_g, **kw)
+
+    def theirs(q, qg, k, v, r, u, vb, sb, se):
+        h, g = xlnet_reference(q, qg, k, v, r, u, vb, sb, se, seg_ids, M, mask_h.to(q.dtype), mask_g.to(q.dtype),
+                               tmap, scale)
+        return (h, g) if two_stream else h
+
+    gouts = [randn(B, H, Lq, D, dtype=torch.float64)] + ([randn(B, H, Lg, D, dtype=torch.float64)]
+                                                         if two_stream else [])
+    cast = [None if t is None else t.to(dtype) for t in inputs]
+    with backend.use(relative_attention=impl):
+        outs, grads = run(ours, cast, gouts)
+    truth_outs, truth_grads = run(theirs, inputs, gouts)
+    base_outs, base_grads = run(theirs, cast, gouts)
+    check_all(outs, grads, truth_outs, truth_grads, base_outs, base_grads, names, dtype)
+    return max_errors(grads, truth_grads, names)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_xlnet_single_stream(impl, dtype, rng):
+    case = xlnet_case(rng, impl, two_stream=False)
+    print(run_xlnet(impl, case, dtype, two_stream=False))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_mapping", [False, True], ids=["all_rows", "target_mapping"])
+def test_xlnet_two_stream(impl, dtype, target_mapping, rng):
+    case = xlnet_case(rng, impl, two_stream=True)
+    if not target_mapping:
+        for key in ("Lg", "tpos", "tmap"):
+            case.pop(key)
+    print(run_xlnet(impl, case, dtype, two_stream=True))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_xlnet_bi_data_and_no_segments(impl, rng):
+    """r per batch row ([B, H, R, D], XLNet's bi_data) and no segment term."""
+    case = xlnet_case(rng, impl, two_stream=True, bi_data=True, segments=False)
+    print(run_xlnet(impl, case, torch.float32, two_stream=True))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["memory", "same_length", "clamp_len", "no_memory"])
+def test_transformer_xl(impl, dtype, variant, rng):
+    small = interpreted(impl)
+    B, H = rng.choice([1, 2]), rng.choice([1, 2, 4])
+    D = rng.choice([16, 32] if small else [16, 32, 64])
+    Lq = rng.randint(2, 12 if small else 40)
+    M = 0 if variant == "no_memory" else rng.randint(1, 10 if small else 30)
+    Lk = M + Lq
+    clamp_len = rng.randint(1, Lk) if variant == "clamp_len" else -1
+    pos_seq = torch.arange(Lk - 1, -1, -1.0, dtype=torch.float64)
+    if clamp_len > 0:
+        pos_seq = pos_seq.clamp(max=clamp_len)
+    r = projected_r(pos_seq, H, D)  # [H, Lk, D]
+    same_length = variant == "same_length"
+    mem_len = M + rng.randint(0, 3)  # the configured mem_len (>= the memory actually present)
+    masked = txl_mask(Lq, M, same_length, mem_len)
+    mask = AttentionMask.causal()
+    if same_length:  # visible iff i' - j < mask_shift_len + M (and causal)
+        mask_len = Lk - mem_len
+        shift = Lq - mask_len if mask_len > 0 else Lq
+        mask = mask & AttentionMask.sliding_window(shift + M - 1, 0)
+        if (masked.all(-1)).any():
+            pytest.skip("this same_length configuration masks whole rows (eager gives NaN there)")
+    assert torch.equal(reference_relative.relative_visibility(
+        1, 1, Lq, Lk, Lq, None, DEVICE, *mask.visibility(1, 1, Lq, Lk, DEVICE))[0, 0], ~masked)
+    scale = 1 / math.sqrt(D)
+    q, k, v = (randn(B, H, L, D, dtype=torch.float64) for L in (Lq, Lk, Lk))
+    u, vb = randn(H, D, dtype=torch.float64, scale=0.5), randn(H, D, dtype=torch.float64, scale=0.5)
+    inputs = [q, k, v, r, u, vb]
+    names = ["q", "k", "v", "r", "u", "v_bias"]
+    gouts = [randn(B, H, Lq, D, dtype=torch.float64)]
+
+    def ours(q, k, v, r, u, vb):
+        return pk.relative_attention(q, k, v, r, u, vb, mask=mask, scale=scale)
+
+    def theirs(q, k, v, r, u, vb):
+        return txl_attention(q, k, v, r, u, vb, masked, scale)
+
+    cast = [t.to(dtype) for t in inputs]
+    with backend.use(relative_attention=impl):
+        outs, grads = run(ours, cast, gouts)
+    truth_outs, truth_grads = run(theirs, inputs, gouts)
+    base_outs, base_grads = run(theirs, cast, gouts)
+    check_all(outs, grads, truth_outs, truth_grads, base_outs, base_grads, names, dtype)
+    print(max_errors(grads, truth_grads, names))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mask_parts_padding_and_empty_rows(impl, rng):
+    """Key padding, prefix-LM and segment-visibility parts, and a row that sees nothing (zeros, no NaN),
+    against the reference formula in float64."""
+    B, H, D, Lq, M = 2, 2, 16, rng.randint(3, 10), rng.randint(0, 5)
+    Lk = Lq + M
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r = randn(H, Lk + Lq, D)
+    u, vb = randn(H, D), randn(H, D)
+    lengths = torch.tensor([Lk, rng.randint(1, Lk)])
+    ids = torch.randint(0, 2, (B, Lk), device=DEVICE)
+    masks = [AttentionMask.key_padding(lengths=lengths), AttentionMask.prefix_lm([M + 1, Lk]),
+             AttentionMask.segments(ids[:, M:], ids) & AttentionMask.causal(),
+             AttentionMask.key_padding(lengths=[0, Lk])]  # batch row 0 sees no key
+    for mask in masks:
+        inputs = [q, k, v, r, u, vb]
+        gout = [randn(B, H, Lq, D)]
+        f = lambda q, k, v, r, u, vb: pk.relative_attention(q, k, v, r, u, vb, mask=mask)
+        with backend.use(relative_attention=impl):
+            outs, grads = run(f, inputs, gout)
+        truth_outs, truth_grads = run(f, [t.double() for t in inputs], [g.double() for g in gout])
+        for a, t, n in zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads),
+                           ["out", "dq", "dk", "dv", "dr", "du", "dv_bias"]):
+            assert_close(a, t, name=f"{mask}: {n}", **F32_TOL)
+    lengths0 = masks[-1]
+    out = pk.relative_attention(q, k, v, r, u, vb, mask=lengths0)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_reproducible(impl, rng):
+    B, H, D, L = 1, 2, 16, 8
+    q, k, v = (randn(B, H, L, D) for _ in range(3))
+    r = randn(H, 2 * L, D)
+    with backend.use(relative_attention=impl):
+        a = pk.relative_attention(q, k, v, r, dropout_p=0.3, seed=5)
+        b = pk.relative_attention(q, k, v, r, dropout_p=0.3, seed=5)
+        c = pk.relative_attention(q, k, v, r, dropout_p=0.3, seed=6)
+        d = pk.relative_attention(q, k, v, r)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_gradcheck_float64(rng):
+    d = dict(device=DEVICE, dtype=torch.float64, requires_grad=True)
+    B, H, D, Lq, M = 1, 2, 4, 3, 2
+    Lk = Lq + M
+    q, qg, k, v = torch.randn(B, H, Lq, D, **d), torch.randn(B, H, 2, D, **d), torch.randn(B, H, Lk, D, **d), \
+        torch.randn(B, H, Lk, D, **d)
+    r, u, vb, sb, se = torch.randn(H, Lk + Lq, D, **d), torch.randn(H, D, **d), torch.randn(H, D, **d), \
+        torch.randn(H, D, **d), torch.randn(2, H, D, **d)
+    ids = torch.tensor([[0, 1, 1]], device=DEVICE)
+    pos = torch.tensor([[2, 0]], device=DEVICE)
+    mask = AttentionMask.causal()
+
+    def f(q, qg, k, v, r, u, vb, sb, se):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=pos, content_mask=mask,
+                                       query_mask=mask, segment_ids=ids, seg_embed=se, s_bias=sb)
+
+    assert torch.autograd.gradcheck(f, (q, qg, k, v, r, u, vb, sb, se))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, r, u, vb: pk.relative_attention(q, k, v, r[:, :Lk], u, vb, mask=mask), (q, k, v, r, u, vb))
+
+
+def _op_args(rng, Lg):
+    ra = importlib.import_module("ptm_kernels.ops.relative_attention")
+    B, H, D, Lq, M = 2, 2, 16, 6, 3
+    Lk = Lq + M
+    rq = lambda *s: randn(*s).requires_grad_(True)
+    q, qg, k, v, r, u, vb = rq(B, H, Lq, D), rq(B, H, Lg, D), rq(B, H, Lk, D), rq(B, H, Lk, D), rq(H, Lk + Lq, D), \
+        rq(H, D), rq(H, D)
+    se, sb = rq(2, H, D), rq(H, D)
+    ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
+    pos = torch.stack([torch.randperm(Lq)[:Lg] for _ in range(B)]).to(DEVICE)
+    shared, seg_fn = ra._shared(q, k, v, r, None, None, ids, None, se, sb, 0.1, 3, None)
+    sc = ra._stream("m", q, u, vb, seg_fn, None, AttentionMask.causal(), Lk, Lq)
+    dense = AttentionMask.dense(torch.rand(B, 1, Lg, Lk, device=DEVICE) > 0.3)
+    sg = ra._stream("m", qg, u, vb, seg_fn, pos, dense, Lk, Lq)
+    return shared, sc, sg
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl, rng):
+    shared, sc, sg = _op_args(rng, 4)
+    ops = torch.ops.ptm
+    with backend.use(relative_attention=impl):
+        torch.library.opcheck(ops.relative_attention.default, (*shared, *sc))
+        torch.library.opcheck(ops.two_stream_attention.default, (*shared, *sc, *sg))
+        out = ops.relative_attention.default(*shared, *sc)
+        det = lambda ts: [t.detach() if isinstance(t, torch.Tensor) else t for t in ts]
+        torch.library.opcheck(ops.relative_attention_backward.default,
+                              (torch.randn_like(out[0]), out[0].detach(), out[1], *det(shared), *det(sc)))
+        oc, lc, og, lg = ops.two_stream_attention.default(*shared, *sc, *sg)
+        torch.library.opcheck(ops.two_stream_attention_backward.default,
+                              (torch.randn_like(oc), oc.detach(), lc, torch.randn_like(og), og.detach(), lg,
+                               *det(shared), *det(sc), *det(sg)))
+
+
+def test_torch_compile_fullgraph(rng):
+    torch._dynamo.reset()
+    B, H, D, Lq, M = 1, 2, 16, 5, 3
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lq + M, Lq + M))
+    r, u, vb = randn(H, Lq + M, D), randn(H, D), randn(H, D)
+    mask = AttentionMask.causal()
+    f = lambda q, k, v, r: pk.relative_attention(q, k, v, r, u, vb, mask=mask)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    qg = q.clone().requires_grad_(True)
+    a = compiled(qg, k, v, r)
+    a.sum().backward()
+    qe = q.clone().requires_grad_(True)
+    b = f(qe, k, v, r)
+    b.sum().backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(qg.grad, qe.grad)
+
+
+def test_position_convention_worked_examples():
+    """The docstring's examples: Transformer-XL (M = 2, Lq = 3) and XLNet (M = 0, Lq = 3)."""
+    from ptm_kernels.reference_relative import relative_index
+    t = relative_index(3, 5, 3, 4, None, "cpu")[0]  # Transformer-XL: r_offset = Lk - 1 = 4
+    assert t[0, 0] == 2 and t[0, 2] == 4
+    t = relative_index(3, 3, 3, 3, None, "cpu")[0]  # XLNet: r_offset = Lk = 3
+    assert t[0, 2] == 5 and t[2, 0] == 1
+
+
+BAD = {
+    "q not 4-D": (lambda q, k, v, r: dict(q=q[0]), ValueError, "q must be 4-D"),
+    "k heads": (lambda q, k, v, r: dict(k=k[:, :1]), ValueError, "k must have shape"),
+    "v shape": (lambda q, k, v, r: dict(v=v[:, :, :-1]), ValueError, "v must have k's shape"),
+    "r heads": (lambda q, k, v, r: dict(r=r[:1]), ValueError, "r must have shape"),
+    "r dtype": (lambda q, k, v, r: dict(r=r.double()), TypeError, "r has dtype"),
+    "u shape": (lambda q, k, v, r: dict(u=torch.zeros(3, 16)), ValueError, "u must have shape"),
+    "mask type": (lambda q, k, v, r: dict(mask=torch.ones(4, 4, dtype=torch.bool)), TypeError, "AttentionMask"),
+    "bias part": (lambda q, k, v, r: dict(mask=AttentionMask.bias(torch.zeros(4, 8))), ValueError,
+                  "visibility parts only"),
+    "seg without embed": (lambda q, k, v, r: dict(segment_ids=torch.zeros(1, 4, dtype=torch.long)), ValueError,
+                          "need seg_embed"),
+    "embed without ids": (lambda q, k, v, r: dict(seg_embed=torch.zeros(2, 2, 16)), ValueError,
+                          "needs segment_ids"),
+    "seg_embed shape": (lambda q, k, v, r: dict(seg_embed=torch.zeros(3, 2, 16),
+                                                segment_ids=torch.zeros(1, 4, dtype=torch.long)), ValueError,
+                        "seg_embed must have shape"),
+    "segment ids shape": (lambda q, k, v, r: dict(seg_embed=torch.zeros(2, 2, 16),
+                                                  segment_ids=torch.zeros(1, 5, dtype=torch.long)), ValueError,
+                          "segment_ids must have shape"),
+    "dropout": (lambda q, k, v, r: dict(dropout_p=1.0), ValueError, "dropout_p"),
+    "r_offset": (lambda q, k, v, r: dict(r_offset=1.5), ValueError, "r_offset"),
+    "dense shape": (lambda q, k, v, r: dict(mask=AttentionMask.dense(torch.ones(5, 8, dtype=torch.bool))),
+                    ValueError, "does not broadcast"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_clear_error(case):
+    q, k, v, r = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), \
+        torch.randn(2, 12, 16)
+    make, exc, msg = BAD[case]
+    kw = dict(q=q, k=k, v=v, r=r, u=None)
+    kw.update(make(q, k, v, r))
+    with pytest.raises(exc, match=msg):
+        pk.relative_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("r"), kw.pop("u"), **kw)
+
+
+def test_two_stream_bad_input():
+    q, k, v, r = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), \
+        torch.randn(2, 12, 16)
+    with pytest.raises(ValueError, match="pass query_positions"):
+        pk.two_stream_attention(q, q[:, :, :2], k, v, r)
+    with pytest.raises(ValueError, match=r"query_positions must lie in \[0, Lq = 4\)"):
+        pk.two_stream_attention(q, q[:, :, :2], k, v, r, query_positions=torch.tensor([[0, 4]]))
+    with pytest.raises(ValueError, match="query_positions must have shape"):
+        pk.two_stream_attention(q, q[:, :, :2], k, v, r, query_positions=torch.tensor([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="q_query must have shape"):
+        pk.two_stream_attention(q, q[:, :1], k, v, r)
