@@ -34,8 +34,9 @@ def _activation_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: str
 
 @_activation_backward.register_fake
 def _(dy, x, bias, act):
-    db_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty_like(x), x.new_empty(bias.shape[0] if bias is not None else 0, dtype=db_dtype)
+    if bias is None:  # an absent gradient is an empty tensor of x's dtype (reference_kernels.empty_stats)
+        return torch.empty_like(x), x.new_empty(0)
+    return torch.empty_like(x), x.new_empty(bias.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _activation_setup(ctx, inputs, output):

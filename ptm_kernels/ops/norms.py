@@ -39,8 +39,7 @@ def _rms_norm_backward(dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Te
 
 @_rms_norm_backward.register_fake
 def _(dy, h, weight, rstd, dh_out):
-    dw = h.new_empty(weight.shape[0] if weight is not None else 0, dtype=_stat_dtype(h))
-    return h.new_empty(h.shape), dw
+    return h.new_empty(h.shape), _param_grad(h, weight is not None)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -124,10 +123,7 @@ def _layer_norm_backward(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: 
 
 @_layer_norm_backward.register_fake
 def _(dy, h, weight, mean, rstd, dh_out, has_bias):
-    C = h.shape[-1]
-    dw = h.new_empty(C if weight is not None else 0, dtype=_stat_dtype(h))
-    db = h.new_empty(C if has_bias else 0, dtype=_stat_dtype(h))
-    return h.new_empty(h.shape), dw, db
+    return h.new_empty(h.shape), _param_grad(h, weight is not None), _param_grad(h, has_bias)
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -181,3 +177,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _param_grad(h: Tensor, present: bool) -> Tensor:
+    """Fake of a parameter gradient: float32 [C], or (absent parameter) an empty tensor of h's dtype."""
+    return h.new_empty(h.shape[-1], dtype=_stat_dtype(h)) if present else h.new_empty(0)

@@ -35,6 +35,16 @@ def _opcheck_cases():
         "gated_activation": (ops.gated_activation.default, (x, r, "silu")),
         "gated_activation_backward": (ops.gated_activation_backward.default,
                                       (x.detach(), r.detach(), w.detach().expand(6, 40).contiguous(), "gelu")),
+        # absent parameters in half precision: the fake's empty gradients must match the kernels' dtypes
+        "rms_norm_backward_bf16_no_weight": (ops.rms_norm_backward.default,
+                                             (x.detach().bfloat16(), r.detach().bfloat16(), None,
+                                              torch.rand(6, device=DEVICE), None)),
+        "layer_norm_backward_bf16_no_affine": (ops.layer_norm_backward.default,
+                                               (x.detach().bfloat16(), r.detach().bfloat16(), None,
+                                                torch.randn(6, device=DEVICE), torch.rand(6, device=DEVICE), None,
+                                                False)),
+        "activation_backward_bf16_no_bias": (ops.activation_backward.default,
+                                             (x.detach().bfloat16(), r.detach().bfloat16(), None, "gelu")),
         "rope": (ops.rope.default, (q, k, cos, sin, pos, False, 8, False)),
         "rope_q_only": (ops.rope.default, (q, None, cos, sin, pos, True, 8, False)),
     }
