@@ -76,7 +76,7 @@ def test_xlnet_two_stream_train_step(benchmark, impl):
 def test_transformer_xl_train_step(benchmark, impl):
     torch.manual_seed(0)
     c = transformer_xl.TransfoXLConfig(n_token=VOCAB, d_model=512, d_embed=512, n_head=8, d_head=64, d_inner=2048,
-                                       n_layer=TXL_LAYERS, cutoffs=(4000, 12000), div_val=4, mem_len=TXL_L,
+                                       n_layer=TXL_LAYERS, cutoffs=(VOCAB // 8, 3 * VOCAB // 8), div_val=4, mem_len=TXL_L,
                                        same_length=False, clamp_len=-1, dropout=0.0)
     model = transformer_xl.TransfoXLLMHeadModel(c).to(DEVICE)
     g = torch.Generator().manual_seed(0)
