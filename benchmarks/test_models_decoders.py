@@ -1,0 +1,150 @@
+"""GPT-2 and LLaMA decoders, ptm-kernels against transformers' own: a training step (forward + backward + AdamW
+step) and greedy decoding throughput (new tokens / s, with the KV cache).
+
+impl "ptm": our GPT2 / Llama built with from_hf; "eager" / "sdpa": transformers' GPT2LMHeadModel /
+LlamaForCausalLM with attn_implementation "eager" / "sdpa". Every implementation loads the same weights;
+logits are checked against transformers-eager (atol 1e-3) before timing.
+
+- train-step: batch TRAIN_B x TRAIN_L, labels = inputs (causal LM loss), AdamW.
+- decode-b1 / decode-b16: greedy, NEW new tokens after a PROMPT-token prompt, batch 1 / 16; the time is that
+  of the whole generate call (prefill + NEW steps), tokens/s = B * NEW / time (recorded in extra_info).
+
+A 2-core CPU runs 2 layers and an 8000-token vocabulary (the embedding and softmax would dominate the step);
+a GPU runs GPT-2 small (12 layers, 50257) and a ~1B LLaMA (TinyLlama-1.1B's shape, 32000).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .common import DEVICE, GPU, check_close, measure, sync
+
+transformers = pytest.importorskip("transformers")
+
+try:
+    from ptm_kernels.models import gpt2, llama
+except ModuleNotFoundError:  # not installed: the source tree's models/
+    from models import gpt2, llama
+
+ROUNDS = None if GPU else 3
+IMPLS = ["ptm", "eager", "sdpa"]
+TRAIN_B, TRAIN_L = 2, 512
+PROMPT, NEW = 64, 32
+DECODE_BATCHES = (1, 16)
+
+
+def _gpt2_config():
+    kw = dict(n_positions=1024, n_embd=768, n_head=12, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+              bos_token_id=None, eos_token_id=None)
+    if GPU:
+        return transformers.GPT2Config(vocab_size=50257, n_layer=12, **kw)
+    return transformers.GPT2Config(vocab_size=8000, n_layer=2, **kw)
+
+
+def _llama_config():
+    kw = dict(max_position_embeddings=2048, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if GPU:  # TinyLlama-1.1B's shape
+        return transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                        num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, **kw)
+    return transformers.LlamaConfig(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
+                                    num_attention_heads=12, num_key_value_heads=4, **kw)
+
+
+MODELS = {
+    "gpt2": (_gpt2_config, transformers.GPT2LMHeadModel, lambda: gpt2.GPT2),
+    "llama": (_llama_config, transformers.LlamaForCausalLM, lambda: llama.Llama),
+}
+
+
+def _models(name: str, impl: str):
+    """The model of `impl` and a transformers-eager twin on the same weights (the validation reference)."""
+    make_config, hf_class, ours = MODELS[name]
+    torch.manual_seed(0)
+    reference = hf_class(make_config())
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():  # norms start at 1 / 0: perturb them so that a wrong mapping shows
+        for n, p in reference.named_parameters():
+            if "ln" in n or "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    if impl == "ptm":
+        model = ours().from_hf(reference)
+    else:
+        model = hf_class(make_config())
+        model.load_state_dict(reference.state_dict())
+        model.set_attn_implementation(impl)
+    return model.to(DEVICE), reference.to(DEVICE)
+
+
+def _ids(B: int, L: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (B, L), generator=g).to(DEVICE)
+
+
+def _validate(model, reference, impl, ids, name):
+    model.eval(), reference.eval()
+    with torch.no_grad():  # a fast wrong model is not a result
+        check_close(model(ids).logits, reference(ids).logits, f"{name} {impl}", rtol=1e-3, atol=1e-3)
+
+
+def _layers(name):
+    c = MODELS[name][0]()
+    return getattr(c, "n_layer", None) or c.num_hidden_layers
+
+
+def _params(kind):
+    for name in MODELS:
+        for impl in IMPLS:
+            if kind == "train":
+                yield pytest.param(name, impl, id=f"{name}-{impl}-train-step")
+            else:
+                for B in DECODE_BATCHES:
+                    yield pytest.param(name, impl, B, id=f"{name}-{impl}-decode-b{B}")
+
+
+@pytest.mark.parametrize("name,impl", list(_params("train")))
+def test_decoder_train_step(benchmark, name, impl):
+    model, reference = _models(name, impl)
+    ids = _ids(TRAIN_B, TRAIN_L, reference.config.vocab_size)
+    _validate(model, reference, impl, ids[:, :128], name)
+    del reference
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if GPU:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+
+    case = f"{name}-{_layers(name)}l {TRAIN_B}x{TRAIN_L}"
+    measure(benchmark, step, group=f"{name}-train", case=case, impl=impl, passes="train-step", rounds=ROUNDS)
+    if GPU:
+        sync()
+        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+@pytest.mark.parametrize("name,impl,B", list(_params("decode")))
+def test_decoder_greedy_decode(benchmark, name, impl, B):
+    model, reference = _models(name, impl)
+    vocab = reference.config.vocab_size
+    prompt = _ids(B, PROMPT, vocab, seed=1)
+    _validate(model, reference, impl, prompt, name)
+    del reference
+    model.eval()
+    if impl == "ptm":
+        def gen():
+            return model.generate(prompt, NEW)
+    else:
+        mask = torch.ones_like(prompt)
+
+        def gen():
+            return model.generate(prompt, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = gen()
+    assert out.shape == (B, PROMPT + NEW), out.shape
+    case = f"{name}-{_layers(name)}l prompt{PROMPT}+{NEW}"
+    measure(benchmark, gen, group=f"{name}-decode", case=case, impl=impl, passes=f"decode-b{B}", rounds=ROUNDS)
+    median = benchmark.stats.stats.median / benchmark.extra_info["inner"]
+    benchmark.extra_info["tokens_per_s"] = round(B * NEW / median, 1)
