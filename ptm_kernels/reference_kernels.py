@@ -234,9 +234,16 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
 
 
 def attention_mask_dense(B: int, H: int, Lq: int, Lk: int, device, causal: bool, window_left: int,
-                         window_right: int, key_lengths, prefix_lengths, q_segments, k_segments, dense_mask):
-    """The visibility of every (b, h, i, j) as a bool [B, H, Lq, Lk] tensor (reference only: it is O(L^2))."""
-    i = torch.arange(Lq, device=device).view(1, 1, Lq, 1) + (Lk - Lq)  # query index in key coordinates
+                         window_right: int, key_lengths, prefix_lengths, q_segments, k_segments, dense_mask,
+                         rows: Optional[Tensor] = None):
+    """The visibility of every (b, h, i, j) as a bool [B, H, Lq, Lk] tensor (reference only: it is O(L^2)).
+
+    rows: int [B|1, Lq], each query row's index in key coordinates; default i + Lk - Lq (relative
+    attention's query stream passes the positions of its predicted tokens).
+    """
+    if rows is None:
+        rows = torch.arange(Lq, device=device).view(1, Lq) + (Lk - Lq)
+    i = rows.view(rows.shape[0], 1, Lq, 1)
     j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
     vis = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=device)
     if causal:

@@ -32,33 +32,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference_kernels import _compute_dtype, attention_dropout_mask, empty_stats
+from .reference_kernels import _compute_dtype, attention_dropout_mask, attention_mask_dense, empty_stats
 
 
 def relative_visibility(B: int, H: int, Lr: int, Lk: int, q_len: int, positions: Optional[Tensor], device,
                         causal: bool, window_left: int, window_right: int, key_lengths, prefix_lengths,
                         q_segments, k_segments, dense_mask) -> Tensor:
     """bool [B, H, Lr, Lk]: the mask's visibility with each row at its position (reference only: O(L^2))."""
-    ip = _row_positions(Lr, positions, device) + (Lk - q_len)  # [B|1, Lr]
-    i = ip.view(ip.shape[0], 1, Lr, 1)
-    j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
-    vis = torch.ones(B, H, Lr, Lk, dtype=torch.bool, device=device)
-    if causal:
-        cv = j <= i
-        if prefix_lengths is not None:
-            cv = cv | (j < prefix_lengths.view(B, 1, 1, 1))
-        vis = vis & cv
-    if window_left >= 0:
-        vis = vis & (i - j <= window_left)
-    if window_right >= 0:
-        vis = vis & (j - i <= window_right)
-    if key_lengths is not None:
-        vis = vis & (j < key_lengths.view(B, 1, 1, 1))
-    if q_segments is not None:
-        vis = vis & (q_segments.view(B, 1, Lr, 1) == k_segments.view(B, 1, 1, Lk))
-    if dense_mask is not None:
-        vis = vis & dense_mask
-    return vis
+    rows = _row_positions(Lr, positions, device) + (Lk - q_len)  # [B|1, Lr]
+    return attention_mask_dense(B, H, Lr, Lk, device, causal, window_left, window_right, key_lengths,
+                                prefix_lengths, q_segments, k_segments, dense_mask, rows=rows)
 
 
 def _row_positions(Lr: int, positions: Optional[Tensor], device) -> Tensor:
