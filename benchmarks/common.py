@@ -89,3 +89,61 @@ def liger():
         return functional
     except Exception:
         return None
+
+
+# ------------------------------------------------------------------------------------------ model benchmarks
+
+
+def twin_models(hf_class, make_config, ours, impl: str, perturbed=("norm",)):
+    """The model of `impl` and a transformers-eager reference on the same weights (the validation reference),
+    both on DEVICE. impl "ptm..." is `ours.from_hf(reference)`; "eager" / "sdpa" another `hf_class` with that
+    attention implementation. Norm weights start at 1 and biases at 0: the reference's parameters whose names
+    contain one of `perturbed` are moved a little, so that a wrong weight mapping shows."""
+    torch.manual_seed(0)
+    reference = hf_class(make_config())
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if any(part in n for part in perturbed):
+                p.add_(0.1 * torch.randn_like(p))
+    if impl.startswith("ptm"):
+        model = ours.from_hf(reference)
+    else:
+        model = hf_class(make_config())
+        model.load_state_dict(reference.state_dict())
+        model.set_attn_implementation(impl)
+    return model.to(DEVICE), reference.to(DEVICE)
+
+
+def random_ids(B: int, L: int, low: int, high: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (B, L), generator=g).to(DEVICE)
+
+
+def train_step(params, loss):
+    """One training step as the model benchmarks time it: loss().backward(), then an AdamW step."""
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+    return step
+
+
+def reset_peak_memory():
+    if GPU:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def record_peak_memory(benchmark):
+    """On a GPU: the peak memory since reset_peak_memory, in extra_info (peak_mem_mb)."""
+    if GPU:
+        sync()
+        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def record_tokens_per_s(benchmark, tokens: int):
+    """After measure: `tokens` per median time of one call, in extra_info (tokens_per_s)."""
+    median = benchmark.stats.stats.median / benchmark.extra_info["inner"]
+    benchmark.extra_info["tokens_per_s"] = round(tokens / median, 1)

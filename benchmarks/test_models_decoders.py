@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import DEVICE, GPU, check_close, measure, sync
+from .common import (GPU, check_close, measure, random_ids, record_peak_memory, record_tokens_per_s,
+                     reset_peak_memory, train_step, twin_models)
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,34 +52,15 @@ def _llama_config():
                                     num_attention_heads=12, num_key_value_heads=4, **kw)
 
 
-MODELS = {
-    "gpt2": (_gpt2_config, transformers.GPT2LMHeadModel, lambda: gpt2.GPT2),
-    "llama": (_llama_config, transformers.LlamaForCausalLM, lambda: llama.Llama),
+MODELS = {  # name: (config, transformers class, our class)
+    "gpt2": (_gpt2_config, transformers.GPT2LMHeadModel, gpt2.GPT2),
+    "llama": (_llama_config, transformers.LlamaForCausalLM, llama.Llama),
 }
 
 
 def _models(name: str, impl: str):
-    """The model of `impl` and a transformers-eager twin on the same weights (the validation reference)."""
     make_config, hf_class, ours = MODELS[name]
-    torch.manual_seed(0)
-    reference = hf_class(make_config())
-    reference.set_attn_implementation("eager")
-    with torch.no_grad():  # norms start at 1 / 0: perturb them so that a wrong mapping shows
-        for n, p in reference.named_parameters():
-            if "ln" in n or "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    if impl == "ptm":
-        model = ours().from_hf(reference)
-    else:
-        model = hf_class(make_config())
-        model.load_state_dict(reference.state_dict())
-        model.set_attn_implementation(impl)
-    return model.to(DEVICE), reference.to(DEVICE)
-
-
-def _ids(B: int, L: int, vocab: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (B, L), generator=g).to(DEVICE)
+    return twin_models(hf_class, make_config, ours, impl, perturbed=("ln", "norm"))
 
 
 def _validate(model, reference, impl, ids, name):
@@ -105,31 +87,22 @@ def _params(kind):
 @pytest.mark.parametrize("name,impl", list(_params("train")))
 def test_decoder_train_step(benchmark, name, impl):
     model, reference = _models(name, impl)
-    ids = _ids(TRAIN_B, TRAIN_L, reference.config.vocab_size)
+    ids = random_ids(TRAIN_B, TRAIN_L, 1, reference.config.vocab_size)
     _validate(model, reference, impl, ids[:, :128], name)
     del reference
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-
+    step = train_step(model.parameters(), lambda: model(ids, labels=ids).loss)
+    reset_peak_memory()
     case = f"{name}-{_layers(name)}l {TRAIN_B}x{TRAIN_L}"
     measure(benchmark, step, group=f"{name}-train", case=case, impl=impl, passes="train-step", rounds=ROUNDS)
-    if GPU:
-        sync()
-        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    record_peak_memory(benchmark)
 
 
 @pytest.mark.parametrize("name,impl,B", list(_params("decode")))
 def test_decoder_greedy_decode(benchmark, name, impl, B):
     model, reference = _models(name, impl)
     vocab = reference.config.vocab_size
-    prompt = _ids(B, PROMPT, vocab, seed=1)
+    prompt = random_ids(B, PROMPT, 1, vocab, seed=1)
     _validate(model, reference, impl, prompt, name)
     del reference
     model.eval()
@@ -146,5 +119,4 @@ def test_decoder_greedy_decode(benchmark, name, impl, B):
     assert out.shape == (B, PROMPT + NEW), out.shape
     case = f"{name}-{_layers(name)}l prompt{PROMPT}+{NEW}"
     measure(benchmark, gen, group=f"{name}-decode", case=case, impl=impl, passes=f"decode-b{B}", rounds=ROUNDS)
-    median = benchmark.stats.stats.median / benchmark.extra_info["inner"]
-    benchmark.extra_info["tokens_per_s"] = round(B * NEW / median, 1)
+    record_tokens_per_s(benchmark, B * NEW)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import DEVICE, GPU, check_close, measure, sync
+from .common import DEVICE, GPU, check_close, measure, record_peak_memory, reset_peak_memory, train_step, twin_models
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,17 +48,8 @@ def _batch(B: int, L: int):
 
 
 def _models(impl: str, dropout: float):
-    """The model of `impl` and a transformers-eager twin on the same weights (the validation reference)."""
-    torch.manual_seed(0)
-    reference = transformers.BertForSequenceClassification(_config(dropout))
-    reference.set_attn_implementation("eager")
-    if impl in ("ptm", "ptm-unpad"):
-        model = bert.BertForSequenceClassification.from_hf(reference)
-    else:
-        model = transformers.BertForSequenceClassification(_config(dropout))
-        model.load_state_dict(reference.state_dict())
-        model.set_attn_implementation(impl)
-    return model.to(DEVICE), reference.to(DEVICE)
+    return twin_models(transformers.BertForSequenceClassification, lambda: _config(dropout),
+                       bert.BertForSequenceClassification, impl, perturbed=())
 
 
 def _call(model, impl: str, ids, mask, labels=None):
@@ -85,21 +76,13 @@ def test_bert_encoder(benchmark, B, L, impl, passes):
                     f"bert {impl}", rtol=1e-3, atol=1e-3)
     del reference
     case = f"bert-{LAYERS}l {B}x{L} pad{int(PAD_FRACTION * 100)}%"
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     if not train:
         def step():
             with torch.no_grad():
                 _call(model, impl, ids, mask)
     else:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            _call(model, impl, ids, mask, labels).loss.backward()
-            opt.step()
+        step = train_step(model.parameters(), lambda: _call(model, impl, ids, mask, labels).loss)
     measure(benchmark, step, group="bert-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS)
-    if GPU:
-        sync()
-        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    record_peak_memory(benchmark)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import DEVICE, GPU, check_close, measure, sync
+from .common import DEVICE, GPU, check_close, measure, record_peak_memory, reset_peak_memory, train_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,12 +31,6 @@ ROUNDS = None if GPU else 3
 VOCAB = 32000 if GPU else 8000  # the embedding and softmax would dominate a 2-core CPU step
 XL_LAYERS, XL_L, XL_B = (12, 512, 4) if GPU else (2, 128, 2)
 TXL_LAYERS, TXL_L, TXL_B = (6, 512, 4) if GPU else (2, 128, 2)
-
-
-def _record_peak(benchmark):
-    if GPU:
-        sync()
-        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 @pytest.mark.parametrize("impl", ["ptm", "eager"])
@@ -58,18 +52,11 @@ def test_xlnet_two_stream_train_step(benchmark, impl):
     model = ours if impl == "ptm" else hf
     del ours, hf
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        opt.step()
-
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
+    step = train_step(model.parameters(), lambda: model(**inputs).loss)
+    reset_peak_memory()
     case = f"xlnet-{XL_LAYERS}l {XL_B}x{XL_L} predict {inputs['target_mapping'].shape[1]}"
     measure(benchmark, step, group="xlnet-pretrain", case=case, impl=impl, passes="train-step", rounds=ROUNDS)
-    _record_peak(benchmark)
+    record_peak_memory(benchmark)
 
 
 @pytest.mark.parametrize("impl", ["ptm", "eager"])
@@ -105,16 +92,9 @@ def test_transformer_xl_train_step(benchmark, impl):
         def loss():
             hid, _ = txl_ref.forward(leaves, c, x, ref_mems)
             return txl_ref.adaptive_nll(leaves, c, hid.reshape(-1, c.d_model), y.reshape(-1)).mean()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss().backward()
-        opt.step()
-
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
+    step = train_step(params, loss)
+    reset_peak_memory()
     case = f"transformer-xl-{TXL_LAYERS}l {TXL_B}x{TXL_L} mem {TXL_L}"
     measure(benchmark, step, group="transformer-xl-train", case=case, impl=impl, passes="train-step",
             rounds=ROUNDS)
-    _record_peak(benchmark)
+    record_peak_memory(benchmark)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import DEVICE, GPU, check_close, measure, sync
+from .common import (GPU, check_close, measure, random_ids, record_peak_memory, record_tokens_per_s,
+                     reset_peak_memory, train_step, twin_models)
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,33 +51,19 @@ def _bart_config():
 
 
 MODELS = {  # name: (config, transformers class, our class, pad token)
-    "t5": (_t5_config, transformers.T5ForConditionalGeneration, lambda: t5.T5, 0),
-    "bart": (_bart_config, transformers.BartForConditionalGeneration, lambda: bart.Bart, 1),
+    "t5": (_t5_config, transformers.T5ForConditionalGeneration, t5.T5, 0),
+    "bart": (_bart_config, transformers.BartForConditionalGeneration, bart.Bart, 1),
 }
 
 
 def _models(name: str, impl: str):
-    """The model of `impl` and a transformers-eager twin on the same weights (the validation reference)."""
     make_config, hf_class, ours, _ = MODELS[name]
-    torch.manual_seed(0)
-    reference = hf_class(make_config())
-    reference.set_attn_implementation("eager")
-    with torch.no_grad():  # norms start at 1 / 0: perturb them so that a wrong mapping shows
-        for n, p in reference.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    if impl == "ptm":
-        model = ours().from_hf(reference)
-    else:
-        model = hf_class(make_config())
-        model.load_state_dict(reference.state_dict())
-        model.set_attn_implementation(impl)
-    return model.to(DEVICE), reference.to(DEVICE)
+    return twin_models(hf_class, make_config, ours, impl)
 
 
 def _tokens(B: int, L: int, vocab: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (B, L), generator=g).to(DEVICE)
+    """Random ids clear of the special tokens (T5's and BART's pad, eos and start ids are below 3)."""
+    return random_ids(B, L, 3, vocab, seed)
 
 
 def _call(model, impl, src, labels):
@@ -108,20 +95,11 @@ def test_seq2seq_train_step(benchmark, name, impl):
     _validate(model, reference, impl, src[:, :128].contiguous(), labels[:, :32].contiguous(), name)
     del reference
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        _call(model, impl, src, labels).loss.backward()
-        opt.step()
-
+    step = train_step(model.parameters(), lambda: _call(model, impl, src, labels).loss)
+    reset_peak_memory()
     case = f"{name}-{LAYERS}+{LAYERS}l {TRAIN_B}x{SRC_L}->{TGT_L}"
     measure(benchmark, step, group=f"{name}-train", case=case, impl=impl, passes="train-step", rounds=ROUNDS)
-    if GPU:
-        sync()
-        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    record_peak_memory(benchmark)
 
 
 @pytest.mark.parametrize("name,impl", list(_params(f"generate-b{GEN_B}")))
@@ -146,5 +124,4 @@ def test_seq2seq_greedy_generate(benchmark, name, impl):
     case = f"{name}-{LAYERS}+{LAYERS}l src{GEN_SRC_L}+{NEW}"
     measure(benchmark, gen, group=f"{name}-generate", case=case, impl=impl, passes=f"generate-b{GEN_B}",
             rounds=ROUNDS)
-    median = benchmark.stats.stats.median / benchmark.extra_info["inner"]
-    benchmark.extra_info["tokens_per_s"] = round(GEN_B * NEW / median, 1)
+    record_tokens_per_s(benchmark, GEN_B * NEW)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-from .convert import config_kwargs, load_from_hf, load_into_hf, prefixed
+from .convert import HFTwin, config_kwargs, prefixed
 from .encoder import (BERT_LAYER_NAMES, BiasAct, Embeddings, EncoderLayer, Packing, embeddings_mapping,
                       layer_mapping, padding_mask, unpack)
 
@@ -198,24 +198,10 @@ def mlm_loss(logits: Tensor, labels: Optional[Tensor]) -> Optional[Tensor]:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
-class HFModel(nn.Module):
-    """from_hf / to_hf for a model that states its `hf_mapping()` and the transformers class it mirrors."""
+class HFModel(HFTwin, nn.Module):
+    """A BERT-family model with a transformers twin (from_hf / to_hf: see convert.HFTwin)."""
 
-    hf_class: str = ""
     config_class = BertConfig
-    hf_own: tuple = ()  # prefixes of our parameters that transformers' class lacks (kept as initialised)
-
-    @classmethod
-    def from_hf(cls, hf_model, **config_overrides) -> "HFModel":
-        config = dataclasses.replace(cls.config_class.from_hf(hf_model.config), **config_overrides)
-        model = cls(config)
-        return load_from_hf(model, hf_model.state_dict(), model.hf_mapping(), own=cls.hf_own)
-
-    def to_hf(self):
-        import transformers
-
-        hf = getattr(transformers, self.hf_class)(self.config.to_hf())
-        return load_into_hf(hf, self, self.hf_mapping())
 
 
 class _BertTask(HFModel):
@@ -290,6 +276,29 @@ class BertForMaskedLM(_BertTask):
         return (self.encoder_mapping() + self.tied_decoder()
                 + prefixed(MLMHead.mapping("transform.dense", "transform.LayerNorm", "bias", "decoder.bias"),
                            "mlm.", "cls.predictions."))
+
+
+class BertForNextSentencePrediction(_BertTask):
+    hf_class = "BertForNextSentencePrediction"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = c = config
+        self.make_backbone(c)
+        self.nsp = nn.Linear(c.hidden_size, 2)
+        init_weights(self.nsp)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
+                unpad=False, labels=None, **extra_ids) -> Output:
+        out = self.backbone(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths, unpad=unpad,
+                            **extra_ids)
+        logits = self.nsp(out.pooler_output)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return Output(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
+
+    def hf_mapping(self):
+        return self.encoder_mapping() + [("nsp.weight", "cls.seq_relationship.weight"),
+                                         ("nsp.bias", "cls.seq_relationship.bias")]
 
 
 class BertForSequenceClassification(_BertTask):

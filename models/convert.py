@@ -1,87 +1,121 @@
-"""Weight mapping between our models and transformers' twins.
+"""Conversion to and from transformers' twins of our models: weight mappings, and from_hf / to_hf built on them.
 
-A mapping is a list of (our_key, hf_key) pairs; hf_key may be a tuple of keys whose tensors are concatenated
-along dim 0 into ours (q, k, v -> one fused qkv projection). The same list drives both directions and the
-gradient comparison in the tests, so a model states its mapping once.
+A mapping is a list of rows (our_key, hf_key) or (our_key, hf_key, transpose):
+- hf_key may be a tuple of keys whose tensors are concatenated along dim 0 into ours (q, k, v -> one fused qkv
+  projection); going back, the fused tensor is split in the sizes of the HF model's own tensors (uneven parts
+  for grouped-query attention);
+- transpose=True marks transformers' Conv1D weights (GPT, GPT-2), stored [in, out] where ours are [out, in].
+The same list drives both directions and the gradient comparison in the tests, so a model states its mapping once.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 HFKey = Union[str, Tuple[str, ...]]
-Mapping = List[Tuple[str, HFKey]]
+Mapping = List[tuple]  # rows (our_key, HFKey) or (our_key, HFKey, transpose)
+
+
+def _rows(mapping: Mapping) -> Iterator[Tuple[str, Tuple[str, ...], bool]]:
+    """Each row as (our key, its HF keys as a tuple, transpose)."""
+    for ours, hf, *transpose in mapping:
+        yield ours, (hf,) if isinstance(hf, str) else tuple(hf), bool(transpose and transpose[0])
 
 
 def prefixed(mapping: Mapping, ours: str, hf: str) -> Mapping:
     """The mapping with a prefix put before every key on each side ('' leaves a side as it is)."""
     def pre(p, k):
-        return tuple(p + x for x in k) if isinstance(k, tuple) else p + k
-    return [(ours + o, pre(hf, h)) for o, h in mapping]
+        return p + k if isinstance(k, str) else tuple(p + x for x in k)
+    return [(ours + o, pre(hf, h), *transpose) for o, h, *transpose in mapping]
+
+
+def _in_our_layout(parts: Sequence[Tensor], transpose: bool) -> Tensor:
+    t = torch.cat(list(parts)) if len(parts) > 1 else parts[0]
+    return t.t() if transpose else t
 
 
 def load_from_hf(model: nn.Module, hf_state: Dict[str, Tensor], mapping: Mapping,
                  own: Sequence[str] = ()) -> nn.Module:
-    """Copy the HF tensors into `model`; every parameter and buffer of ours must be covered, except those
-    under the prefixes `own` (parts transformers does not have, e.g. SpanBERT's span boundary head)."""
-    ours = model.state_dict()
-    seen = set()
+    """Copy the HF tensors into `model`; every parameter and buffer of ours must be covered, except those under
+    the prefixes `own` (parts transformers does not have, e.g. SpanBERT's span boundary head).
+
+    A tensor tied under several names (a tied LM head) is covered by a row for any of them, so a row whose HF
+    tensors are absent is passed over: a checkpoint may store a tied head only as the embedding."""
+    ours = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+    covered, absent = set(), []
     with torch.no_grad():
-        for o, h in mapping:
-            src = torch.cat([hf_state[k] for k in h]) if isinstance(h, tuple) else hf_state[h]
+        for o, keys, transpose in _rows(mapping):
+            if any(k not in hf_state for k in keys):
+                absent += [k for k in keys if k not in hf_state]
+                continue
+            src = _in_our_layout([hf_state[k] for k in keys], transpose)
             if ours[o].shape != src.shape:
-                raise ValueError(f"{o}: shape {tuple(ours[o].shape)} but {h} gives {tuple(src.shape)}")
+                raise ValueError(f"{o}: shape {tuple(ours[o].shape)} but {' + '.join(keys)} give {tuple(src.shape)}")
             ours[o].copy_(src)
-            seen.add(o)
-    missing = [k for k in ours if k not in seen and not k.startswith(tuple(own))]
+            covered.add(id(ours[o]))
+    missing = [k for k, t in ours.items() if id(t) not in covered and not k.startswith(tuple(own))]
     if missing:
-        raise KeyError(f"no HF weight mapped to {missing}")
+        note = f" (absent from the HF state: {absent})" if absent else ""
+        raise KeyError(f"no HF weight mapped to {missing}{note}")
     return model
 
 
-def hf_state_from(model: nn.Module, mapping: Mapping) -> Dict[str, Tensor]:
-    """Our weights under their HF names (fused tensors split back in equal parts)."""
+def hf_state_from(model: nn.Module, mapping: Mapping,
+                  like: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """Our weights under their HF names. A fused tensor is split back along dim 0 in the sizes of the tensors of
+    `like` (the target HF state dict), else in equal parts."""
     ours = model.state_dict()
     out = {}
-    for o, h in mapping:
-        if isinstance(h, tuple):
-            for k, t in zip(h, ours[o].chunk(len(h))):
-                out[k] = t.clone()
+    for o, keys, transpose in _rows(mapping):
+        t = ours[o].t() if transpose else ours[o]
+        if len(keys) == 1:
+            parts = (t,)
+        elif like is not None:
+            parts = t.split([like[k].shape[0] for k in keys])
         else:
-            out[h] = ours[o].clone()
+            parts = t.chunk(len(keys))
+        for k, p in zip(keys, parts):
+            out[k] = p.clone(memory_format=torch.contiguous_format)
     return out
 
 
-def load_into_hf(hf_model: nn.Module, model: nn.Module, mapping: Mapping) -> nn.Module:
-    """Write our weights into a freshly built HF model; every HF tensor must be covered."""
-    state = hf_state_from(model, mapping)
-    hf_keys = set(hf_model.state_dict())
-    unknown, missing = set(state) - hf_keys, hf_keys - set(state)
+def load_into_hf(hf_model: nn.Module, model: nn.Module, mapping: Mapping,
+                 derived: Sequence[str] = ()) -> nn.Module:
+    """Write our weights into a freshly built HF model. Every HF tensor must be covered, except those whose keys
+    end in one of `derived`: tensors transformers computes that are no weights of ours (Pegasus' sinusoids)."""
+    target = hf_model.state_dict()
+    mapped = {k for _, keys, _ in _rows(mapping) for k in keys}
+    unknown = mapped - set(target)
+    missing = {k for k in target if k not in mapped and not k.endswith(tuple(derived))}
     if unknown or missing:
         raise KeyError(f"mapping does not match the HF model: unknown {sorted(unknown)}, missing {sorted(missing)}")
-    hf_model.load_state_dict(state, strict=True)
+    hf_model.load_state_dict(hf_state_from(model, mapping, like=target), strict=not derived)  # derived: as built
     return hf_model
 
 
-def hf_tensors(hf_model: nn.Module, mapping: Mapping, what: str = "grad") -> Dict[str, Tensor]:
-    """For each of our keys, the HF parameter (what='data') or its gradient (what='grad'), concatenated like
-    the weights: the tests compare our gradients with these."""
+def hf_tensors(hf_model: nn.Module, mapping: Mapping, what: str = "grad") -> Dict[str, Optional[Tensor]]:
+    """For each of our keys, the HF parameter (what='data') or its gradient (what='grad') in our layout
+    (concatenated, transposed like the weights): the tests compare our gradients with these. None where a
+    gradient is missing."""
     params = hf_model.state_dict(keep_vars=True)
 
     def get(k):
         t = params[k]
         return t.detach() if what == "data" else t.grad
 
-    return {o: torch.cat([get(k) for k in h]) if isinstance(h, tuple) else get(h) for o, h in mapping}
+    out = {}
+    for o, keys, transpose in _rows(mapping):
+        parts = [get(k) for k in keys]
+        out[o] = None if any(p is None for p in parts) else _in_our_layout(parts, transpose)
+    return out
 
 
 def config_kwargs(dataclass_type, hf_config, renames: Sequence[Tuple[str, str]] = ()) -> dict:
     """Fields of our config dataclass read from an HF config (same names unless renamed: (ours, hf))."""
-    import dataclasses
-
     names = dict(renames)
     kw = {}
     for f in dataclasses.fields(dataclass_type):
@@ -89,3 +123,38 @@ def config_kwargs(dataclass_type, hf_config, renames: Sequence[Tuple[str, str]] 
         if hasattr(hf_config, hf_name):
             kw[f.name] = getattr(hf_config, hf_name)
     return kw
+
+
+class HFTwin:
+    """from_hf / to_hf for a model with a transformers twin (a mixin of an nn.Module).
+
+    The model class names the transformers class (`hf_class`), states its weights' `hf_mapping()` and its
+    `config_class`, whose `from_hf(hf_config)` and `to_hf()` translate the config; a model whose config needs
+    more than the HF config overrides `config_from_hf` / `hf_config` instead."""
+
+    hf_class: str = ""
+    config_class = None
+    hf_own: Tuple[str, ...] = ()  # prefixes of our weights that the transformers class lacks (kept as initialised)
+    hf_derived: Tuple[str, ...] = ()  # endings of transformers keys that are no weights of ours (sinusoid tables)
+
+    def hf_mapping(self) -> Mapping:
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_hf(cls, hf_model):
+        return cls.config_class.from_hf(hf_model.config)
+
+    def hf_config(self):
+        return self.config.to_hf()
+
+    @classmethod
+    def from_hf(cls, hf_model, **config_overrides):
+        config = dataclasses.replace(cls.config_from_hf(hf_model), **config_overrides)
+        model = cls(config)
+        return load_from_hf(model, hf_model.state_dict(), model.hf_mapping(), own=cls.hf_own)
+
+    def to_hf(self):
+        import transformers
+
+        hf = getattr(transformers, self.hf_class)(self.hf_config())
+        return load_into_hf(hf, self, self.hf_mapping(), derived=self.hf_derived)

@@ -1,7 +1,7 @@
 """The pieces every decoder-only model here shares: attention, MLPs, the block, and the causal-LM stack.
 
-A model file (gpt.py, gpt2.py, gpt3.py, llama.py) picks the pieces from its config and maps weights to and from
-transformers; everything that runs is here, on ptm_kernels ops:
+A model file (gpt.py, gpt2.py, gpt3.py, llama.py) picks the pieces from its config and maps its config and weights
+to and from transformers (DecoderLM is a convert.HFTwin); everything that runs is here, on ptm_kernels ops:
 
     attention   ptm_kernels.attention with an AttentionMask (causal, key padding, sliding window), GQA, and a
                 KVCache (bottom-right causal lines Lq new queries up with the end of the cache)
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask
 
+from .convert import HFTwin
 from .kv_cache import KVCache
 
 
@@ -56,6 +57,14 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         y = pk.attention(q, k, v, mask, scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, L, H * D))
+
+
+# transformers' activation_function names of GeluMLP's approximations, and back
+GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+def hf_gelu(approximate: str) -> str:
+    return "gelu_new" if approximate == "tanh" else "gelu"
 
 
 class GeluMLP(nn.Module):
@@ -123,7 +132,7 @@ def causal_masks(windows: Sequence[Optional[int]], attention_mask: Optional[Tens
     return [kinds[w] for w in windows]
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(HFTwin, nn.Module):
     """Token (+ learned position) embeddings, DecoderBlocks, a final norm (pre-norm models), an LM head.
 
     `forward(input_ids, attention_mask=None, position_ids=None, labels=None, cache=None)` -> LMOutput.

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bert import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForQuestionAnswering,
-                   BertForSequenceClassification, BertForTokenClassification, BertModel, Output, _BertTask,
-                   init_weights)
+from .bert import (BertConfig, BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining,
+                   BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel,
+                   _BertTask)
 from .encoder import Embeddings
 
 
@@ -77,27 +77,8 @@ class ErnieForMaskedLM(_ErnieTask, BertForMaskedLM):
     hf_class = "ErnieForMaskedLM"
 
 
-class ErnieForNextSentencePrediction(_ErnieTask):
+class ErnieForNextSentencePrediction(_ErnieTask, BertForNextSentencePrediction):
     hf_class = "ErnieForNextSentencePrediction"
-
-    def __init__(self, config: ErnieConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.nsp = nn.Linear(c.hidden_size, 2)
-        init_weights(self.nsp)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None, **extra_ids) -> Output:
-        out = self.ernie(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths, unpad=unpad,
-                         **extra_ids)
-        logits = self.nsp(out.pooler_output)
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return Output(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + [("nsp.weight", "cls.seq_relationship.weight"),
-                                         ("nsp.bias", "cls.seq_relationship.bias")]
 
 
 class ErnieForSequenceClassification(_ErnieTask, BertForSequenceClassification):

@@ -6,12 +6,13 @@ No final norm: each block ends with LayerNorm(x + MLP(x)). transformers stores t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ptm_kernels.nn import LayerNorm
 
+from .convert import config_kwargs, prefixed
 from .decoder_blocks import CausalSelfAttention, DecoderBlock, DecoderLM, GeluMLP
-from .hf_weights import export_to_hf, load_from_hf
 
 
 @dataclass
@@ -27,8 +28,33 @@ class GPTConfig:
     attn_pdrop: float = 0.1
     layer_norm_epsilon: float = 1e-5
 
+    @classmethod
+    def from_hf(cls, hf_config):
+        if hf_config.afn not in ("gelu", "gelu_new"):
+            raise NotImplementedError(f"openai-gpt with afn={hf_config.afn!r} (only gelu)")
+        return cls(**config_kwargs(cls, hf_config))
+
+    def to_hf(self):
+        import transformers
+
+        kw = dataclasses.asdict(self)
+        del kw["activation"]
+        return transformers.OpenAIGPTConfig(**kw, afn="gelu")
+
+
+# A DecoderBlock against a block of transformers' openai-gpt, whose names GPT-2 keeps; the third item marks the
+# Conv1D weights, which transformers stores [in, out]
+GPT_BLOCK_MAPPING = [("attn.qkv.weight", "attn.c_attn.weight", True), ("attn.qkv.bias", "attn.c_attn.bias"),
+                     ("attn.out.weight", "attn.c_proj.weight", True), ("attn.out.bias", "attn.c_proj.bias"),
+                     ("norm1.weight", "ln_1.weight"), ("norm1.bias", "ln_1.bias"),
+                     ("mlp.fc.weight", "mlp.c_fc.weight", True), ("mlp.fc_bias", "mlp.c_fc.bias"),
+                     ("mlp.proj.weight", "mlp.c_proj.weight", True), ("mlp.proj.bias", "mlp.c_proj.bias"),
+                     ("norm2.weight", "ln_2.weight"), ("norm2.bias", "ln_2.bias")]
+
 
 class GPT(DecoderLM):
+    config_class, hf_class = GPTConfig, "OpenAIGPTLMHeadModel"
+
     def __init__(self, config: GPTConfig):
         c = self.config = config
         blocks = [DecoderBlock(
@@ -41,40 +67,9 @@ class GPT(DecoderLM):
 
     # ------------------------------------------------------------------------------ transformers weights
 
-    def hf_rows(self):
-        rows = [("wte.weight", "transformer.tokens_embed.weight", False),
-                ("wpe.weight", "transformer.positions_embed.weight", False),
-                ("lm_head.weight", "lm_head.weight", False)]
+    def hf_mapping(self):
+        m = [("wte.weight", "transformer.tokens_embed.weight"), ("wpe.weight", "transformer.positions_embed.weight"),
+             ("lm_head.weight", "lm_head.weight")]
         for i in range(self.config.n_layer):
-            a, b = f"blocks.{i}.", f"transformer.h.{i}."
-            rows += [(a + "attn.qkv.weight", b + "attn.c_attn.weight", True),
-                     (a + "attn.qkv.bias", b + "attn.c_attn.bias", False),
-                     (a + "attn.out.weight", b + "attn.c_proj.weight", True),
-                     (a + "attn.out.bias", b + "attn.c_proj.bias", False),
-                     (a + "norm1.weight", b + "ln_1.weight", False), (a + "norm1.bias", b + "ln_1.bias", False),
-                     (a + "mlp.fc.weight", b + "mlp.c_fc.weight", True),
-                     (a + "mlp.fc_bias", b + "mlp.c_fc.bias", False),
-                     (a + "mlp.proj.weight", b + "mlp.c_proj.weight", True),
-                     (a + "mlp.proj.bias", b + "mlp.c_proj.bias", False),
-                     (a + "norm2.weight", b + "ln_2.weight", False), (a + "norm2.bias", b + "ln_2.bias", False)]
-        return rows
-
-    @classmethod
-    def from_hf(cls, hf_model) -> "GPT":
-        h = hf_model.config
-        if h.afn not in ("gelu", "gelu_new"):
-            raise NotImplementedError(f"openai-gpt with afn={h.afn!r} (only gelu)")
-        config = GPTConfig(vocab_size=h.vocab_size, n_positions=h.n_positions, n_embd=h.n_embd, n_layer=h.n_layer,
-                           n_head=h.n_head, resid_pdrop=h.resid_pdrop, embd_pdrop=h.embd_pdrop,
-                           attn_pdrop=h.attn_pdrop, layer_norm_epsilon=h.layer_norm_epsilon)
-        model = cls(config)
-        return load_from_hf(model, hf_model.state_dict(), model.hf_rows())
-
-    def to_hf(self):
-        from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
-
-        c = self.config
-        h = OpenAIGPTConfig(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer,
-                            n_head=c.n_head, afn="gelu", resid_pdrop=c.resid_pdrop, embd_pdrop=c.embd_pdrop,
-                            attn_pdrop=c.attn_pdrop, layer_norm_epsilon=c.layer_norm_epsilon)
-        return export_to_hf(self, OpenAIGPTLMHeadModel(h), self.hf_rows())
+            m += prefixed(GPT_BLOCK_MAPPING, f"blocks.{i}.", f"transformer.h.{i}.")
+        return m

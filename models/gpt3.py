@@ -5,13 +5,14 @@ across layers, unscaled scores (scale=1.0), q/k/v without bias, tied LM head.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ptm_kernels.nn import LayerNorm
 
-from .decoder_blocks import CausalSelfAttention, DecoderBlock, DecoderLM, GeluMLP
-from .hf_weights import export_to_hf, load_from_hf
+from .convert import config_kwargs
+from .decoder_blocks import GELU_APPROXIMATION, CausalSelfAttention, DecoderBlock, DecoderLM, GeluMLP, hf_gelu
 
 
 @dataclass
@@ -31,11 +32,26 @@ class GPT3Config:
     layer_norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = True
 
+    @classmethod
+    def from_hf(cls, hf_config):
+        kw = config_kwargs(cls, hf_config)
+        kw["attention_layers"] = list(hf_config.attention_layers)
+        kw["activation"] = GELU_APPROXIMATION[hf_config.activation_function]
+        return cls(**kw)
 
-_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+    def to_hf(self):
+        import transformers
+
+        kw = dataclasses.asdict(self)
+        kw["activation_function"] = hf_gelu(kw.pop("activation"))
+        # transformers takes the layer kinds run-length encoded: [[kinds], repeats]
+        kw["attention_types"] = [[[kind], 1] for kind in kw.pop("attention_layers")]
+        return transformers.GPTNeoConfig(**kw)
 
 
 class GPT3(DecoderLM):
+    config_class, hf_class = GPT3Config, "GPTNeoForCausalLM"
+
     def __init__(self, config: GPT3Config):
         c = self.config = config
         if len(c.attention_layers) != c.num_layers:
@@ -53,49 +69,17 @@ class GPT3(DecoderLM):
 
     # ------------------------------------------------------------------------------ transformers weights
 
-    def hf_rows(self):
-        rows = [("wte.weight", "transformer.wte.weight", False), ("wpe.weight", "transformer.wpe.weight", False),
-                ("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False),
-                ("lm_head.weight", "lm_head.weight", False)]
+    def hf_mapping(self):
+        m = [("wte.weight", "transformer.wte.weight"), ("wpe.weight", "transformer.wpe.weight"),
+             ("norm.weight", "transformer.ln_f.weight"), ("norm.bias", "transformer.ln_f.bias"),
+             ("lm_head.weight", "lm_head.weight")]
         for i in range(self.config.num_layers):
             a, b = f"blocks.{i}.", f"transformer.h.{i}."
             att = b + "attn.attention."
-            rows += [(a + "norm1.weight", b + "ln_1.weight", False), (a + "norm1.bias", b + "ln_1.bias", False),
-                     (a + "attn.qkv.weight", (att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"),
-                      False),
-                     (a + "attn.out.weight", att + "out_proj.weight", False),
-                     (a + "attn.out.bias", att + "out_proj.bias", False),
-                     (a + "norm2.weight", b + "ln_2.weight", False), (a + "norm2.bias", b + "ln_2.bias", False),
-                     (a + "mlp.fc.weight", b + "mlp.c_fc.weight", False),
-                     (a + "mlp.fc_bias", b + "mlp.c_fc.bias", False),
-                     (a + "mlp.proj.weight", b + "mlp.c_proj.weight", False),
-                     (a + "mlp.proj.bias", b + "mlp.c_proj.bias", False)]
-        return rows
-
-    @classmethod
-    def from_hf(cls, hf_model) -> "GPT3":
-        h = hf_model.config
-        config = GPT3Config(vocab_size=h.vocab_size, max_position_embeddings=h.max_position_embeddings,
-                            hidden_size=h.hidden_size, num_layers=h.num_layers, num_heads=h.num_heads,
-                            intermediate_size=h.intermediate_size, attention_layers=list(h.attention_layers),
-                            window_size=h.window_size, activation=_GELU[h.activation_function],
-                            resid_dropout=h.resid_dropout, embed_dropout=h.embed_dropout,
-                            attention_dropout=h.attention_dropout, layer_norm_epsilon=h.layer_norm_epsilon,
-                            tie_word_embeddings=h.tie_word_embeddings)
-        model = cls(config)
-        return load_from_hf(model, hf_model.state_dict(), model.hf_rows())
-
-    def to_hf(self):
-        from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-        c = self.config
-        # transformers takes the layer kinds run-length encoded: [[kinds], repeats]
-        h = GPTNeoConfig(vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
-                         hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
-                         intermediate_size=c.intermediate_size,
-                         attention_types=[[[kind], 1] for kind in c.attention_layers], window_size=c.window_size,
-                         activation_function="gelu_new" if c.activation == "tanh" else "gelu",
-                         resid_dropout=c.resid_dropout, embed_dropout=c.embed_dropout,
-                         attention_dropout=c.attention_dropout, layer_norm_epsilon=c.layer_norm_epsilon,
-                         tie_word_embeddings=c.tie_word_embeddings)
-        return export_to_hf(self, GPTNeoForCausalLM(h), self.hf_rows())
+            m += [(a + "norm1.weight", b + "ln_1.weight"), (a + "norm1.bias", b + "ln_1.bias"),
+                  (a + "attn.qkv.weight", (att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight")),
+                  (a + "attn.out.weight", att + "out_proj.weight"), (a + "attn.out.bias", att + "out_proj.bias"),
+                  (a + "norm2.weight", b + "ln_2.weight"), (a + "norm2.bias", b + "ln_2.bias"),
+                  (a + "mlp.fc.weight", b + "mlp.c_fc.weight"), (a + "mlp.fc_bias", b + "mlp.c_fc.bias"),
+                  (a + "mlp.proj.weight", b + "mlp.c_proj.weight"), (a + "mlp.proj.bias", b + "mlp.c_proj.bias")]
+        return m

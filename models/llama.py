@@ -4,13 +4,14 @@ MLP, no biases, untied LM head (tie_word_embeddings if a config asks for it).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 from ptm_kernels.nn import GatedMLP, RMSNorm, RotaryEmbedding
 
+from .convert import config_kwargs
 from .decoder_blocks import CausalSelfAttention, DecoderBlock, DecoderLM
-from .hf_weights import export_to_hf, load_from_hf
 
 
 @dataclass
@@ -28,8 +29,28 @@ class LlamaConfig:
     attention_dropout: float = 0.0
     tie_word_embeddings: bool = False
 
+    @classmethod
+    def from_hf(cls, hf_config):
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"LLaMA with rope_type={rope['rope_type']!r} (only the default rotary)")
+        if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+            raise NotImplementedError("LLaMA with attention or MLP biases")
+        kw = config_kwargs(cls, hf_config)
+        kw["rope_theta"] = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        return cls(**kw)
+
+    def to_hf(self):
+        import transformers
+
+        kw = dataclasses.asdict(self)
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
+        return transformers.LlamaConfig(**kw)
+
 
 class Llama(DecoderLM):
+    config_class, hf_class = LlamaConfig, "LlamaForCausalLM"
+
     def __init__(self, config: LlamaConfig):
         c = self.config = config
         d = c.hidden_size
@@ -45,48 +66,15 @@ class Llama(DecoderLM):
 
     # ------------------------------------------------------------------------------ transformers weights
 
-    def hf_rows(self):
-        rows = [("wte.weight", "model.embed_tokens.weight", False), ("norm.weight", "model.norm.weight", False),
-                ("lm_head.weight", "lm_head.weight", False)]
+    def hf_mapping(self):
+        m = [("wte.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
+             ("lm_head.weight", "lm_head.weight")]
         for i in range(self.config.num_hidden_layers):
             a, b = f"blocks.{i}.", f"model.layers.{i}."
             att = b + "self_attn."
-            rows += [(a + "norm1.weight", b + "input_layernorm.weight", False),
-                     (a + "attn.qkv.weight", (att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"),
-                      False),
-                     (a + "attn.out.weight", att + "o_proj.weight", False),
-                     (a + "norm2.weight", b + "post_attention_layernorm.weight", False)]
-            rows += [(a + f"mlp.{p}.weight", b + f"mlp.{p}.weight", False)
-                     for p in ("gate_proj", "up_proj", "down_proj")]
-        return rows
-
-    @classmethod
-    def from_hf(cls, hf_model) -> "Llama":
-        h = hf_model.config
-        rope = getattr(h, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"LLaMA with rope_type={rope['rope_type']!r} (only the default rotary)")
-        if getattr(h, "attention_bias", False) or getattr(h, "mlp_bias", False):
-            raise NotImplementedError("LLaMA with attention or MLP biases")
-        config = LlamaConfig(vocab_size=h.vocab_size, hidden_size=h.hidden_size, intermediate_size=h.intermediate_size,
-                             num_hidden_layers=h.num_hidden_layers, num_attention_heads=h.num_attention_heads,
-                             num_key_value_heads=h.num_key_value_heads, head_dim=getattr(h, "head_dim", None),
-                             max_position_embeddings=h.max_position_embeddings,
-                             rope_theta=rope.get("rope_theta", getattr(h, "rope_theta", 10000.0)),
-                             rms_norm_eps=h.rms_norm_eps, attention_dropout=h.attention_dropout,
-                             tie_word_embeddings=h.tie_word_embeddings)
-        model = cls(config)
-        return load_from_hf(model, hf_model.state_dict(), model.hf_rows())
-
-    def to_hf(self):
-        from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
-
-        c = self.config
-        h = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                     num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                     num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                     max_position_embeddings=c.max_position_embeddings,
-                     rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                     rms_norm_eps=c.rms_norm_eps, attention_dropout=c.attention_dropout,
-                     tie_word_embeddings=c.tie_word_embeddings)
-        return export_to_hf(self, LlamaForCausalLM(h), self.hf_rows())
+            m += [(a + "norm1.weight", b + "input_layernorm.weight"),
+                  (a + "attn.qkv.weight", (att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight")),
+                  (a + "attn.out.weight", att + "o_proj.weight"),
+                  (a + "norm2.weight", b + "post_attention_layernorm.weight")]
+            m += [(a + f"mlp.{p}.weight", b + f"mlp.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+        return m

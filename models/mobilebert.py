@@ -28,9 +28,9 @@ import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-from .bert import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForQuestionAnswering,
-                   BertForSequenceClassification, BertForTokenClassification, BertModel, MLMHead, Output, _BertTask,
-                   init_weights)
+from .bert import (BertConfig, BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining,
+                   BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel,
+                   MLMHead, Output, _BertTask, init_weights)
 from .convert import prefixed
 from .encoder import BiasAct
 
@@ -320,26 +320,8 @@ class MobileBertForMaskedLM(_MobileBertTask, BertForMaskedLM):
         return super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
 
 
-class MobileBertForNextSentencePrediction(_MobileBertTask):
+class MobileBertForNextSentencePrediction(_MobileBertTask, BertForNextSentencePrediction):
     hf_class = "MobileBertForNextSentencePrediction"
-
-    def __init__(self, config: MobileBertConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.nsp = nn.Linear(c.hidden_size, 2)
-        init_weights(self.nsp)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None) -> Output:
-        out = self.mobilebert(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths, unpad=unpad)
-        logits = self.nsp(out.pooler_output)
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return Output(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + [("nsp.weight", "cls.seq_relationship.weight"),
-                                         ("nsp.bias", "cls.seq_relationship.bias")]
 
 
 class MobileBertForSequenceClassification(_MobileBertTask, BertForSequenceClassification):

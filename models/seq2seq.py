@@ -24,7 +24,7 @@ from torch import Tensor, nn
 import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 
-from .convert import hf_state_from, load_from_hf
+from .convert import HFTwin
 from .encoder import BiasAct, padding_mask
 from .kv_cache import KVCache
 
@@ -211,9 +211,9 @@ def shift_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) 
     return out.masked_fill(out == -100, pad_token_id)
 
 
-class EncoderDecoderLM(nn.Module):
+class EncoderDecoderLM(HFTwin, nn.Module):
     """An encoder-decoder LM: `encode`, `decode` (with an optional Seq2SeqCache), `forward` (logits, loss),
-    `new_cache` and `generate`.
+    `new_cache` and `generate`; from_hf / to_hf where a model file states its transformers twin (convert.HFTwin).
 
     Subclasses build `encoder_layers`, `decoder_layers` and `lm_head`, set `config` (with pad_token_id,
     decoder_start_token_id, eos_token_id) and define `embed_source`, `embed_target`, and where they need them
@@ -318,30 +318,6 @@ class EncoderDecoderLM(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
         """See models.seq2seq.generate."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
-
-    # ------------------------------------------------------------------------------ transformers weights
-
-    hf_class: str = ""
-    hf_derived: Tuple[str, ...] = ()  # transformers keys that are not weights of ours (e.g. sinusoid tables)
-
-    def hf_mapping(self) -> list:
-        raise NotImplementedError
-
-    @classmethod
-    def from_hf(cls, hf_model):
-        model = cls(cls.config_from_hf(hf_model))
-        return load_from_hf(model, hf_model.state_dict(), model.hf_mapping())
-
-    def to_hf(self):
-        import transformers
-
-        hf = getattr(transformers, self.hf_class)(self.hf_config())
-        state = hf_state_from(self, self.hf_mapping())
-        missing, unexpected = hf.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith(self.hf_derived)]
-        if missing or unexpected:
-            raise KeyError(f"mapping does not match the HF model: missing {missing}, unexpected {unexpected}")
-        return hf
 
 
 def _if_padded(mask: Optional[Tensor]) -> Optional[Tensor]:

@@ -37,8 +37,7 @@ import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-from .bert import HFModel
-from .convert import config_kwargs, prefixed
+from .convert import HFTwin, config_kwargs, prefixed
 from .encoder import bias_act
 
 
@@ -274,7 +273,7 @@ class XLNetModel(nn.Module):
 # ----------------------------------------------------------------------------------------------- heads
 
 
-class _XLNetTask(HFModel):
+class _XLNetTask(HFTwin, nn.Module):
     config_class = XLNetConfig
 
     def backbone_mapping(self) -> list:

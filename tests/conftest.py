@@ -1,10 +1,16 @@
 """Test setup shared by every test file.
 
+Random data: every test starts from its own seed (torch, random), printed with the test's output. By default
+the seed is fixed per test (a hash of its id), so a CI run is reproducible and independent of test order;
+`PTM_TEST_SEED=random` draws fresh seeds (run it a few times to explore), `PTM_TEST_SEED=<n>` reruns one.
+
 Without a GPU, Triton kernels run on CPU tensors through the interpreter. Triton reads TRITON_INTERPRET
 when a kernel is defined, so it must be set before ptm_kernels (and its Triton modules) is imported.
 """
 
 import os
+import random
+import zlib
 
 import torch
 
@@ -42,6 +48,23 @@ def backend_params(op: str):
             marks.append(pytest.mark.skip(reason=f"{name} backend unavailable for {op} on {DEVICE.type}: {why}"))
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def _seed_for(test_id: str) -> int:
+    chosen = os.environ.get("PTM_TEST_SEED", "")
+    if chosen == "random":
+        return random.SystemRandom().randrange(2**31)
+    return int(chosen) if chosen else zlib.crc32(test_id.encode())
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """This test's seed, already applied to torch and random."""
+    s = _seed_for(request.node.nodeid)
+    print(f"seed={s}: rerun with PTM_TEST_SEED={s}")
+    torch.manual_seed(s)
+    random.seed(s)
+    return s
 
 
 @pytest.fixture

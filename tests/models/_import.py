@@ -1,5 +1,5 @@
-"""The models package: `ptm_kernels.models` once installed (make build) or aliased by conftest.py, else the
-source tree's `models/`."""
+"""The models package: `ptm_kernels.models` once installed (make build maps it to models/), else the source
+tree's `models/` (the repository root is on sys.path under pytest)."""
 
 import importlib
 

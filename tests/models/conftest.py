@@ -1,22 +1,11 @@
-"""Shared setup of the model tests.
-
-`ptm_kernels.models` is the source tree's `models/` package once installed (`make build`: pyproject maps it);
-without an install, alias it here so that the tests import it under the same name either way.
-Tiny configs run faster on one intra-op thread than on two on a loaded 2-core machine.
-"""
-
-import importlib
-import sys
+"""Shared setup of the model tests: tiny configs run faster on one intra-op thread than on two on a loaded
+2-core machine."""
 
 import pytest
 import torch
 
-import ptm_kernels
-
-try:
-    importlib.import_module("ptm_kernels.models")
-except ModuleNotFoundError:  # not installed: the repository root is on sys.path (pytest rootdir)
-    sys.modules["ptm_kernels.models"] = ptm_kernels.models = importlib.import_module("models")
+# the shared checks (and the encoder protocol's tests) live in parity.py: pytest explains their failed asserts too
+pytest.register_assert_rewrite("tests.models.parity")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,12 +1,18 @@
 """Parity helpers: run one of our models and its transformers twin on the same padded batch and compare
-outputs (eval) and every parameter's gradient (train mode, dropout 0), at the real (non-padded) positions."""
+outputs (eval) and every parameter's gradient (train mode, dropout 0), at the real (non-padded) positions.
+
+`Case` and `parity_tests` are the protocol of the encoder tests (test_encoders.py, test_encoder_variants.py):
+eval outputs, gradients, the padding-free path and the to_hf round trip for each case of a table."""
 
 from __future__ import annotations
 
 import atexit
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
 
+import pytest
 import torch
 
 from ._import import model_module
@@ -85,25 +91,127 @@ def check_grads(model, hf, inputs, fields, key, ours_kwargs=None):
         loss_a, loss_b = loss_a + (a * w).sum() / n, loss_b + (b * w).sum() / n
     loss_a.backward()
     loss_b.backward()
+    return check_grads_match(model, hf, key)
+
+
+def check_worst(key: str, what: str, diffs: Dict[str, float], tol: float = TOL) -> float:
+    """The largest of `diffs` ({name: max abs difference}), recorded as MAX_DIFFS[key][what], must be below tol."""
+    worst = max(diffs, key=diffs.get)
+    MAX_DIFFS.setdefault(key, {})[what] = diffs[worst]
+    assert diffs[worst] < tol, f"{key}: {what} of {worst} differs by {diffs[worst]}"
+    return diffs[worst]
+
+
+def check_grads_match(model, hf, key) -> float:
+    """After backward on both: every gradient of ours (frozen parameters, sinusoids, excepted) against
+    transformers', mapped onto our names like the weights."""
     theirs = hf_tensors(hf, model.hf_mapping(), "grad")
-    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}  # frozen ones (sinusoids) excepted
-    worst, worst_name, scale = 0.0, None, 0.0
-    for name, p in ours.items():
-        t = theirs[name]
+    diffs, scale = {}, 0.0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        t = theirs.get(name)
         assert p.grad is not None and t is not None, f"{key}: no gradient for {name}"
-        d = (p.grad - t).abs().max().item()
+        diffs[name] = (p.grad - t).abs().max().item()
         scale = max(scale, t.abs().max().item())
-        if d > worst:
-            worst, worst_name = d, name
-    MAX_DIFFS.setdefault(key, {}).update(grad=worst, grad_scale=scale)
-    assert worst < TOL, f"{key}: gradient of {worst_name} differs by {worst}"
-    return worst
+    MAX_DIFFS.setdefault(key, {})["grad_scale"] = scale
+    return check_worst(key, "grad", diffs)
 
 
 def check_roundtrip(model, hf_like):
-    """to_hf gives an HF model with exactly our weights (compared with the HF model we loaded from)."""
+    """to_hf gives an HF model with exactly our weights (compared with the HF model we loaded from), which
+    from_hf reads back."""
     back = model.to_hf()
     a, b = back.state_dict(), hf_like.state_dict()
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert type(model).from_hf(back).state_dict().keys() == model.state_dict().keys()
+
+
+# per-token and pooled outputs of the encoders, compared between the padded and the packed (unpad=True) path
+OUTPUTS = ("last_hidden_state", "pooler_output", "logits", "prediction_logits", "seq_relationship_logits",
+           "start_logits", "end_logits")
+
+
+def check_unpadded(model, inputs):
+    """unpad=True (the real tokens packed) gives the padded batch's outputs at the real positions."""
+    model.eval()
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        a, b = model(**inputs), model(**inputs, unpad=True)
+    for name in OUTPUTS:
+        x, y = getattr(a, name, None), getattr(b, name, None)
+        if x is None:
+            continue
+        if x.shape[:2] == real.shape:
+            x, y = x[real], y[real]
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ encoder parity cases
+
+HIDDEN = ("hidden", None)
+LOGITS = [HIDDEN, ("logits", "logits")]
+QA = [HIDDEN, ("start_logits", "start_logits"), ("end_logits", "end_logits")]
+TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=40, num_labels=3)  # a BERT-like config small enough for CPU tests
+
+
+@dataclass
+class Case:
+    """A transformers class on a tiny config and our twin of it (class `ours` of models/`module`)."""
+    name: str
+    hf_config: Callable  # dropout -> transformers config
+    hf_class: str
+    module: str
+    ours: str
+    fields: list  # compared outputs: (ours, theirs) as in `outputs`
+    batch: dict = field(default_factory=dict)  # arguments of `batch`
+    extra: Optional[Callable] = None  # inputs -> further inputs of both models (ERNIE's task types, XLM's langs)
+
+    def pair(self, dropout=0.1):
+        """(ours, transformers model) on the same weights."""
+        import transformers
+
+        torch.manual_seed(0)
+        hf = getattr(transformers, self.hf_class)(self.hf_config(dropout))
+        with torch.no_grad():  # non-trivial norms and biases, so that a mapping mix-up shows
+            for n, p in hf.named_parameters():
+                if "norm" in n.lower() or n.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
+        return getattr(model_module(self.module), self.ours).from_hf(hf), hf
+
+    def inputs(self) -> dict:
+        inputs = batch(**self.batch)
+        return {**inputs, **(self.extra(inputs) if self.extra else {})}
+
+
+def parity_tests(cases):
+    """The protocol's four tests over `cases`, for a test module to bind to the same names:
+
+        test_eval_parity, test_grad_parity, test_unpadded_equals_padded, test_to_hf_roundtrip = parity_tests(CASES)
+    """
+    over_cases = pytest.mark.parametrize("case", cases, ids=[c.name for c in cases])
+
+    @over_cases
+    def test_eval_parity(case):
+        model, hf = case.pair()
+        check_eval(model, hf, case.inputs(), case.fields, case.name)
+
+    @over_cases
+    def test_grad_parity(case):
+        model, hf = case.pair(dropout=0.0)
+        check_grads(model, hf, case.inputs(), case.fields, case.name)
+
+    @over_cases
+    def test_unpadded_equals_padded(case):
+        model, _ = case.pair()
+        check_unpadded(model, case.inputs())
+
+    @over_cases
+    def test_to_hf_roundtrip(case):
+        model, hf = case.pair()
+        check_roundtrip(model, hf)
+
+    return test_eval_parity, test_grad_parity, test_unpadded_equals_padded, test_to_hf_roundtrip

@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 from ._import import model_module  # noqa: E402
 
-from .parity import batch, check_eval, check_grads, check_roundtrip  # noqa: E402
+from .parity import batch, check_eval, check_grads, check_roundtrip, check_unpadded  # noqa: E402
 
 bert = model_module("bert")
 prefixed = model_module("convert").prefixed
@@ -21,6 +21,7 @@ HEADS = [  # (ours, transformers, compared fields (ours, theirs))
      [("hidden", None), ("prediction_logits", "prediction_logits"),
       ("seq_relationship_logits", "seq_relationship_logits")]),
     ("BertForMaskedLM", "BertForMaskedLM", [("hidden", None), ("logits", "logits")]),
+    ("BertForNextSentencePrediction", "BertForNextSentencePrediction", [("hidden", None), ("logits", "logits")]),
     ("BertForSequenceClassification", "BertForSequenceClassification", [("hidden", None), ("logits", "logits")]),
     ("BertForTokenClassification", "BertForTokenClassification", [("hidden", None), ("logits", "logits")]),
     ("BertForQuestionAnswering", "BertForQuestionAnswering",
@@ -74,20 +75,8 @@ def test_grad_parity(ours, theirs, fields):
 
 @pytest.mark.parametrize("ours,theirs,fields", HEADS, ids=[h[0] for h in HEADS])
 def test_unpadded_equals_padded(ours, theirs, fields):
-    model, hf = _pair(ours, theirs)
-    model.eval()
-    inputs = batch()
-    real = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        a, b = model(**inputs), model(**inputs, unpad=True)
-    for name in ("last_hidden_state", "pooler_output", "logits", "prediction_logits", "seq_relationship_logits",
-                 "start_logits", "end_logits"):
-        x, y = getattr(a, name), getattr(b, name)
-        if x is None:
-            continue
-        if x.shape[:2] == real.shape:
-            x, y = x[real], y[real]
-        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    model, _ = _pair(ours, theirs)
+    check_unpadded(model, batch())
 
 
 def test_unpadded_grads_equal_padded():

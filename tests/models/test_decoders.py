@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ._import import model_module  # noqa: E402
+from .parity import check_grads_match, check_roundtrip  # noqa: E402
 
 V, P, NEW = 100, 10, 32  # vocab, prompt length, new tokens
 TOL = 1e-4
@@ -112,19 +113,6 @@ def test_logits(pair, left):
     assert _max_diff(got, want, mask) <= TOL
 
 
-def _hf_grads_in_our_layout(hf, ours):
-    """transformers' gradients mapped onto our parameter names by the same rows as the weights."""
-    grads = {n: p.grad for n, p in hf.named_parameters(remove_duplicate=False) if p.grad is not None}
-    out = {}
-    for mine, theirs, transpose in ours.hf_rows():
-        keys = (theirs,) if isinstance(theirs, str) else theirs
-        if any(k not in grads for k in keys):
-            continue
-        g = torch.cat([grads[k] for k in keys]) if len(keys) > 1 else grads[keys[0]]
-        out[mine] = g.t() if transpose else g
-    return out
-
-
 @pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
 def test_gradients(pair, left):
     hf, ours = pair
@@ -139,22 +127,13 @@ def test_gradients(pair, left):
     assert abs(got.item() - want.item()) <= TOL
     want.backward()
     got.backward()
-    expected = _hf_grads_in_our_layout(hf, ours)
-    params = dict(ours.named_parameters())
-    assert set(params) <= set(expected), f"no transformers gradient for {set(params) - set(expected)}"
-    for name, p in params.items():
-        diff = (p.grad - expected[name]).abs().max().item()
-        assert diff <= TOL, f"{name}: gradient differs by {diff:.3g}"
+    check_grads_match(ours, hf, f"{type(ours).__name__}[{'left' if left else 'right'}_pad]")
     hf.zero_grad(), ours.zero_grad()
 
 
 def test_to_hf_round_trip(pair):
     hf, ours = pair
-    back = ours.to_hf().eval()
-    theirs, again = hf.state_dict(), back.state_dict()
-    for k, v in theirs.items():
-        assert torch.equal(v, again[k]), k
-    assert type(ours).from_hf(back).state_dict().keys() == ours.state_dict().keys()
+    check_roundtrip(ours, hf)
 
 
 def test_generate_matches_transformers(pair):

@@ -1,9 +1,7 @@
 """ERNIE, XLM, MobileBERT (and DistilBERT's sinusoidal positions) against transformers: eval outputs and
-train-mode gradients on padded batches, the padding-free path, and the to_hf round trip. Same protocol as
-test_encoders.py; these models take extra per-token inputs (task_type_ids, langs), added by `extra`."""
-
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+train-mode gradients on padded batches, the padding-free path, and the to_hf round trip: the protocol of
+test_encoders.py (parity.parity_tests). These models take extra per-token inputs (task_type_ids, langs), added by
+a case's `extra`."""
 
 import pytest
 import torch
@@ -11,27 +9,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ._import import model_module  # noqa: E402
-from .parity import batch, check_eval, check_grads, check_roundtrip  # noqa: E402
+from .parity import HIDDEN, LOGITS, QA, TINY, Case, parity_tests  # noqa: E402
 
-TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            max_position_embeddings=40, num_labels=3)
-HIDDEN = ("hidden", None)
-LOGITS = [HIDDEN, ("logits", "logits")]
-QA = [HIDDEN, ("start_logits", "start_logits"), ("end_logits", "end_logits")]
 PRETRAIN = [HIDDEN, ("prediction_logits", "prediction_logits"),
             ("seq_relationship_logits", "seq_relationship_logits")]
-
-
-@dataclass
-class Case:
-    name: str
-    hf_config: Callable  # dropout -> transformers config
-    hf_class: str
-    module: str
-    ours: str
-    fields: list
-    batch: dict = field(default_factory=dict)
-    extra: Optional[Callable] = None  # inputs -> further inputs of both models
 
 
 def _ernie(dropout, **kw):
@@ -116,58 +97,7 @@ CASES = [
 ]
 
 
-def _pair(case: Case, dropout=0.1):
-    torch.manual_seed(0)
-    hf = getattr(transformers, case.hf_class)(case.hf_config(dropout))
-    with torch.no_grad():  # non-trivial norms and biases, so that a mapping mix-up shows
-        for n, p in hf.named_parameters():
-            if "norm" in n.lower() or n.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return getattr(model_module(case.module), case.ours).from_hf(hf), hf
-
-
-def _inputs(case: Case) -> dict:
-    inputs = batch(**case.batch)
-    return {**inputs, **(case.extra(inputs) if case.extra else {})}
-
-
-def _ids(cases):
-    return [c.name for c in cases]
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_eval_parity(case):
-    model, hf = _pair(case)
-    check_eval(model, hf, _inputs(case), case.fields, case.name)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_grad_parity(case):
-    model, hf = _pair(case, dropout=0.0)
-    check_grads(model, hf, _inputs(case), case.fields, case.name)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_unpadded_equals_padded(case):
-    model, _ = _pair(case)
-    model.eval()
-    inputs = _inputs(case)
-    real = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        a, b = model(**inputs), model(**inputs, unpad=True)
-    for name in ("last_hidden_state", "logits", "prediction_logits", "start_logits", "end_logits"):
-        x, y = getattr(a, name, None), getattr(b, name, None)
-        if x is None:
-            continue
-        if x.shape[:2] == real.shape:
-            x, y = x[real], y[real]
-        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_to_hf_roundtrip(case):
-    model, hf = _pair(case)
-    check_roundtrip(model, hf)
+test_eval_parity, test_grad_parity, test_unpadded_equals_padded, test_to_hf_roundtrip = parity_tests(CASES)
 
 
 def test_sinusoidal_positions_are_fixed_sinusoids():
@@ -187,9 +117,9 @@ def test_ernie_task_types_change_the_output():
     """task_type_ids reach the embeddings, padded and packed alike (a mapping that dropped them would pass the
     parity tests only if both sides ignored them)."""
     case = CASES[1]
-    model, _ = _pair(case)
+    model, _ = case.pair()
     model.eval()
-    inputs = _inputs(case)
+    inputs = case.inputs()
     with torch.no_grad():
         a = model(**inputs).logits
         b = model(**{**inputs, "task_type_ids": torch.zeros_like(inputs["input_ids"])}).logits

@@ -1,8 +1,5 @@
 """The BERT variants against transformers: eval outputs and train-mode gradients on padded batches, the
-padding-free path, and the to_hf round trip. (BERT itself: test_bert.py.)"""
-
-from dataclasses import dataclass, field
-from typing import Callable
+padding-free path, and the to_hf round trip (parity.parity_tests over CASES). (BERT itself: test_bert.py.)"""
 
 import pytest
 import torch
@@ -10,22 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ._import import model_module  # noqa: E402
-from .parity import batch, check_eval, check_grads, check_roundtrip  # noqa: E402
-
-TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            max_position_embeddings=40, num_labels=3)
-HIDDEN = ("hidden", None)
-
-
-@dataclass
-class Case:
-    name: str
-    hf_config: Callable  # dropout -> transformers config
-    hf_class: str
-    module: str
-    ours: str
-    fields: list
-    batch: dict = field(default_factory=dict)
+from .parity import HIDDEN, LOGITS, QA, TINY, Case, batch, check_eval, parity_tests  # noqa: E402
 
 
 def _roberta(dropout, **kw):
@@ -51,18 +33,15 @@ def _electra(dropout, **kw):
                                       attention_probs_dropout_prob=dropout)
 
 
-QA = [HIDDEN, ("start_logits", "start_logits"), ("end_logits", "end_logits")]
-LOGITS = [HIDDEN, ("logits", "logits")]
 PRETRAIN = [HIDDEN, ("prediction_logits", "prediction_logits"), ("seq_relationship_logits", "sop_logits")]
 NO_TYPES = dict(token_types=False)
 
 CASES = [
-    Case("roberta-mlm", _roberta, "RobertaForMaskedLM", "roberta", "RobertaForMaskedLM",
-         [HIDDEN, ("logits", "logits")], dict(pad_id=1)),
+    Case("roberta-mlm", _roberta, "RobertaForMaskedLM", "roberta", "RobertaForMaskedLM", LOGITS, dict(pad_id=1)),
     Case("roberta-cls", _roberta, "RobertaForSequenceClassification", "roberta", "RobertaForSequenceClassification",
-         [HIDDEN, ("logits", "logits")], dict(pad_id=1)),
+         LOGITS, dict(pad_id=1)),
     Case("roberta-tok", _roberta, "RobertaForTokenClassification", "roberta", "RobertaForTokenClassification",
-         [HIDDEN, ("logits", "logits")], dict(pad_id=1)),
+         LOGITS, dict(pad_id=1)),
     Case("roberta-qa", lambda d: _roberta(d, num_labels=2), "RobertaForQuestionAnswering", "roberta",
          "RobertaForQuestionAnswering", QA, dict(pad_id=1)),
     Case("albert-pretraining", _albert, "AlbertForPreTraining", "albert", "AlbertForPreTraining", PRETRAIN),
@@ -89,53 +68,7 @@ CASES = [
 ]
 
 
-def _pair(case: Case, dropout=0.1):
-    torch.manual_seed(0)
-    hf = getattr(transformers, case.hf_class)(case.hf_config(dropout))
-    with torch.no_grad():  # non-trivial norms and biases, so that a mapping mix-up shows
-        for n, p in hf.named_parameters():
-            if "norm" in n.lower() or n.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return getattr(model_module(case.module), case.ours).from_hf(hf), hf
-
-
-def _ids(cases):
-    return [c.name for c in cases]
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_eval_parity(case):
-    model, hf = _pair(case)
-    check_eval(model, hf, batch(**case.batch), case.fields, case.name)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_grad_parity(case):
-    model, hf = _pair(case, dropout=0.0)
-    check_grads(model, hf, batch(**case.batch), case.fields, case.name)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_unpadded_equals_padded(case):
-    model, _ = _pair(case)
-    model.eval()
-    inputs = batch(**case.batch)
-    real = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        a, b = model(**inputs), model(**inputs, unpad=True)
-    for name in ("last_hidden_state", "logits", "start_logits", "end_logits"):
-        x, y = getattr(a, name, None), getattr(b, name, None)
-        if x is None:
-            continue
-        if x.shape[:2] == real.shape:
-            x, y = x[real], y[real]
-        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_to_hf_roundtrip(case):
-    model, hf = _pair(case)
-    check_roundtrip(model, hf)
+test_eval_parity, test_grad_parity, test_unpadded_equals_padded, test_to_hf_roundtrip = parity_tests(CASES)
 
 
 def test_electra_pretrainer_shares_embeddings_and_trains():

@@ -15,10 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ._import import model_module  # noqa: E402
+from .parity import check_grads_match, check_roundtrip  # noqa: E402
 
 V, LS, LT, NEW = 100, 12, 9, 12  # vocab, source length, target length, new tokens
 TOL = 1e-4
-hf_tensors = model_module("convert").hf_tensors
 
 
 @dataclass
@@ -122,22 +122,13 @@ def test_gradients(pair):
     assert abs(got.item() - want.item()) <= TOL
     want.backward()
     got.backward()
-    expected = hf_tensors(hf, ours.hf_mapping(), "grad")
-    params = dict(ours.named_parameters())
-    assert set(params) <= set(expected), f"no transformers gradient for {set(params) - set(expected)}"
-    for name, p in params.items():
-        diff = (p.grad - expected[name]).abs().max().item()
-        assert diff <= TOL, f"{name}: gradient differs by {diff:.3g}"
+    check_grads_match(ours, hf, case.name)
     hf.zero_grad(), ours.zero_grad()
 
 
 def test_to_hf_round_trip(pair):
     hf, ours, _ = pair
-    back = ours.to_hf()
-    theirs, again = hf.state_dict(), back.state_dict()
-    for k, v in theirs.items():
-        assert torch.equal(v, again[k]), k
-    assert type(ours).from_hf(back).state_dict().keys() == ours.state_dict().keys()
+    check_roundtrip(ours, hf)
 
 
 def test_cached_decoding_equals_recompute(gen_pair):

@@ -11,7 +11,6 @@ from . import parity  # noqa: E402
 from ._import import model_module  # noqa: E402
 
 xlnet = model_module("xlnet")
-hf_tensors = model_module("convert").hf_tensors
 TOL = 1e-4
 V, L, M = 50, 10, 4
 
@@ -115,15 +114,7 @@ def test_lm_gradients(lm_pair):
         ((b.logits * w).mean() + b.loss).backward()
     finally:
         ours.eval(), hf.eval()
-    theirs = hf_tensors(hf, ours.hf_mapping(), "grad")
-    worst, worst_name = 0.0, None
-    for n, p in ours.named_parameters():
-        assert p.grad is not None and theirs[n] is not None, n
-        d = (p.grad - theirs[n]).abs().max().item()
-        if d > worst:
-            worst, worst_name = d, n
-    parity.MAX_DIFFS.setdefault(f"xlnet_lm[{name}]", {}).update(grad=worst)
-    assert worst < TOL, f"gradient of {worst_name} differs by {worst}"
+    parity.check_grads_match(ours, hf, f"xlnet_lm[{name}]")
 
 
 def test_roundtrip(lm_pair):

@@ -1,12 +1,12 @@
 """attention: every backend against an independent float64 oracle written here (dense masks, plain softmax).
 
 Property style: random shapes (lengths that are multiples of no block size), random compositions of mask
-parts and fresh random data on every run. Each test prints its seed and puts it in failure messages; rerun
-one with PTM_TEST_SEED=<seed>. The Triton interpreter is slow, so it gets fewer and smaller cases.
+parts and random data from each test's seed (tests/conftest.py: fixed per test by default, fresh with
+PTM_TEST_SEED=random; printed, rerun one with PTM_TEST_SEED=<seed>). The Triton interpreter is slow, so it
+gets fewer and smaller cases.
 """
 
 import math
-import os
 import random
 
 import pytest
@@ -18,7 +18,7 @@ from ptm_kernels import AttentionMask, backend, reference_kernels
 from ptm_kernels.attention_mask import alibi_slopes, alibi_table, t5_bucket, t5_relative_table
 from ptm_kernels.ops.attention import _sdpa_mask, op_args
 
-from ..compare import assert_close
+from ..compare import assert_close, reduced_slack_scale
 from ..conftest import DEVICE, backend_params
 
 IMPLS = backend_params("attention")
@@ -51,9 +51,7 @@ class Rng:
 
 
 @pytest.fixture
-def rng():
-    seed = int(os.environ.get("PTM_TEST_SEED") or random.SystemRandom().randrange(2**31))
-    print(f"seed={seed}: rerun with PTM_TEST_SEED={seed}")
+def rng(seed):
     return Rng(seed)
 
 
@@ -243,16 +241,21 @@ def check_case(impl, rng, shape, spec, dtype=torch.float32, layout="contiguous",
     assert_close(out, truth_out, base[0], name=f"{name}: out", precision=dtype, **tol)
     check_lse(lse, truth_lse, base[1], name, dtype, tol)
     labels = ["dq", "dk", "dv"] + [f"d{p}" for p in ("bias", "toeplitz") if p in spec]
+    delta_terms = (dout.double() * truth_out).abs().sum(-1)  # [B, H, Lq]
     for label, g, t, b, leaf in zip(labels, grads, truth_grads, base[2], bases + extra):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"{name}: {label} {g.dtype} {tuple(g.shape)}"
         # A broadcast bias's gradient sums n entries of dS that cancel (each row of dS sums to zero): float32
         # rounding of such a sum grows like sqrt(n) * eps, so the absolute tolerance does too.
-        summed = B * H * Lq * Lk // max(1, leaf.numel()) if label == "dbias" else 1
+        summed = B * H * Lq * Lk // max(1, leaf.numel()) if label in ("dbias", "dtoeplitz") else 1
         g_tol = dict(tol, atol=max(tol["atol"], 16 * math.sqrt(summed) * torch.finfo(torch.float32).eps))
         # Known gap: the Triton backward rounds P and dS to the input dtype before its matmuls (as
         # FlashAttention does), which puts its bf16 bias gradient at up to ~4-5x torch's error, not 2x.
         factor = 6.0 if impl == "triton" and label == "dbias" and dtype in HALF else 2.0
-        assert_close(g, t, b, name=f"{name}: {label}", precision=dtype, factor=factor, **g_tol)
+        # Every kernel takes delta_i = sum_d dO_id O_id from O rounded to the input dtype (as FlashAttention
+        # does; torch's softmax backward does not), so each dS_ij = P_ij (dP_ij - delta_i) carries up to one
+        # rounding of that sum: the half-precision slack of the bias gradients is taken at its size.
+        slack = reduced_slack_scale(delta_terms, summed) if label in ("dbias", "dtoeplitz") else None
+        assert_close(g, t, b, name=f"{name}: {label}", precision=dtype, factor=factor, slack_scale=slack, **g_tol)
     # a row that sees no key: exactly zero output and zero gradient
     empty = ~vis.any(-1)
     if empty.any():

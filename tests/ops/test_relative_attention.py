@@ -4,12 +4,11 @@ target_mapping) and of the original Transformer-XL `RelPartialLearnableMultiHead
 zero-pad reshape, same_length, clamp_len): forward and every gradient, float32 and bfloat16.
 
 The transcriptions run in float64 (the truth) and in the inputs' dtype (torch's own error, the half-precision
-baseline of tests/compare.py). Fresh random data each run; the seed is printed (rerun: PTM_TEST_SEED=<seed>).
+baseline of tests/compare.py). Random data from each test's seed (tests/conftest.py; PTM_TEST_SEED=random draws fresh ones).
 """
 
 import importlib
 import math
-import os
 import random
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 import ptm_kernels as pk
 from ptm_kernels import AttentionMask, backend, reference_relative
 
-from ..compare import assert_close
+from ..compare import assert_close, reduced_slack_scale
 from ..conftest import DEVICE, backend_params
 from .common import run
 
@@ -32,10 +31,7 @@ def interpreted(impl):
 
 
 @pytest.fixture
-def rng():
-    seed = int(os.environ.get("PTM_TEST_SEED") or random.SystemRandom().randrange(2**31))
-    print(f"seed={seed}: rerun with PTM_TEST_SEED={seed}")
-    torch.manual_seed(seed)
+def rng(seed):
     return random.Random(seed)
 
 
@@ -163,18 +159,24 @@ def txl_mask(qlen, mlen, same_length, mem_len):
 
 # Known gap: the Triton backward rounds P and dS to the input dtype before its matmuls, and the [H, D] bias
 # vectors' gradients sum those rounded rows over every query: in bf16 they reach ~5x torch's error, not 2x.
-_TRITON_HALF_FACTOR = {"u": 5.0, "v_bias": 5.0, "s_bias": 5.0, "seg_embed": 5.0}
+_BIAS_VECTORS = ("u", "v_bias", "s_bias", "seg_embed")
+_TRITON_HALF_FACTOR = {n: 5.0 for n in _BIAS_VECTORS}
 
 
 def check_all(outs, grads, truth_outs, truth_grads, base_outs, base_grads, names, dtype, impl="reference"):
     for o, t, b, n in zip(outs, truth_outs, base_outs, ("out", "out_g")):
         assert_close(o, t, b, name=n, precision=dtype, **F32_TOL)
+    # The [H, D] bias vectors' gradients sum q's gradient rows (both streams): their slack follows that sum.
+    dq_rows = [t for t, n in zip(truth_grads, names) if n in ("q", "q_query") and t is not None]
+    rows = sum(t.shape[0] * t.shape[2] for t in dq_rows)
+    reduced = max(reduced_slack_scale(t, rows) for t in dq_rows)
     for g, t, b, n in zip(grads, truth_grads, base_grads, names):
         if t is None:
             continue
         assert g is not None, f"no gradient for {n}"
         factor = _TRITON_HALF_FACTOR.get(n, 2.0) if impl == "triton" and dtype in (torch.bfloat16, torch.float16) else 2.0
-        assert_close(g, t, b, name=f"d{n}", precision=dtype, factor=factor, **F32_TOL)
+        slack = reduced if n in _BIAS_VECTORS else None
+        assert_close(g, t, b, name=f"d{n}", precision=dtype, factor=factor, slack_scale=slack, **F32_TOL)
 
 
 def max_errors(grads, truth_grads, names):
