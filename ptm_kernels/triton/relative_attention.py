@@ -5,24 +5,31 @@ two_stream_attention_fwd/bwd). Layout [B, H, L, D], unit stride in D, any other 
 (stride 0 on B when shared).
 
 Position term without a rel-shift copy: row i (at position p_i) and key j use r row
-t = r_offset - (p_i + Lk - q_len - j) = base_i + j. For a (row tile, key tile) pair the kernel loads, for each
-row, the BLOCK_N rows of r it needs (r[base_i + j0 + n], a [BLOCK_M, BLOCK_N, D_CHUNK] gather over D chunks;
-rows outside [0, R) read as 0) and reduces (q_i + v) . r[t] in registers: exact index arithmetic, valid for
-any row positions (the query stream of XLNet has arbitrary ones), no [Lq, Lk] or [Lq, R] tensor in memory.
-(A tensor-core variant for contiguous rows - one band of BLOCK_M + BLOCK_N rows of r per tile, a dot and a
-diagonal select - is the planned optimisation; this version keeps one code path for both streams.)
+t = r_offset - (p_i + Lk - q_len - j) = base_i + j (rows outside [0, R) give a 0 term); no [Lq, Lk] or [Lq, R]
+tensor in memory. Two forms, chosen per stream by a constexpr flag:
+- band (rows consecutive: positions None, row i at position i): t = c - i + j with c = r_offset - (Lk - q_len),
+  so a (row tile m0.., key tile n0..) pair uses only the BLOCK_M + BLOCK_N - 1 consecutive rows of r from
+  t_lo = c - (m0 + BLOCK_M - 1) + n0. The kernel loads that band (BAND rows, a power of two), computes
+  PB = qv_tile . band^T [BLOCK_M, BAND] on tensor cores and selects pos[i, j] = PB[i, (m0 + BLOCK_M - 1 - i) +
+  (j - n0)] with tl.gather; the backward forms the band image of dS the same way (DPB[i, c] = dS[i, c - (m0 +
+  BLOCK_M - 1 - i)]) and takes dqv += DPB . band, dr[band] += DPB^T . qv_tile: two dots and BAND x D atomics per
+  tile instead of BLOCK_M x BLOCK_N x D loads and atomics.
+- gather (arbitrary rows: the query stream of XLNet with target_mapping): for each row, the BLOCK_N rows of r it
+  needs (r[base_i + j0 + n], a [BLOCK_M, BLOCK_N, D_CHUNK] gather over D chunks), reduced in registers. On a GPU
+  it is also the fallback of every stream when the band kernel does not fit in shared memory (_launch).
 
-Forward: one program per (row tile, b * h, stream); online softmax in base 2, float32 accumulation; the
-two streams of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward: one program per
-(row tile, b * h, stream) recomputes the probabilities from lse, accumulates dqu, dqv and dseg in registers and
-adds dk, dv, dr into float32 buffers with atomics (both streams in one launch, so their sums land in the same
-buffers). Dropout: keep(b, h, i, j) = tl.rand(seed, off) >= p with off = ((b*H + h) * Lr + i) * Lk + j (mod
-2**31), the query stream with seed + 1; deterministic per seed (its own mask, not the reference's).
+Forward: one program per (row tile, b * h, stream); online softmax in base 2, float32 accumulation; the two streams
+of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward: one program per (row tile, b * h,
+stream) recomputes the probabilities from lse, accumulates dqu, dseg and (band form) dqv in registers (the gather
+form adds dqv chunks into its float32 buffer) and adds dk, dv, dr into float32 buffers with atomics (both streams
+in one launch, so their sums land in the same buffers). Dropout: keep(b, h, i, j) = tl.rand(seed, off) >= p with
+off = ((b*H + h) * Lr + i) * Lk + j (mod 2**31), the query stream with seed + 1; deterministic per seed (its own
+mask, not the reference's).
 
-Precision: q.k^T and dO.v^T take the inputs' dtype; the probabilities and dS stay float32 in their dots (tf32 on
-a GPU for 16-bit inputs, "ieee" or tf32 for float32 per torch.backends.cuda.matmul.allow_tf32): the position
-and bias gradients sum dS over many rows, and rounding dS to bfloat16 (as FlashAttention does) tripled their
-error against the float64 truth.
+Precision: q.k^T, dO.v^T and qv.band^T take the inputs' dtype; the probabilities and dS (and DPB) stay float32 in
+their dots (tf32 on a GPU for 16-bit inputs, "ieee" or tf32 for float32 per torch.backends.cuda.matmul.allow_tf32):
+the position and bias gradients sum dS over many rows, and rounding dS to bfloat16 (as FlashAttention does) tripled
+their error against the float64 truth.
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# device-code copies: a compiled (non-interpreted) kernel may read only constexpr globals
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -50,33 +61,65 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(qu, QV_row, R_bh, KIDS_b, seg0, seg1, qid, K_bh, s_kn, s_qd_unused, s_rt, rows, row_ok, base,
-            start_n, Lk, R, scale2,
-            HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-            D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Scaled scores (base 2) of a row tile against keys start_n + [0, BLOCK_N), before the mask, and the
-    key tile k. QV_row: pointers to qv[row, 0] ([BLOCK_M, 1])."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < Lk
-    offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(K_bh + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :],
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    s = _dot(qu, tl.trans(k), PREC, UPCAST)
-    # position term: row m uses r[base_m + n], n = key index
+def _pos_gather(QV_row, R_bh, s_rt, base, offs_n, row_ok, col_ok, R, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
+                D: tl.constexpr):
+    """Position term for rows at arbitrary positions: row m, key n uses r[base_m + n], loaded per (row, key)
+    over D chunks and reduced in registers (float32). QV_row: pointers to qv[row, 0] ([BLOCK_M, 1])."""
     t = base[:, None] + offs_n[None, :]  # int64 [BLOCK_M, BLOCK_N]
     t_ok = (t >= 0) & (t < R) & row_ok[:, None] & col_ok[None, :]
     dc = tl.arange(0, D_CHUNK)
+    pos = tl.zeros(t.shape, dtype=tl.float32)
     for d0 in range(0, BLOCK_D, D_CHUNK):
         dmask = (d0 + dc) < D
         qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
         r3 = tl.load(R_bh + t[:, :, None] * s_rt + (d0 + dc)[None, None, :],
                      mask=t_ok[:, :, None] & dmask[None, None, :], other=0.0)
-        s += tl.sum(qv_c.to(tl.float32)[:, None, :] * r3.to(tl.float32), axis=2)
+        pos += tl.sum(qv_c.to(tl.float32)[:, None, :] * r3.to(tl.float32), axis=2)
+    return pos
+
+
+@triton.jit
+def _band_rows(R_bh, s_rt, t_band, R, offs_d, D: tl.constexpr):
+    """r[t_band] ([BAND, BLOCK_D], input dtype) and which rows exist; rows outside [0, R) read as 0, so the
+    position term of an invalid t is 0."""
+    band_ok = (t_band >= 0) & (t_band < R)
+    r_band = tl.load(R_bh + t_band[:, None] * s_rt + offs_d[None, :], mask=band_ok[:, None] & (offs_d < D)[None, :],
+                     other=0.0)
+    return r_band, band_ok
+
+
+@triton.jit
+def _pos_band(qv, r_band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Position term for consecutive rows: local row m, key n uses band row (BLOCK_M - 1 - m) + n. One dot
+    against the band (tensor cores), then the diagonal select."""
+    pb = _dot(qv, tl.trans(r_band), PREC, UPCAST)  # [BLOCK_M, BAND]
+    idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
+    return tl.gather(pb, idx, axis=1)
+
+
+@triton.jit
+def _band_grad(g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
+    """The transpose of _pos_band's select: dpb[m, c] = g[m, c - (BLOCK_M - 1 - m)] where that key index is in
+    [0, BLOCK_N), else 0 ([BLOCK_M, BAND], float32)."""
+    n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
+    n_ok = (n >= 0) & (n < BLOCK_N)
+    return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
+
+
+@triton.jit
+def _scores(qu, pos, K_bh, s_kn, KIDS_b, seg0, seg1, qid, offs_n, col_ok, scale2, HAS_SEG: tl.constexpr,
+            BLOCK_D: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scaled scores (base 2) of a row tile against the keys offs_n, before the mask, and the key tile k;
+    pos: the position term (_pos_gather or _pos_band)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    k = tl.load(K_bh + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    s = _dot(qu, tl.trans(k), PREC, UPCAST) + pos
     if HAS_SEG:
         kid = tl.load(KIDS_b + offs_n, mask=col_ok, other=0)
         same = qid[:, None] == kid[None, :]
         s += tl.where(same, seg0[:, None], seg1[:, None])
-    return s * scale2, k, offs_n, col_ok
+    return s * scale2, k
 
 
 @triton.jit
@@ -120,10 +163,11 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
                 Lr, wl, wr, seed,
                 K, V, R, KIDS, KSEG, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
                 H, Lk, R_len, q_len, r_offset, scale2, p_drop,
-                CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr, DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, GATHER: tl.constexpr, HAS_SEG: tl.constexpr,
+                HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr,
+                DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
+                D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if pid_m * BLOCK_M < Lr:
         b = bh // H
         h = bh % H
@@ -144,6 +188,10 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
             p = rows64
         ip = p + (Lk - q_len)
         base = r_offset - ip
+        # band path (consecutive rows): the tile's last row meets key 0 at r row t_last
+        t_last = r_offset - (pid_m * BLOCK_M + BLOCK_M - 1 + Lk - q_len).to(tl.int64)
+        if not GATHER:
+            qv = tl.load(QV_row + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         seg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         seg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         qid = tl.zeros([BLOCK_M], dtype=tl.int64)
@@ -176,9 +224,15 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
-            s, k, offs_n, col_ok = _scores(qu, QV_row, R_bh, KIDS_b, seg0, seg1, qid, K_bh, s_kn, 0, s_rt, rows,
-                                           row_ok, base, start_n, Lk, R_len, scale2, HAS_SEG, BLOCK_N, BLOCK_D,
-                                           D_CHUNK, D, PREC, UPCAST)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < Lk
+            if GATHER:  # arbitrary row positions (XLNet's query stream): r[t] per (row, key)
+                pos = _pos_gather(QV_row, R_bh, s_rt, base, offs_n, row_ok, col_ok, R_len, BLOCK_D, D_CHUNK, D)
+            else:  # consecutive rows: the tile needs only the band r[t_last + start_n + c], c < BAND
+                r_band, band_ok = _band_rows(R_bh, s_rt, t_last + start_n + tl.arange(0, BAND), R_len, offs_d, D)
+                pos = _pos_band(qv, r_band, BLOCK_M, BLOCK_N, PREC, UPCAST)
+            s, k = _scores(qu, pos, K_bh, s_kn, KIDS_b, seg0, seg1, qid, offs_n, col_ok, scale2, HAS_SEG, BLOCK_D, D,
+                           PREC, UPCAST)
             vis = _visible(rows, ip, offs_n, row_ok, col_ok, b64, h64, klen, plen, wl, wr, QSEG_b, KSEG_b, DM_bh,
                            s_dmm, s_dmn, CAUSAL, HAS_KLEN, HAS_PREFIX, HAS_VSEG, HAS_DENSE)
             s = tl.where(vis, s, float("-inf"))
@@ -196,7 +250,7 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
             m_i = m_new
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
         tl.store(O + b64 * s_ob + h64 * s_oh + rows64[:, None] * s_om + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + bh64 * Lr + rows, lse, mask=row_ok)
@@ -216,8 +270,8 @@ def _rel_fwd_kernel(
         HAS_VSEG0: tl.constexpr, HAS_DENSE0: tl.constexpr,
         CAUSAL1: tl.constexpr, HAS_POS1: tl.constexpr, HAS_SEG1: tl.constexpr, HAS_KLEN1: tl.constexpr, HAS_PREFIX1: tl.constexpr,
         HAS_VSEG1: tl.constexpr, HAS_DENSE1: tl.constexpr, DROPOUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-        D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
+        D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     stream = tl.program_id(2)
@@ -227,16 +281,18 @@ def _rel_fwd_kernel(
                     s0_om, Lr0, wl0, wr0, seed,
                     K, V, R, KIDS, KSEG, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
                     H, Lk, R_len, q_len, r_offset, scale2, p_drop,
-                    CAUSAL0, HAS_POS0, HAS_SEG0, HAS_KLEN0, HAS_PREFIX0, HAS_VSEG0, HAS_DENSE0, DROPOUT,
-                    BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
+                    CAUSAL0, HAS_POS0, HAS_POS0 or BAND == 0, HAS_SEG0, HAS_KLEN0, HAS_PREFIX0, HAS_VSEG0,
+                    HAS_DENSE0, DROPOUT,
+                    BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
     else:
         _stream_fwd(pid_m, bh, QU1, QV1, SEG1, QIDS1, POS1, QSEG1, KLEN1, PLEN1, DM1, O1, LSE1,
                     s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_ob, s1_oh,
                     s1_om, Lr1, wl1, wr1, seed + 1,
                     K, V, R, KIDS, KSEG, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
                     H, Lk, R_len, q_len, r_offset, scale2, p_drop,
-                    CAUSAL1, HAS_POS1, HAS_SEG1, HAS_KLEN1, HAS_PREFIX1, HAS_VSEG1, HAS_DENSE1, DROPOUT,
-                    BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
+                    CAUSAL1, HAS_POS1, HAS_POS1 or BAND == 0, HAS_SEG1, HAS_KLEN1, HAS_PREFIX1, HAS_VSEG1,
+                    HAS_DENSE1, DROPOUT,
+                    BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
 
 
 @triton.jit
@@ -245,10 +301,11 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
                 Lr, wl, wr, seed,
                 K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
                 H, Lk, R_len, q_len, r_offset, scale2, scale, p_drop,
-                CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr, DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, GATHER: tl.constexpr, HAS_SEG: tl.constexpr,
+                HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr,
+                DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
+                D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if pid_m * BLOCK_M < Lr:
         b = bh // H
         h = bh % H
@@ -264,10 +321,11 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
         qu = tl.load(QU + b64 * s_qub + h64 * s_quh + rows64[:, None] * s_qum + offs_d[None, :], mask=rd_ok,
                      other=0.0)
         QV_row = QV + b64 * s_qvb + h64 * s_qvh + rows64[:, None] * s_qvm
-        qv = tl.load(QV_row + offs_d[None, :], mask=rd_ok, other=0.0)
+        if not GATHER:
+            qv = tl.load(QV_row + offs_d[None, :], mask=rd_ok, other=0.0)
         do = tl.load(DO + b64 * s_dob + h64 * s_doh + rows64[:, None] * s_dom + offs_d[None, :], mask=rd_ok,
                      other=0.0)
-        lse = tl.load(LSE + bh64 * Lr + rows, mask=row_ok, other=float("-inf")) * LOG2E
+        lse = tl.load(LSE + bh64 * Lr + rows, mask=row_ok, other=float("-inf")) * _LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
         delta = tl.load(DELTA + bh64 * Lr + rows, mask=row_ok, other=0.0)
         if HAS_POS:
@@ -276,6 +334,7 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
             p = rows64
         ip = p + (Lk - q_len)
         base = r_offset - ip
+        t_last = r_offset - (pid_m * BLOCK_M + BLOCK_M - 1 + Lk - q_len).to(tl.int64)  # as in _stream_fwd
         seg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         seg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         qid = tl.zeros([BLOCK_M], dtype=tl.int64)
@@ -308,14 +367,22 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
         lo_w = tl.maximum(tl.min(tl.where(row_ok, ip, Lk + wl)) - wl, 0).to(tl.int32)
         lo = tl.where(wl >= 0, (lo_w // BLOCK_N) * BLOCK_N, 0)
         dqu = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dqv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # band path (the gather path adds into DQV)
         DQV_bh = DQV + bh64 * Lr * D  # float32, zero-initialised
         dseg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dseg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dc = tl.arange(0, D_CHUNK)
         for start_n in range(lo, hi, BLOCK_N):
-            s, k, offs_n, col_ok = _scores(qu, QV_row, R_bh, KIDS_b, seg0, seg1, qid, K_bh, s_kn, 0, s_rt, rows,
-                                           row_ok, base, start_n, Lk, R_len, scale2, HAS_SEG, BLOCK_N, BLOCK_D,
-                                           D_CHUNK, D, PREC, UPCAST)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < Lk
+            if GATHER:
+                pos = _pos_gather(QV_row, R_bh, s_rt, base, offs_n, row_ok, col_ok, R_len, BLOCK_D, D_CHUNK, D)
+            else:
+                t_band = t_last + start_n + tl.arange(0, BAND)
+                r_band, band_ok = _band_rows(R_bh, s_rt, t_band, R_len, offs_d, D)
+                pos = _pos_band(qv, r_band, BLOCK_M, BLOCK_N, PREC, UPCAST)
+            s, k = _scores(qu, pos, K_bh, s_kn, KIDS_b, seg0, seg1, qid, offs_n, col_ok, scale2, HAS_SEG, BLOCK_D, D,
+                           PREC, UPCAST)
             vis = _visible(rows, ip, offs_n, row_ok, col_ok, b64, h64, klen, plen, wl, wr, QSEG_b, KSEG_b, DM_bh,
                            s_dmm, s_dmn, CAUSAL, HAS_KLEN, HAS_PREFIX, HAS_VSEG, HAS_DENSE)
             pr = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -342,20 +409,29 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
                 dseg0 += tl.sum(tl.where(same, g, 0.0), 1)
                 dseg1 += tl.sum(tl.where(same, 0.0, g), 1)
             # position term: dqv_m += sum_n g r[t], dr[t] += g qv_m
-            t = base[:, None] + offs_n[None, :]
-            t_ok = (t >= 0) & (t < R_len) & row_ok[:, None] & col_ok[None, :]
-            for d0 in range(0, BLOCK_D, D_CHUNK):
-                dmask = (d0 + dc) < D
-                m3 = t_ok[:, :, None] & dmask[None, None, :]
-                r3 = tl.load(R_bh + t[:, :, None] * s_rt + (d0 + dc)[None, None, :], mask=m3, other=0.0)
-                part = tl.sum(g[:, :, None] * r3.to(tl.float32), axis=1)  # [BLOCK_M, D_CHUNK]
-                # dqv (float32 [B, H, Lr, D], rows owned by this program): read, add, write the chunk
-                dqv_ptr = DQV_bh + rows64[:, None] * D + (d0 + dc)[None, :]
-                cmask = row_ok[:, None] & dmask[None, :]
-                tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + part, mask=cmask)
-                qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
-                tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
-                              g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
+            if GATHER:  # per (row, key), over D chunks
+                t = base[:, None] + offs_n[None, :]
+                t_ok = (t >= 0) & (t < R_len) & row_ok[:, None] & col_ok[None, :]
+                for d0 in range(0, BLOCK_D, D_CHUNK):
+                    dmask = (d0 + dc) < D
+                    m3 = t_ok[:, :, None] & dmask[None, None, :]
+                    r3 = tl.load(R_bh + t[:, :, None] * s_rt + (d0 + dc)[None, None, :], mask=m3, other=0.0)
+                    part = tl.sum(g[:, :, None] * r3.to(tl.float32), axis=1)  # [BLOCK_M, D_CHUNK]
+                    # dqv (float32 [B, H, Lr, D], rows owned by this program): read, add, write the chunk
+                    dqv_ptr = DQV_bh + rows64[:, None] * D + (d0 + dc)[None, :]
+                    cmask = row_ok[:, None] & dmask[None, :]
+                    tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + part, mask=cmask)
+                    qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+                    tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
+                                  g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
+            else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
+                dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND)
+                dqv += _dot(dpb, r_band.to(tl.float32), PREC, UPCAST)
+                dr_t = _dot(tl.trans(dpb), qv.to(tl.float32), PREC, UPCAST)  # [BAND, BLOCK_D]
+                tl.atomic_add(DR_bh + t_band[:, None] * D + offs_d[None, :], dr_t,
+                              mask=band_ok[:, None] & d_ok[None, :])
+        if not GATHER:
+            tl.store(DQV_bh + rows64[:, None] * D + offs_d[None, :], dqv, mask=rd_ok)
         tl.store(DQU + b64 * s_qub + h64 * s_quh + rows64[:, None] * s_qum + offs_d[None, :],
                  dqu.to(DQU.dtype.element_ty), mask=rd_ok)
         if HAS_SEG:
@@ -378,8 +454,8 @@ def _rel_bwd_kernel(
         HAS_VSEG0: tl.constexpr, HAS_DENSE0: tl.constexpr,
         CAUSAL1: tl.constexpr, HAS_POS1: tl.constexpr, HAS_SEG1: tl.constexpr, HAS_KLEN1: tl.constexpr, HAS_PREFIX1: tl.constexpr,
         HAS_VSEG1: tl.constexpr, HAS_DENSE1: tl.constexpr, DROPOUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-        D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
+        D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     stream = tl.program_id(2)
@@ -389,16 +465,18 @@ def _rel_bwd_kernel(
                     s0_doh, s0_dom, Lr0, wl0, wr0, seed,
                     K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
                     H, Lk, R_len, q_len, r_offset, scale2, scale, p_drop,
-                    CAUSAL0, HAS_POS0, HAS_SEG0, HAS_KLEN0, HAS_PREFIX0, HAS_VSEG0, HAS_DENSE0, DROPOUT,
-                    BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
+                    CAUSAL0, HAS_POS0, HAS_POS0 or BAND == 0, HAS_SEG0, HAS_KLEN0, HAS_PREFIX0, HAS_VSEG0,
+                    HAS_DENSE0, DROPOUT,
+                    BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
     else:
         _stream_bwd(pid_m, bh, QU1, QV1, SEG1, QIDS1, POS1, QSEG1, KLEN1, PLEN1, DM1, DO1, LSE1, DELTA1, DQU1, DQV1,
                     DSEG1, s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_dob,
                     s1_doh, s1_dom, Lr1, wl1, wr1, seed + 1,
                     K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
                     H, Lk, R_len, q_len, r_offset, scale2, scale, p_drop,
-                    CAUSAL1, HAS_POS1, HAS_SEG1, HAS_KLEN1, HAS_PREFIX1, HAS_VSEG1, HAS_DENSE1, DROPOUT,
-                    BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
+                    CAUSAL1, HAS_POS1, HAS_POS1 or BAND == 0, HAS_SEG1, HAS_KLEN1, HAS_PREFIX1, HAS_VSEG1,
+                    HAS_DENSE1, DROPOUT,
+                    BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
 
 
 # ================================================================================================ launchers
@@ -411,8 +489,44 @@ def _interpreted(t: Tensor) -> bool:
 def _config(D: int, dtype, device):
     block_d = max(16, triton.next_power_of_2(D))
     if device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, D_CHUNK=min(block_d, 16)), 4
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, D_CHUNK=8), 8
+        cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, D_CHUNK=min(block_d, 16)), 4
+    else:
+        cfg, warps = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, D_CHUNK=8), 8
+    # rows of r one (row tile, key tile) pair uses when its rows are consecutive: BLOCK_M + BLOCK_N - 1
+    cfg["BAND"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"])
+    return cfg, warps
+
+
+# GPU launch options (band path?, num_stages), fastest first. The band path keeps r_band and more dot operands in
+# shared memory, and software pipelining multiplies the loads' buffers. Compiled for sm_90 (triton 3.6 and 3.7)
+# with 3 stages, 16-bit inputs need 64 / 128 KB (forward) and 100 / 205 KB (backward) at D = 64 / 128, float32
+# up to twice that; an H100 / H200 block may have 227 KB, so float32 at D = 128 runs with 2 stages (forward) or
+# 1 (backward with tf32x3), D = 256 with 1 or 2 stages or (float32 backward) the gather path. A kernel that does
+# not fit raises OutOfResources when it is loaded, before it runs (nothing written yet), and the next option is
+# tried; the choice is kept per specialisation. Last resort: every stream on the gather path (BAND = 0), the
+# form that needs the least shared memory. GPUs with less shared memory per block step down the same way.
+_GPU_OPTIONS = ((True, 3), (True, 2), (True, 1), (False, 3), (False, 1))
+_GPU_CHOICE: dict = {}
+
+
+def _launch(kernel, grid, device, cfg, warps, *args, **kw):
+    if device.type == "cpu":  # the interpreter: no resource limits
+        kernel[grid](*args, num_warps=warps, **cfg, **kw)
+        return
+    key = (kernel.fn.__name__, device.index, *sorted(kw.items()), *sorted(cfg.items()), warps,
+           *(a.dtype for a in args if isinstance(a, Tensor)))
+    first = _GPU_CHOICE.get(key, 0)
+    for i in range(first, len(_GPU_OPTIONS)):
+        band, stages = _GPU_OPTIONS[i]
+        try:
+            kernel[grid](*args, num_warps=warps, num_stages=stages, **dict(cfg, BAND=cfg["BAND"] if band else 0),
+                         **kw)
+        except OutOfResources:
+            if i == len(_GPU_OPTIONS) - 1:
+                raise
+            continue
+        _GPU_CHOICE[key] = i
+        return
 
 
 def _prec(dtype, device) -> str:
@@ -496,13 +610,13 @@ def _fwd(k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, streams):
         raise NotImplementedError("ptm_kernels.triton: the two streams' segments() parts must share key ids")
     if len(streams) > 1 and s1.flags[5] and not s0.flags[5]:
         kseg = s1.ks
-    _rel_fwd_kernel[grid](
+    _launch(_rel_fwd_kernel, grid, k.device, cfg, warps,
         *_stream_args(s0, o0, l0), *_stream_args(s1, o1, l1),
         k, v, r, (k_ids.contiguous() if k_ids is not None else s0.q_ids), kseg,
         *k.stride()[:3], *v.stride()[:3], *r.stride()[:3],
         H, Lk, r.shape[2], q_len, r_offset, scale * LOG2E, float(dropout_p), int(seed),
         **_flag_kwargs(s0, s1), DROPOUT=dropout_p > 0, D=D, PREC=_prec(k.dtype, k.device),
-        UPCAST=_interpreted(k) and k.dtype != torch.float32, num_warps=warps, **cfg)
+        UPCAST=_interpreted(k) and k.dtype != torch.float32)
     return outs
 
 
@@ -538,13 +652,13 @@ def _bwd(douts, outs_lses, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, se
     p1 = fixed[1] if len(fixed) > 1 else fixed[0]
     kseg = p0[0].ks if p0[0].flags[5] or len(fixed) == 1 else p1[0].ks
     grid = (triton.cdiv(max(s.Lr for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
-    _rel_bwd_kernel[grid](
+    _launch(_rel_bwd_kernel, grid, k.device, cfg, warps,
         *args(p0), *args(p1),
         k, v, r, (k_ids.contiguous() if k_ids is not None else p0[0].q_ids), kseg, dk, dv, dr,
         *k.stride()[:3], *v.stride()[:3], *r.stride()[:3],
         H, Lk, R, q_len, r_offset, scale * LOG2E, scale, float(dropout_p), int(seed),
         **_flag_kwargs(p0[0], p1[0]), DROPOUT=dropout_p > 0, D=D, PREC=_prec(k.dtype, k.device),
-        UPCAST=_interpreted(k) and k.dtype != torch.float32, num_warps=warps, **cfg)
+        UPCAST=_interpreted(k) and k.dtype != torch.float32)
     res = [(dqu, dqv.to(s.qv.dtype), dseg) for (s, _, _, _, dqu, dqv, dseg) in fixed]
     return res, dk.to(k.dtype), dv.to(v.dtype), dr
 

@@ -372,6 +372,46 @@ def test_mask_parts_padding_and_empty_rows(impl, rng):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_several_row_and_key_tiles(impl, rng):
+    """Rows and keys spanning several tiles (the Triton band path's per-tile offsets into r), r rows missing at
+    both ends (r_offset, short r), segment term, both streams (all rows: consecutive rows in both, and target
+    positions): forward and every gradient against the formula in float64."""
+    B, H, D, Lq, M = 1, 2, 16, rng.randint(33, 40), rng.randint(5, 12)
+    Lk = Lq + M
+    Lg = rng.randint(3, Lq)
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r = randn(H, Lk + rng.randint(0, 5), D)  # shorter than the Lk + Lq - 1 distances
+    u, vb, sb, se = randn(H, D), randn(H, D), randn(H, D), randn(2, H, D)
+    ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
+    r_offset = rng.randint(Lk - 6, Lk + 3)
+    tpos = torch.randperm(Lq, device=DEVICE)[:Lg].view(1, Lg)
+    seg = dict(segment_ids=ids, seg_embed=se, s_bias=sb)
+    window = AttentionMask.causal() & AttentionMask.sliding_window(19, 0)
+
+    def single(q, k, v, r, u, vb):
+        return pk.relative_attention(q, k, v, r, u, vb, r_offset=r_offset, mask=window)
+
+    def all_rows(q, qg, k, v, r, u, vb):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, r_offset=r_offset, query_mask=AttentionMask.causal(),
+                                       **seg)
+
+    def targets(q, qg, k, v, r, u, vb):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos, r_offset=r_offset, **seg)
+
+    cases = [("causal window", [q, k, v, r, u, vb], single),
+             ("two streams, all rows", [q, q.flip(2), k, v, r, u, vb], all_rows),
+             ("two streams, targets", [q, q[:, :, :Lg], k, v, r, u, vb], targets)]
+    for name, inputs, f in cases:
+        outs0 = f(*inputs)
+        gout = [randn(*o.shape) for o in (outs0 if isinstance(outs0, tuple) else (outs0,))]
+        with backend.use(relative_attention=impl):
+            outs, grads = run(f, inputs, gout)
+        truth_outs, truth_grads = run(f, [t.double() for t in inputs], [g.double() for g in gout])
+        for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
+            assert_close(a, t, name=f"{name}: output/gradient {i}", **F32_TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_dropout_reproducible(impl, rng):
     B, H, D, L = 1, 2, 16, 8
     q, k, v = (randn(B, H, L, D) for _ in range(3))
