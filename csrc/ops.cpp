@@ -5,6 +5,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/kernels.h"
+#include "cpu/relative_attention.h"
 #ifdef PTM_WITH_CUDA
 #include "cuda/kernels.h"
 #endif
@@ -28,6 +29,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("attention_fwd", &ptm::cpu::attention_fwd);
   cpu.def("attention_bwd", &ptm::cpu::attention_bwd);
   cpu.def("attention_dropout_mask", &ptm::cpu::attention_dropout_mask);
+  cpu.def("relative_attention_fwd", &ptm::cpu::relative_attention_fwd);
+  cpu.def("relative_attention_bwd", &ptm::cpu::relative_attention_bwd);
+  cpu.def("two_stream_attention_fwd", &ptm::cpu::two_stream_attention_fwd);
+  cpu.def("two_stream_attention_bwd", &ptm::cpu::two_stream_attention_bwd);
   // The tile the CPU attention classifies (and skips) at, whatever the head dim, dtype and device.
   cpu.def("attention_tile", [](int64_t, pybind11::object, pybind11::object) {
     return std::make_tuple(ptm::cpu::kAttentionBlockM, ptm::cpu::kAttentionBlockN);
