@@ -13,7 +13,7 @@ PIP         := $(PY) -m pip
 TORCH       := torch==2.13.0
 TRITON      := triton==3.7.*
 DEV_DEPS    := ninja pybind11 "setuptools>=64" wheel pytest pytest-benchmark numpy transformers expecttest
-SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.inc csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 OUT         ?= out
 
 .PHONY: setup build test bench gpu-check info clean
