@@ -15,6 +15,7 @@ TRITON      := triton==3.7.*
 DEV_DEPS    := ninja pybind11 "setuptools>=64" wheel pytest pytest-benchmark numpy transformers expecttest
 SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.inc csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 OUT         ?= out
+COMMIT      ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: setup build test bench gpu-check info clean
 
@@ -47,16 +48,25 @@ bench: build
 		--benchmark-json=benchmarks/results/last-run.json
 	$(PY) -m benchmarks.report benchmarks/results/last-run.json
 
-# On an H100/H200 lent for a few minutes: its own python3 (torch, triton, nvcc, ninja), no registry.
+# On an H100/H200 lent for a few minutes: its own python3 (torch, triton, nvcc, ninja), no registry. One call
+# gets 10 minutes, so each step is time-boxed and writes its log as it goes: the op tests and benchmarks (the
+# kernels themselves) run before the model ones, and whatever finished is reported. Pass COMMIT=<sha> when
+# the copy has no .git, so that the results name the commit they measured.
+GPU_PYTEST := python3 -m pytest -q -p no:cacheprovider
 gpu-check:
 	mkdir -p $(OUT)
-	( nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" ) > $(OUT)/device.txt 2>&1
+	( nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; echo "commit $(COMMIT)" ) > $(OUT)/device.txt 2>&1
 	PTM_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 python3 -m pip install --no-deps --no-build-isolation -e . > $(OUT)/build.log 2>&1 \
 		|| { tail -50 $(OUT)/build.log; exit 1; }
 	python3 -m ptm_kernels.info > $(OUT)/info.txt 2>&1; cat $(OUT)/info.txt
-	-python3 -m pytest tests -q -ra --maxfail=50 > $(OUT)/tests.log 2>&1; tail -30 $(OUT)/tests.log
-	-python3 -m pytest benchmarks -q -p no:cacheprovider --benchmark-json=$(OUT)/bench.json > $(OUT)/bench.log 2>&1; tail -5 $(OUT)/bench.log
-	-python3 -m benchmarks.report $(OUT)/bench.json --out $(OUT)
+	-timeout 180 $(GPU_PYTEST) -ra --maxfail=50 tests/ops tests/build tests/test_info.py > $(OUT)/tests-ops.log 2>&1; tail -15 $(OUT)/tests-ops.log
+	-timeout 120 $(GPU_PYTEST) benchmarks/test_attention.py benchmarks/test_memory_bound_ops.py benchmarks/test_relative_attention.py \
+		--benchmark-json=$(OUT)/bench-ops.json > $(OUT)/bench-ops.log 2>&1; tail -3 $(OUT)/bench-ops.log
+	-timeout 60 $(GPU_PYTEST) -ra --maxfail=20 tests/models > $(OUT)/tests-models.log 2>&1; tail -5 $(OUT)/tests-models.log
+	-timeout 60 $(GPU_PYTEST) benchmarks/test_models_encoders.py benchmarks/test_models_decoders.py \
+		benchmarks/test_models_seq2seq.py benchmarks/test_models_relative.py \
+		--benchmark-json=$(OUT)/bench-models.json > $(OUT)/bench-models.log 2>&1; tail -3 $(OUT)/bench-models.log
+	-PTM_KERNELS_COMMIT=$(COMMIT) python3 -m benchmarks.report $(OUT)/bench-ops.json $(OUT)/bench-models.json --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info ptm_kernels/*.so $(VENV)/.built

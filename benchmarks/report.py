@@ -1,6 +1,9 @@
 """Turn a pytest-benchmark JSON into ratios against the baseline measured in the same run.
 
-    python -m benchmarks.report benchmarks/results/last-run.json [--out benchmarks/results]
+    python -m benchmarks.report benchmarks/results/last-run.json [more.json ...] [--out benchmarks/results]
+
+Several JSONs (e.g. the op and model halves of a time-boxed GPU run) are merged; a missing or unreadable one
+(a run cut off by its time limit writes none) is reported and skipped.
 
 Writes <out>/<device>.json (device, versions, commit, date, one row per case) and <out>/<device>.md, and
 prints the table. Speedup = baseline time / ptm time (> 1 means ptm-kernels is faster).
@@ -38,6 +41,8 @@ def _slug(name: str) -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("PTM_KERNELS_COMMIT"):  # a copied working tree without .git (the GPU machine)
+        return os.environ["PTM_KERNELS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -106,11 +111,19 @@ def table(rows: list) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("bench_json")
+    ap.add_argument("bench_json", nargs="+")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
-    with open(args.bench_json) as f:
-        rows = rows_from(json.load(f))
+    merged = {"benchmarks": []}
+    for path in args.bench_json:
+        try:
+            with open(path) as f:
+                merged["benchmarks"] += json.load(f)["benchmarks"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"skipping {path}: {e}")
+    if not merged["benchmarks"]:
+        raise SystemExit("no benchmark results to report")
+    rows = rows_from(merged)
     device = _device_name()
     result = {"device": device, "versions": _versions(), "commit": _commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
