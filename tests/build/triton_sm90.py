@@ -1,0 +1,282 @@
+"""Compile ptm_kernels' Triton kernels for sm_90 without a GPU, driving the real launchers (helper of
+test_triton_compile.py; run as `python tests/build/triton_sm90.py FAMILY`, with TRITON_INTERPRET unset).
+
+The launchers run on small CPU tensors with their device helpers patched to answer as an H100 would
+(capability 9.0, 132 SMs, not interpreted). Each kernel launch is intercepted by a stand-in for the kernel
+object: it binds the launch's arguments exactly as Triton's launcher would (signature, constexprs,
+divisibility specialisation, options), compiles them for GPUTarget("cuda", 90, 32) (Triton -> PTX -> ptxas ->
+cubin), and, like the CUDA driver when a kernel is loaded, raises OutOfResources if the kernel needs more
+shared memory than an H100 block may have. Launchers with a fallback ladder (attention's config lists,
+relative attention's stages / band -> gather options) then step down as they would on the GPU.
+
+Prints one line `RESULT {json}` per compile (ok, out_of_resources or error) and per case (ok / error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real: Triton reads it when a kernel is defined
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import compile as triton_compile  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import ptm_kernels.triton.activations as ACT  # noqa: E402
+import ptm_kernels.triton.attention as ATTN  # noqa: E402
+import ptm_kernels.triton.norms as NORMS  # noqa: E402
+import ptm_kernels.triton.relative_attention as REL  # noqa: E402
+import ptm_kernels.triton.rope as ROPE  # noqa: E402
+
+CAPABILITY = (9, 0)
+NUM_SMS = 132  # H100 SXM
+SMEM_LIMIT = 232448  # bytes of shared memory an H100 / H200 block may have (227 KB, opt-in)
+TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
+CUDA = torch.device("cuda", 0)
+
+_case = ""  # the case being run (for the records)
+
+
+def emit(**rec):
+    print("RESULT " + json.dumps(rec), flush=True)
+
+
+def _brief(x):
+    return x if isinstance(x, (bool, int, float, str)) or x is None else type(x).__name__
+
+
+class CompilingKernel:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` compiles the launch for sm_90."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getattr__(self, name):  # .fn, .arg_names, ... as the real kernel
+        return getattr(self.kernel, name)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args, kwargs):
+        k = self.kernel
+        name = k.fn.__name__
+        const = {a: _brief(v) for a, v in kwargs.items() if a[:1].isupper() or a.startswith("num_")}
+        t0 = time.time()
+        try:
+            binder = create_function_from_signature(k.signature, k.params, BACKEND)
+            bound_args, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = k._pack_args(BACKEND, dict(kwargs), bound_args, specialization,
+                                                                 options)
+            compiled = triton_compile(ASTSource(k, signature, constexprs, attrs), target=TARGET,
+                                      options=options.__dict__)
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            cause = e.__cause__ or e.__context__
+            while cause is not None and len(msg) < 20000:
+                msg += f"\n  caused by {type(cause).__name__}: {cause}"
+                cause = cause.__cause__ or cause.__context__
+            emit(case=_case, kernel=name, config=const, status="error", error=msg[-6000:],
+                 seconds=round(time.time() - t0, 2))
+            raise CompileFailed(name) from e
+        shared = int(compiled.metadata.shared)
+        status = "ok" if shared <= SMEM_LIMIT else "out_of_resources"
+        emit(case=_case, kernel=name, config=const, status=status, shared=shared,
+             num_stages=options.num_stages, num_warps=options.num_warps, seconds=round(time.time() - t0, 2))
+        if status != "ok":
+            raise OutOfResources(shared, SMEM_LIMIT, "shared memory")
+
+
+class CompileFailed(Exception):
+    pass
+
+
+def patch_device():
+    """The launchers' device helpers answer as an H100 would (this process only)."""
+    for mod in (ACT, ATTN, NORMS, REL, ROPE):
+        for attr in dir(mod):
+            obj = getattr(mod, attr)
+            if isinstance(obj, triton.runtime.jit.JITFunction) and attr.endswith("_kernel"):
+                setattr(mod, attr, CompilingKernel(obj))
+    NORMS.num_programs = ACT.num_programs = lambda device: NUM_SMS
+    ATTN._interpreted = lambda device: False
+    ATTN._capability = lambda device: CAPABILITY
+    ATTN._num_sms = lambda device: NUM_SMS
+    REL._interpreted = lambda t: False
+    config, prec, launch = REL._config, REL._prec, REL._launch
+    REL._config = lambda D, dtype, device: config(D, dtype, CUDA)
+    REL._prec = lambda dtype, device: prec(dtype, CUDA)
+    REL._launch = lambda kernel, grid, device, *a, **kw: launch(kernel, grid, CUDA, *a, **kw)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ cases
+def norm_cases():
+    for dn, dt in DTYPES.items():
+        # C: one-pass with 4 / 16 warps (forward), and the two-pass loop
+        for C in (1000, 8192, 20000):
+            x = torch.randn(4, C, dtype=dt)
+            full = dn == "bf16" or C == 1000
+            combos = [(r, w, b) for r in (False, True) for w in (False, True) for b in (False, True)] if full \
+                else [(False, False, False), (True, True, True)]
+            for res, hw, hb in combos:
+                w = torch.randn(C, dtype=dt if not (dn == "bf16" and hb) else torch.float32) if hw else None
+                bias = torch.randn(C, dtype=dt) if hb else None
+                r = torch.randn(4, C, dtype=dt) if res else None
+                tag = f"{dn} C={C} residual={res} weight={hw}{'(fp32)' if w is not None and w.dtype != dt else ''}"
+                yield f"rms_norm_fwd {tag} round={hb}", lambda: NORMS.rms_norm_fwd(x, w, r, 1e-6, hb)
+                yield f"rms_norm_bwd {tag}", lambda: NORMS.rms_norm_bwd(x, x, w, torch.ones(4), r)
+                yield f"layer_norm_fwd {tag} bias={hb}", lambda: NORMS.layer_norm_fwd(x, w, bias, r, 1e-5)
+                yield (f"layer_norm_bwd {tag} bias={hb}",
+                       lambda: NORMS.layer_norm_bwd(x, x, w, torch.zeros(4), torch.ones(4), r, hb))
+
+
+def activation_cases():
+    for dn, dt in DTYPES.items():
+        for act in ACT._ACTS:
+            for C in (1000, 8):  # tiles [2, 1024] and [128, 16]
+                x = torch.randn(300, C, dtype=dt)
+                for hb in (False, True):
+                    b = torch.randn(C, dtype=dt) if hb else None
+                    yield f"act_fwd {dn} {act} C={C} bias={hb}", lambda: ACT.act_fwd(x, b, act)
+                    yield f"act_bwd {dn} {act} C={C} bias={hb}", lambda: ACT.act_bwd(x, x, b, act)
+            g = torch.randn(3000, dtype=dt)
+            yield f"glu_fwd {dn} {act}", lambda: ACT.glu_fwd(g, g, act)
+            yield f"glu_bwd {dn} {act}", lambda: ACT.glu_bwd(g, g, g, act)
+
+
+def rope_cases():
+    for dn, dt in DTYPES.items():
+        for D in (64, 128):
+            x = torch.randn(2, 8, 16, D, dtype=dt)
+            pos = torch.arange(16).view(1, 16)
+            cos = torch.randn(32, D // 2)
+            for inter in (False, True):
+                for inv in (False, True):
+                    for rot in (D, D // 2):
+                        if dn != "bf16" and (inv or rot != D):
+                            continue
+                        c = cos[:, : rot // 2].contiguous()
+                        yield (f"rope {dn} D={D} interleaved={inter} inverse={inv} rotary_dim={rot}",
+                               lambda: ROPE.rope_fwd(x, c, c, pos, inter, rot, inv))
+
+
+def attention_cases(dn):
+    dt = DTYPES[dn]
+    B, H, L = 2, 40, 256  # enough query tiles to fill 132 SMs: no split-K outside decoding
+    for D in (64, 128):
+        q, k, v = (torch.randn(B, H, L, D, dtype=dt) for _ in range(3))
+        lse = torch.zeros(B, H, L)
+        seg = torch.zeros(B, L, dtype=torch.int64)
+        dense = torch.ones(B, H, L, L, dtype=torch.bool)
+        bias = torch.randn(1, H, L, L)
+        toep = torch.randn(H, 2 * L - 1)
+        bm, bn = ATTN.attention_tile(D, dt, CUDA)
+        bmap = torch.ones(B, H, triton.cdiv(L, bm), triton.cdiv(L, bn), dtype=torch.int8)
+        none = (False, -1, -1, None, None, None, None, None, None, None, None, 0, 0, 0.0, 0)
+        causal = (True, -1, -1, None, None, None, None, None, None, None, None, 0, 0, 0.0, 0)
+        heavy = (True, 64, 3, torch.tensor([200]), torch.tensor([10]), seg, seg, dense, bias, toep, bmap, bm, bn,
+                 0.1, 7)
+        masks = {"none": none, "causal": causal, "causal+window+klen+prefix+seg+dense+bias+toeplitz+dropout+map": heavy}
+        if dn == "fp16":  # the 16-bit paths are bf16's: a subset
+            masks.pop("none")
+        for mname, margs in masks.items():
+            yield f"attention_fwd {dn} D={D} {mname}", lambda: ATTN.attention_fwd(q, k, v, 0.1, *margs)
+            grads = (margs is heavy, margs is heavy)
+            yield (f"attention_bwd {dn} D={D} {mname}{' dbias+dtoeplitz' if grads[0] else ''}",
+                   lambda: ATTN.attention_bwd(q, q, k, v, q, lse, 0.1, *margs, *grads))
+        qd = torch.randn(1, 2, 1, D, dtype=dt)
+        kd, vd = torch.randn(1, 2, 1024, D, dtype=dt), torch.randn(1, 2, 1024, D, dtype=dt)
+        yield f"attention_fwd {dn} D={D} decode (split-K + combine)", lambda: ATTN.attention_fwd(qd, kd, vd, 0.1, *none)
+    if dn == "bf16":
+        yield "attention_dropout_mask", lambda: ATTN.attention_dropout_mask(3, 0.1, 1, 1, 100, 100, "cpu")
+
+
+def _stream(B, H, L, D, dt, flags):
+    """A stream's 13 arguments; flags: subset of {causal, pos, seg, klen, prefix, vseg, dense}."""
+    qu, qv = torch.randn(B, H, L, D, dtype=dt), torch.randn(B, H, L, D, dtype=dt)
+    ids = torch.zeros(B, L, dtype=torch.int64)
+    return (qu, qv,
+            torch.randn(B, H, L, 2) if "seg" in flags else None,
+            ids if "seg" in flags else None,
+            torch.arange(L).view(1, L).expand(B, L) if "pos" in flags else None,
+            "causal" in flags, -1, -1,
+            torch.tensor([L] * B) if "klen" in flags else None,
+            torch.tensor([4] * B) if "prefix" in flags else None,
+            ids if "vseg" in flags else None, ids if "vseg" in flags else None,
+            torch.ones(B, 1, L, L, dtype=torch.bool) if "dense" in flags else None)
+
+
+def relative_cases(dn):
+    dt = DTYPES[dn]
+    B, H, L = 1, 2, 128
+    single = {"band causal": {"causal"},
+              "band seg+klen+vseg+dense dropout": {"seg", "klen", "vseg", "dense"},
+              "gather (positions) causal+klen+prefix": {"causal", "pos", "klen", "prefix"}}
+    two = {"two-stream band|gather seg+dense": ({"seg", "dense"}, {"pos", "seg", "dense"})}
+    for D in (64, 128):
+        k, v = torch.randn(B, H, L, D, dtype=dt), torch.randn(B, H, L, D, dtype=dt)
+        r = torch.randn(1, H, 2 * L, D, dtype=dt).expand(B, H, 2 * L, D)
+        kids = torch.zeros(B, L, dtype=torch.int64)
+        lse = torch.zeros(B, H, L)
+        for name, flags in single.items():
+            s = _stream(B, H, L, D, dt, flags)
+            p = 0.1 if "dropout" in name else 0.0
+            shared = (k, v, r, kids if "seg" in flags else None, 0.1, L, L, p, 5)
+            yield f"relative_attention_fwd {dn} D={D} {name}", lambda: REL.relative_attention_fwd(*shared, *s)
+            yield (f"relative_attention_bwd {dn} D={D} {name}",
+                   lambda: REL.relative_attention_bwd(s[0], s[0], lse, *shared, *s))
+        for name, (f0, f1) in two.items():
+            s0, s1 = _stream(B, H, L, D, dt, f0), _stream(B, H, L, D, dt, f1)
+            shared = (k, v, r, kids, 0.1, L, L, 0.1, 5)
+            yield f"two_stream_attention_fwd {dn} D={D} {name}", lambda: REL.two_stream_attention_fwd(*shared, *s0, *s1)
+            yield (f"two_stream_attention_bwd {dn} D={D} {name}",
+                   lambda: REL.two_stream_attention_bwd(s0[0], s0[0], lse, s1[0], s1[0], lse, *shared, *s0, *s1))
+
+
+FAMILIES = {
+    "norms": norm_cases,
+    "activations": activation_cases,
+    "rope": rope_cases,
+    **{f"attention-{dn}": (lambda dn=dn: attention_cases(dn)) for dn in DTYPES},
+    **{f"relative_attention-{dn}": (lambda dn=dn: relative_cases(dn)) for dn in DTYPES},
+}
+
+
+def main(family: str, only: str = "") -> None:
+    global _case
+    patch_device()
+    emit(triton=triton.__version__, family=family)
+    for name, run in FAMILIES[family]():
+        if only and only not in name:
+            continue
+        _case = name
+        ATTN._FALLBACK.clear()  # each case finds its own first launch option that fits
+        REL._GPU_CHOICE.clear()
+        try:
+            run()
+        except CompileFailed as e:
+            emit(case=name, status="error", error=f"kernel {e} failed to compile (see its record)")
+        except OutOfResources as e:
+            emit(case=name, status="error", error=f"no launch option fits an sm_90 block: {e}")
+        except Exception:
+            emit(case=name, status="error", error="launcher raised:\n" + traceback.format_exc()[-4000:])
+        else:
+            emit(case=name, status="ok")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
