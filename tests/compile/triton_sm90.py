@@ -1,5 +1,5 @@
 """Compile ptm_kernels' Triton kernels for sm_90 without a GPU, driving the real launchers (helper of
-test_triton_compile.py; run as `python tests/build/triton_sm90.py FAMILY`, with TRITON_INTERPRET unset).
+test_triton_compile.py; run as `python tests/compile/triton_sm90.py FAMILY`, with TRITON_INTERPRET unset).
 
 The launchers run on small CPU tensors with their device helpers patched to answer as an H100 would
 (capability 9.0, 132 SMs, not interpreted). Each kernel launch is intercepted by a stand-in for the kernel

@@ -5,7 +5,7 @@ for a GPU (device code reading a plain Python global, an op or layout the NVIDIA
 errors, shared memory beyond the device's limit). Triton compiles for an NVIDIA target without a GPU (ptxas
 ships in the triton wheel), so this runs anywhere triton has its NVIDIA backend.
 
-How: tests/build/triton_sm90.py, in a subprocess per kernel family with TRITON_INTERPRET unset (Triton reads
+How: tests/compile/triton_sm90.py, in a subprocess per kernel family with TRITON_INTERPRET unset (Triton reads
 it when a kernel is defined; tests/conftest.py sets it for this process), runs the real launchers on small
 CPU tensors with their device helpers answering as an H100 (capability 9.0, 132 SMs, not interpreted). Each
 kernel launch is intercepted, bound exactly as Triton's launcher binds it (signature, constexprs,
