@@ -158,6 +158,38 @@ def _keep(seed, bh64, rows, offs_n, Lr, Lk, p_drop):
 
 
 @triton.jit
+def _row_terms(POS, SEG, QIDS, KLEN, PLEN, pid_m, b, b64, bh64, rows, rows64, row_ok, Lr, Lk, q_len, r_offset,
+               HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """What a row tile needs besides its q rows, the same for forward and backward: -> (ip: the rows'
+    positions among the keys, base: r row t = base + j, t_last: the band start (consecutive rows: the tile's
+    last row meets key 0 at r row t_last), seg0, seg1, qid: the segment term, klen, plen: this batch row's
+    key length and prefix length)."""
+    if HAS_POS:
+        p = tl.load(POS + b64 * Lr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        p = rows64
+    ip = p + (Lk - q_len)
+    base = r_offset - ip
+    t_last = r_offset - (pid_m * BLOCK_M + BLOCK_M - 1 + Lk - q_len).to(tl.int64)
+    seg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    seg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    qid = tl.zeros([BLOCK_M], dtype=tl.int64)
+    if HAS_SEG:
+        seg_ptr = SEG + (bh64 * Lr + rows64) * 2
+        seg0 = tl.load(seg_ptr, mask=row_ok, other=0.0)
+        seg1 = tl.load(seg_ptr + 1, mask=row_ok, other=0.0)
+        qid = tl.load(QIDS + b64 * Lr + rows, mask=row_ok, other=0)
+    klen = 0
+    if HAS_KLEN:
+        klen = tl.load(KLEN + b)
+    plen = 0
+    if HAS_PREFIX:
+        plen = tl.load(PLEN + b)
+    return ip, base, t_last, seg0, seg1, qid, klen, plen
+
+
+@triton.jit
 def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
                 s_qub, s_quh, s_qum, s_qvb, s_qvh, s_qvm, s_dmb, s_dmh, s_dmm, s_dmn, s_ob, s_oh, s_om,
                 Lr, wl, wr, seed,
@@ -182,30 +214,11 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
         qu = tl.load(QU + b64 * s_qub + h64 * s_quh + rows64[:, None] * s_qum + offs_d[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         QV_row = QV + b64 * s_qvb + h64 * s_qvh + rows64[:, None] * s_qvm
-        if HAS_POS:
-            p = tl.load(POS + b64 * Lr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
-            p = rows64
-        ip = p + (Lk - q_len)
-        base = r_offset - ip
-        # band path (consecutive rows): the tile's last row meets key 0 at r row t_last
-        t_last = r_offset - (pid_m * BLOCK_M + BLOCK_M - 1 + Lk - q_len).to(tl.int64)
         if not GATHER:
             qv = tl.load(QV_row + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        seg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        seg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        qid = tl.zeros([BLOCK_M], dtype=tl.int64)
-        if HAS_SEG:
-            seg_ptr = SEG + (bh64 * Lr + rows64) * 2
-            seg0 = tl.load(seg_ptr, mask=row_ok, other=0.0)
-            seg1 = tl.load(seg_ptr + 1, mask=row_ok, other=0.0)
-            qid = tl.load(QIDS + b64 * Lr + rows, mask=row_ok, other=0)
-        klen = 0
-        if HAS_KLEN:
-            klen = tl.load(KLEN + b)
-        plen = 0
-        if HAS_PREFIX:
-            plen = tl.load(PLEN + b)
+        ip, base, t_last, seg0, seg1, qid, klen, plen = _row_terms(
+            POS, SEG, QIDS, KLEN, PLEN, pid_m, b, b64, bh64, rows, rows64, row_ok, Lr, Lk, q_len, r_offset,
+            HAS_POS, HAS_SEG, HAS_KLEN, HAS_PREFIX, BLOCK_M)
         K_bh = K + b64 * s_kb + h64 * s_kh
         V_bh = V + b64 * s_vb + h64 * s_vh
         R_bh = R + b64 * s_rb + h64 * s_rh
@@ -328,27 +341,9 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
         lse = tl.load(LSE + bh64 * Lr + rows, mask=row_ok, other=float("-inf")) * _LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
         delta = tl.load(DELTA + bh64 * Lr + rows, mask=row_ok, other=0.0)
-        if HAS_POS:
-            p = tl.load(POS + b64 * Lr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
-            p = rows64
-        ip = p + (Lk - q_len)
-        base = r_offset - ip
-        t_last = r_offset - (pid_m * BLOCK_M + BLOCK_M - 1 + Lk - q_len).to(tl.int64)  # as in _stream_fwd
-        seg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        seg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        qid = tl.zeros([BLOCK_M], dtype=tl.int64)
-        if HAS_SEG:
-            seg_ptr = SEG + (bh64 * Lr + rows64) * 2
-            seg0 = tl.load(seg_ptr, mask=row_ok, other=0.0)
-            seg1 = tl.load(seg_ptr + 1, mask=row_ok, other=0.0)
-            qid = tl.load(QIDS + b64 * Lr + rows, mask=row_ok, other=0)
-        klen = 0
-        if HAS_KLEN:
-            klen = tl.load(KLEN + b)
-        plen = 0
-        if HAS_PREFIX:
-            plen = tl.load(PLEN + b)
+        ip, base, t_last, seg0, seg1, qid, klen, plen = _row_terms(
+            POS, SEG, QIDS, KLEN, PLEN, pid_m, b, b64, bh64, rows, rows64, row_ok, Lr, Lk, q_len, r_offset,
+            HAS_POS, HAS_SEG, HAS_KLEN, HAS_PREFIX, BLOCK_M)
         K_bh = K + b64 * s_kb + h64 * s_kh
         V_bh = V + b64 * s_vb + h64 * s_vh
         R_bh = R + b64 * s_rb + h64 * s_rh
