@@ -40,7 +40,7 @@ import ptm_kernels as pk
 from ptm_kernels import AttentionMask, backend
 from tests.ops.test_relative_attention import txl_attention, txl_mask, xlnet_reference
 
-from .common import DEVICE, GPU, check_close, fwd_bwd, measure, sync
+from .common import DEVICE, GPU, check_close, fwd_bwd, measure, record_peak_memory, reset_peak_memory
 
 try:
     from ptm_kernels.models import xlnet
@@ -62,12 +62,6 @@ def _leaf(*shape, dtype, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_(True)
 
 
-def _record_peak(benchmark):
-    if GPU:
-        sync()
-        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
 _CPU_BF16 = "bfloat16 on a 2-core CPU: the Transformer-XL L=512 forward only, to keep the file short"
 
 
@@ -82,8 +76,7 @@ def _check(impl, fn, eager, inputs, dtype, name):
 
 
 def _time(benchmark, fn, inputs, grads, *, group, case, impl, passes, flops):
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     if passes == "fwd":
         with torch.no_grad():
             measure(benchmark, lambda: fn(*inputs), group=group, case=case, impl=impl, passes=passes, flops=flops,
@@ -91,7 +84,7 @@ def _time(benchmark, fn, inputs, grads, *, group, case, impl, passes, flops):
     else:
         measure(benchmark, fwd_bwd(lambda: fn(*inputs), inputs, grads), group=group, case=case, impl=impl,
                 passes=passes, flops=flops * 3.5, rounds=ROUNDS)
-    _record_peak(benchmark)
+    record_peak_memory(benchmark)
     if impl != "eager":
         benchmark.extra_info["backend"] = backend.select("relative_attention", DEVICE)
 
