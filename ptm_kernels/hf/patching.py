@@ -1,0 +1,70 @@
+"""The patch table behind `ptm_kernels.hf.apply` / `revert`: which transformers families we know, and an undo log.
+
+A family module (`ptm_kernels/hf/llama.py`, `bert.py`, ...) registers one function per group of HF model types:
+
+    @family("llama", "mistral", "qwen2")
+    def patch_llama(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
+        for layer in model.model.layers:
+            patcher.set(layer.input_layernorm, "forward", fused_forward)   # recorded, undone by revert()
+
+Every change goes through `Patcher.set`, so `revert` restores exactly the objects that were there before
+(bit-identical outputs). A family function refuses (raises, naming the config field) a configuration it cannot
+reproduce: "refuse or honour".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Tuple
+
+from torch import nn
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchOptions:
+    """What `apply` replaces; each flag is a group of modules or functions."""
+
+    attention: bool = True  # attention through ptm_kernels.attention (analytic masks, fused biases)
+    norms: bool = True      # RMSNorm / LayerNorm (with the residual add fused where the block allows it)
+    rope: bool = True       # rotary embeddings
+    mlp: bool = True        # activations / gated MLPs / bias+GELU
+    loss: bool = True       # fused (linear) cross-entropy in *ForCausalLM / *ForMaskedLM / *ForConditionalGeneration
+
+
+class Patcher:
+    """Sets attributes and remembers the old values so that `undo` puts every one of them back."""
+
+    def __init__(self) -> None:
+        self._log: List[Tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
+        self._log.append((obj, name, old))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        for obj, name, old in reversed(self._log):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self._log.clear()
+
+
+PatchFn = Callable[[nn.Module, PatchOptions, Patcher], None]
+FAMILIES: Dict[str, PatchFn] = {}
+
+
+def family(*model_types: str) -> Callable[[PatchFn], PatchFn]:
+    """Register `fn` as the patch for HF `config.model_type` in `model_types`."""
+
+    def register(fn: PatchFn) -> PatchFn:
+        for t in model_types:
+            if t in FAMILIES:
+                raise ValueError(f"model_type {t!r} registered twice")
+            FAMILIES[t] = fn
+        return fn
+
+    return register
