@@ -131,16 +131,38 @@ def train_step(params, loss):
     return step
 
 
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field))
+
+
+_cpu_rss_before = None
+
+
 def reset_peak_memory():
+    """Start a peak-memory window. GPU: the allocator's peak. CPU (Linux): the resident-set high-water mark,
+    reset through /proc/self/clear_refs, so the peak *growth* of what runs next can be read (what a training
+    step adds on top of the weights already resident)."""
+    global _cpu_rss_before
     if GPU:
         torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _cpu_rss_before = _proc_status_mb("VmRSS")
+    except (OSError, StopIteration):
+        _cpu_rss_before = None
 
 
 def record_peak_memory(benchmark):
-    """On a GPU: the peak memory since reset_peak_memory, in extra_info (peak_mem_mb)."""
+    """The peak memory since reset_peak_memory, in extra_info (peak_mem_mb): GPU: max allocated; CPU: the
+    growth of the resident-set peak over the resident set at the reset (absent where /proc is not there)."""
     if GPU:
         sync()
         benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    elif _cpu_rss_before is not None:
+        benchmark.extra_info["peak_mem_mb"] = round(_proc_status_mb("VmHWM") - _cpu_rss_before, 1)
 
 
 def record_tokens_per_s(benchmark, tokens: int):

@@ -32,7 +32,8 @@ if not HAVE_PYTEST_BENCHMARK:
                     fn()
                 times.append((time.perf_counter() - t0) / iterations)
             _RESULTS.append({"name": self.name, "group": self.group, "extra_info": self.extra_info,
-                             "stats": {"median": statistics.median(times), "min": min(times), "rounds": rounds}})
+                             "stats": {"median": statistics.median(times), "min": min(times), "max": max(times),
+                                       "rounds": rounds}})
 
     @pytest.fixture
     def benchmark(request):
@@ -47,3 +48,18 @@ if not HAVE_PYTEST_BENCHMARK:
         if path:
             with open(path, "w") as f:
                 json.dump({"benchmarks": _RESULTS, "machine_info": {}, "commit_info": {}}, f, indent=1)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """`make bench` runs for many minutes: say which case is running, not only pytest's dots."""
+    reporter = _CONFIG.pluginmanager.get_plugin("terminalreporter") if _CONFIG else None
+    if reporter is not None:
+        reporter.write_line(f"running {nodeid.split('::', 1)[-1]}")
+
+
+_CONFIG = None
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
