@@ -362,3 +362,51 @@ def __getattr__(name):  # resolved on use: reference_relative imports this modul
         from . import reference_relative
         return getattr(reference_relative, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------- cross-entropy
+# logits [N, V] contiguous, labels [N] int64, each in [0, V) or equal to ignore_index (the op checks that).
+# With s = label_smoothing, z = z_loss and lse = logsumexp(x) of a row x (all in float32, float64 here for
+# float64 logits), a labelled row's loss is torch's (1 - s) * nll + s * mean_j(-log_softmax(x)_j) plus z * lse^2:
+#     loss = lse - (1 - s) * x[y] - (s / V) * sum(x) + z * lse^2         (the sum term only when s > 0)
+# and an ignored row's loss is 0. Its gradient, for an incoming dloss:
+#     dx = dloss * (softmax(x) * (1 + 2 z lse) - (1 - s) * onehot(y) - s / V)
+# multiplied by 0 on ignored rows (never by their dloss, which is inf for a "mean" over no labelled row: torch
+# gives zeros there), so NaN logits still give NaN there, as torch's log_softmax backward does.
+
+
+def cross_entropy_fwd(logits: Tensor, labels: Tensor, ignore_index: int, label_smoothing: float, z_loss: float):
+    """-> (loss [N], lse [N]) in float32 (float64 for float64 logits)."""
+    x = logits.to(_compute_dtype(logits))
+    valid = labels != ignore_index
+    # max + log(sum(exp(x - max))), as torch's log_softmax computes it (torch.logsumexp instead special-cases
+    # infinities): a +inf logit gives NaN (inf - inf), a row of -inf gives NaN, like F.cross_entropy.
+    m = x.max(-1, keepdim=True).values if x.shape[0] else x.new_zeros(0, 1)
+    lse = (m + torch.log(torch.exp(x - m).sum(-1, keepdim=True))).squeeze(1)
+    target = x.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    loss = lse - (1.0 - label_smoothing) * target
+    if label_smoothing > 0:  # skipped at 0: 0 * sum(x) would turn an infinite sum into NaN
+        loss = loss - (label_smoothing / x.shape[1]) * x.sum(-1)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    return torch.where(valid, loss, torch.zeros_like(loss)), lse
+
+
+def cross_entropy_bwd(dloss: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
+                      label_smoothing: float, z_loss: float, inplace: bool) -> Tensor:
+    """-> dlogits in logits' dtype; inplace=True writes it into `logits` and returns it (the fused linear
+    cross-entropy's chunk of logits is not needed afterwards)."""
+    cd = _compute_dtype(logits)
+    valid = labels != ignore_index
+    lse_ = lse.to(cd)[:, None]
+    g = torch.exp(logits.to(cd) - lse_)
+    if z_loss > 0:
+        g = g * (1.0 + 2.0 * z_loss * lse_)
+    if label_smoothing > 0:
+        g = g - label_smoothing / logits.shape[1]
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    g[rows, torch.where(valid, labels, 0)] -= (1.0 - label_smoothing) * valid.to(cd)
+    g = g * torch.where(valid, dloss.to(cd), 0.0)[:, None]
+    if inplace:
+        return logits.copy_(g)
+    return g.to(logits.dtype)
