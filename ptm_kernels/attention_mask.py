@@ -26,15 +26,22 @@ A bool key-padding mask becomes lengths when every row is a prefix of True (chec
 built; under torch.compile it is not checked); otherwise it is a dense part of shape [B, 1, 1, Lk], O(Lk)
 memory, broadcast over heads and queries.
 
-The mask does not know the shapes until it is used. `block_map(...)` and the kernel arguments are computed
-per (B, H, Lq, Lk, device, tile) and cached on the object, so every layer of a model reuses them: treat the
-tensors given to a mask as immutable. Dropout is not a mask part: it is `attention(..., dropout_p=)`.
+The mask does not know the shapes until it is used; then every part checks its sizes against q and k (an
+error names the part and both sizes). `block_map(...)` and the kernel arguments are computed per
+(B, H, Lq, Lk, device, tile) and cached on the object, so every layer of a model reuses them. A tensor given
+to a part may still be changed in place (or `set_` to other storage) later: each use compares the tensors'
+version counters and data pointers with those the mask was built from, and on a change rebuilds the mask
+from its parts, so the result follows the new values. (Under torch.compile this check is not made: a traced
+graph reads the mask's tensors as they were built.) Dropout is not a mask part: it is
+`attention(..., dropout_p=)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -77,7 +84,14 @@ class AttentionMask:
     dense_mask: Optional[Tensor] = None  # bool, 4-D
     additive_bias: Optional[Tensor] = None  # float, 4-D
     toeplitz_table: Optional[Tensor] = None  # float [H|1, Lq + Lk - 1]
+    key_mask_widths: Tuple[int, ...] = ()  # the Lk each key_padding(mask=) part was given (its column count)
     _cache: Dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    # How to rebuild the mask from the user's tensors when one changes in place: the constructor calls it was
+    # built from (a mask made with AttentionMask(...) directly stands for itself), and the stamp
+    # (version, data pointer) of each of their tensors at build time.
+    _parts: Tuple = dataclasses.field(default=(), init=False, repr=False)
+    _stamp: Tuple = dataclasses.field(default=(), init=False, repr=False)
+    _rebuilt: Dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     # ------------------------------------------------------------------------------------------ parts
 
@@ -110,24 +124,25 @@ class AttentionMask:
         if (lengths is None) == (mask is None):
             raise ValueError("key_padding: give exactly one of lengths= or mask=")
         if lengths is not None:
-            return cls(key_lengths=_lengths("key_padding lengths", lengths))
+            return _built_from(cls(key_lengths=_lengths("key_padding lengths", lengths)), "key_padding", lengths)
         _checks.tensor("key_padding mask", mask, dtypes=(torch.bool,) + INT_DTYPES)
         if mask.dim() == 1:
             mask = mask.unsqueeze(0)
         if mask.dim() != 2:
             raise ValueError(f"key_padding mask must be [B, Lk] or [Lk], got shape {tuple(mask.shape)}")
-        mask = mask.bool()
-        if not torch.compiler.is_compiling():  # a data-dependent check: one sync, once per mask
+        given, mask, width = mask, mask.bool(), (mask.shape[1],)
+        if not torch.compiler.is_compiling():  # a data-dependent check: one sync, once per mask (and rebuild)
             n = mask.sum(-1)
             if torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < n[:, None]):
-                return cls(key_lengths=n.to(torch.int64))
-        return cls(dense_mask=mask[:, None, None, :])
+                return _built_from(cls(key_lengths=n.to(torch.int64), key_mask_widths=width), "key_padding",
+                                   mask=given)
+        return _built_from(cls(dense_mask=mask[:, None, None, :], key_mask_widths=width), "key_padding", mask=given)
 
     @classmethod
     def prefix_lm(cls, lengths: Lengths) -> "AttentionMask":
         """Prefix-LM (UniLM seq2seq, GLM): keys j < lengths[b] are visible to every query (the bidirectional
         prefix); after it, attention is causal (bottom-right aligned). Includes the causal part."""
-        return cls(prefix_lengths=_lengths("prefix_lm lengths", lengths))
+        return _built_from(cls(prefix_lengths=_lengths("prefix_lm lengths", lengths)), "prefix_lm", lengths)
 
     @classmethod
     def segments(cls, q_ids: Tensor, k_ids: Optional[Tensor] = None) -> "AttentionMask":
@@ -141,22 +156,22 @@ class AttentionMask:
                 raise ValueError(f"{name} must be [B, L] or [L], got shape {tuple(t.shape)}")
             return t
 
-        q_ids = ids("segments q_ids", q_ids)
-        return cls(q_ids=q_ids, k_ids=None if k_ids is None else ids("segments k_ids", k_ids))
+        mask = cls(q_ids=ids("segments q_ids", q_ids), k_ids=None if k_ids is None else ids("segments k_ids", k_ids))
+        return _built_from(mask, "segments", q_ids, k_ids)
 
     @classmethod
     def dense(cls, mask: Tensor) -> "AttentionMask":
         """Any visibility pattern: bool, True = visible, broadcastable to [B, H, Lq, Lk] (2 to 4 dims).
         Costs O(its size) memory; the kernels still skip its empty tiles (see `block_map`)."""
         _checks.tensor("dense mask", mask, dtypes=(torch.bool,))
-        return cls(dense_mask=_four_d("dense mask", mask))
+        return _built_from(cls(dense_mask=_four_d("dense mask", mask)), "dense", mask)
 
     @classmethod
     def bias(cls, bias: Tensor) -> "AttentionMask":
         """An additive float bias, broadcastable to [B, H, Lq, Lk]; gets a gradient (summed over the
         broadcast dimensions) when it requires grad. -inf entries mask, like SDPA's float masks."""
         _checks.tensor("bias", bias)
-        return cls(additive_bias=_four_d("bias", bias))
+        return _built_from(cls(additive_bias=_four_d("bias", bias)), "bias", bias)
 
     @classmethod
     def toeplitz(cls, table: Tensor) -> "AttentionMask":
@@ -167,7 +182,7 @@ class AttentionMask:
         if table.dim() != 2:
             raise ValueError(f"toeplitz table must be [H, Lq + Lk - 1] or [Lq + Lk - 1], got shape "
                              f"{tuple(table.shape)}")
-        return cls(toeplitz_table=table)
+        return _built_from(cls(toeplitz_table=table), "toeplitz", table)
 
     @classmethod
     def alibi(cls, slopes: Tensor, Lq: int, Lk: int) -> "AttentionMask":
@@ -186,7 +201,7 @@ class AttentionMask:
                              "cancel the bidirectional prefix. Use prefix_lm alone.")
         if a.q_ids is not None and b.q_ids is not None:
             raise ValueError("two segments parts: combine the ids into one part (e.g. ids1 * n + ids2)")
-        return AttentionMask(
+        both = AttentionMask(
             is_causal=a.is_causal or b.is_causal,
             is_causal_top_left=a.is_causal_top_left or b.is_causal_top_left,
             window_left=_combine(min, a.window_left, b.window_left),
@@ -199,7 +214,13 @@ class AttentionMask:
             additive_bias=_combine(_broadcasting(torch.add, "biases"), a.additive_bias, b.additive_bias),
             toeplitz_table=_combine(_broadcasting(torch.add, "toeplitz tables"), a.toeplitz_table,
                                     b.toeplitz_table),
+            key_mask_widths=a.key_mask_widths + b.key_mask_widths,
         )
+        if not torch.compiler.is_compiling():  # the stamps at the parts' construction, so a change made
+            # to a tensor between building a part and this `&` is still seen
+            object.__setattr__(both, "_parts", a._recipe() + b._recipe())
+            object.__setattr__(both, "_stamp", a._built_stamp() + b._built_stamp())
+        return both
 
     def __repr__(self) -> str:
         parts = []
@@ -227,12 +248,19 @@ class AttentionMask:
 
     def visibility(self, B: int, H: int, Lq: int, Lk: int, device) -> Visibility:
         """The kernel's visibility arguments for these shapes, checked (cached)."""
+        current = self._current()
+        if current is not self:
+            return current.visibility(B, H, Lq, Lk, device)
         device = torch.device(device)
         return self._cached(("visibility", B, H, Lq, Lk, device),
                             lambda: self._visibility(B, H, Lq, Lk, device))
 
     def _visibility(self, B, H, Lq, Lk, device) -> Visibility:
         full = (B, H, Lq, Lk)
+        for width in self.key_mask_widths:
+            if width != Lk:
+                raise ValueError(f"key_padding mask has {width} columns but there are Lk = {Lk} keys; it must be "
+                                 f"[B, Lk] = [{B} or 1, {Lk}]")
         left = -1 if self.window_left is None else self.window_left
         right = -1 if self.window_right is None else self.window_right
         causal = self.is_causal or self.prefix_lengths is not None
@@ -262,6 +290,9 @@ class AttentionMask:
     def scores(self, B: int, H: int, Lq: int, Lk: int, q: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(bias, toeplitz table) as the kernels take them: bias 4-D broadcastable in q's dtype or float32,
         table [H, Lq + Lk - 1] in float32 (float64 for float64 q). Differentiable, so never cached."""
+        current = self._current()
+        if current is not self:
+            return current.scores(B, H, Lq, Lk, q)
         bias = table = None
         if self.additive_bias is not None:
             bias = self.additive_bias
@@ -296,6 +327,9 @@ class AttentionMask:
         """
         if not self.has_visibility:
             return None
+        current = self._current()
+        if current is not self:
+            return current.block_map(B, H, Lq, Lk, block_m, block_n, device)
         device = torch.device(device) if device is not None else self._device()
         key = ("block_map", B, H, Lq, Lk, block_m, block_n, device)
         return self._cached(key, lambda: self._block_map(B, H, Lq, Lk, block_m, block_n, device))
@@ -365,6 +399,28 @@ class AttentionMask:
                 return t.device
         return torch.device("cpu")
 
+    def _recipe(self) -> Tuple:
+        """The parts to rebuild this mask from: its constructor calls, or the mask itself if made directly."""
+        return self._parts if self._parts else (self,)
+
+    def _built_stamp(self) -> Tuple:
+        return self._stamp if self._parts else _stamp((self,))
+
+    def _current(self) -> "AttentionMask":
+        """This mask, or, if a tensor it was built from changed in place since, the mask rebuilt from its parts
+        (kept until the next change: its own cache then serves the later calls)."""
+        if not self._parts or torch.compiler.is_compiling():
+            return self
+        stamp = _stamp(self._parts)
+        if stamp == self._stamp:
+            return self
+        hit = self._rebuilt.get("mask")
+        if hit is None or hit[0] != stamp:
+            parts = (p if isinstance(p, AttentionMask) else getattr(AttentionMask, p[0])(*p[1], **p[2])
+                     for p in self._parts)
+            hit = self._rebuilt["mask"] = (stamp, functools.reduce(operator.and_, parts))
+        return hit[1]
+
     def _cached(self, key, compute):
         if torch.compiler.is_compiling():  # no side effects inside a traced graph
             return compute()
@@ -424,6 +480,36 @@ def t5_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int, 
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _built_from(built: AttentionMask, constructor: str, *args, **kwargs) -> AttentionMask:
+    """Record on a new mask the constructor call that built it (to rebuild it if its tensors change)."""
+    if torch.compiler.is_compiling():  # no stamps of fake tensors; a traced mask is not rebuilt
+        return built
+    parts = ((constructor, args, kwargs),)
+    object.__setattr__(built, "_parts", parts)
+    object.__setattr__(built, "_stamp", _stamp(parts))
+    return built
+
+
+def _stamp(parts: Tuple) -> Tuple:
+    """(version counter, data pointer) of every tensor the parts were built from: any in-place change bumps
+    the version, `set_` or a new storage changes the pointer."""
+    tensors = []
+    for p in parts:
+        if isinstance(p, AttentionMask):
+            tensors += [getattr(p, f.name) for f in dataclasses.fields(p)]
+        else:
+            tensors += list(p[1]) + list(p[2].values())
+    return tuple(_tensor_stamp(t) for t in tensors if isinstance(t, Tensor))
+
+
+def _tensor_stamp(t: Tensor) -> Tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change in place later)
+        version = None
+    return version, t.data_ptr()
 
 
 def _combine(fn, a, b):

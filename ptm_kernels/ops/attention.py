@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import backend
+from .. import backend, fallbacks
 from ..attention_mask import AttentionMask
 from . import _checks
 
@@ -182,41 +182,95 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  enable_gqa: bool = False) -> Tensor:
     """A drop-in for torch.nn.functional.scaled_dot_product_attention (same arguments, same meaning).
 
-    attn_mask: bool (True = takes part) or float (added to the scores), broadcastable to [..., L, S].
-    is_causal is top-left aligned like torch's (key j visible to query i iff j <= i, also when L != S; our
-    AttentionMask.causal() is bottom-right aligned); with an attn_mask too, both apply (torch's fused CPU
-    kernel does the same, its math kernel refuses). A bool mask of shape [B|1, 1, 1, S] becomes key padding
-    (lengths when each row is a prefix), a float mask made only of 0 and -inf becomes a bool mask, other
-    masks take the dense path with block skipping. A row with no visible key gives zeros, like torch >= 2.5
-    (older torch gave NaN). Inputs may be 2-D to 4-D; the value head dim must equal the query's. Dropout
-    draws from torch's default generator, as torch does, but a different mask.
+    What the kernels cover runs on them: 2-D to 4-D q, k, v of one float dtype and device with equal batch
+    dims, head dims 16 to 256 (the value's equal to the query's), no empty dimension, k and v of one shape
+    (fewer heads with enable_gqa), an attn_mask that is bool or of q's dtype and broadcasts to [..., L, S],
+    dropout_p in [0, 1), a finite scale, and not is_causal together with attn_mask. Everything else
+    is handed to torch's own function, which computes it or raises its own error, and is counted in
+    `ptm_kernels.fallbacks` with the reason; so this function raises exactly where torch does.
+
+    attn_mask: bool (True = takes part) or float (added to the scores). is_causal is top-left aligned like
+    torch's (key j visible to query i iff j <= i, also when L != S; our AttentionMask.causal() is bottom-right
+    aligned). A bool mask of shape [B|1, 1, 1, S] becomes key padding (lengths when each row is a prefix), a
+    float mask made only of 0 and -inf becomes a bool mask, other masks take the dense path with block
+    skipping. A row with no visible key gives zeros, like torch 2.13 on CPU for bool and -inf masks alike.
+    A NaN propagates as in torch's math kernel (torch's fused CPU kernel instead gives 0 for a query row that
+    holds a NaN when there is no mask). Dropout draws from torch's default generator, as torch does, but a
+    different mask.
     """
-    dims = query.dim() if isinstance(query, Tensor) else 0
-    if not 2 <= dims <= 4:
-        raise ValueError(f"query must have 2 to 4 dimensions ([B, H, L, E] or fewer), got "
-                         f"{tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__}")
-
-    def four_d(name, t):
-        _checks.tensor(name, t, dim=dims)
-        return t.view((1,) * (4 - dims) + tuple(t.shape))
-
-    q, k, v = four_d("query", query), four_d("key", key), four_d("value", value)
-    if q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(f"query has {q.shape[1]} heads but key has {k.shape[1]}; pass enable_gqa=True for "
-                         f"grouped-query attention")
+    reason = _sdpa_uncovered(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is not None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        fallbacks.record("scaled_dot_product_attention", reason)  # after torch accepted it: not for errors
+        return out
+    dims = query.dim()
+    q, k, v = (t.view((1,) * (4 - dims) + tuple(t.shape)) for t in (query, key, value))
     mask = AttentionMask.causal(align="top_left") if is_causal else AttentionMask()
     if attn_mask is not None:
-        mask = mask & _sdpa_mask(attn_mask, dims, q)
+        _check_sdpa_mask_broadcast(attn_mask, query, key)
+        mask = _sdpa_mask(attn_mask, dims, q)
     out = attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)
-    return out.view(query.shape[:-1] + (out.shape[-1],))
+    return out.view(query.shape)
+
+
+def _sdpa_uncovered(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[str]:
+    """Why the kernels do not cover these SDPA arguments (then torch's SDPA runs them), or None.
+
+    Also every argument torch refuses ends here, so torch raises its own error for it."""
+    qkv = (query, key, value)
+    if not all(isinstance(t, Tensor) for t in qkv) or not isinstance(is_causal, bool) or \
+            not isinstance(enable_gqa, bool):
+        return "argument types"
+    if not 2 <= query.dim() <= 4:
+        return f"{query.dim()}-D inputs"
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        return "q, k, v of different ranks"
+    if len({t.dtype for t in qkv}) > 1 or query.dtype not in _checks.FLOAT_DTYPES:
+        return f"dtype {query.dtype}" if query.dtype not in _checks.FLOAT_DTYPES else "mixed dtypes"
+    if len({t.device for t in qkv}) > 1:
+        return "q, k, v on different devices"
+    if query.device.type not in ("cpu", "cuda"):
+        return f"device {query.device.type}"
+    if value.shape[-1] != query.shape[-1]:
+        return "value head dim != query head dim"
+    if not MIN_HEAD_DIM <= query.shape[-1] <= MAX_HEAD_DIM:
+        return f"head dim outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if key.shape != value.shape or key.shape[-1] != query.shape[-1] or key.shape[:-3] != query.shape[:-3]:
+        return "q, k, v shapes the kernels do not take (broadcast batch, different k and v)"
+    if query.dim() >= 3:
+        H, Hk = query.shape[-3], key.shape[-3]
+        if H != Hk and not (enable_gqa and Hk > 0 and H % Hk == 0):
+            return "q, k heads differ without grouped-query attention"
+    if any(n == 0 for t in qkv for n in t.shape):
+        return "an empty dimension"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or attn_mask.dtype not in (torch.bool, query.dtype):
+            return "attn_mask dtype"
+        if not 2 <= attn_mask.dim() <= query.dim():
+            return "attn_mask rank"
+        if attn_mask.device != query.device:
+            return "attn_mask on another device"
+        if is_causal:  # torch's kernels differ: some apply both, some refuse
+            return "is_causal with attn_mask"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        return "dropout_p outside [0, 1)"
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        return "scale not a finite number"
+    return None
+
+
+def _check_sdpa_mask_broadcast(attn_mask: Tensor, query: Tensor, key: Tensor) -> None:
+    """torch raises RuntimeError for an attn_mask that does not broadcast to [..., L, S]; so do we, saying which."""
+    scores = tuple(query.shape[:-1]) + (key.shape[-2],)  # [..., H, L, S]: the query's heads also under GQA
+    if any(m not in (1, f) for m, f in zip(attn_mask.shape[::-1], scores[::-1])):
+        raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the attention "
+                           f"scores' shape {list(scores)} (L = {scores[-2]} queries, S = {scores[-1]} keys)")
 
 
 def _sdpa_mask(attn_mask: Tensor, dims: int, q: Tensor) -> AttentionMask:
     """An SDPA attn_mask as an AttentionMask: recognise key padding, else dense (bool) or bias (float)."""
-    _checks.tensor("attn_mask", attn_mask, dtypes=(torch.bool,) + _checks.FLOAT_DTYPES)
-    if attn_mask.dim() > dims:
-        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} has more dimensions than query "
-                         f"({dims}); it must broadcast to [..., L, S]")
     m = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if m.dtype != torch.bool and not m.requires_grad and not torch.compiler.is_compiling():
         hidden = torch.isneginf(m)
