@@ -15,8 +15,11 @@ reproduce: "refuse or honour".
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from typing import Any, Callable, Dict, List, Tuple
 
+import torch
 from torch import nn
 
 _MISSING = object()
@@ -44,9 +47,22 @@ class Patcher:
         self._log.append((obj, name, old))
         setattr(obj, name, value)
 
+    def set_method(self, obj: Any, name: str, fn: Callable, **bound: Any) -> None:
+        """Set `obj.name` to `fn` bound to obj (an instance attribute: this object only, not its class).
+        `bound` keyword arguments are passed to every call (per-instance settings of the patch)."""
+        # a MethodType (not a closure over obj), so copy.deepcopy(model) binds the copy to the copied object
+        self.set(obj, name, types.MethodType(functools.partial(fn, **bound) if bound else fn, obj))
+
+    def on_undo(self, fn: Callable[[], None]) -> None:
+        """Call `fn` when undoing, in reverse order with the attribute restores (for changes made through an
+        API, e.g. `model.set_attn_implementation`)."""
+        self._log.append((None, fn, _MISSING))
+
     def undo(self) -> None:
         for obj, name, old in reversed(self._log):
-            if old is _MISSING:
+            if obj is None:
+                name()
+            elif old is _MISSING:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
@@ -68,3 +84,29 @@ def family(*model_types: str) -> Callable[[PatchFn], PatchFn]:
         return fn
 
     return register
+
+
+def refuse(config: Any, field: str, why: str) -> None:
+    """Raise for a configuration the patches cannot reproduce, naming the config field ("refuse or honour")."""
+    raise ValueError(f"hf.apply: {getattr(config, 'model_type', '?')} config.{field}: {why}")
+
+
+def checkpointable(forward: Callable) -> Callable:
+    """`forward` for a transformers GradientCheckpointingLayer instance, keeping its gradient checkpointing.
+
+    transformers checkpoints those layers inside the class's `forward` wrapper; an instance-level forward
+    replaces that wrapper, so this does the same: under `model.gradient_checkpointing_enable()` in training,
+    run `forward` through the layer's checkpoint function, without the KV cache (as transformers does).
+    """
+
+    @functools.wraps(forward)
+    def layer_forward(self, *args, **kwargs):
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            if not getattr(self, "_can_checkpoint_with_cache", False) and kwargs.get("cache") is not None:
+                kwargs["cache"] = None
+            return self._gradient_checkpointing_func(functools.partial(forward, self, **kwargs), *args)
+        return forward(self, *args, **kwargs)
+
+    return layer_forward

@@ -1,0 +1,1 @@
+"""Patches for GPT-2 and GPT-Neo (being written)."""

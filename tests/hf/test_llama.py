@@ -1,0 +1,202 @@
+"""hf.apply on Llama, Mistral and Qwen2: patched vs unpatched transformers on the same weights."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs transformers")
+
+import ptm_kernels.hf as hf  # noqa: E402
+from ptm_kernels import AttentionMask  # noqa: E402
+
+from tests.compare import assert_close  # noqa: E402
+
+VOCAB = 128
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+
+
+def build(kind="llama", **overrides):
+    cfg = dict(SMALL, **overrides)
+    if kind == "llama":
+        config, cls = transformers.LlamaConfig(**cfg), transformers.LlamaForCausalLM
+    elif kind == "mistral":
+        config, cls = transformers.MistralConfig(sliding_window=5, **cfg), transformers.MistralForCausalLM
+    else:  # qwen2: q/k/v biases, and a sliding window on the upper layer
+        config = transformers.Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=1, **cfg)
+        cls = transformers.Qwen2ForCausalLM
+    model = cls(config)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def batch(B=3, L=12):
+    ids = torch.randint(0, VOCAB, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding (training collators pad right)
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def forward_backward(model, inputs):
+    """(logits without labels, loss with labels, {name: grad})."""
+    model.zero_grad()
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    loss = model(**inputs).loss
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def real_rows(logits, inputs):
+    return logits[inputs["attention_mask"].bool()]
+
+
+KINDS = ["llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_logits_loss_gradients(kind):
+    model = build(kind)
+    inputs = batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model)
+    got = forward_backward(model, inputs)
+    assert_close(real_rows(got[0], inputs), real_rows(want[0], inputs), name="logits")
+    assert_close(got[1], want[1], name="loss")
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bfloat16_within_twice_torch_error(kind):
+    """Error against the float64 model within 2x the error of the unpatched bf16 model (+ a rounding unit)."""
+    truth = build(kind).double()
+    base = copy.deepcopy(truth).to(torch.bfloat16)
+    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
+    inputs = batch()
+    t, b, p = (forward_backward(m, inputs) for m in (truth, base, patched))
+    assert_close(real_rows(p[0], inputs), real_rows(t[0], inputs), real_rows(b[0], inputs), name="logits")
+    assert_close(p[1], t[1], b[1], name="loss", precision=torch.bfloat16)
+    for name in t[2]:
+        assert_close(p[2][name], t[2][name], b[2][name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_revert_is_bitwise(kind):
+    model = build(kind)
+    inputs = batch()
+    before = forward_backward(model, inputs)
+    hf.apply(model)
+    forward_backward(model, inputs)
+    hf.revert(model)
+    assert model.config._attn_implementation == "sdpa"
+    after = forward_backward(model, inputs)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert all(torch.equal(before[2][n], after[2][n]) for n in before[2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generate_token_identical_left_padded(kind):
+    model = build(kind).eval()
+    ids = torch.randint(1, VOCAB, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    hf.apply(model)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    single = model.generate(ids[1:2], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(single, want[1:2])
+
+
+def test_loss_returns_no_logits_and_follows_num_items_in_batch_and_logits_to_keep():
+    model = build()
+    inputs = batch()
+    inputs["labels"] = inputs["labels"][:, -5:]  # transformers scores the kept positions only
+    n = torch.tensor(17)
+    want = model(**inputs, num_items_in_batch=n, logits_to_keep=5).loss
+    hf.apply(model)
+    out = model(**inputs, num_items_in_batch=n, logits_to_keep=5)
+    assert out.logits is None
+    assert_close(out.loss, want, name="loss / num_items_in_batch over the last 5 positions")
+    as_tuple = model(**inputs, logits_to_keep=5, return_dict=False)
+    assert_close(as_tuple[0], model(**inputs, logits_to_keep=5).loss, name="return_dict=False")
+
+
+def test_apply_contract():
+    model = build()
+    with pytest.raises(TypeError, match="instance"):
+        hf.apply(transformers.LlamaForCausalLM)
+    hf.apply(model)
+    assert hf.apply(model) is model  # the same options again: nothing to do
+    with pytest.raises(ValueError, match="already patched"):
+        hf.apply(model, loss=False)
+    hf.revert(model)
+    with pytest.raises(ValueError, match="not patched"):
+        hf.revert(model)
+    other = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="gpt_neox.*supported: .*llama"):
+        hf.apply(other)
+
+
+def test_refuses_an_activation_it_cannot_fuse():
+    model = build(hidden_act="relu")
+    with pytest.raises(ValueError, match="hidden_act"):
+        hf.apply(model)
+    assert not hf.is_applied(model) and "forward" not in model.model.layers[0].__dict__  # left as it was
+    inputs = batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model, mlp=False)
+    got = forward_backward(model, inputs)
+    assert_close(got[1], want[1], name="loss with mlp=False")
+
+
+def test_each_group_alone_matches():
+    inputs = batch()
+    model = build()
+    want = forward_backward(model, inputs)
+    for group in ("attention", "norms", "rope", "mlp", "loss"):
+        only = {g: g == group for g in ("attention", "norms", "rope", "mlp", "loss")}
+        hf.apply(model, **only)
+        got = forward_backward(model, inputs)
+        hf.revert(model)
+        assert_close(got[1], want[1], name=f"loss with {group} only")
+        for name, g in want[2].items():
+            assert_close(got[2][name], g, name=f"{group} only: grad {name}")
+
+
+def test_gradient_checkpointing_still_checkpoints():
+    model = build()
+    model.activation_checkpointing_enable()
+    model.train()
+    inputs = batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model)
+    calls = []
+    func = model.model.layers[0]._gradient_checkpointing_func
+    model.model.layers[0]._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or func(*a, **k)
+    got = forward_backward(model, inputs)
+    assert calls, "the patched layer skipped gradient checkpointing"
+    assert_close(got[1], want[1], name="loss")
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
+
+
+def test_compiled_decoder_layer_fullgraph():
+    model = build()
+    hf.apply(model)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    position_ids = torch.arange(9).unsqueeze(0)
+    cos_sin = model.model.rotary_emb(x, position_ids)
+    mask = AttentionMask.causal()
+    eager = layer(x, attention_mask=mask, position_embeddings=cos_sin)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x, attention_mask=mask, position_embeddings=cos_sin)
+    assert_close(out, eager, name="compiled layer")
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(eager.sum(), x)
+    assert_close(gx, want, name="compiled layer dx")
