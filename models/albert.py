@@ -41,6 +41,7 @@ class AlbertConfig(BertConfig):
 
     @classmethod
     def from_hf(cls, hf_config):
+        cls.check_hf(hf_config)
         kw = config_kwargs(cls, hf_config)
         kw["classifier_dropout"] = kw.get("classifier_dropout_prob")  # what the shared heads read
         return cls(**kw)

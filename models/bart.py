@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from ptm_kernels.nn import LayerNorm
 
+from . import activations
+from .convert import refuse_unless
 from .seq2seq import CrossAttention, DecoderLayer, EncoderDecoderLM, EncoderLayer, FeedForward, SelfAttention
 
 
@@ -146,7 +148,11 @@ class TransformerSeq2Seq(EncoderDecoderLM):
     def config_from_hf(cls, hf_model):
         h = hf_model.config
         if getattr(h, "add_final_layer_norm", False) or getattr(h, "normalize_before", False):
-            raise NotImplementedError("mBART-style pre-norm configs: use a model that sets pre_norm")
+            raise NotImplementedError("mBART-style pre-norm configs (config fields add_final_layer_norm, "
+                                      "normalize_before): use a model that sets pre_norm")
+        activations.check(h.activation_function, "activation_function")
+        # LayerDrop skips whole layers at random in training: not implemented here
+        refuse_unless(h, h.model_type, encoder_layerdrop=0.0, decoder_layerdrop=0.0)
         return cls.config_class(**{k: getattr(h, k) for k in cls.config_class.HF_FIELDS})
 
     def hf_config(self):

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-from .convert import HFTwin, config_kwargs, prefixed
+from . import activations
+from .convert import HFTwin, config_kwargs, load_into_hf, prefixed, refuse_unless
 from .encoder import (BERT_LAYER_NAMES, BiasAct, Embeddings, EncoderLayer, Packing, embeddings_mapping,
                       layer_mapping, padding_mask, unpack)
 
@@ -45,7 +46,14 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf_config):
+        cls.check_hf(hf_config)
         return cls(**config_kwargs(cls, hf_config))
+
+    @classmethod
+    def check_hf(cls, hf_config) -> None:
+        """Refuse the BERT-family config fields that change the math and are not represented here."""
+        refuse_unless(hf_config, hf_config.model_type, add_cross_attention=False, is_decoder=False)
+        activations.check(hf_config.hidden_act, "hidden_act")
 
     def to_hf(self):
         import transformers
@@ -84,7 +92,12 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 # ---------------------------------------------------------------------------------------------- model
 
 
-class BertModel(nn.Module):
+class BertModel(HFTwin, nn.Module):
+    """The encoder and its pooler; `from_hf` takes transformers' plain BertModel (every sentence-transformers
+    BERT checkpoint is one), with or without its pooler."""
+
+    hf_class, config_class = "BertModel", BertConfig
+
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
         c = self.config = config
@@ -160,6 +173,16 @@ class BertModel(nn.Module):
         h = unpack(h, packing)
         return Output(last_hidden_state=h, pooler_output=self.pool(h) if self.pooler is not None else None)
 
+    @classmethod
+    def build_like(cls, hf_model, config):
+        return cls(config, add_pooling_layer=getattr(hf_model, "pooler", None) is not None)
+
+    def to_hf(self):
+        import transformers
+
+        hf = getattr(transformers, self.hf_class)(self.hf_config(), add_pooling_layer=self.pooler is not None)
+        return load_into_hf(hf, self, self.hf_mapping())
+
     def hf_mapping(self) -> list:
         m = prefixed(embeddings_mapping(), "embeddings.", "")
         for i in range(len(self.layers)):
@@ -202,6 +225,17 @@ class HFModel(HFTwin, nn.Module):
     """A BERT-family model with a transformers twin (from_hf / to_hf: see convert.HFTwin)."""
 
     config_class = BertConfig
+
+
+def single_label_classification(hf_config) -> None:
+    """Our sequence classifiers' loss is cross-entropy: refuse transformers' regression (num_labels == 1) and
+    multi-label problem types, whose loss is another."""
+    if getattr(hf_config, "problem_type", None) not in (None, "single_label_classification"):
+        raise NotImplementedError(f"config field problem_type={hf_config.problem_type!r}: only single-label "
+                                  "classification (cross-entropy)")
+    if hf_config.num_labels == 1:
+        raise NotImplementedError("config field num_labels=1 (transformers' regression, MSE loss): "
+                                  "only classification")
 
 
 class _BertTask(HFModel):
@@ -303,6 +337,11 @@ class BertForNextSentencePrediction(_BertTask):
 
 class BertForSequenceClassification(_BertTask):
     hf_class = "BertForSequenceClassification"
+
+    @classmethod
+    def config_from_hf(cls, hf_model):
+        single_label_classification(hf_model.config)
+        return super().config_from_hf(hf_model)
 
     def __init__(self, config: BertConfig):
         super().__init__()

@@ -38,15 +38,38 @@ def _in_our_layout(parts: Sequence[Tensor], transpose: bool) -> Tensor:
     return t.t() if transpose else t
 
 
+# transformers buffers that are no weights: recomputed from the config, never read from a checkpoint
+DERIVED_HF_BUFFERS: Dict[str, str] = {
+    "rotary_emb.inv_freq": "rotary frequencies, recomputed from the config (older transformers saved them)",
+    "position_ids": "an arange(max_positions) buffer",
+    "attn.masked_bias": "GPT-2's constant -1e4 of older transformers",
+    "attn.bias": "GPT-2's causal tril buffer of older transformers (uint8/bool, not a float bias)",
+}
+
+
+def _is_derived(key: str, tensor: Tensor) -> bool:
+    if key.endswith("attn.bias") and tensor.dtype in (torch.bool, torch.uint8):
+        return True  # GPT-2's causal mask; attn.c_attn.bias etc. are real biases and float
+    return any(key.endswith(suffix) for suffix in DERIVED_HF_BUFFERS if suffix != "attn.bias")
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Tied names of one tensor (a tied LM head stored under both names)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def load_from_hf(model: nn.Module, hf_state: Dict[str, Tensor], mapping: Mapping,
-                 own: Sequence[str] = ()) -> nn.Module:
+                 own: Sequence[str] = (), derived: Sequence[str] = ()) -> nn.Module:
     """Copy the HF tensors into `model`; every parameter and buffer of ours must be covered, except those under
-    the prefixes `own` (parts transformers does not have, e.g. SpanBERT's span boundary head).
+    the prefixes `own` (parts transformers does not have, e.g. SpanBERT's span boundary head), and every HF
+    tensor must be read, except the derived buffers of DERIVED_HF_BUFFERS and the keys ending in one of
+    `derived` (tables ours computes itself, e.g. Pegasus' sinusoids): a tensor nothing reads would be a part of
+    the HF model that ours does not run (KeyError naming it).
 
     A tensor tied under several names (a tied LM head) is covered by a row for any of them, so a row whose HF
     tensors are absent is passed over: a checkpoint may store a tied head only as the embedding."""
     ours = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
-    covered, absent = set(), []
+    covered, absent, consumed, written = set(), [], set(), {}
     with torch.no_grad():
         for o, keys, transpose in _rows(mapping):
             if any(k not in hf_state for k in keys):
@@ -55,12 +78,42 @@ def load_from_hf(model: nn.Module, hf_state: Dict[str, Tensor], mapping: Mapping
             src = _in_our_layout([hf_state[k] for k in keys], transpose)
             if ours[o].shape != src.shape:
                 raise ValueError(f"{o}: shape {tuple(ours[o].shape)} but {' + '.join(keys)} give {tuple(src.shape)}")
+            if id(ours[o]) in covered and not torch.equal(ours[o], src.to(ours[o].dtype)):
+                first = next(k for k in written if written[k] == id(ours[o]))
+                raise ValueError(f"{o} is one tensor here but {first} and {' + '.join(keys)} differ in the HF model "
+                                 "(its config field tie_word_embeddings=False?): untied weights are not supported")
             ours[o].copy_(src)
             covered.add(id(ours[o]))
+            written[" + ".join(keys)] = id(ours[o])
+            consumed.update(keys)
     missing = [k for k, t in ours.items() if id(t) not in covered and not k.startswith(tuple(own))]
     if missing:
         note = f" (absent from the HF state: {absent})" if absent else ""
         raise KeyError(f"no HF weight mapped to {missing}{note}")
+    read = [hf_state[k] for k in consumed]
+    unread = [k for k, t in hf_state.items() if k not in consumed and not _is_derived(k, t)
+              and not k.endswith(tuple(derived)) and not any(_same_tensor(t, r) for r in read)]
+    if unread:
+        raise KeyError(f"HF tensors that the conversion does not read (the model would run without them): {unread}")
+    return model
+
+
+def hf_dtype(hf_model: nn.Module) -> torch.dtype:
+    """The floating dtype of the HF model's parameters (float32 if it has none)."""
+    dtypes = {p.dtype for p in hf_model.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(f"the HF model mixes parameter dtypes {sorted(map(str, dtypes))}: pass dtype= to from_hf")
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), except the rotary cos/sin caches: they stay float32, as transformers computes them."""
+    from ptm_kernels.nn import RotaryEmbedding
+
+    rotary = [(m, m.cos, m.sin) for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    model.to(dtype)
+    for m, cos, sin in rotary:
+        m.cos, m.sin = cos, sin
     return model
 
 
@@ -114,6 +167,15 @@ def hf_tensors(hf_model: nn.Module, mapping: Mapping, what: str = "grad") -> Dic
     return out
 
 
+def refuse_unless(hf_config, model: str, **supported) -> None:
+    """NotImplementedError naming the first config field whose value is not the supported one (fields the
+    config lacks pass: older or other configs)."""
+    for field, value in supported.items():
+        if hasattr(hf_config, field) and getattr(hf_config, field) != value:
+            raise NotImplementedError(f"{model} with config field {field}={getattr(hf_config, field)!r} "
+                                      f"(only {value!r} is supported)")
+
+
 def config_kwargs(dataclass_type, hf_config, renames: Sequence[Tuple[str, str]] = ()) -> dict:
     """Fields of our config dataclass read from an HF config (same names unless renamed: (ours, hf))."""
     names = dict(renames)
@@ -144,14 +206,22 @@ class HFTwin:
     def config_from_hf(cls, hf_model):
         return cls.config_class.from_hf(hf_model.config)
 
+    @classmethod
+    def build_like(cls, hf_model, config):
+        """Our model for this config, with the optional parts the HF model has (BertModel's pooler)."""
+        return cls(config)
+
     def hf_config(self):
         return self.config.to_hf()
 
     @classmethod
-    def from_hf(cls, hf_model, **config_overrides):
+    def from_hf(cls, hf_model, dtype: Optional[torch.dtype] = None, **config_overrides):
+        """Our model on the HF model's weights, in the HF model's dtype unless `dtype` asks for another."""
+        dtype = dtype or hf_dtype(hf_model)
         config = dataclasses.replace(cls.config_from_hf(hf_model), **config_overrides)
-        model = cls(config)
-        return load_from_hf(model, hf_model.state_dict(), model.hf_mapping(), own=cls.hf_own)
+        model = cls.build_like(hf_model, config)
+        load_from_hf(model, hf_model.state_dict(), model.hf_mapping(), own=cls.hf_own, derived=cls.hf_derived)
+        return cast(model, dtype)
 
     def to_hf(self):
         import transformers

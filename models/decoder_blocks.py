@@ -7,7 +7,8 @@ to and from transformers (DecoderLM is a convert.HFTwin); everything that runs i
                 KVCache (bottom-right causal lines Lq new queries up with the end of the cache)
     norms       layer_norm / rms_norm with residual= : pre-norm blocks carry the residual stream through the
                 fused "add, then normalize" (each norm returns (normalized, x + residual))
-    MLPs        Linear without bias + bias_gelu (GPT, GPT-2, GPT-Neo), swiglu via nn.GatedMLP (LLaMA)
+    MLPs        Linear without bias + the activation with its bias fused (GPT, GPT-2, GPT-Neo), LLaMA's gated MLP
+                (swiglu / geglu); activations by transformers' name from models.activations
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from torch import Tensor, nn
 
 import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask
+from ptm_kernels.nn import GatedMLP
 
+from . import activations
 from .convert import HFTwin
 from .kv_cache import KVCache
 
@@ -59,26 +62,33 @@ class CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, L, H * D))
 
 
-# transformers' activation_function names of GeluMLP's approximations, and back
-GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+class MLP(nn.Module):
+    """proj(act(fc(x) + fc_bias)), act by transformers' name (models.activations): fc runs without its bias,
+    which the activation adds in the same pass (bias_gelu for the GELU family)."""
 
-
-def hf_gelu(approximate: str) -> str:
-    return "gelu_new" if approximate == "tanh" else "gelu"
-
-
-class GeluMLP(nn.Module):
-    """proj(gelu(fc(x) + fc_bias)): fc runs without its bias, which bias_gelu adds in the same pass."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, approximate: str = "tanh"):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "gelu_new"):
         super().__init__()
         self.fc = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.fc_bias = nn.Parameter(torch.zeros(intermediate_size))
         self.proj = nn.Linear(intermediate_size, hidden_size)
-        self.approximate = approximate
+        activations.get(act)  # an unknown name raises here, not at the first forward
+        self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(pk.bias_gelu(self.fc(x), self.fc_bias, self.approximate))
+        return self.proj(activations.bias_apply(self.fc(x), self.fc_bias, self.act))
+
+
+class HFGatedMLP(GatedMLP):
+    """LLaMA's gated MLP down(act(gate(x)) * up(x)) with any activation of models.activations by transformers'
+    name (fused swiglu / geglu for SiLU / GELU)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+        super().__init__(hidden_size, intermediate_size, bias=bias)
+        activations.get(act)  # an unknown name raises here, not at the first forward
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(activations.gated_apply(self.gate_proj(x), self.up_proj(x), self.act))
 
 
 class DecoderBlock(nn.Module):
@@ -143,9 +153,10 @@ class DecoderLM(HFTwin, nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, blocks: Sequence[DecoderBlock],
                  final_norm: Optional[nn.Module], max_positions: Optional[int] = None, embed_dropout: float = 0.0,
-                 tie_embeddings: bool = True, windows: Optional[Sequence[Optional[int]]] = None):
+                 tie_embeddings: bool = True, windows: Optional[Sequence[Optional[int]]] = None,
+                 padding_idx: Optional[int] = None):
         super().__init__()
-        self.wte = nn.Embedding(vocab_size, hidden_size)
+        self.wte = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx)  # padding row: no gradient
         self.wpe = nn.Embedding(max_positions, hidden_size) if max_positions else None  # learned positions
         self.drop = nn.Dropout(embed_dropout)
         self.blocks = nn.ModuleList(blocks)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import activations
 from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, MLMHead, Output,
                    _BertTask, init_weights, mlm_loss)
 from .convert import config_kwargs, prefixed
@@ -38,6 +39,7 @@ class DistilBertConfig(BertConfig):
 
     @classmethod
     def from_hf(cls, hf_config):
+        activations.check(hf_config.activation, "activation")
         return cls(**config_kwargs(cls, hf_config, _RENAMES), type_vocab_size=0)
 
     def to_hf(self):

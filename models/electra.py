@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 from ptm_kernels.nn import LayerNorm
 
+from .activations import bias_apply
 from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, Output, _BertTask,
-                   init_weights, mlm_loss)
-from .encoder import bias_act, unpack
+                   init_weights, mlm_loss, single_label_classification)
+from .convert import HFTwin
+from .encoder import unpack
 from .masking import electra_replace
 
 
@@ -37,6 +39,8 @@ class ElectraConfig(BertConfig):
 class ElectraModel(BertModel):
     """BERT's encoder under embeddings of size E, projected to H when they differ; no pooler."""
 
+    hf_class, config_class = "ElectraModel", ElectraConfig
+
     def __init__(self, config: ElectraConfig, add_pooling_layer: bool = False):
         super().__init__(config, add_pooling_layer=False)
         c = config
@@ -47,6 +51,13 @@ class ElectraModel(BertModel):
     @staticmethod
     def make_embeddings(c, dim=None):
         return BertModel.make_embeddings(c, c.embedding_size)
+
+    @classmethod
+    def build_like(cls, hf_model, config):
+        return cls(config)
+
+    def to_hf(self):
+        return HFTwin.to_hf(self)
 
     def embed(self, input_ids, position_ids, token_type_ids) -> Tensor:
         x = self.embeddings(input_ids, position_ids, token_type_ids)
@@ -82,7 +93,7 @@ class ElectraForPreTraining(_ElectraTask):
                 unpad=False, labels=None) -> Output:
         h, packing = self.electra.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
                                          unpad=unpad)
-        x = bias_act(self.dense(h), self.dense_bias, self.config.hidden_act)
+        x = bias_apply(self.dense(h), self.dense_bias, self.config.hidden_act)
         logits = unpack(self.dense_prediction(x).squeeze(-1), packing)
         loss = None
         if labels is not None:  # binary cross-entropy over the real tokens
@@ -122,7 +133,7 @@ class ElectraForMaskedLM(_ElectraTask):
                 unpad=False, labels=None) -> Output:
         h, packing = self.electra.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
                                          unpad=unpad)
-        x = self.norm(bias_act(self.dense(h), self.dense_bias, "gelu"))
+        x = self.norm(bias_apply(self.dense(h), self.dense_bias, "gelu"))
         logits = unpack(F.linear(x, self.electra.embeddings.word.weight, self.lm_bias), packing)
         return Output(last_hidden_state=unpack(h, packing), logits=logits, loss=mlm_loss(logits, labels))
 
@@ -134,6 +145,43 @@ class ElectraForMaskedLM(_ElectraTask):
             ("norm.bias", "generator_predictions.LayerNorm.bias"),
             ("electra.embeddings.word.weight", "generator_lm_head.weight"),
             ("lm_bias", "generator_lm_head.bias")]
+
+
+class ElectraForSequenceClassification(_ElectraTask):
+    """ELECTRA's GLUE head: on the first token, dropout, dense, GELU (transformers hard-codes erf GELU here,
+    whatever hidden_act says), dropout, out_proj."""
+    hf_class = "ElectraForSequenceClassification"
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.config = c = config
+        self.make_backbone(c)
+        self.dropout = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.dense_bias = nn.Parameter(torch.zeros(c.hidden_size))  # fused into the GELU
+        self.out_proj = nn.Linear(c.hidden_size, c.num_labels)
+        init_weights(self.dense), init_weights(self.out_proj)
+
+    @classmethod
+    def config_from_hf(cls, hf_model):
+        single_label_classification(hf_model.config)
+        return super().config_from_hf(hf_model)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
+                unpad=False, labels=None) -> Output:
+        h, packing = self.electra.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
+                                         unpad=unpad)
+        h = unpack(h, packing)
+        x = F.dropout(h[:, 0], self.dropout, self.training)
+        x = F.dropout(bias_apply(self.dense(x), self.dense_bias, "gelu"), self.dropout, self.training)
+        logits = self.out_proj(x)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return Output(last_hidden_state=h, logits=logits, loss=loss)
+
+    def hf_mapping(self):
+        return self.encoder_mapping() + [
+            ("dense.weight", "classifier.dense.weight"), ("dense_bias", "classifier.dense.bias"),
+            ("out_proj.weight", "classifier.out_proj.weight"), ("out_proj.bias", "classifier.out_proj.bias")]
 
 
 class ElectraForTokenClassification(_ElectraTask, BertForTokenClassification):

@@ -19,34 +19,22 @@ import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-# ------------------------------------------------------------------------------------------ activations
-
-_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
-def bias_act(x: Tensor, bias: Tensor, act: str) -> Tensor:
-    """act(x + bias) for the output of a Linear without bias: one fused op for the GELU family."""
-    if act == "gelu":
-        return pk.bias_gelu(x, bias)
-    if act in _TANH_GELU:
-        return pk.bias_gelu(x, bias, approximate="tanh")
-    if act == "relu":
-        return torch.relu(x + bias)
-    raise ValueError(f"unsupported activation {act!r}")
-
+from . import activations
 
 class BiasAct(nn.Module):
-    """Linear (no bias) followed by act(. + bias), with the bias kept as a parameter of its own."""
+    """Linear (no bias) followed by act(. + bias), with the bias kept as a parameter of its own; act by
+    transformers' name (models.activations), its bias fused into the GELU family's op."""
 
     def __init__(self, n_in: int, n_out: int, act: str):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_out, n_in))
         self.bias = nn.Parameter(torch.zeros(n_out))
+        activations.get(act)  # an unknown name raises here, not at the first forward
         self.act = act
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        return bias_act(F.linear(x, self.weight), self.bias, self.act)
+        return activations.bias_apply(F.linear(x, self.weight), self.bias, self.act)
 
 
 # ------------------------------------------------------------------------------------- padding, packing

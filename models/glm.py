@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ptm_kernels.attention_mask import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-from .decoder_blocks import CausalSelfAttention, DecoderBlock, GeluMLP, LMOutput
+from .decoder_blocks import CausalSelfAttention, DecoderBlock, MLP, LMOutput
 from .generation import sample_next
 from .kv_cache import KVCache
 
@@ -41,7 +41,7 @@ class GLMConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     layer_norm_epsilon: float = 1e-5
-    activation: str = "tanh"  # GLM uses Megatron's tanh GELU
+    activation: str = "gelu_new"  # GLM uses Megatron's tanh GELU (a name of models.activations)
 
 
 class GLM(nn.Module):
@@ -60,7 +60,7 @@ class GLM(nn.Module):
         self.drop = nn.Dropout(c.hidden_dropout)
         self.blocks = nn.ModuleList(DecoderBlock(
             CausalSelfAttention(d, c.num_heads, dropout=c.attention_dropout),
-            GeluMLP(d, c.intermediate_size or 4 * d, c.activation),
+            MLP(d, c.intermediate_size or 4 * d, c.activation),
             LayerNorm(d, c.layer_norm_epsilon), LayerNorm(d, c.layer_norm_epsilon),
             pre_norm=True, resid_dropout=c.hidden_dropout) for _ in range(c.num_layers))
         self.norm = LayerNorm(d, c.layer_norm_epsilon)

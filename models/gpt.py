@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from ptm_kernels.nn import LayerNorm
 
 from .convert import config_kwargs, prefixed
-from .decoder_blocks import CausalSelfAttention, DecoderBlock, DecoderLM, GeluMLP
+from .decoder_blocks import MLP, CausalSelfAttention, DecoderBlock, DecoderLM
+
+# openai-gpt's afn names -> models.activations' (transformers' ACT2FN) names
+OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 @dataclass
@@ -22,7 +25,7 @@ class GPTConfig:
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
-    activation: str = "tanh"  # GELU approximation ("gelu" in transformers' openai-gpt is gelu_new = tanh)
+    afn: str = "gelu"  # openai-gpt's own names: its "gelu" is gelu_new (the tanh GELU); also relu, silu, swish
     resid_pdrop: float = 0.1
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
@@ -30,16 +33,15 @@ class GPTConfig:
 
     @classmethod
     def from_hf(cls, hf_config):
-        if hf_config.afn not in ("gelu", "gelu_new"):
-            raise NotImplementedError(f"openai-gpt with afn={hf_config.afn!r} (only gelu)")
+        if hf_config.afn not in OPENAI_GPT_ACTIVATIONS:
+            raise NotImplementedError(f"openai-gpt with config field afn={hf_config.afn!r} "
+                                      f"(transformers knows {sorted(OPENAI_GPT_ACTIVATIONS)})")
         return cls(**config_kwargs(cls, hf_config))
 
     def to_hf(self):
         import transformers
 
-        kw = dataclasses.asdict(self)
-        del kw["activation"]
-        return transformers.OpenAIGPTConfig(**kw, afn="gelu")
+        return transformers.OpenAIGPTConfig(**dataclasses.asdict(self))
 
 
 # A DecoderBlock against a block of transformers' openai-gpt, whose names GPT-2 keeps; the third item marks the
@@ -59,7 +61,7 @@ class GPT(DecoderLM):
         c = self.config = config
         blocks = [DecoderBlock(
             CausalSelfAttention(c.n_embd, c.n_head, dropout=c.attn_pdrop),
-            GeluMLP(c.n_embd, 4 * c.n_embd, c.activation),
+            MLP(c.n_embd, 4 * c.n_embd, OPENAI_GPT_ACTIVATIONS[c.afn]),
             LayerNorm(c.n_embd, c.layer_norm_epsilon), LayerNorm(c.n_embd, c.layer_norm_epsilon),
             pre_norm=False, resid_dropout=c.resid_pdrop) for _ in range(c.n_layer)]
         super().__init__(c.vocab_size, c.n_embd, blocks, None, max_positions=c.n_positions,

@@ -1,4 +1,4 @@
-"""GPT-2 (Radford et al., 2019): pre-norm blocks, learned positions, tanh GELU, tied LM head.
+"""GPT-2 (Radford et al., 2019): pre-norm blocks, learned positions, tanh GELU (by default), tied LM head.
 
 transformers' GPT2LMHeadModel stores its projections as Conv1D, weight [in, out]: from_hf / to_hf transpose.
 """
@@ -11,8 +11,9 @@ from typing import Optional
 
 from ptm_kernels.nn import LayerNorm
 
+from . import activations
 from .convert import config_kwargs, prefixed
-from .decoder_blocks import GELU_APPROXIMATION, CausalSelfAttention, DecoderBlock, DecoderLM, GeluMLP, hf_gelu
+from .decoder_blocks import MLP, CausalSelfAttention, DecoderBlock, DecoderLM
 from .gpt import GPT_BLOCK_MAPPING  # transformers' GPT-2 blocks keep openai-gpt's names
 
 
@@ -24,7 +25,7 @@ class GPT2Config:
     n_layer: int = 12
     n_head: int = 12
     n_inner: Optional[int] = None  # 4 * n_embd
-    activation: str = "tanh"  # GELU approximation: "tanh" (gelu_new) or "none" (erf)
+    activation_function: str = "gelu_new"  # transformers' name (models.activations): gelu_new is the tanh GELU
     resid_pdrop: float = 0.1
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
@@ -33,21 +34,18 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, hf_config):
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if getattr(hf_config, flag, False):
-                raise NotImplementedError(f"GPT-2 with {flag}=True")
+                raise NotImplementedError(f"GPT-2 with config field {flag}=True")
         if not getattr(hf_config, "scale_attn_weights", True):
-            raise NotImplementedError("GPT-2 with scale_attn_weights=False")
-        kw = config_kwargs(cls, hf_config)
-        kw["activation"] = GELU_APPROXIMATION[hf_config.activation_function]
-        return cls(**kw)
+            raise NotImplementedError("GPT-2 with config field scale_attn_weights=False")
+        activations.check(hf_config.activation_function, "activation_function")
+        return cls(**config_kwargs(cls, hf_config))
 
     def to_hf(self):
         import transformers
 
-        kw = dataclasses.asdict(self)
-        kw["activation_function"] = hf_gelu(kw.pop("activation"))
-        return transformers.GPT2Config(**kw)
+        return transformers.GPT2Config(**dataclasses.asdict(self))
 
 
 class GPT2(DecoderLM):
@@ -57,7 +55,7 @@ class GPT2(DecoderLM):
         c = self.config = config
         blocks = [DecoderBlock(
             CausalSelfAttention(c.n_embd, c.n_head, dropout=c.attn_pdrop),
-            GeluMLP(c.n_embd, c.n_inner or 4 * c.n_embd, c.activation),
+            MLP(c.n_embd, c.n_inner or 4 * c.n_embd, c.activation_function),
             LayerNorm(c.n_embd, c.layer_norm_epsilon), LayerNorm(c.n_embd, c.layer_norm_epsilon),
             pre_norm=True, resid_dropout=c.resid_pdrop) for _ in range(c.n_layer)]
         super().__init__(c.vocab_size, c.n_embd, blocks, LayerNorm(c.n_embd, c.layer_norm_epsilon),

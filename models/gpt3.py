@@ -11,8 +11,9 @@ from typing import List, Optional
 
 from ptm_kernels.nn import LayerNorm
 
+from . import activations
 from .convert import config_kwargs
-from .decoder_blocks import GELU_APPROXIMATION, CausalSelfAttention, DecoderBlock, DecoderLM, GeluMLP, hf_gelu
+from .decoder_blocks import MLP, CausalSelfAttention, DecoderBlock, DecoderLM
 
 
 @dataclass
@@ -25,7 +26,7 @@ class GPT3Config:
     intermediate_size: Optional[int] = None  # 4 * hidden_size
     attention_layers: List[str] = field(default_factory=lambda: ["global", "local"] * 12)
     window_size: int = 256
-    activation: str = "tanh"
+    activation_function: str = "gelu_new"  # transformers' name (models.activations)
     resid_dropout: float = 0.0
     embed_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -34,16 +35,15 @@ class GPT3Config:
 
     @classmethod
     def from_hf(cls, hf_config):
+        activations.check(hf_config.activation_function, "activation_function")
         kw = config_kwargs(cls, hf_config)
         kw["attention_layers"] = list(hf_config.attention_layers)
-        kw["activation"] = GELU_APPROXIMATION[hf_config.activation_function]
         return cls(**kw)
 
     def to_hf(self):
         import transformers
 
         kw = dataclasses.asdict(self)
-        kw["activation_function"] = hf_gelu(kw.pop("activation"))
         # transformers takes the layer kinds run-length encoded: [[kinds], repeats]
         kw["attention_types"] = [[[kind], 1] for kind in kw.pop("attention_layers")]
         return transformers.GPTNeoConfig(**kw)
@@ -59,7 +59,7 @@ class GPT3(DecoderLM):
         d = c.hidden_size
         blocks = [DecoderBlock(
             CausalSelfAttention(d, c.num_heads, qkv_bias=False, scale=1.0, dropout=c.attention_dropout),
-            GeluMLP(d, c.intermediate_size or 4 * d, c.activation),
+            MLP(d, c.intermediate_size or 4 * d, c.activation_function),
             LayerNorm(d, c.layer_norm_epsilon), LayerNorm(d, c.layer_norm_epsilon),
             pre_norm=True, resid_dropout=c.resid_dropout) for _ in range(c.num_layers)]
         windows = [c.window_size if kind == "local" else None for kind in c.attention_layers]

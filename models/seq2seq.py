@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 
+from . import activations
 from .convert import HFTwin
 from .encoder import BiasAct, padding_mask
 from .kv_cache import KVCache
@@ -81,25 +82,17 @@ class CrossAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------- FFN
 
 
-def _act(x: Tensor, act: str) -> Tensor:
-    if act == "relu":
-        return torch.relu(x)
-    if act == "gelu":
-        return pk.gelu(x)
-    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return pk.gelu(x, approximate="tanh")
-    raise ValueError(f"unsupported activation {act!r}")
-
-
 class FeedForward(nn.Module):
     """fc2(dropout(act(fc1(x)))) or, gated (T5 v1.1), fc2(dropout(act(gate(x)) * fc1(x))).
 
-    With biases, fc1 is a BiasAct (its bias fused into the activation); gated GELU/SiLU run as geglu/swiglu.
+    act by transformers' name (models.activations). With biases, fc1 is a BiasAct (its bias fused into the
+    activation); gated GELU/SiLU run as geglu/swiglu.
     """
 
     def __init__(self, d_model: int, d_ff: int, act: str, bias: bool = True, gated: bool = False,
                  dropout: float = 0.0):
         super().__init__()
+        activations.get(act)  # an unknown name raises here, not at the first forward
         self.act, self.dropout = act, dropout
         self.gate = nn.Linear(d_model, d_ff, bias=False) if gated else None
         if gated and bias:
@@ -109,15 +102,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is not None:
-            gate, up = self.gate(x), self.fc1(x)
-            if self.act == "silu":
-                h = pk.swiglu(gate, up)
-            else:
-                h = pk.geglu(gate, up, approximate="none" if self.act == "gelu" else "tanh")
+            h = activations.gated_apply(self.gate(x), self.fc1(x), self.act)
         elif isinstance(self.fc1, BiasAct):
             h = self.fc1(x)
         else:
-            h = _act(self.fc1(x), self.act)
+            h = activations.apply(self.fc1(x), self.act)
         return self.fc2(F.dropout(h, self.dropout, self.training))
 
 

@@ -26,6 +26,7 @@ from ptm_kernels import AttentionMask
 from ptm_kernels.attention_mask import t5_relative_table
 from ptm_kernels.nn import RMSNorm
 
+from . import activations
 from .seq2seq import CrossAttention, DecoderLayer, EncoderDecoderLM, EncoderLayer, FeedForward, SelfAttention
 
 
@@ -129,7 +130,11 @@ class T5(EncoderDecoderLM):
     @staticmethod
     def config_from_hf(hf_model) -> T5Config:
         h = hf_model.config
-        return T5Config(
+        activations.check(h.dense_act_fn, "feed_forward_proj")
+        if h.is_gated_act != h.feed_forward_proj.startswith("gated-"):
+            raise NotImplementedError(f"T5 with config field is_gated_act={h.is_gated_act} against "
+                                      f"feed_forward_proj={h.feed_forward_proj!r}")
+        config = T5Config(
             vocab_size=h.vocab_size, d_model=h.d_model, d_kv=h.d_kv, d_ff=h.d_ff, num_layers=h.num_layers,
             num_decoder_layers=h.num_decoder_layers, num_heads=h.num_heads,
             relative_attention_num_buckets=h.relative_attention_num_buckets,
@@ -139,6 +144,10 @@ class T5(EncoderDecoderLM):
             scale_decoder_outputs=getattr(h, "scale_decoder_outputs", h.tie_word_embeddings),
             pad_token_id=h.pad_token_id, eos_token_id=h.eos_token_id,
             decoder_start_token_id=getattr(h, "decoder_start_token_id", None) or h.pad_token_id)
+        if config.act != h.dense_act_fn:  # what transformers' T5 runs is dense_act_fn
+            raise NotImplementedError(f"T5 with config field dense_act_fn={h.dense_act_fn!r} against "
+                                      f"feed_forward_proj={h.feed_forward_proj!r}")
+        return config
 
     def hf_config(self):
         from transformers import T5Config as HFConfig

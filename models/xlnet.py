@@ -37,8 +37,9 @@ import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
+from . import activations
+from .activations import bias_apply
 from .convert import HFTwin, config_kwargs, prefixed
-from .encoder import bias_act
 
 
 @dataclass
@@ -74,6 +75,7 @@ class XLNetConfig:
 
     @classmethod
     def from_hf(cls, hf_config):
+        activations.check(hf_config.ff_activation, "ff_activation")
         return cls(**config_kwargs(cls, hf_config))
 
     def to_hf(self):
@@ -167,7 +169,7 @@ class FeedForward(nn.Module):
         self.dropout, self.act = c.dropout, c.ff_activation
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.dropout(bias_act(F.linear(x, self.layer_1.weight), self.layer_1.bias, self.act), self.dropout,
+        y = F.dropout(bias_apply(F.linear(x, self.layer_1.weight), self.layer_1.bias, self.act), self.dropout,
                       self.training)
         y = F.dropout(self.layer_2(y), self.dropout, self.training)
         return self.layer_norm(y, residual=x)[0]

@@ -10,12 +10,11 @@ from ._import import model_module  # noqa: E402
 from .parity import batch, check_eval, check_grads, check_roundtrip, check_unpadded  # noqa: E402
 
 bert = model_module("bert")
-prefixed = model_module("convert").prefixed
 
 TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=32, num_labels=3)
 
-HEADS = [  # (ours, transformers, compared fields (ours, theirs))
+HEADS = [  # (ours, transformers, compared fields (ours, theirs)); BertModel: the plain model of sentence-transformers
     ("BertModel", "BertModel", [("hidden", "last_hidden_state"), ("pooler_output", "pooler_output")]),
     ("BertForPreTraining", "BertForPreTraining",
      [("hidden", None), ("prediction_logits", "prediction_logits"),
@@ -29,26 +28,6 @@ HEADS = [  # (ours, transformers, compared fields (ours, theirs))
 ]
 
 
-class _Base(bert.HFModel):
-    """BertModel with the from_hf/to_hf protocol (the task classes have it built in)."""
-    hf_class = "BertModel"
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.bert = bert.BertModel(config)
-
-    def forward(self, *args, **kw):
-        return self.bert(*args, **kw)
-
-    def hf_mapping(self):
-        return prefixed(self.bert.hf_mapping(), "bert.", "")
-
-
-def _ours(name):
-    return _Base if name == "BertModel" else getattr(bert, name)
-
-
 def _pair(ours_name, hf_name, dropout=0.1, seed=0):
     torch.manual_seed(seed)
     kw = dict(TINY, num_labels=2) if "QuestionAnswering" in ours_name else TINY  # start and end
@@ -58,7 +37,7 @@ def _pair(ours_name, hf_name, dropout=0.1, seed=0):
         for n, p in hf.named_parameters():
             if "LayerNorm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    return _ours(ours_name).from_hf(hf), hf
+    return getattr(bert, ours_name).from_hf(hf), hf
 
 
 @pytest.mark.parametrize("ours,theirs,fields", HEADS, ids=[h[0] for h in HEADS])
@@ -105,8 +84,17 @@ def test_lengths_equal_attention_mask():
     torch.testing.assert_close(b[real], a[real])
 
 
-@pytest.mark.parametrize("ours,theirs", [("BertForPreTraining", "BertForPreTraining"),
+@pytest.mark.parametrize("ours,theirs", [("BertModel", "BertModel"), ("BertForPreTraining", "BertForPreTraining"),
                                          ("BertForQuestionAnswering", "BertForQuestionAnswering")])
 def test_to_hf_roundtrip(ours, theirs):
     model, hf = _pair(ours, theirs)
     check_roundtrip(model, hf)
+
+
+def test_bert_model_without_pooler():
+    """A plain BertModel built with add_pooling_layer=False converts to ours without a pooler, same states."""
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(**TINY), add_pooling_layer=False)
+    model = bert.BertModel.from_hf(hf)
+    assert model.pooler is None
+    check_eval(model, hf, batch(), [("hidden", "last_hidden_state")], "bert/BertModel-no-pooler")

@@ -61,6 +61,8 @@ CASES = [
          "DistilBertForQuestionAnswering", QA, NO_TYPES),
     Case("electra-disc", _electra, "ElectraForPreTraining", "electra", "ElectraForPreTraining", LOGITS),
     Case("electra-gen", _electra, "ElectraForMaskedLM", "electra", "ElectraForMaskedLM", LOGITS),
+    Case("electra-cls", _electra, "ElectraForSequenceClassification", "electra", "ElectraForSequenceClassification",
+         LOGITS),  # ELECTRA's GLUE head
     Case("electra-tok", _electra, "ElectraForTokenClassification", "electra", "ElectraForTokenClassification",
          LOGITS),
     Case("electra-qa", lambda d: _electra(d, num_labels=2), "ElectraForQuestionAnswering", "electra",
