@@ -78,6 +78,9 @@ class LlamaConfig:
 
         kw = dataclasses.asdict(self)
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
+        # explicit: transformers' defaults for None differ between the three (Mistral: 8 key/value heads)
+        kw["head_dim"] = self.head_dim or self.hidden_size // self.num_attention_heads
+        kw["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         qkv_bias, out_bias, windows = kw.pop("qkv_bias"), kw.pop("out_bias"), kw.pop("sliding_windows")
         model_type = kw.pop("model_type")
         windows = windows or [None] * self.num_hidden_layers

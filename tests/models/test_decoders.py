@@ -1,4 +1,4 @@
-"""GPT, GPT-2, GPT-3 (GPT-Neo) and LLaMA against transformers, on the same random weights (float32, CPU).
+"""GPT, GPT-2, GPT-3 (GPT-Neo), LLaMA, Mistral and Qwen2 against transformers, on the same random weights (float32, CPU).
 
 Each case builds a tiny transformers model from a config in code, converts it with `from_hf`, and checks:
 logits on padded batches, every parameter's gradient in train mode (dropout 0), the `to_hf` round trip,
@@ -62,11 +62,34 @@ def _llama():  # grouped-query attention: 4 query heads, 2 key/value heads
     return transformers.LlamaForCausalLM(c)
 
 
+def _mistral():  # a sliding window of 5 keys in every layer: it matters within 10 + 32 tokens
+    c = transformers.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   sliding_window=5, initializer_range=0.1, bos_token_id=None, eos_token_id=None,
+                                   pad_token_id=None)
+    return transformers.MistralForCausalLM(c)
+
+
+def _qwen2():  # q/k/v biases; the second layer slides (a window of 5), the first attends to all
+    c = transformers.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                 initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = transformers.Qwen2ForCausalLM(c)
+    with torch.no_grad():  # transformers initialises biases to 0: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    return model
+
+
 CASES = [
     Case("gpt", _gpt, lambda: model_module("gpt").GPT),
     Case("gpt2", _gpt2, lambda: model_module("gpt2").GPT2),
     Case("gpt3_neo", _gpt_neo, lambda: model_module("gpt3").GPT3),
     Case("llama", _llama, lambda: model_module("llama").Llama),
+    Case("mistral", _mistral, lambda: model_module("llama").Llama),
+    Case("qwen2", _qwen2, lambda: model_module("llama").Llama),
 ]
 
 
