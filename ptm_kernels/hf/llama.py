@@ -27,6 +27,7 @@ Honoured for free because the patched code calls the model's own modules: `atten
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -92,16 +93,25 @@ def patch_causal_lm_loss(model: nn.Module, patcher: Patcher, hidden) -> None:
     head = model.lm_head
     if not isinstance(head, nn.Linear):
         raise ValueError(f"hf.apply(loss=True): lm_head is a {type(head).__name__}, not nn.Linear; pass loss=False")
-    patcher.set_method(model, "forward", causal_lm_forward, original=model.forward, hidden=hidden)
+    if "forward" in model.__dict__:
+        raise ValueError(f"hf.apply(loss=True): {type(model).__name__}.forward is already replaced on this "
+                         f"instance (by another patch); pass loss=False")
+    # wraps: inspect.signature(model.forward) stays the class's; generate and Trainer read it to pick the
+    # inputs they pass (position_ids for left padding, num_items_in_batch)
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        return causal_lm_forward(self, *args, hidden=hidden, **kwargs)
+
+    patcher.set_method(model, "forward", forward)
 
 
-def causal_lm_forward(self, *args, labels: Optional[Tensor] = None, original=None, hidden=None, **kwargs):
+def causal_lm_forward(self, *args, labels: Optional[Tensor] = None, hidden=None, **kwargs):
     """transformers' *ForCausalLM forward; with labels the loss is fused and logits is None."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.modeling_utils import slice_logits_to_keep
 
-    if labels is None:
-        return original(*args, **kwargs)
+    if labels is None:  # the class's own forward (not a bound method: copy.deepcopy(model) stays correct)
+        return type(self).forward(self, *args, **kwargs)
     if args:
         raise TypeError("the patched forward takes keyword arguments only when labels are given "
                         "(input_ids=..., attention_mask=...)")

@@ -1,6 +1,7 @@
 """hf.apply on Llama, Mistral and Qwen2: patched vs unpatched transformers on the same weights."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ import ptm_kernels.hf as hf  # noqa: E402
 from ptm_kernels import AttentionMask  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
+from tests.hf._common import VOCAB, batch, forward_backward, left_padded_prompts, real_rows  # noqa: E402
 
-VOCAB = 128
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
 
@@ -29,27 +30,6 @@ def build(kind="llama", **overrides):
     model = cls(config)
     model.set_attn_implementation("sdpa")
     return model
-
-
-def batch(B=3, L=12):
-    ids = torch.randint(0, VOCAB, (B, L))
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[1, 8:] = 0  # right padding (training collators pad right)
-    labels = ids.masked_fill(mask == 0, -100)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels)
-
-
-def forward_backward(model, inputs):
-    """(logits without labels, loss with labels, {name: grad})."""
-    model.zero_grad()
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    loss = model(**inputs).loss
-    loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def real_rows(logits, inputs):
-    return logits[inputs["attention_mask"].bool()]
 
 
 KINDS = ["llama", "mistral", "qwen2"]
@@ -99,10 +79,7 @@ def test_revert_is_bitwise(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generate_token_identical_left_padded(kind):
     model = build(kind).eval()
-    ids = torch.randint(1, VOCAB, (3, 7))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, :1] = 0
+    ids, mask = left_padded_prompts()
     want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     hf.apply(model)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -129,7 +106,9 @@ def test_apply_contract():
     model = build()
     with pytest.raises(TypeError, match="instance"):
         hf.apply(transformers.LlamaForCausalLM)
+    signature = inspect.signature(model.forward)
     hf.apply(model)
+    assert inspect.signature(model.forward) == signature  # generate/Trainer choose their inputs from it
     assert hf.apply(model) is model  # the same options again: nothing to do
     with pytest.raises(ValueError, match="already patched"):
         hf.apply(model, loss=False)

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs 
 import ptm_kernels.hf as hf  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf.test_llama import SMALL, VOCAB  # noqa: E402
+from tests.hf._common import VOCAB  # noqa: E402
+from tests.hf.test_llama import SMALL  # noqa: E402
 
 STEPS = 30
 

@@ -1,0 +1,37 @@
+"""Shared by the tests/hf files: small batches and one forward/backward that returns what is compared."""
+
+import torch
+
+VOCAB = 128
+
+
+def batch(B=3, L=12):
+    """Right padding in row 1 (training collators pad right); padded positions carry no label."""
+    ids = torch.randint(0, VOCAB, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def left_padded_prompts(B=3, L=7):
+    ids = torch.randint(1, VOCAB, (B, L))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    return ids, mask
+
+
+def forward_backward(model, inputs):
+    """(logits without labels, loss with labels, {name: grad})."""
+    model.zero_grad()
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    loss = model(**inputs).loss
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def real_rows(logits, inputs):
+    """Logits of the real tokens: padded query rows see no key and are padding in every implementation
+    (ours gives zeros like torch's SDPA, transformers' eager an average of masked keys)."""
+    return logits[inputs["attention_mask"].bool()]

@@ -1,0 +1,121 @@
+"""hf.apply on GPT-2 and GPT-Neo: patched vs unpatched transformers on the same weights."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs transformers")
+
+import ptm_kernels.hf as hf  # noqa: E402
+
+from tests.compare import assert_close  # noqa: E402
+from tests.hf._common import VOCAB, batch, forward_backward, left_padded_prompts, real_rows  # noqa: E402
+
+KINDS = ["gpt2", "gpt_neo"]
+
+
+def build(kind, **overrides):
+    """Dropout off (its random masks differ by design); eval mode is not needed for equality then."""
+    if kind == "gpt2":
+        cfg = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0,
+                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        cfg.update(overrides)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    # one global and one local layer; window 4 < the sequences, so the local band matters
+    cfg = dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+               attention_types=[[["global", "local"], 1]], window_size=4, bos_token_id=0, eos_token_id=0)
+    cfg.update(overrides)
+    return transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**cfg))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_logits_loss_gradients(kind):
+    model = build(kind)
+    inputs = batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model)
+    got = forward_backward(model, inputs)
+    assert_close(real_rows(got[0], inputs), real_rows(want[0], inputs), name="logits")
+    assert_close(got[1], want[1], name="loss")
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_within_twice_torch_error(kind):
+    truth = build(kind).double()
+    base = copy.deepcopy(truth).to(torch.bfloat16)
+    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
+    inputs = batch()
+    t, b, p = (forward_backward(m, inputs) for m in (truth, base, patched))
+    assert_close(real_rows(p[0], inputs), real_rows(t[0], inputs), real_rows(b[0], inputs), name="logits")
+    assert_close(p[1], t[1], b[1], name="loss", precision=torch.bfloat16)
+    for name in t[2]:
+        assert_close(p[2][name], t[2][name], b[2][name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_revert_is_bitwise(kind):
+    model = build(kind)
+    impl = model.config._attn_implementation
+    inputs = batch()
+    before = forward_backward(model, inputs)
+    hf.apply(model)
+    forward_backward(model, inputs)
+    hf.revert(model)
+    assert model.config._attn_implementation == impl
+    after = forward_backward(model, inputs)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert all(torch.equal(before[2][n], after[2][n]) for n in before[2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generate_token_identical_left_padded(kind):
+    model = build(kind).eval()
+    ids, mask = left_padded_prompts()
+    # 10 new tokens: GPT-Neo's local layer (window 4) slides over the cache
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    hf.apply(model)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_trains_and_differs_only_by_its_masks(kind):
+    """With dropout the patched model draws its own masks: losses differ, but eval outputs still match."""
+    drop = dict(resid_pdrop=0.1, attn_pdrop=0.1) if kind == "gpt2" else dict(attention_dropout=0.1)
+    model = build(kind, **drop)
+    hf.apply(model)
+    inputs = batch()
+    model.train()
+    losses = {model(**inputs).loss.item() for _ in range(2)}
+    assert len(losses) == 2  # a new dropout mask per call
+    model.eval()
+    got = forward_backward(model, inputs)[1]
+    hf.revert(model)
+    assert_close(got, forward_backward(model, inputs)[1], name="eval loss")
+
+
+@pytest.mark.parametrize("kind,field", [("gpt2", "activation_function"), ("gpt_neo", "activation_function")])
+def test_refuses_an_activation_it_cannot_fuse(kind, field):
+    model = build(kind, activation_function="relu")
+    with pytest.raises(ValueError, match=field):
+        hf.apply(model)
+    assert not hf.is_applied(model)
+    inputs = batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model, mlp=False)
+    assert_close(forward_backward(model, inputs)[1], want[1], name="loss with mlp=False")
+
+
+def test_gpt2_unscaled_and_layer_scaled_attention():
+    """scale_attn_weights=False and scale_attn_by_inverse_layer_idx reach the kernel as its scale."""
+    model = build("gpt2", scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True)
+    inputs = batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model)
+    got = forward_backward(model, inputs)
+    assert_close(got[1], want[1], name="loss")
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
