@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import _ext, backend
+from . import _ext, backend, fallbacks
 
 
 def _triton_version() -> str:
@@ -44,6 +44,8 @@ def report() -> dict:
         "extension_error": _ext.ERROR,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ops": ops,
+        # calls in this process that a drop-in handed to PyTorch: "op: reason" -> count
+        "fallbacks": {f"{op}: {reason}": n for (op, reason), n in sorted(fallbacks.counts().items())},
     }
 
 
@@ -61,6 +63,10 @@ def main() -> None:
     for op, per_dev in r["ops"].items():
         for dev, d in per_dev.items():
             print(f"{op:<12} {dev:<6} {d['uses']:<10} {', '.join(d['available'])}")
+    print("\nfallbacks to PyTorch in this process (ptm_kernels.fallbacks.counts()): "
+          + ("none" if not r["fallbacks"] else ""))
+    for what, n in r["fallbacks"].items():
+        print(f"  {n:>8}  {what}")
 
 
 if __name__ == "__main__":

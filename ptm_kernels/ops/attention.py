@@ -32,7 +32,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, wind
                toeplitz: Optional[Tensor], block_map: Optional[Tensor], block_m: int, block_n: int,
                dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     dense_mask, bias, block_map = _expand(q, k, dense_mask, bias, block_map)
-    return tuple(backend.kernels("attention", q).attention_fwd(
+    return tuple(backend.kernels("attention", q, k).attention_fwd(
         q, k, v, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments,
         dense_mask, bias, toeplitz, block_map, block_m, block_n, dropout_p, _seed_int(seed)))
 
@@ -52,7 +52,7 @@ def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         dropout_p: float, seed: Optional[Tensor], bias_requires_grad: bool,
                         toeplitz_requires_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     full_dense, full_bias, full_map = _expand(q, k, dense_mask, bias, block_map)
-    dq, dk, dv, dbias, dtoeplitz = backend.kernels("attention", q).attention_bwd(
+    dq, dk, dv, dbias, dtoeplitz = backend.kernels("attention", q, k).attention_bwd(
         dout, q, k, v, out, lse, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
         k_segments, full_dense, full_bias, toeplitz, full_map, block_m, block_n, dropout_p, _seed_int(seed),
         bias_requires_grad, toeplitz_requires_grad)
@@ -120,7 +120,7 @@ def _tile(device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[Tuple
     A constant under torch.compile: the backend is chosen when the graph is traced (a kernel handed a block
     map of another tile size ignores it, so a later override stays correct).
     """
-    mod = backend.kernels("attention", torch.empty(0, dtype=dtype, device=device_type))
+    mod = backend.kernels("attention", torch.empty(1, dtype=dtype, device=device_type))  # 1: empty runs elsewhere
     tile = getattr(mod, "attention_tile", None)
     return None if tile is None else tuple(int(b) for b in tile(head_dim, dtype, torch.device(device_type)))
 
@@ -171,7 +171,8 @@ def op_args(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, 
     Lk = k.shape[2]
     vis = mask.visibility(B, H, Lq, Lk, q.device)
     bias, table = mask.scores(B, H, Lq, Lk, q)
-    tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility else None
+    empty = q.numel() == 0 or k.numel() == 0  # runs on the reference, which takes no block map
+    tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility and not empty else None
     block_map = mask.block_map(B, H, Lq, Lk, *tile, q.device) if tile is not None else None
     return (_unit_stride(q), _unit_stride(k), _unit_stride(v), scale, *vis, bias, table, block_map,
             *(tile or (0, 0)), float(dropout_p), _seed(dropout_p, seed, generator))
@@ -238,6 +239,8 @@ def _sdpa_uncovered(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         return f"head dim outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
     if key.shape != value.shape or key.shape[-1] != query.shape[-1] or key.shape[:-3] != query.shape[:-3]:
         return "q, k, v shapes the kernels do not take (broadcast batch, different k and v)"
+    if enable_gqa and query.dim() < 3:  # torch looks for the heads at dim -3
+        return "enable_gqa with 2-D inputs"
     if query.dim() >= 3:
         H, Hk = query.shape[-3], key.shape[-3]
         if H != Hk and not (enable_gqa and Hk > 0 and H % Hk == 0):
@@ -299,12 +302,10 @@ def _check_qkv(q, k, v) -> None:
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {tuple(k.shape)} (batch, kv heads, keys, and the head dim of q), "
                          f"got {tuple(v.shape)}")
-    if H % Hk:
+    if (H % Hk if Hk else H):  # B, H, Lq or Lk may be 0 (an empty result, as torch's SDPA gives)
         raise ValueError(f"q has {H} heads, not a multiple of k's {Hk} heads (GQA/MQA need H % Hk == 0)")
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim (last dim of q, k, v) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}")
-    if min(B, H, Lq, Lk) == 0:
-        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
 
 def _scale(scale, D: int) -> float:
