@@ -11,6 +11,13 @@ pytorch/mem_transformer.py), so its checkpoints load with `load_state_dict`:
     model = TransfoXLLMHeadModel(config); model.load_state_dict(torch.load(...))  # (pos_emb.inv_freq: strict=False)
     out = model(ids[:, :L], labels=ids[:, 1:L + 1]); out2 = model(ids[:, L:2 * L], mems=out.mems)
 
+transformers' layout (its TransfoXLLMHeadModel, transformers < 5) converts with `from_hf(hf_model)`, or
+`from_hf_state(state_dict, config_dict)` from a saved state dict and config: the same names under `transformer.`,
+but the rows of the adaptive softmax's cluster_weight / cluster_bias in the TF release's order (transformers
+reads cluster i's log-probability at head column cutoffs[0] + i - 1, the release at column -i): reversed here.
+No transformers import: transformers 5 has no Transformer-XL. transformers, given no mems, attends to mem_len zero
+states (the release to none): `mems=model.zero_mems(B)` reproduces its first segments.
+
 Attention: one `ptm_kernels.relative_attention` call per layer: AC + BD of the paper with the rel-shift done as
 index arithmetic (r rows = distances klen-1 ... 0, clamped to clamp_len), causal over [memory; segment];
 `same_length` (every query sees the same number of keys, mem_len, once klen > mem_len) is a sliding window
@@ -56,6 +63,26 @@ class TransfoXLConfig:
 
     def projs_tied(self) -> List[bool]:
         return list(self.tie_projs) if self.tie_projs is not None else [False] + [True] * len(self.cutoffs)
+
+
+def config_from_hf(hf: dict) -> TransfoXLConfig:
+    """Our config from transformers' TransfoXLConfig fields (a dict: `config.to_dict()`); the variants this
+    model does not run are refused, naming the field."""
+    if hf.get("attn_type", 0) != 0:
+        raise NotImplementedError(f"Transformer-XL with config field attn_type={hf['attn_type']} (only 0, the "
+                                  "relative attention of the paper)")
+    if hf.get("sample_softmax", -1) > 0:
+        raise NotImplementedError(f"Transformer-XL with config field sample_softmax={hf['sample_softmax']}")
+    if not hf.get("adaptive", True):
+        raise NotImplementedError("Transformer-XL with config field adaptive=False")
+    cutoffs = list(hf["cutoffs"])
+    return TransfoXLConfig(
+        n_token=hf["vocab_size"], d_model=hf["d_model"], d_embed=hf["d_embed"], n_head=hf["n_head"],
+        d_head=hf["d_head"], d_inner=hf["d_inner"], n_layer=hf["n_layer"], cutoffs=tuple(cutoffs),
+        div_val=hf["div_val"], tie_weight=hf.get("tie_word_embeddings", True),
+        tie_projs=tuple(hf.get("tie_projs", [False] + [True] * len(cutoffs))), pre_lnorm=hf["pre_lnorm"],
+        untie_r=hf["untie_r"], mem_len=hf["mem_len"], same_length=hf["same_length"], clamp_len=hf["clamp_len"],
+        dropout=hf["dropout"], dropatt=hf["dropatt"], layer_norm_eps=hf["layer_norm_epsilon"])
 
 
 @dataclass
@@ -255,6 +282,35 @@ class TransfoXLLMHeadModel(nn.Module):
                 self.crit.out_projs[i] = self.word_emb.emb_projs[0]
             elif c.div_val != 1 and i < len(self.crit.out_projs):
                 self.crit.out_projs[i] = self.word_emb.emb_projs[i]
+
+    @classmethod
+    def from_hf(cls, hf_model, dtype: Optional[torch.dtype] = None) -> "TransfoXLLMHeadModel":
+        """From transformers' TransfoXLLMHeadModel (transformers < 5), read through its config and state dict."""
+        return cls.from_hf_state(hf_model.state_dict(), hf_model.config.to_dict(), dtype=dtype)
+
+    @classmethod
+    def from_hf_state(cls, state_dict, hf_config: dict, dtype: Optional[torch.dtype] = None) -> "TransfoXLLMHeadModel":
+        """From a state dict and config (a dict of TransfoXLConfig's fields) in transformers' layout; in the
+        state dict's dtype unless `dtype` asks for another."""
+        from .convert import cast, load_from_hf
+
+        config = config_from_hf(hf_config)
+        model = cls(config)
+        state = dict(state_dict)
+        for k in ("crit.cluster_weight", "crit.cluster_bias"):  # the TF release's cluster order -> the release's
+            if k in state:
+                state[k] = state[k].flip(0)
+        mapping = [(k, "transformer." + k if not k.startswith("crit.") else k) for k in model.state_dict()]
+        load_from_hf(model, state, mapping, derived=("transformer.pos_emb.inv_freq",))
+        floating = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+        return cast(model, dtype or (floating.pop() if len(floating) == 1 else torch.float32))
+
+    def zero_mems(self, batch_size: int) -> List[Tensor]:
+        """mem_len zero states per layer: what transformers' TransfoXL attends to when given no mems (the
+        release starts with an empty memory, as `mems=None` does here)."""
+        p = next(self.parameters())
+        return [p.new_zeros(batch_size, self.config.mem_len, self.config.d_model)
+                for _ in range(self.config.n_layer + 1)]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes the release's checkpoints, which carry the pos_emb.inv_freq buffer."""
