@@ -23,7 +23,7 @@ the ids yourself, e.g. `ids1 * n + ids2`), and `prefix_lm` with `causal` (prefix
 the prefix; AND-ing plain causal in would silently cancel the bidirectional prefix).
 
 A bool key-padding mask becomes lengths when every row is a prefix of True (checked once, when the part is
-built; under torch.compile it is not checked); otherwise it is a dense part of shape [B, 1, 1, Lk], O(Lk)
+built or rebuilt; under torch.compile it is not checked); otherwise it is a dense part of shape [B, 1, 1, Lk], O(Lk)
 memory, broadcast over heads and queries.
 
 The mask does not know the shapes until it is used; then every part checks its sizes against q and k (an

@@ -223,6 +223,8 @@ def _sdpa_uncovered(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     if not all(isinstance(t, Tensor) for t in qkv) or not isinstance(is_causal, bool) or \
             not isinstance(enable_gqa, bool):
         return "argument types"
+    if any(t.layout != torch.strided or t.is_nested for t in qkv):
+        return "nested or sparse tensors"
     if not 2 <= query.dim() <= 4:
         return f"{query.dim()}-D inputs"
     if key.dim() != query.dim() or value.dim() != query.dim():
@@ -250,6 +252,8 @@ def _sdpa_uncovered(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor) or attn_mask.dtype not in (torch.bool, query.dtype):
             return "attn_mask dtype"
+        if attn_mask.layout != torch.strided or attn_mask.is_nested:
+            return "nested or sparse attn_mask"
         if not 2 <= attn_mask.dim() <= query.dim():
             return "attn_mask rank"
         if attn_mask.device != query.device:
