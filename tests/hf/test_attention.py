@@ -207,3 +207,16 @@ def test_head_dim_outside_kernel_falls_back_to_sdpa_counted():
 def _dense(mask, B, Lq, Lk):
     from ptm_kernels.reference_kernels import attention_mask_dense
     return attention_mask_dense(B, 1, Lq, Lk, "cpu", *mask.visibility(B, 1, Lq, Lk, "cpu"))[:, 0]
+
+
+def test_whole_model_compiles_fullgraph_with_padding():
+    """attn_implementation="ptm" on its own, the mask function and attention traced in one graph."""
+    model = llama()
+    model.set_attn_implementation("ptm")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert_close(got[mask.bool()], want[mask.bool()], name="compiled logits")
