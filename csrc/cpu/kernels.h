@@ -1,4 +1,4 @@
-// CPU kernels of ptm_kernels: declarations (implemented in norms.cpp, activations.cpp, rope.cpp).
+// CPU kernels of ptm_kernels: declarations (implemented in norms.cpp, activations.cpp, rope.cpp, losses.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,5 +13,11 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 #include "../memory_bound_kernels.inc"
+
+// cross-entropy (losses.cpp; CPU only: the CUDA path is Triton)
+std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& labels, int64_t ignore_index,
+                                             double label_smoothing, double z_loss);
+Tensor cross_entropy_bwd(const Tensor& dloss, const Tensor& logits, const Tensor& labels, const Tensor& lse,
+                         int64_t ignore_index, double label_smoothing, double z_loss, bool inplace);
 
 }  // namespace ptm::cpu

@@ -221,7 +221,7 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
     if reduction != "none":
         # d(loss)/d(row loss): 1 for "sum", 1 / (labelled rows) for "mean" (ignored rows get no gradient).
         count = (labels != ignore_index).sum() if reduction == "mean" else torch.ones((), device=labels.device)
-        dloss = (1.0 / count.to(_loss_dtype(hidden))).expand(hidden.shape[0])
+        dloss = (1.0 / count.to(_loss_dtype(hidden))).expand(hidden.shape[0]).contiguous()
     rows, dh, dw, db = _chunked_pass(hidden, weight, labels, bias, options, dloss, chunk_rows,
                                      (grad_hidden, grad_weight, grad_bias and bias is not None))
     loss = _reduce(rows, labels, ignore_index, reduction)

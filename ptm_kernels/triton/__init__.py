@@ -5,6 +5,7 @@ triton is imported).
 """
 
 from .activations import act_bwd, act_fwd, glu_bwd, glu_fwd
+from .losses import cross_entropy_bwd, cross_entropy_fwd
 from .attention import attention_bwd, attention_dropout_mask, attention_fwd, attention_tile
 from .norms import layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd
 from .rope import rope_fwd
@@ -17,4 +18,5 @@ __all__ = [
     "rope_fwd",
     "attention_fwd", "attention_bwd", "attention_dropout_mask", "attention_tile",
     "relative_attention_fwd", "relative_attention_bwd", "two_stream_attention_fwd", "two_stream_attention_bwd",
+    "cross_entropy_fwd", "cross_entropy_bwd",
 ]
