@@ -195,8 +195,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     float mask made only of 0 and -inf becomes a bool mask, other masks take the dense path with block
     skipping. A row with no visible key gives zeros, like torch 2.13 on CPU for bool and -inf masks alike.
     A NaN propagates as in torch's math kernel (torch's fused CPU kernel instead gives 0 for a query row that
-    holds a NaN when there is no mask, and NaN rows for is_causal with a negative scale). Dropout draws from torch's default generator, as torch does, but a
-    different mask.
+    holds a NaN when there is no mask, and NaN rows for is_causal with a negative scale). Dropout draws from
+    torch's default generator, as torch does, but a different mask.
     """
     reason = _sdpa_uncovered(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason is not None:
