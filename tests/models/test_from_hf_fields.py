@@ -3,10 +3,14 @@ the project converts.
 
 For each config class, every field of its `to_dict()` is classified here (the completeness test fails when
 transformers adds one): HONOURED fields get non-default values, one at a time, and our model's outputs must match
-transformers' on them; REFUSED values must make `from_hf` raise an error that names the field; NOT_MATH fields
-are listed with the reason they cannot change the converted model's outputs (training-only randomness,
-initialisation, generation or tokenizer ids, heads of other classes). A field may be honoured for some values and
-refused for others (an activation name the table lacks).
+transformers' on them (XLNet: on a second segment too, over the first one's memory; pad_token_id: also the
+embeddings' padding rows, which get no gradient); REFUSED values must make `from_hf` raise an error that names the
+field; NOT_MATH fields are listed with the reason they cannot change the converted model's eval outputs
+(training-only randomness, initialisation, generation or tokenizer ids, heads of other classes); the dropout
+probabilities among them must still reach our model. A field may be honoured for some values and refused for
+others (an activation name the table lacks).
+
+Also here: an HF tensor that the conversion does not read is refused, naming it; the dtype is kept.
 
 Tiny configs (hidden 32, 2 layers, vocab 99) keep the whole table at a few seconds on one core.
 """
@@ -44,7 +48,7 @@ COMMON_NOT_MATH = {
 DROPOUT = "dropout probability: identity in eval; honoured in training (read by from_hf, see the gradient tests)"
 INIT = "initialisation only: the weights come from the HF model"
 GEN_IDS = "token ids of generation / tokenization: not read by a forward pass over given ids"
-OTHER_HEAD = "read only by a head of another class (sequence summary, multiple choice, QA beam search)"
+OTHER_HEAD = "read only by a head of another class (sequence summary, classification, multiple choice, QA beams)"
 CACHE = "whether a decoding cache is returned: the same numbers"
 
 BERT_NOT_MATH = {
@@ -79,7 +83,7 @@ S2S_BASE = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, en
                 decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=32,
                 forced_eos_token_id=None)
 BART_NOT_MATH = {
-    "dropout": DROPOUT, "attention_dropout": DROPOUT, "activation_dropout": DROPOUT, "classifier_dropout": DROPOUT,
+    "dropout": DROPOUT, "attention_dropout": DROPOUT, "activation_dropout": DROPOUT, "classifier_dropout": OTHER_HEAD,
     "init_std": INIT, "use_cache": CACHE, "bos_token_id": GEN_IDS, "eos_token_id": GEN_IDS,
     "forced_eos_token_id": GEN_IDS, "decoder_start_token_id": GEN_IDS + " (decoder_input_ids are given here)",
     "is_decoder": "fixed by the class (ForConditionalGeneration builds both stacks)",
@@ -129,7 +133,8 @@ FAMILIES: List[Family] = [
             "summary_activation": OTHER_HEAD, "summary_last_dropout": OTHER_HEAD}, BERT_COMPANIONS),
     Family("AlbertConfig", "AlbertForMaskedLM", "albert", "AlbertForMaskedLM",
            {**BERT_BASE, "embedding_size": 16}, "encoder", "logits",
-           {**BERT_HONOURED, "embedding_size": [24], "num_hidden_groups": [2], "inner_group_num": [2]},
+           {**BERT_HONOURED, "hidden_act": ["gelu", "relu", "silu"],  # (ALBERT's default is gelu_new)
+            "embedding_size": [24], "num_hidden_groups": [2], "inner_group_num": [2]},
            {"hidden_act": ["mish"], "tie_word_embeddings": [False]},
            {k: v for k, v in {**BERT_NOT_MATH, "classifier_dropout_prob": DROPOUT}.items()
             if k not in ("use_cache", "classifier_dropout")}),
@@ -160,7 +165,8 @@ FAMILIES: List[Family] = [
             "initializer_range": INIT, "classifier_activation": "the pooler's tanh: MaskedLM has no pooler",
             "true_hidden_size": "derived by the config from use_bottleneck and intra_bottleneck_size"}),
     Family("XLMConfig", "XLMWithLMHeadModel", "xlm", "XLMWithLMHeadModel",
-           dict(vocab_size=V, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=24), "encoder", "logits",
+           dict(vocab_size=V, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=24, n_langs=2), "encoder",
+           "logits",
            {"vocab_size": [120], "emb_dim": [64], "n_layers": [3], "n_heads": [1], "gelu_activation": [False],
             "sinusoidal_embeddings": [True], "causal": [True], "n_langs": [3], "use_lang_emb": [False],
             "max_position_embeddings": [40], "layer_norm_eps": [1e-2], "pad_token_id": [3]},
@@ -215,7 +221,7 @@ FAMILIES: List[Family] = [
             "tie_word_embeddings": [False]},
            {"activation_function": ["mish"]},
            {"resid_dropout": DROPOUT, "embed_dropout": DROPOUT, "attention_dropout": DROPOUT,
-            "classifier_dropout": DROPOUT, "initializer_range": INIT, "use_cache": CACHE, "bos_token_id": GEN_IDS,
+            "classifier_dropout": OTHER_HEAD, "initializer_range": INIT, "use_cache": CACHE, "bos_token_id": GEN_IDS,
             "eos_token_id": GEN_IDS, "pad_token_id": "GPT-Neo's embedding has no padding row: a generation id only",
             "attention_layers": "derived from attention_types by the config (set it through attention_types)"},
            {"num_layers": {"attention_types": [[["global", "local"], 2]]}}),
@@ -228,7 +234,8 @@ FAMILIES: List[Family] = [
     Family("Qwen2Config", "Qwen2ForCausalLM", "llama", "Llama",
            {**DECODER_BASE, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
            "decoder", "logits",
-           {**{k: v for k, v in LLAMA_HONOURED.items() if k != "head_dim"}, "use_sliding_window": [False], "sliding_window": [6], "max_window_layers": [0, 2],
+           {**{k: v for k, v in LLAMA_HONOURED.items() if k != "head_dim"},  # (Qwen2 has no head_dim)
+            "use_sliding_window": [False], "sliding_window": [6], "max_window_layers": [0, 2],
             "layer_types": [["sliding_attention", "full_attention"]]},
            LLAMA_REFUSED, LLAMA_NOT_MATH),
     Family("T5Config", "T5ForConditionalGeneration", "t5", "T5",
@@ -241,7 +248,7 @@ FAMILIES: List[Family] = [
             "feed_forward_proj": ["gated-gelu", "gated-relu", "gated-silu", "gelu", "silu", "gated-gelu_new"],
             "tie_word_embeddings": [False]},
            {"feed_forward_proj": ["gated-mish"]},
-           {"dropout_rate": DROPOUT, "classifier_dropout": DROPOUT, "initializer_factor": INIT, "use_cache": CACHE,
+           {"dropout_rate": DROPOUT, "classifier_dropout": OTHER_HEAD, "initializer_factor": INIT, "use_cache": CACHE,
             "pad_token_id": GEN_IDS + " (decoder_input_ids are given here)", "eos_token_id": GEN_IDS,
             "decoder_start_token_id": GEN_IDS + " (decoder_input_ids are given here)",
             "is_decoder": "fixed by the class (ForConditionalGeneration builds both stacks)",
@@ -265,11 +272,14 @@ def _cases():
 
 
 def _perturbed(hf):
-    """Norm weights start at 1 and biases at 0: perturb them so that each one's mapping shows."""
+    """transformers' initial weights are small (std 0.02), norms 1 and biases 0: on them attention is nearly
+    uniform and every GELU nearly linear, so a wrong head count or activation would hardly show. Random
+    weights of std ~0.2 around the initial ones make every field's effect visible. (Frozen tables, Pegasus'
+    sinusoids, stay as they are: they are computed, not weights.)"""
     with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n.lower() or n.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+        for p in hf.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
     return hf.eval()
 
 
@@ -287,6 +297,8 @@ def _inputs(fam: Family, hf):
     inputs = dict(input_ids=ids, attention_mask=real)
     if fam.kind == "encoder" and getattr(c, "type_vocab_size", 0):
         inputs["token_type_ids"] = (torch.arange(L) >= L // 2).long().expand(2, L) * real
+    if fam.config == "XLMConfig":  # two languages, so that the language embeddings matter
+        inputs["langs"] = (torch.arange(L) >= L // 2).long().expand(2, L)
     if fam.kind == "seq2seq":
         inputs["decoder_input_ids"] = torch.randint(5, V, (2, 7))
     return inputs, real.bool()
@@ -295,8 +307,16 @@ def _inputs(fam: Family, hf):
 def _compare(fam: Family, hf, ours):
     inputs, real = _inputs(fam, hf)
     with torch.no_grad():
-        theirs = getattr(hf(**inputs), fam.output)
-        mine = getattr(ours.eval()(**inputs), fam.output)
+        theirs, mine = hf(**inputs), ours.eval()(**inputs)
+        if fam.kind == "xlnet":  # a second segment on the memory of the first (mem_len, reuse_len, same_length, ...)
+            assert (mine.mems is None) == (theirs.mems is None), "mems returned by one side only"
+            if mine.mems is not None:
+                for a, b in zip(mine.mems, theirs.mems):  # ours batch first, transformers' time first
+                    assert (a - b.transpose(0, 1)).abs().max().item() < TOL, "mems differ"
+                second = torch.randint(5, V, inputs["input_ids"].shape)
+                theirs = hf(second, mems=theirs.mems)
+                mine = ours(second, mems=mine.mems)
+    theirs, mine = getattr(theirs, fam.output), getattr(mine, fam.output)
     if fam.kind != "seq2seq":  # per-token outputs: the real positions
         theirs, mine = theirs[real], mine[real]
     diff = (mine.float() - theirs.float()).abs().max().item()
@@ -311,7 +331,15 @@ def test_field_is_honoured_or_refused(fam, name, value, expect):
             fam.ours_class().from_hf(hf)
         assert name in str(err.value), f"the error does not name {name}: {err.value}"
     else:
-        _compare(fam, hf, fam.ours_class().from_hf(hf))
+        ours = fam.ours_class().from_hf(hf)
+        _compare(fam, hf, ours)
+        if name == "pad_token_id":  # beyond the forward pass: the padding row of an embedding gets no gradient
+            assert _padding_rows(hf) <= _padding_rows(ours), "an embedding's padding row is not the HF model's"
+
+
+def _padding_rows(model) -> set:
+    return {(m.num_embeddings, m.padding_idx) for m in model.modules()
+            if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None}
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=[f.config for f in FAMILIES])
@@ -365,3 +393,27 @@ def test_from_hf_keeps_the_dtype(config):
     assert_close(mine, truth, theirs, name=f"{config} bf16 logits")
     as_float = fam.ours_class().from_hf(hf_bf16, dtype=torch.float32)
     assert {p.dtype for p in as_float.parameters()} == {torch.float32}
+
+
+def _dropout_cases():
+    for fam in FAMILIES:
+        for name, why in fam.not_math.items():
+            if why == DROPOUT:
+                yield pytest.param(fam, name, id=f"{fam.config}-{name}")
+
+
+def _carries(model, value: float) -> bool:
+    """Whether `value` is in our config or in an attribute of one of our modules (a dropout probability)."""
+    import dataclasses
+
+    if value in dataclasses.asdict(model.config).values():
+        return True
+    return any(value in (v for v in vars(m).values() if isinstance(v, float)) for m in model.modules())
+
+
+@pytest.mark.parametrize("fam,name", list(_dropout_cases()))
+def test_dropout_fields_are_read(fam, name):
+    """The dropout probabilities listed as not changing the (eval) logits are still carried into our model, which
+    applies them in training."""
+    ours = fam.ours_class().from_hf(fam.make_hf(name, 0.37))
+    assert _carries(ours, 0.37), f"{name}=0.37 is not carried into our model"
