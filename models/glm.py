@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ptm_kernels.attention_mask import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-from .decoder_blocks import CausalSelfAttention, DecoderBlock, MLP, LMOutput
+from .decoder_blocks import MLP, CausalSelfAttention, DecoderBlock, LMOutput
 from .generation import sample_next
 from .kv_cache import KVCache
 
