@@ -40,17 +40,19 @@ def _in_our_layout(parts: Sequence[Tensor], transpose: bool) -> Tensor:
 
 # transformers buffers that are no weights: recomputed from the config, never read from a checkpoint
 DERIVED_HF_BUFFERS: Dict[str, str] = {
-    "rotary_emb.inv_freq": "rotary frequencies, recomputed from the config (older transformers saved them)",
-    "position_ids": "an arange(max_positions) buffer",
-    "attn.masked_bias": "GPT-2's constant -1e4 of older transformers",
-    "attn.bias": "GPT-2's causal tril buffer of older transformers (uint8/bool, not a float bias)",
+    ".rotary_emb.inv_freq": "rotary frequencies, recomputed from the config (older transformers saved them)",
+    ".position_ids": "an arange(max_positions) buffer",
+    ".token_type_ids": "BERT's all-zero token type ids buffer",
+    ".masked_bias": "GPT-2's and GPT-Neo's constant -1e4 of older transformers",
 }
+# older transformers' causal tril buffers (bool / uint8) under names that real biases end in too
+CAUSAL_MASK_BUFFERS = (".attn.bias", ".attention.bias")
 
 
 def _is_derived(key: str, tensor: Tensor) -> bool:
-    if key.endswith("attn.bias") and tensor.dtype in (torch.bool, torch.uint8):
-        return True  # GPT-2's causal mask; attn.c_attn.bias etc. are real biases and float
-    return any(key.endswith(suffix) for suffix in DERIVED_HF_BUFFERS if suffix != "attn.bias")
+    if key.endswith(CAUSAL_MASK_BUFFERS):
+        return tensor.dtype in (torch.bool, torch.uint8)
+    return key.endswith(tuple(DERIVED_HF_BUFFERS))
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
