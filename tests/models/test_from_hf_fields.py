@@ -372,6 +372,21 @@ def test_a_tensor_nothing_reads_is_refused(config):
         fam.ours_class().from_hf(hf)
 
 
+def test_derived_buffers_of_older_checkpoints_are_passed_over():
+    """Buffers older transformers saved that are computed, not weights (GPT-2's causal tril and -1e4, rotary
+    frequencies) are no tensors 'nothing reads': the conversion passes them over."""
+    gpt2 = _family("GPT2Config").make_hf("vocab_size", V)
+    attn = gpt2.transformer.h[0].attn
+    attn.register_buffer("bias", torch.ones(4, 4, dtype=torch.bool).tril())
+    attn.register_buffer("masked_bias", torch.tensor(-1e4))
+    assert "transformer.h.0.attn.bias" in gpt2.state_dict()
+    model_module("gpt2").GPT2.from_hf(gpt2)
+    llama = _family("LlamaConfig").make_hf("vocab_size", V)
+    llama.model.rotary_emb.register_buffer("inv_freq", torch.ones(8), persistent=True)
+    assert "model.rotary_emb.inv_freq" in llama.state_dict()
+    model_module("llama").Llama.from_hf(llama)
+
+
 @pytest.mark.parametrize("config", ["LlamaConfig", "BertConfig", "T5Config", "GPT2Config"])
 def test_from_hf_keeps_the_dtype(config):
     """A bfloat16 HF model converts to a bfloat16 model (logits within twice transformers' own bfloat16 error of
@@ -417,3 +432,16 @@ def test_dropout_fields_are_read(fam, name):
     applies them in training."""
     ours = fam.ours_class().from_hf(fam.make_hf(name, 0.37))
     assert _carries(ours, 0.37), f"{name}=0.37 is not carried into our model"
+
+
+@pytest.mark.parametrize("hf_class,module", [("BertForSequenceClassification", "bert"),
+                                             ("ElectraForSequenceClassification", "electra")])
+@pytest.mark.parametrize("change", [dict(num_labels=1), dict(problem_type="multi_label_classification")],
+                         ids=["regression", "multi_label"])
+def test_sequence_classifiers_refuse_other_losses(hf_class, module, change):
+    """Our sequence classifiers' loss is cross-entropy: transformers' regression (num_labels=1) and multi-label
+    losses are refused, naming the field."""
+    config_class = "ElectraConfig" if module == "electra" else "BertConfig"
+    hf = getattr(transformers, hf_class)(getattr(transformers, config_class)(**BERT_BASE, **change))
+    with pytest.raises(NotImplementedError, match=next(iter(change))):
+        getattr(model_module(module), hf_class).from_hf(hf)
