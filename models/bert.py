@@ -20,7 +20,7 @@ from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
 from . import activations
-from .convert import HFTwin, config_kwargs, load_into_hf, prefixed, refuse_unless
+from .convert import HFTwin, SingleLabelClassifier, config_kwargs, load_into_hf, prefixed, refuse_unless
 from .encoder import (BERT_LAYER_NAMES, BiasAct, Embeddings, EncoderLayer, Packing, embeddings_mapping,
                       layer_mapping, padding_mask, unpack)
 
@@ -227,17 +227,6 @@ class HFModel(HFTwin, nn.Module):
     config_class = BertConfig
 
 
-def single_label_classification(hf_config) -> None:
-    """Our sequence classifiers' loss is cross-entropy: refuse transformers' regression (num_labels == 1) and
-    multi-label problem types, whose loss is another."""
-    if getattr(hf_config, "problem_type", None) not in (None, "single_label_classification"):
-        raise NotImplementedError(f"config field problem_type={hf_config.problem_type!r}: only single-label "
-                                  "classification (cross-entropy)")
-    if hf_config.num_labels == 1:
-        raise NotImplementedError("config field num_labels=1 (transformers' regression, MSE loss): "
-                                  "only classification")
-
-
 class _BertTask(HFModel):
     """A task model on a BERT-like backbone; variants change the backbone class and its name (`base`, which
     is also its prefix in transformers' state dict) and reuse the heads."""
@@ -335,13 +324,8 @@ class BertForNextSentencePrediction(_BertTask):
                                          ("nsp.bias", "cls.seq_relationship.bias")]
 
 
-class BertForSequenceClassification(_BertTask):
+class BertForSequenceClassification(SingleLabelClassifier, _BertTask):
     hf_class = "BertForSequenceClassification"
-
-    @classmethod
-    def config_from_hf(cls, hf_model):
-        single_label_classification(hf_model.config)
-        return super().config_from_hf(hf_model)
 
     def __init__(self, config: BertConfig):
         super().__init__()

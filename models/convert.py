@@ -230,3 +230,19 @@ class HFTwin:
 
         hf = getattr(transformers, self.hf_class)(self.hf_config())
         return load_into_hf(hf, self, self.hf_mapping(), derived=self.hf_derived)
+
+
+class SingleLabelClassifier:
+    """Mixin of the sequence classifiers (before their HFTwin base): their loss is cross-entropy, so from_hf
+    refuses transformers' regression (num_labels == 1) and multi-label problem types, whose loss is another."""
+
+    @classmethod
+    def config_from_hf(cls, hf_model):
+        c = hf_model.config
+        if getattr(c, "problem_type", None) not in (None, "single_label_classification"):
+            raise NotImplementedError(f"config field problem_type={c.problem_type!r}: only single-label "
+                                      "classification (cross-entropy)")
+        if c.num_labels == 1:
+            raise NotImplementedError("config field num_labels=1 (transformers' regression, MSE loss): "
+                                      "only classification")
+        return super().config_from_hf(hf_model)

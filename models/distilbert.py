@@ -17,7 +17,7 @@ from torch import nn
 from . import activations
 from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, MLMHead, Output,
                    _BertTask, init_weights, mlm_loss)
-from .convert import config_kwargs, prefixed
+from .convert import SingleLabelClassifier, config_kwargs, prefixed
 from .encoder import embeddings_mapping, layer_mapping, unpack, use_sinusoidal_positions
 
 _RENAMES = (("hidden_size", "dim"), ("num_hidden_layers", "n_layers"), ("num_attention_heads", "n_heads"),
@@ -98,7 +98,7 @@ class DistilBertForMaskedLM(_DistilBertTask):
                 + prefixed(MLMHead.mapping("vocab_transform", "vocab_layer_norm", "vocab_projector.bias"), "mlm.", ""))
 
 
-class DistilBertForSequenceClassification(_DistilBertTask):
+class DistilBertForSequenceClassification(SingleLabelClassifier, _DistilBertTask):
     hf_class = "DistilBertForSequenceClassification"
 
     def __init__(self, config: DistilBertConfig):

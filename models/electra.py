@@ -20,8 +20,8 @@ from ptm_kernels.nn import LayerNorm
 
 from .activations import bias_apply
 from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, Output, _BertTask,
-                   init_weights, mlm_loss, single_label_classification)
-from .convert import HFTwin
+                   init_weights, mlm_loss)
+from .convert import HFTwin, SingleLabelClassifier
 from .encoder import unpack
 from .masking import electra_replace
 
@@ -147,7 +147,7 @@ class ElectraForMaskedLM(_ElectraTask):
             ("lm_bias", "generator_lm_head.bias")]
 
 
-class ElectraForSequenceClassification(_ElectraTask):
+class ElectraForSequenceClassification(SingleLabelClassifier, _ElectraTask):
     """ELECTRA's GLUE head: on the first token, dropout, dense, GELU (transformers hard-codes erf GELU here,
     whatever hidden_act says), dropout, out_proj."""
     hf_class = "ElectraForSequenceClassification"
@@ -161,11 +161,6 @@ class ElectraForSequenceClassification(_ElectraTask):
         self.dense_bias = nn.Parameter(torch.zeros(c.hidden_size))  # fused into the GELU
         self.out_proj = nn.Linear(c.hidden_size, c.num_labels)
         init_weights(self.dense), init_weights(self.out_proj)
-
-    @classmethod
-    def config_from_hf(cls, hf_model):
-        single_label_classification(hf_model.config)
-        return super().config_from_hf(hf_model)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
                 unpad=False, labels=None) -> Output:

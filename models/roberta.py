@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, MLMHead, Output,
                    _BertTask, init_weights, mlm_loss)
-from .convert import prefixed
+from .convert import SingleLabelClassifier, prefixed
 from .encoder import unpack
 
 
@@ -72,7 +72,7 @@ class RobertaForMaskedLM(_RobertaTask):
                 + prefixed(MLMHead.mapping("dense", "layer_norm", "bias", "decoder.bias"), "lm_head.", "lm_head."))
 
 
-class RobertaForSequenceClassification(_RobertaTask):
+class RobertaForSequenceClassification(SingleLabelClassifier, _RobertaTask):
     """dense + tanh + out_proj on the first (<s>) token; no pooler."""
     hf_class = "RobertaForSequenceClassification"
 

@@ -31,7 +31,7 @@ from ptm_kernels import AttentionMask
 
 from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, Output, _BertTask,
                    init_weights, mlm_loss)
-from .convert import config_kwargs, prefixed
+from .convert import SingleLabelClassifier, config_kwargs, prefixed
 from .encoder import Embeddings, layer_mapping, unpack, use_sinusoidal_positions
 
 _RENAMES = (("hidden_dropout_prob", "dropout"), ("attention_probs_dropout_prob", "attention_dropout"))
@@ -169,7 +169,7 @@ class XLMWithLMHeadModel(_XLMTask):
                                          ("lm_bias", "pred_layer.proj.bias")]
 
 
-class XLMForSequenceClassification(_XLMTask):
+class XLMForSequenceClassification(SingleLabelClassifier, _XLMTask):
     """transformers' sequence summary: the first token, dropout, an optional projection (to num_labels when
     summary_proj_to_labels) and an optional tanh."""
     hf_class = "XLMForSequenceClassification"

@@ -39,7 +39,7 @@ from ptm_kernels.nn import LayerNorm
 
 from . import activations
 from .activations import bias_apply
-from .convert import HFTwin, config_kwargs, prefixed
+from .convert import HFTwin, SingleLabelClassifier, config_kwargs, prefixed
 
 
 @dataclass
@@ -305,7 +305,7 @@ class XLNetLMHeadModel(_XLNetTask):
         return self.backbone_mapping() + [("lm_loss.weight", "lm_loss.weight"), ("lm_loss.bias", "lm_loss.bias")]
 
 
-class XLNetForSequenceClassification(_XLNetTask):
+class XLNetForSequenceClassification(SingleLabelClassifier, _XLNetTask):
     """Summary of the last token (transformers' XLNetSequenceSummary: projection, tanh), then logits_proj."""
     hf_class = "XLNetForSequenceClassification"
 

@@ -434,14 +434,20 @@ def test_dropout_fields_are_read(fam, name):
     assert _carries(ours, 0.37), f"{name}=0.37 is not carried into our model"
 
 
-@pytest.mark.parametrize("hf_class,module", [("BertForSequenceClassification", "bert"),
-                                             ("ElectraForSequenceClassification", "electra")])
+CLASSIFIERS = [("BertConfig", "bert", "Bert"), ("ElectraConfig", "electra", "Electra"),
+               ("RobertaConfig", "roberta", "Roberta"), ("AlbertConfig", "albert", "Albert"),
+               ("DistilBertConfig", "distilbert", "DistilBert"), ("ErnieConfig", "ernie", "Ernie"),
+               ("MobileBertConfig", "mobilebert", "MobileBert"), ("XLMConfig", "xlm", "XLM"),
+               ("XLNetConfig", "xlnet", "XLNet")]
+
+
+@pytest.mark.parametrize("config,module,prefix", CLASSIFIERS, ids=[c[2] for c in CLASSIFIERS])
 @pytest.mark.parametrize("change", [dict(num_labels=1), dict(problem_type="multi_label_classification")],
                          ids=["regression", "multi_label"])
-def test_sequence_classifiers_refuse_other_losses(hf_class, module, change):
+def test_sequence_classifiers_refuse_other_losses(config, module, prefix, change):
     """Our sequence classifiers' loss is cross-entropy: transformers' regression (num_labels=1) and multi-label
     losses are refused, naming the field."""
-    config_class = "ElectraConfig" if module == "electra" else "BertConfig"
-    hf = getattr(transformers, hf_class)(getattr(transformers, config_class)(**BERT_BASE, **change))
+    name = f"{prefix}ForSequenceClassification"
+    hf = getattr(transformers, name)(getattr(transformers, config)(**{**_family(config).base, **change}))
     with pytest.raises(NotImplementedError, match=next(iter(change))):
-        getattr(model_module(module), hf_class).from_hf(hf)
+        getattr(model_module(module), name).from_hf(hf)
