@@ -62,6 +62,8 @@ BERT_HONOURED = {
 }
 BERT_REFUSED = {"hidden_act": ["mish"], "is_decoder": [True], "add_cross_attention": [True],
                 "tie_word_embeddings": [False]}
+ELECTRA_NOT_MATH = {**BERT_NOT_MATH, "summary_type": OTHER_HEAD, "summary_use_proj": OTHER_HEAD,
+                    "summary_activation": OTHER_HEAD, "summary_last_dropout": OTHER_HEAD}
 BERT_COMPANIONS = {"add_cross_attention": {"is_decoder": True}}  # transformers refuses cross-attention in an encoder
 BERT_BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
                  max_position_embeddings=24)
@@ -126,11 +128,15 @@ FAMILIES: List[Family] = [
            BERT_HONOURED, BERT_REFUSED, BERT_NOT_MATH, BERT_COMPANIONS),
     Family("RobertaConfig", "RobertaForMaskedLM", "roberta", "RobertaForMaskedLM", {**BERT_BASE, "pad_token_id": 1},
            "encoder", "logits", BERT_HONOURED, BERT_REFUSED, BERT_NOT_MATH, BERT_COMPANIONS),
-    Family("ElectraConfig", "ElectraForMaskedLM", "electra", "ElectraForMaskedLM",
+    Family("ElectraConfig", "ElectraForMaskedLM", "electra", "ElectraForMaskedLM",  # the generator: a tied head
            {**BERT_BASE, "embedding_size": 16}, "encoder", "logits",
-           {**BERT_HONOURED, "embedding_size": [32, 24]}, BERT_REFUSED,
-           {**BERT_NOT_MATH, "summary_type": OTHER_HEAD, "summary_use_proj": OTHER_HEAD,
-            "summary_activation": OTHER_HEAD, "summary_last_dropout": OTHER_HEAD}, BERT_COMPANIONS),
+           {**BERT_HONOURED, "embedding_size": [32, 24]}, BERT_REFUSED, ELECTRA_NOT_MATH, BERT_COMPANIONS),
+    Family("ElectraConfig", "ElectraForPreTraining", "electra", "ElectraForPreTraining",  # its head reads hidden_act
+           {**BERT_BASE, "embedding_size": 16}, "encoder", "logits",
+           {**BERT_HONOURED, "embedding_size": [32, 24]},
+           {k: v for k, v in BERT_REFUSED.items() if k != "tie_word_embeddings"},
+           {**ELECTRA_NOT_MATH, "tie_word_embeddings": "the discriminator has no head tied to the embeddings"},
+           BERT_COMPANIONS),
     Family("AlbertConfig", "AlbertForMaskedLM", "albert", "AlbertForMaskedLM",
            {**BERT_BASE, "embedding_size": 16}, "encoder", "logits",
            {**BERT_HONOURED, "hidden_act": ["gelu", "relu", "silu"],  # (ALBERT's default is gelu_new)
@@ -268,7 +274,7 @@ def _cases():
         for expect, table in (("honour", fam.honoured), ("refuse", fam.refused)):
             for name, values in table.items():
                 for i, value in enumerate(values):
-                    yield pytest.param(fam, name, value, expect, id=f"{fam.config}-{name}-{i}-{expect}")
+                    yield pytest.param(fam, name, value, expect, id=f"{fam.hf_model}-{name}-{i}-{expect}")
 
 
 def _perturbed(hf):
@@ -342,7 +348,7 @@ def _padding_rows(model) -> set:
             if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None}
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=[f.config for f in FAMILIES])
+@pytest.mark.parametrize("fam", FAMILIES, ids=[f.hf_model for f in FAMILIES])
 def test_every_config_field_is_classified(fam):
     """Each field of the config class is honoured, refused or stated not to change the math (with a reason)."""
     fields = set(getattr(transformers, fam.config)(**fam.base).to_dict())
@@ -414,7 +420,7 @@ def _dropout_cases():
     for fam in FAMILIES:
         for name, why in fam.not_math.items():
             if why == DROPOUT:
-                yield pytest.param(fam, name, id=f"{fam.config}-{name}")
+                yield pytest.param(fam, name, id=f"{fam.hf_model}-{name}")
 
 
 def _carries(model, value: float) -> bool:
