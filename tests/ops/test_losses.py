@@ -321,12 +321,14 @@ def test_linear_cross_entropy_gradcheck_float64():
 
 
 def test_linear_cross_entropy_default_chunks():
-    """Liger's rule: a chunk's logits about as large as the hidden states."""
-    assert default_chunk_rows(1024, 512, 32000) == 32          # 1024 / ceil(32000 / 512) = 17 -> 32
-    for N, D, V in [(1024, 512, 32000), (1000, 768, 30522), (4096, 4096, 128256)]:
+    """Liger's rule (a chunk's logits about as large as the hidden states), with at least 256 rows a chunk."""
+    assert default_chunk_rows(16384, 4096, 32000) == 2048     # 16384 / ceil(32000 / 4096) = 2048
+    assert default_chunk_rows(1024, 512, 32000) == 256        # Liger's 32 rows, raised to the minimum
+    assert default_chunk_rows(100, 512, 32000) == 128         # fewer rows than the minimum: one chunk
+    assert default_chunk_rows(5, 64, 10) == 8                 # V <= D: one chunk
+    for N, D, V in [(16384, 4096, 32000), (8192, 4096, 128256), (65536, 768, 30522)]:
         ratio = default_chunk_rows(N, D, V) * V / (N * D)
         assert 0.5 <= ratio <= 2.0, (N, D, V, ratio)
-    assert default_chunk_rows(5, 64, 10) == 8                  # V <= D: one chunk (power of two above N)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
