@@ -1,7 +1,8 @@
 """Transformer-XL from transformers' layout (its TransfoXLLMHeadModel, gone in transformers 5) against transformers
 itself: fixtures/transfo_xl_hf.pt holds random weights, configs and the log-probabilities that transformers 4.35.2
 computed over three segments with the memory carried (fixtures/make_transfo_xl_hf.py made it, once, in a
-throwaway venv). Two tail clusters in each case, so the order of the adaptive softmax's cluster rows shows."""
+throwaway venv). Three cases, two tail clusters in each, so the order of the adaptive softmax's cluster rows shows;
+between them every field of TransfoXLConfig that changes the math takes two values or more."""
 
 import ast
 import inspect
@@ -14,8 +15,24 @@ from ._import import model_module
 
 txl = model_module("transformer_xl")
 FIXTURE = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "transfo_xl_hf.pt"))
-CASES = [k for k in FIXTURE if k != "transformers_version"]
+CASES = [k for k in FIXTURE if k not in ("transformers_version", "config_fields")]
 TOL = 1e-4  # float32 on both sides; log-probabilities O(1)
+
+# TransfoXLConfig's own fields (fixture["config_fields"]), as test_from_hf_fields.py classifies the others' fields.
+# HONOURED: they take at least two values across the fixture's cases, each matched against transformers.
+HONOURED = {"vocab_size", "cutoffs", "d_model", "d_embed", "n_head", "d_inner", "div_val", "pre_lnorm", "n_layer",
+            "mem_len", "clamp_len", "same_length", "untie_r", "layer_norm_epsilon", "tie_word_embeddings",
+            "proj_share_all_but_first"}
+REFUSED = {"attn_type": 1, "sample_softmax": 8, "adaptive": False}
+NOT_MATH = {
+    "d_head": "16 in every case: the kernels' smallest head dim (the layouts scale with it like n_head's)",
+    "dropout": "dropout probability: identity in eval; carried into our config for training",
+    "dropatt": "attention dropout probability: identity in eval; carried into our config for training",
+    "init": "initialisation only", "init_range": "initialisation only", "proj_init_std": "initialisation only",
+    "init_std": "initialisation only", "eos_token_id": "a generation id",
+}
+# proj_share_all_but_first reaches the saved config as tie_projs (transformers derives one from the other)
+SAVED_AS = {"proj_share_all_but_first": "tie_projs"}
 
 
 def _log_probs(model, ids, segments):
@@ -54,9 +71,17 @@ def test_cluster_rows_are_reversed(name):
     assert (ours - case["log_probs"]).abs().max().item() > 0.01
 
 
+def test_every_config_field_is_classified():
+    fields = set(FIXTURE["config_fields"])
+    assert fields == HONOURED | set(REFUSED) | set(NOT_MATH)
+    for name in HONOURED:  # exercised: two values or more across the cases
+        values = {repr(FIXTURE[c]["config"][SAVED_AS.get(name, name)]) for c in CASES}
+        assert len(values) >= 2, f"{name} takes one value only: {values}"
+
+
 def test_refuses_what_it_cannot_run():
     case = FIXTURE[CASES[0]]
-    for field, value in (("attn_type", 1), ("sample_softmax", 8), ("adaptive", False)):
+    for field, value in REFUSED.items():
         with pytest.raises(NotImplementedError, match=field):
             txl.TransfoXLLMHeadModel.from_hf_state(case["state_dict"], {**case["config"], field: value})
     extra = {**case["state_dict"], "transformer.layers.0.dec_attn.scale": torch.ones(2)}
