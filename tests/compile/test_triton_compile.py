@@ -23,6 +23,8 @@ Covered (float32, float16, bfloat16 unless said):
 - activations: act_fwd / act_bwd for gelu, gelu_tanh, silu, with and without bias, tiles [2, 1024] and
   [128, 16]; glu_fwd / glu_bwd for each activation.
 - rope: head dims 64 and 128, both layouts; inverse and partial rotary (pass-through) for bfloat16.
+- losses: cross_entropy_fwd (with and without label smoothing / z-loss) and cross_entropy_bwd (in place or
+  not), V = 1000 (one block) and 32000 (the loop over V).
 - attention, head dims 64 and 128: forward and backward (preprocess, dK/dV, dQ) without mask (not float16),
   causal, and causal + window + key lengths + prefix + segments + dense mask + bias + Toeplitz + dropout +
   block map with bias / Toeplitz gradients; decoding (one query: split-K forward + combine); dropout mask.
@@ -45,7 +47,7 @@ import pytest
 HELPER = Path(__file__).with_name("triton_sm90.py")
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ["attention-bf16", "relative_attention-fp32", "relative_attention-bf16", "attention-fp32",
-            "attention-fp16", "relative_attention-fp16", "norms", "activations", "rope"]  # longest first
+            "attention-fp16", "relative_attention-fp16", "norms", "activations", "rope", "losses"]  # longest first
 TIMEOUT_S = 900
 
 

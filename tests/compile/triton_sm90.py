@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 import ptm_kernels.triton.activations as ACT  # noqa: E402
 import ptm_kernels.triton.attention as ATTN  # noqa: E402
+import ptm_kernels.triton.losses as LOSSES  # noqa: E402
 import ptm_kernels.triton.norms as NORMS  # noqa: E402
 import ptm_kernels.triton.relative_attention as REL  # noqa: E402
 import ptm_kernels.triton.rope as ROPE  # noqa: E402
@@ -104,7 +105,7 @@ class CompileFailed(Exception):
 
 def patch_device():
     """The launchers' device helpers answer as an H100 would (this process only)."""
-    for mod in (ACT, ATTN, NORMS, REL, ROPE):
+    for mod in (ACT, ATTN, LOSSES, NORMS, REL, ROPE):
         for attr in dir(mod):
             obj = getattr(mod, attr)
             if isinstance(obj, triton.runtime.jit.JITFunction) and attr.endswith("_kernel"):
@@ -172,6 +173,19 @@ def rope_cases():
                         c = cos[:, : rot // 2].contiguous()
                         yield (f"rope {dn} D={D} interleaved={inter} inverse={inv} rotary_dim={rot}",
                                lambda: ROPE.rope_fwd(x, c, c, pos, inter, rot, inv))
+
+
+def loss_cases():
+    for dn, dt in DTYPES.items():
+        for V in (1000, 32000):  # one block; a 32k vocabulary in four loop steps
+            x = torch.randn(4, V, dtype=dt)
+            y = torch.randint(0, V, (4,))
+            for s, z in ((0.0, 0.0), (0.1, 1e-4)):
+                yield (f"cross_entropy_fwd {dn} V={V} smoothing={s} z_loss={z}",
+                       lambda: LOSSES.cross_entropy_fwd(x, y, -100, s, z))
+            for inplace in (False, True):
+                yield (f"cross_entropy_bwd {dn} V={V} inplace={inplace}",
+                       lambda: LOSSES.cross_entropy_bwd(torch.ones(4), x, y, torch.zeros(4), -100, 0.1, 1e-4, inplace))
 
 
 def attention_cases(dn):
@@ -251,6 +265,7 @@ FAMILIES = {
     "norms": norm_cases,
     "activations": activation_cases,
     "rope": rope_cases,
+    "losses": loss_cases,
     **{f"attention-{dn}": (lambda dn=dn: attention_cases(dn)) for dn in DTYPES},
     **{f"relative_attention-{dn}": (lambda dn=dn: relative_cases(dn)) for dn in DTYPES},
 }
