@@ -132,7 +132,21 @@ def _extensions():
     else:
         ext = CppExtension("ptm_kernels._C", sources, extra_compile_args={"cxx": cxx},
                            extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension)}
+
+
+def _build_ext_class(BuildExtension):
+    class BuildExtensionKeepingObjects(BuildExtension):
+        """`pip install -e .` compiles in a fresh temporary folder each time, so every rebuild recompiled every
+        file. Editable builds keep their objects in build/editable instead: ninja then recompiles only what
+        changed (it tracks headers, and reruns a command whose flags or include paths changed)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                self.build_temp = os.path.join(ROOT, "build", "editable")
+
+    return BuildExtensionKeepingObjects
 
 
 # setuptools runs this file as __main__; tests/install imports it for the helpers above.

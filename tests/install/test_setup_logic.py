@@ -177,3 +177,17 @@ def test_every_package_folder_is_listed():
     assert config["package-dir"]["ptm_kernels.models"] == "models"
     assert not [p for p in (ROOT / "models").iterdir() if p.is_dir() and list(p.rglob("*.py"))], (
         "models/ has subpackages: list them in pyproject.toml")
+
+
+def test_editable_builds_keep_their_objects():
+    # pip install -e compiles in a fresh temporary folder; ours keeps the objects so ninja rebuilds only changes.
+    from setuptools import Distribution
+
+    command_class = setup_py._build_ext_class(cpp_extension.BuildExtension)
+    editable = command_class(Distribution({"ext_modules": []}))
+    editable.editable_mode = True
+    editable.ensure_finalized()
+    assert Path(editable.build_temp) == ROOT / "build" / "editable"
+    wheel = command_class(Distribution({"ext_modules": []}))
+    wheel.ensure_finalized()
+    assert Path(wheel.build_temp) != ROOT / "build" / "editable"
