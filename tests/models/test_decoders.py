@@ -1,4 +1,5 @@
-"""GPT, GPT-2, GPT-3 (GPT-Neo), LLaMA, Mistral and Qwen2 against transformers, on the same random weights (float32, CPU).
+"""GPT, GPT-2, GPT-3 (GPT-Neo), LLaMA, Mistral and Qwen2 against transformers, on the same random weights
+(float32, CPU).
 
 Each case builds a tiny transformers model from a config in code, converts it with `from_hf`, and checks:
 logits on padded batches, every parameter's gradient in train mode (dropout 0), the `to_hf` round trip,
