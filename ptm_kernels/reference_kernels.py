@@ -170,10 +170,13 @@ def glu_fwd(gate: Tensor, up: Tensor, act: str) -> Tensor:
 
 
 def glu_bwd(dy: Tensor, gate: Tensor, up: Tensor, act: str):
-    """-> (dgate, dup): dgate = dy * up * act'(gate); dup = dy * act(gate)."""
+    """-> (dgate, dup): dgate = up * (dy * act'(gate)); dup = dy * act(gate).
+
+    act' is at most ~1.13, so multiplying it into dy first overflows only where the true dgate does (dy * up
+    first overflows for up near the dtype's largest value)."""
     cd = _compute_dtype(gate)
     g, u, d = gate.to(cd), up.to(cd), dy.to(cd)
-    return (d * u * _act_grad(g, act)).to(gate.dtype), (d * _act(g, act)).to(up.dtype)
+    return (u * (d * _act_grad(g, act))).to(gate.dtype), (d * _act(g, act)).to(up.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ rope
@@ -229,7 +232,8 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
 #                     keep-mask, so tests can replay it through the reference.
 # q [B, H, Lq, D], k/v [B, Hk, Lk, D] with H % Hk == 0 (head h reads kv head h // (H // Hk)); unit stride in
 # the last dimension, arbitrary other strides. Scores: s = scale * q.k + bias + toeplitz.
-# A query row with no visible key gives out = 0, lse = -inf, and zero gradients.
+# A query row with no visible key gives out = 0, lse = -inf, and zero gradients. A NaN or +inf score at a visible
+# key makes its row NaN (out and lse), as torch's softmax does (+inf - +inf); a hidden key's score never counts.
 # Results are contiguous tensors (the ops' fake implementations say so to torch.compile).
 
 
@@ -275,7 +279,7 @@ def _attention_probs(q, k, v, scale, causal, window_left, window_right, key_leng
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     cd = _compute_dtype(q)
-    rep = H // k.shape[1]
+    rep = H // max(k.shape[1], 1)  # H = Hk = 0: an empty problem
     kf = k.to(cd).repeat_interleave(rep, dim=1)
     vf = v.to(cd).repeat_interleave(rep, dim=1)
     s = scale * (q.to(cd) @ kf.transpose(-1, -2))
@@ -288,7 +292,10 @@ def _attention_probs(q, k, v, scale, causal, window_left, window_right, key_leng
                                prefix_lengths, q_segments, k_segments, dense_mask)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    # A +inf score makes the row NaN, as torch's softmax does (exp(inf - inf)); torch.logsumexp would say +inf.
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
+    # A row with no visible key (lse = -inf) is shifted by 0: its probabilities are exp(-inf) = 0.
+    p = torch.exp(s - torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)[..., None])
     return p, lse, vf, kf, vis
 
 
@@ -336,7 +343,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
     ds = p * (dp - delta)  # gradient of the (biased) scores
     dq = (scale * (ds @ kf)).to(q.dtype)
     dk = scale * (ds.transpose(-1, -2) @ q.to(cd))
-    fold = lambda t: t.view(B, Hk, H // Hk, Lk, -1).sum(2)  # heads sharing a kv head
+    fold = lambda t: t.view(B, Hk, H // max(Hk, 1), Lk, t.shape[-1]).sum(2)  # heads sharing a kv head
     dk, dv = fold(dk).to(k.dtype), fold(dv).to(v.dtype)
     stat = (lambda t: t) if cd == torch.float64 else (lambda t: t.float())
     dbias = stat(ds) if bias_requires_grad else empty_stats(q)

@@ -82,7 +82,10 @@ def _probs(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len, v
     vis = relative_visibility(B, H, Lr, Lk, q_len, positions, qu.device, *vis_args)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    # A +inf score makes the row NaN, as torch's softmax does (exp(inf - inf)); torch.logsumexp would say +inf.
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
+    # A row with no visible key (lse = -inf) is shifted by 0: its probabilities are exp(-inf) = 0.
+    p = torch.exp(s - torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)[..., None])
     return p, lse, tc, valid, diff
 
 

@@ -121,8 +121,11 @@ void for_each_worker(int64_t n, const Worker& worker) {
 // One step of a row's online softmax: s holds its next n scores (still to be multiplied by a > 0; -inf where
 // hidden), (m, l) the row's running max (of the multiplied scores) and sum, o its D accumulated outputs. Turns
 // s into exp(s * a - m') and rescales l and o to the new max m'. A row with nothing visible so far keeps zeros.
+// Non-finite scores propagate as in torch's softmax: once a NaN score or a +inf one is seen (+inf - +inf is
+// NaN), m or l is NaN and stays NaN, so does o, and the row's result is NaN.
 inline void online_softmax_step(float* s, int64_t n, float a, float& m, float& l, float* o, int64_t D) {
-  const float m_new = std::max(m, max_row(s, n) * a);
+  const float block_max = max_row(s, n) * a;
+  const float m_new = (std::isnan(block_max) || std::isnan(m)) ? block_max + m : std::max(m, block_max);
   if (m_new == kNegInf) {
     std::fill(s, s + n, 0.f);
     return;
@@ -133,9 +136,10 @@ inline void online_softmax_step(float* s, int64_t n, float a, float& m, float& l
   if (alpha != 1.f) scale_row(o, D, alpha);
 }
 
-// The end of it: out = o / l, lse = m + log(l); a row with no visible key gives zeros and lse = -inf.
+// The end of it: out = o / l, lse = m + log(l); a row with no visible key (l still exactly 0: a visible key
+// adds exp(0) = 1 when it is the max) gives zeros and lse = -inf; a NaN l gives a NaN row and lse.
 inline void online_softmax_finish(const float* o, float m, float l, int64_t D, float* out, float* lse) {
-  if (l > 0) {
+  if (l != 0.f) {
     const float inv = 1.f / l;
     for (int64_t d = 0; d < D; ++d) out[d] = o[d] * inv;
     *lse = m + std::log(l);

@@ -79,11 +79,17 @@ PTM_SIMD void scores_row(float* s, int64_t n, float scale, const float* bias, co
   }
 }
 
+// The max, NaN when any element is NaN (a NaN score must reach the row's result, as in torch's softmax): the
+// max ignores NaN, a flag per row remembers it.
 PTM_SIMD float max_row(const float* s, int64_t n) {
   float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
+  int nan_seen = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan_seen)
+  for (int64_t j = 0; j < n; ++j) {
+    m = s[j] > m ? s[j] : m;
+    nan_seen |= s[j] != s[j];
+  }
+  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 // s = exp(s * a - m); returns the sum
@@ -116,13 +122,13 @@ PTM_SIMD void add_row(float* dst, const float* src, int64_t n) {
 
 PTM_SIMD void mask_segments_row(float* s, int64_t n, const int64_t* k_seg, int64_t q_seg) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] += k_seg[j] == q_seg ? 0.f : kNegInf;  // an add, not a branch
+  for (int64_t j = 0; j < n; ++j) s[j] = k_seg[j] == q_seg ? s[j] : kNegInf;  // a select: a hidden NaN is hidden
 }
 
 // visible: the bytes of a bool array (GCC does not vectorise bool loads)
 PTM_SIMD void mask_dense_row(float* s, int64_t n, const uint8_t* visible) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] += visible[j] ? 0.f : kNegInf;  // an add, not a branch
+  for (int64_t j = 0; j < n; ++j) s[j] = visible[j] ? s[j] : kNegInf;  // a select: a hidden NaN is hidden
 }
 
 PTM_SIMD void add_segment_term_row(float* s, int64_t n, const int64_t* k_ids, int64_t q_id, float same,

@@ -12,6 +12,7 @@ namespace ptm::cpu::attn {
 
 // s = s * scale + bias + toep (bias, toep may be null)
 void scores_row(float* s, int64_t n, float scale, const float* bias, const float* toep);
+// NaN when any s[j] is NaN.
 float max_row(const float* s, int64_t n);
 // s = exp(s * a - m); returns the sum. exp of -inf (a masked score) is exactly 0.
 float exp_sum_row(float* s, int64_t n, float a, float m);
@@ -20,9 +21,9 @@ void exp_row(float* s, int64_t n, float a, float m);
 void scale_row(float* x, int64_t n, float a);
 void add_row(float* dst, const float* src, int64_t n);
 
-// -inf where the key's segment differs from the query's (an add, so a masked entry stays -inf).
+// -inf where the key's segment differs from the query's (whatever the score was, NaN included).
 void mask_segments_row(float* s, int64_t n, const int64_t* k_seg, int64_t q_seg);
-// -inf where visible[j] is false (visible: the bytes of a bool array).
+// -inf where visible[j] is false, NaN scores included (visible: the bytes of a bool array).
 void mask_dense_row(float* s, int64_t n, const uint8_t* visible);
 
 // XLNet's segment term: s[j] += same where k_ids[j] == q_id, else other.

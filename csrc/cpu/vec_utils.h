@@ -176,8 +176,9 @@ inline V2 keep_valid(const V2& v, Part b) {
 // division, which dominate activations on bfloat16 data. Plain Vectorized code on other instruction sets.
 
 // exp(-y) for y >= 0 (Cephes' expf: exp(-y) = 2^n exp(r), n = round(-y / ln 2), |r| <= ln 2 / 2, exp(r) =
-// 1 + r + r^2 P(r)). y is clamped to 87 (result ~1e-38 instead of smaller) and a NaN y gives a finite result:
-// callers propagate NaN through their other factors.
+// 1 + r + r^2 P(r)). y > 87 (+inf included) gives exactly 0, where the float result would be a denormal or 0:
+// sigmoid(-inf) must be 0 for silu(-inf) = -inf * 0 = NaN, as in torch. A NaN y gives a finite result: callers
+// propagate NaN through their other factors.
 inline Vec exp_neg(const Vec& y) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
@@ -203,10 +204,12 @@ inline Vec exp_neg(const Vec& y) {
   p = PTM_V(fmadd_ps)(p, r, PTM_V(set1_ps)(5.0000001201e-1f));
   p = PTM_V(fmadd_ps)(p, PTM_V(mul_ps)(r, r), PTM_V(add_ps)(r, PTM_V(set1_ps)(1.f)));
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_scalef_ps(p, n);
+  const R e = _mm512_scalef_ps(p, n);
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(y, PTM_V(set1_ps)(87.f), _CMP_GT_OQ), _mm512_setzero_ps());
 #else
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  const R e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  return _mm256_andnot_ps(_mm256_cmp_ps(y, PTM_V(set1_ps)(87.f), _CMP_GT_OQ), e);
 #endif
 #undef PTM_V
 #else

@@ -261,7 +261,7 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + _dot(pr, v.to(tl.float32), PREC, UPCAST)
             m_i = m_new
-        seen = l_i > 0
+        seen = l_i != 0.0  # l_i is 0 only for a row with no visible key; NaN (a NaN or +inf score) propagates
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
         tl.store(O + b64 * s_ob + h64 * s_oh + rows64[:, None] * s_om + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -390,7 +390,9 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
                 dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
             else:
                 pd = pr
-            g = pr * (dp - delta[:, None]) * scale  # gradient of the unscaled score sum
+            # gradient of the unscaled score sum; 0 at hidden entries and columns past Lk even in a NaN row (where
+            # delta is NaN), so that the band products do not carry it to rows of r no pair of the row uses
+            g = tl.where(vis, pr * (dp - delta[:, None]) * scale, 0.0)
             # dv += pd^T do, dk += g^T qu (float32 atomics: rows of other programs land there too)
             dv_t = _dot(tl.trans(pd), do.to(tl.float32), PREC, UPCAST)
             dk_t = _dot(tl.trans(g), qu.to(tl.float32), PREC, UPCAST)
