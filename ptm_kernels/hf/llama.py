@@ -28,6 +28,7 @@ Honoured for free because the patched code calls the model's own modules: `atten
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -112,9 +113,10 @@ def causal_lm_forward(self, *args, labels: Optional[Tensor] = None, hidden=None,
 
     if labels is None:  # the class's own forward (not a bound method: copy.deepcopy(model) stays correct)
         return type(self).forward(self, *args, **kwargs)
-    if args:
-        raise TypeError("the patched forward takes keyword arguments only when labels are given "
-                        "(input_ids=..., attention_mask=...)")
+    if args:  # positional inputs, named as the class's forward names them
+        named = inspect.signature(type(self).forward).bind_partial(self, *args).arguments
+        named.pop("self")
+        kwargs = {**named, **kwargs}
     return_dict = kwargs.pop("return_dict", None)
     logits_to_keep = kwargs.pop("logits_to_keep", 0)
     # the loss kwargs transformers passes next to the model's (Trainer: num_items_in_batch)

@@ -98,6 +98,8 @@ def test_loss_returns_no_logits_and_follows_num_items_in_batch_and_logits_to_kee
     out = model(**inputs, num_items_in_batch=n, logits_to_keep=5)
     assert out.logits is None
     assert_close(out.loss, want, name="loss / num_items_in_batch over the last 5 positions")
+    positional = model(inputs["input_ids"], inputs["attention_mask"], labels=inputs["labels"], logits_to_keep=5)
+    assert_close(positional.loss, model(**inputs, logits_to_keep=5).loss, name="positional inputs")
     as_tuple = model(**inputs, logits_to_keep=5, return_dict=False)
     assert_close(as_tuple[0], model(**inputs, logits_to_keep=5).loss, name="return_dict=False")
 

@@ -1,0 +1,91 @@
+"""A patched Llama trained 5 steps by 2 processes (gloo, localhost) under DDP and FSDP2 has, step for step, the
+loss of one process training on the same global batch."""
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs transformers")
+
+import ptm_kernels.hf as hf  # noqa: E402
+
+from tests.hf._common import VOCAB  # noqa: E402
+from tests.hf.test_llama import SMALL  # noqa: E402
+
+STEPS, WORLD, B, L = 5, 2, 4, 12
+
+
+def model_and_batches():
+    """The same initial model and global batches in every process."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
+    model.set_attn_implementation("sdpa")
+    gen = torch.Generator().manual_seed(1)
+    # no padding: each process's mean loss is over the same number of tokens, so the mean of the two
+    # processes' losses (and DDP's mean of their gradients) is the global batch's
+    batches = [(torch.randint(0, VOCAB, (B, 1), generator=gen) + torch.arange(L)) % VOCAB for _ in range(STEPS)]
+    return hf.apply(model), batches
+
+
+def train(model, batches, rank=0, world=1):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for ids in batches:
+        ids = ids.chunk(world)[rank]
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss = loss.detach()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    return losses
+
+
+def worker(rank, mode, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, batches = model_and_batches()
+        if mode == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        losses = train(model, batches, rank, WORLD)
+        if rank == 0:
+            torch.save(losses, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_process_losses():
+    model, batches = model_and_batches()
+    return train(model, batches)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one(mode, single_process_losses):
+    out = os.path.join(tempfile.mkdtemp(), "losses.pt")
+    mp.spawn(worker, args=(mode, free_port(), out), nprocs=WORLD, join=True)
+    got = torch.tensor(torch.load(out), dtype=torch.float64)
+    want = torch.tensor(single_process_losses, dtype=torch.float64)
+    assert want[-1] < want[0]  # it trains
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
