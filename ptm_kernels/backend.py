@@ -139,11 +139,13 @@ def select(op: str, device: torch.device) -> str:
     return name
 
 
-def kernels(op: str, x: torch.Tensor) -> ModuleType:
+def kernels(op: str, x: torch.Tensor, *others: torch.Tensor) -> ModuleType:
     """The module whose functions implement `op` for inputs like `x`.
 
     float64 always runs on the reference: the kernels serve the training dtypes, float64 serves gradcheck.
+    So does a problem where x or one of `others` has no element: plain PyTorch gives torch's empty (or, for
+    attention with no key, zero) results, where the kernels' launch grids and loops assume some work.
     """
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or x.numel() == 0 or any(t.numel() == 0 for t in others):
         return module("reference")
     return module(select(op, x.device))

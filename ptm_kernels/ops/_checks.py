@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -48,5 +49,5 @@ def param_dtype(x: Tensor, p: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def rows(x: Tensor) -> Tensor:
-    """x as a contiguous [N, C] matrix (a view when x is contiguous)."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    """x as a contiguous [N, C] matrix (a view when x is contiguous); N or C may be 0."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()

@@ -32,7 +32,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, wind
                toeplitz: Optional[Tensor], block_map: Optional[Tensor], block_m: int, block_n: int,
                dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     dense_mask, bias, block_map = _expand(q, k, dense_mask, bias, block_map)
-    return tuple(backend.kernels("attention", q).attention_fwd(
+    return tuple(backend.kernels("attention", q, k).attention_fwd(
         q, k, v, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments,
         dense_mask, bias, toeplitz, block_map, block_m, block_n, dropout_p, _seed_int(seed)))
 
@@ -52,7 +52,7 @@ def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         dropout_p: float, seed: Optional[Tensor], bias_requires_grad: bool,
                         toeplitz_requires_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     full_dense, full_bias, full_map = _expand(q, k, dense_mask, bias, block_map)
-    dq, dk, dv, dbias, dtoeplitz = backend.kernels("attention", q).attention_bwd(
+    dq, dk, dv, dbias, dtoeplitz = backend.kernels("attention", q, k).attention_bwd(
         dout, q, k, v, out, lse, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
         k_segments, full_dense, full_bias, toeplitz, full_map, block_m, block_n, dropout_p, _seed_int(seed),
         bias_requires_grad, toeplitz_requires_grad)
@@ -120,7 +120,7 @@ def _tile(device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[Tuple
     A constant under torch.compile: the backend is chosen when the graph is traced (a kernel handed a block
     map of another tile size ignores it, so a later override stays correct).
     """
-    mod = backend.kernels("attention", torch.empty(0, dtype=dtype, device=device_type))
+    mod = backend.kernels("attention", torch.empty(1, dtype=dtype, device=device_type))  # 1: empty runs elsewhere
     tile = getattr(mod, "attention_tile", None)
     return None if tile is None else tuple(int(b) for b in tile(head_dim, dtype, torch.device(device_type)))
 
@@ -136,7 +136,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask] = N
     Any strides with a unit last-dimension stride are read in place (a [B, L, H, D] projection can be passed
     as `.transpose(1, 2)`); k/v may have fewer heads than q (GQA/MQA: H % Hk == 0, query head h reads kv head
     h // (H // Hk)). Head dims 16 to 256; float16, bfloat16, float32 (float64 runs on the reference backend).
-    `scale` defaults to 1/sqrt(D) (T5 wants 1.0). A query row that sees no key returns zeros (zero gradients).
+    `scale` defaults to 1/sqrt(D) (T5 wants 1.0). A query row that sees no key returns zeros (zero gradients);
+    a NaN or +inf score at a key the row sees makes the row NaN, as in torch's SDPA. B, H, Lq or Lk may be 0:
+    an empty result, or zeros for Lk = 0, as torch gives.
 
     Dropout of the attention probabilities happens inside the kernel. The mask is drawn from `seed` (an int:
     the same seed gives the same result on the same backend), else from `generator`, else from torch's default
@@ -171,7 +173,8 @@ def op_args(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, 
     Lk = k.shape[2]
     vis = mask.visibility(B, H, Lq, Lk, q.device)
     bias, table = mask.scores(B, H, Lq, Lk, q)
-    tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility else None
+    empty = q.numel() == 0 or k.numel() == 0  # runs on the reference, which takes no block map
+    tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility and not empty else None
     block_map = mask.block_map(B, H, Lq, Lk, *tile, q.device) if tile is not None else None
     return (_unit_stride(q), _unit_stride(k), _unit_stride(v), scale, *vis, bias, table, block_map,
             *(tile or (0, 0)), float(dropout_p), _seed(dropout_p, seed, generator))
@@ -305,12 +308,10 @@ def _check_qkv(q, k, v) -> None:
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {tuple(k.shape)} (batch, kv heads, keys, and the head dim of q), "
                          f"got {tuple(v.shape)}")
-    if H % Hk:
+    if (H % Hk if Hk else H):  # B, H, Lq or Lk may be 0 (an empty result, as torch's SDPA gives)
         raise ValueError(f"q has {H} heads, not a multiple of k's {Hk} heads (GQA/MQA need H % Hk == 0)")
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim (last dim of q, k, v) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}")
-    if min(B, H, Lq, Lk) == 0:
-        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
 
 def _scale(scale, D: int) -> float:

@@ -25,7 +25,8 @@ decreasing distance, as both papers build it, and r_offset is the row holding di
     (pos_seq[5] = -2); query 2, key 0 uses t = 3 - 2 = 1 (pos_seq[1] = 2). This is exactly `rel_shift_bnij` (bd[i, j] = BD[i, j + Lq - i]).
   * bi_data (XLNet): the batch halves use different r: pass r as [B, H, R, D].
   * clamp_len: clamp pos_seq before embedding it, as the papers do; the rows keep their places.
-  * Default r_offset: Lk when R > Lk (XLNet), else Lk - 1 (Transformer-XL).
+  * Default r_offset: Lk when R > Lk (XLNet), else Lk - 1 (Transformer-XL). A given r_offset must leave some pair
+    a row of r (1 - Lq <= r_offset <= R + Lk - 2), else it raises: the position term would be 0 everywhere.
 
 Score (before the mask): scale * [(q_i + u)·k_j + (q_i + v_bias)·r[t] + (q_i + s_bias)·seg_embed[s(i, j)]],
 s(i, j) = 0 when segment_ids[b, p_i] == key_segment_ids[b, j] (same segment), else 1 (XLNet's one-hot seg_mat:
@@ -76,7 +77,7 @@ def _relative_attention(k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor]
                         prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
                         k_segments: Optional[Tensor], dense_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     B, H, Lr, _ = qu.shape
-    out, lse = backend.kernels(_OP, qu).relative_attention_fwd(
+    out, lse = backend.kernels(_OP, qu, k).relative_attention_fwd(
         k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed), qu, qv, seg, q_ids,
         positions, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments,
         _expand_dense(dense_mask, B, H, Lr, k.shape[2]))
@@ -99,7 +100,7 @@ def _relative_attention_backward(dout: Tensor, out: Tensor, lse: Tensor, k: Tens
                                  k_segments: Optional[Tensor], dense_mask: Optional[Tensor]
                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, H, Lr, _ = qu.shape
-    dqu, dqv, dk, dv, dr, dseg = backend.kernels(_OP, qu).relative_attention_bwd(
+    dqu, dqv, dk, dv, dr, dseg = backend.kernels(_OP, qu, k).relative_attention_bwd(
         dout, out, lse, k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed), qu, qv,
         seg, q_ids, positions, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
         k_segments, _expand_dense(dense_mask, B, H, Lr, k.shape[2]))
@@ -149,7 +150,7 @@ def _two_stream(k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor], scale:
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, Lc, _ = qu_c.shape
     Lg, Lk = qu_g.shape[2], k.shape[2]
-    oc, lc, og, lg = backend.kernels(_OP, qu_c).two_stream_attention_fwd(
+    oc, lc, og, lg = backend.kernels(_OP, qu_c, k).two_stream_attention_fwd(
         k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed),
         qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c,
         _expand_dense(dense_c, B, H, Lc, Lk),
@@ -184,7 +185,7 @@ def _two_stream_backward(dout_c: Tensor, out_c: Tensor, lse_c: Tensor, dout_g: T
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, H, Lc, _ = qu_c.shape
     Lg, Lk = qu_g.shape[2], k.shape[2]
-    res = backend.kernels(_OP, qu_c).two_stream_attention_bwd(
+    res = backend.kernels(_OP, qu_c, k).two_stream_attention_bwd(
         dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len,
         dropout_p, _seed_int(seed),
         qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c,
@@ -300,8 +301,8 @@ def two_stream_attention(q_content: Tensor, q_query: Tensor, k: Tensor, v: Tenso
     _checks.same_dtype("q_content", q_content, q_query=q_query)
     _checks.same_device("q_content", q_content, q_query=q_query)
     Lg = q_query.shape[2]
-    if q_query.shape[0] != B or q_query.shape[1] != H or q_query.shape[3] != D or Lg == 0:
-        raise ValueError(f"q_query must have shape [B={B}, H={H}, Lg > 0, D={D}], got {tuple(q_query.shape)}")
+    if q_query.shape[0] != B or q_query.shape[1] != H or q_query.shape[3] != D:
+        raise ValueError(f"q_query must have shape [B={B}, H={H}, Lg, D={D}], got {tuple(q_query.shape)}")
     Lk = k.shape[2]
     if query_positions is None:
         if Lg != Lq:
@@ -316,7 +317,7 @@ def two_stream_attention(q_content: Tensor, q_query: Tensor, k: Tensor, v: Tenso
             raise ValueError(f"query_positions must have shape [B={B} or 1, Lg={Lg}], got "
                              f"{tuple(query_positions.shape)}")
         query_positions = query_positions.to(torch.int64).expand(B, Lg).contiguous()
-        if not torch.compiler.is_compiling():
+        if query_positions.numel() and not torch.compiler.is_compiling():
             lo, hi = int(query_positions.min()), int(query_positions.max())
             if lo < 0 or hi >= Lq:
                 raise ValueError(f"query_positions must lie in [0, Lq = {Lq}), got values in [{lo}, {hi}]")
@@ -341,6 +342,13 @@ def _shared(q, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed
         r_offset = Lk if R > Lk else Lk - 1
     if isinstance(r_offset, bool) or not isinstance(r_offset, int):
         raise ValueError(f"r_offset must be an int (the row of r holding relative distance 0), got {r_offset!r}")
+    # Pairs use rows t = r_offset - d of r for distances d in [1 - Lq, Lk - 1]; outside this range no pair finds
+    # its row and the position term would silently be 0 everywhere.
+    lo, hi = 1 - Lq, R + Lk - 2
+    if Lq and Lk and not lo <= r_offset <= hi:
+        raise ValueError(f"r_offset must lie in [1 - Lq, R + Lk - 2] = [{lo}, {hi}] (Lq = {Lq} queries, Lk = {Lk} "
+                         f"keys, R = {R} rows of r), so that some (query, key) pair's distance has a row of r; "
+                         f"got {r_offset}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     r4 = r if r.dim() == 4 else r.unsqueeze(0)
@@ -440,6 +448,4 @@ def _check_common(q, k, v, r, u, v_bias):
             _checks.shape(name, t, (H, D))
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim (last dim of q, k, v, r) must be in [1, {MAX_HEAD_DIM}], got {D}")
-    if min(B, H, Lq, Lk) == 0:
-        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    return B, H, Lq, D
+    return B, H, Lq, D  # B, H, Lq or Lk may be 0: an empty result (zeros for rows without keys)

@@ -528,6 +528,9 @@ BAD = {
                           "segment_ids must have shape"),
     "dropout": (lambda q, k, v, r: dict(dropout_p=1.0), ValueError, "dropout_p"),
     "r_offset": (lambda q, k, v, r: dict(r_offset=1.5), ValueError, "r_offset"),
+    # Lq = 4, Lk = 8, R = 12: beyond [1 - Lq, R + Lk - 2] no pair finds its row of r (the term would be 0)
+    "r_offset too large": (lambda q, k, v, r: dict(r_offset=1000), ValueError, r"r_offset must lie in .*\[-3, 18\]"),
+    "r_offset too small": (lambda q, k, v, r: dict(r_offset=-4), ValueError, r"r_offset must lie in .*\[-3, 18\]"),
     "dense shape": (lambda q, k, v, r: dict(mask=AttentionMask.dense(torch.ones(5, 8, dtype=torch.bool))),
                     ValueError, "does not broadcast"),
 }
