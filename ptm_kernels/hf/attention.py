@@ -32,6 +32,7 @@ different from the query's go to torch's SDPA (counted in `ptm_kernels.fallbacks
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -66,15 +67,26 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
                   mask_function: Callable = masking_utils.causal_mask_function,
                   attention_mask: Optional[Tensor] = None, device="cpu", **kwargs) -> AttentionMask:
     """transformers' mask interface (same arguments as `masking_utils.sdpa_mask`): an `AttentionMask`."""
+    if isinstance(attention_mask, AttentionMask):  # one we made before (generate prepares them for static caches)
+        return attention_mask
     mask = _analytic_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
-    if mask is not None:
-        return mask
-    fallbacks.record("hf_attention_mask", "mask function not analysed: dense part")
-    dense = masking_utils.sdpa_mask(
-        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-        mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
-        allow_is_bidirectional_skip=False, use_vmap=kwargs.get("use_vmap", False), device=device)
-    return AttentionMask.dense(dense)
+    if mask is None:
+        fallbacks.record("hf_attention_mask", "mask function not analysed: dense part")
+        dense = masking_utils.sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
+            allow_is_bidirectional_skip=False, use_vmap=kwargs.get("use_vmap", False), device=device)
+        mask = AttentionMask.dense(dense)
+    return PreparedMask(**{f.name: getattr(mask, f.name) for f in dataclasses.fields(mask) if f.init})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedMask(AttentionMask):
+    """The AttentionMask our mask function returns. generate (static caches) builds masks ahead and hands them
+    back to the model as its `attention_mask`; transformers tells a prepared mask from a 2-D padding mask by
+    `.ndim` (4 = prepared, use as is), so this one says 4."""
+
+    ndim = 4  # a class attribute, not a mask part
 
 
 def _analytic_mask(B, Lq, Lk, q_offset, kv_offset, fn, attention_mask) -> Optional[AttentionMask]:

@@ -220,3 +220,16 @@ def test_whole_model_compiles_fullgraph_with_padding():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert_close(got[mask.bool()], want[mask.bool()], name="compiled logits")
+
+
+def test_generate_with_static_cache():
+    """generate prepares the masks ahead for a static cache and hands them back to the model; its kv length is
+    the cache size (not aligned bottom-right), so the mask goes dense, and the tokens are the same."""
+    model = llama()
+    ids, mask = left_padded(L=9)
+    out = {}
+    for impl in ("sdpa", "ptm"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                   cache_implementation="static")
+    assert torch.equal(out["ptm"], out["sdpa"])
