@@ -205,8 +205,8 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional
         if want_w:
             if dlogits.dtype == acc:
                 dweight.addmm_(dlogits.t(), h)
-            else:
-                dweight += torch.matmul(dlogits.t(), h).to(acc)
+            else:  # the half-precision product, added into float32
+                dweight.add_(torch.matmul(dlogits.t(), h))
         if want_b:
             dbias += dlogits.sum(0, dtype=acc)
     cast = lambda g, like: None if g is None else g.to(like.dtype)
@@ -289,7 +289,8 @@ def _linear_cross_entropy_grad(ctx, dloss, _ddh, _ddw, _ddb):
                                                     labels, bias, ctx.args[0], ctx.args[1], ctx.args[2],
                                                     ctx.args[3], want_h, want_w, want_b)
     else:
-        dh, dw, db = (g * dloss.to(g.dtype) for g in ctx.saved_tensors)
+        # dloss is a 0-dim float32 tensor: the product is computed in float32 and rounded once to g's dtype
+        dh, dw, db = (g * dloss for g in ctx.saved_tensors)
     return (dh if want_h else None, dw if want_w else None, None, db if want_b and ctx.has_bias else None,
             None, None, None, None, None, None, None, None)
 
