@@ -25,6 +25,10 @@ Anything else (or_masks, chunked attention, block overlays, user mask functions,
 the bottom-right alignment, e.g. a static cache) is evaluated by transformers' own `sdpa_mask` and handed to the
 kernel as a dense part: still exact, only slower (counted in `ptm_kernels.fallbacks` as "hf_attention_mask").
 
+A query row that sees no key at all (the padded positions of a left-padded batch) gives zeros, as torch's SDPA
+does; transformers' eager path gives an average over the masked keys there. Those rows are padding either way
+(generate never reads them; a loss must not label them).
+
 The attention function refuses (raises) what it cannot honour and the kernel does not do: soft-capping, attention
 sinks, head masks, returning the attention weights. Head dims outside the kernel's 16..256 or a value head dim
 different from the query's go to torch's SDPA (counted in `ptm_kernels.fallbacks`).
