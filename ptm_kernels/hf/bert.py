@@ -17,13 +17,16 @@ What a patched model does differently (the same math, fewer and fused passes):
 - **bias + GELU** (`mlp=True`): `gelu(x W^T + b)` with the bias added inside the GELU kernel, when
   `hidden_act` is a GELU the kernel computes (exact or tanh form); any other activation runs as before.
 
-Refused (ValueError naming the field): `is_decoder`, `add_cross_attention`, `position_embedding_type` other
+ALBERT and DistilBERT get only the MLM loss on the labelled rows (their encoder layers run as in transformers).
+
+Refused for BERT/RoBERTa/ELECTRA (ValueError naming the field): `is_decoder`, `add_cross_attention`, `position_embedding_type` other
 than "absolute" (relative_key variants change the attention scores).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -44,8 +47,11 @@ GELU_APPROXIMATE = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "
 
 def set_forward(patcher: Patcher, module: nn.Module, fn: Callable, **bound) -> None:
     """Replace `module.forward` by `fn(module, *args, **bound, **kwargs)` (recorded for revert). A partial, not
-    a closure, so that copy.deepcopy of a patched model binds the copy's modules."""
-    patcher.set(module, "forward", functools.partial(fn, module, **bound))
+    a closure, so that copy.deepcopy of a patched model binds the copy's modules. It shows the signature of the
+    forward it replaces: transformers.Trainer keeps only the dataset columns that forward's signature names."""
+    forward = functools.partial(fn, module, **bound)
+    forward.__signature__ = inspect.signature(module.forward)
+    patcher.set(module, "forward", forward)
 
 
 def original_forward(module: nn.Module, *args, **kwargs):
@@ -159,6 +165,9 @@ def packed_encoder(base: nn.Module, input_ids, attention_mask: Tensor, token_typ
 
 
 EMBEDDING_INPUTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
+# Trainer passes num_items_in_batch (with gradient accumulation); transformers' MLM and seq2seq losses are means
+# that do not read it, and neither do the patched ones.
+IGNORED_BY_THE_LOSS = ("num_items_in_batch",)
 
 
 def masked_lm_forward(self, input_ids=None, *args, pack: bool, **kwargs):
@@ -169,7 +178,7 @@ def masked_lm_forward(self, input_ids=None, *args, pack: bool, **kwargs):
     from transformers.modeling_outputs import MaskedLMOutput
 
     labels, attention_mask = kwargs.get("labels"), kwargs.get("attention_mask")
-    known = {"labels", "attention_mask", "return_dict", *EMBEDDING_INPUTS}
+    known = {"labels", "attention_mask", "return_dict", *IGNORED_BY_THE_LOSS, *EMBEDDING_INPUTS}
     if args or labels is None or any(v is not None and v is not False for k, v in kwargs.items() if k not in known):
         return original_forward(self, input_ids, *args, **kwargs)
     head = mlm_head(self)
@@ -212,3 +221,10 @@ def patch_bert(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
             set_forward(patcher, layer.intermediate, dense_bias_gelu_forward, approximate=approximate)
     if opts.loss and mlm_head(model) is not None:
         set_forward(patcher, model, masked_lm_forward, pack=opts.attention)
+
+
+@family("albert", "distilbert")
+def patch_mlm_loss_only(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
+    """ALBERT, DistilBERT: the MLM loss on the labelled rows only; their encoder layers are left as they are."""
+    if opts.loss and mlm_head(model) is not None:
+        set_forward(patcher, model, masked_lm_forward, pack=False)

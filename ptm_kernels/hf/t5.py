@@ -34,7 +34,7 @@ import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask, t5_relative_table
 from ptm_kernels.ops.attention import _sdpa_mask
 
-from .bert import GELU_APPROXIMATE, IGNORE_INDEX, loss_chunk_rows, original_forward, set_forward
+from .bert import GELU_APPROXIMATE, IGNORE_INDEX, IGNORED_BY_THE_LOSS, loss_chunk_rows, original_forward, set_forward
 from .patching import Patcher, PatchOptions, family
 
 # ------------------------------------------------------------------------------------------ attention
@@ -154,7 +154,8 @@ def conditional_generation_forward(self, input_ids=None, attention_mask=None, de
     logits=None; without (generate, evaluation of logits) transformers' forward."""
     from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
-    if labels is None or any(v is not None and v is not False for k, v in kwargs.items() if k != "return_dict"):
+    if labels is None or any(v is not None and v is not False for k, v in kwargs.items()
+                                 if k not in ("return_dict", *IGNORED_BY_THE_LOSS)):
         return original_forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
                                 encoder_outputs=encoder_outputs, cache=cache, inputs_embeds=inputs_embeds,

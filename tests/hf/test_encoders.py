@@ -1,0 +1,199 @@
+"""hf.apply on the BERT family: patched vs unpatched transformers on the same weights.
+
+BERT, RoBERTa and ELECTRA get every patch (labelled-rows MLM loss, unpadded encoder, fused LayerNorm and
+bias-GELU, attention on ptm_kernels); ALBERT and DistilBERT the MLM loss only.
+"""
+
+import copy
+import tempfile
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs transformers")
+
+import ptm_kernels.hf as hf  # noqa: E402
+
+from tests.compare import assert_close  # noqa: E402
+
+VOCAB = 128
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+KINDS = ["bert", "roberta", "electra", "albert", "distilbert"]
+
+
+def build(kind="bert", **overrides):
+    if kind == "bert":
+        model = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, **overrides))
+    elif kind == "roberta":  # positions start after padding_idx=1: a different embedding path
+        model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**SMALL, **overrides))
+    elif kind == "electra":  # embedding_size != hidden_size: the embeddings_project path
+        model = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**SMALL, embedding_size=32, **overrides))
+    elif kind == "albert":
+        model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(**SMALL, embedding_size=32, **overrides))
+    else:
+        model = transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+            vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64,
+            dropout=0.0, attention_dropout=0.0, **overrides))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():  # norm weights start at 1 and biases at 0: move them, so a wrong mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def mlm_batch(B=3, L=12, label_fraction=0.3):
+    """Right padding in every row but the first (lengths L/3 to L); about `label_fraction` of the real tokens
+    labelled (MLM)."""
+    ids = torch.randint(3, VOCAB, (B, L))
+    lengths = torch.randint(L // 3, L + 1, (B,))
+    lengths[0] = L
+    mask = (torch.arange(L) < lengths[:, None]).long()
+    labelled = (torch.rand(B, L) < label_fraction) & (mask == 1)
+    labelled[0, 0] = True  # at least one labelled row
+    return dict(input_ids=ids, attention_mask=mask, labels=torch.where(labelled, ids, torch.full_like(ids, -100)))
+
+
+def forward_backward(model, inputs):
+    """(logits without labels, loss with labels, {name: grad})."""
+    model.zero_grad()
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), out.loss.detach(), grads, out.logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_logits_loss_gradients(kind):
+    model = build(kind)
+    inputs = mlm_batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model)
+    got = forward_backward(model, inputs)
+    assert got[3] is None, "with labels the patched MLM forward returns no logits"
+    assert_close(got[0], want[0], name="logits")
+    assert_close(got[1], want[1], name="loss")
+    assert set(got[2]) == set(want[2])
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_bfloat16_within_twice_torch_error(kind):
+    """Error against the float64 model within 2x the error of the unpatched bf16 model (+ a rounding unit)."""
+    truth = build(kind).double()
+    base = copy.deepcopy(truth).to(torch.bfloat16)
+    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
+    inputs = mlm_batch()
+    t, b, p = (forward_backward(m, inputs) for m in (truth, base, patched))
+    assert_close(p[0], t[0], b[0], name="logits")
+    assert_close(p[1], t[1], b[1], name="loss", precision=torch.bfloat16)
+    for name, g in t[2].items():
+        assert_close(p[2][name], g, b[2][name], name=f"grad {name}")
+
+
+def test_labelled_padding_row_runs_padded():
+    """A label on a padded position needs that row's output: the encoder must not be unpadded then."""
+    model = build("bert")
+    inputs = mlm_batch()
+    inputs["attention_mask"][1, 10:] = 0
+    inputs["labels"][1, 10:] = 7  # labels where attention_mask is 0
+    want = forward_backward(model, inputs)
+    hf.apply(model)
+    got = forward_backward(model, inputs)
+    assert_close(got[1], want[1], name="loss")
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
+
+
+def test_packed_encoder_skips_padding_rows(monkeypatch):
+    """The unpadded path runs the layers on the real tokens only: the first layer sees T = mask.sum() rows."""
+    model = hf.apply(build("bert"))
+    inputs = mlm_batch()
+    seen = []
+    layer = model.bert.encoder.layer[0]
+    layer.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    model(**inputs).loss.backward()
+    assert seen == [(1, int(inputs["attention_mask"].sum()), 64)]
+
+
+def test_revert_is_bit_identical():
+    model = build("bert")
+    inputs = mlm_batch()
+    before = forward_backward(model, inputs)
+    hf.apply(model)
+    forward_backward(model, inputs)
+    hf.revert(model)
+    after = forward_backward(model, inputs)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    for name, g in before[2].items():
+        assert torch.equal(after[2][name], g), name
+
+
+@pytest.mark.parametrize("field,value", [("is_decoder", True), ("position_embedding_type", "relative_key")])
+def test_refuses_config_fields_that_change_the_math(field, value):
+    model = build("bert")
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=field):
+        hf.apply(model)
+    assert not hf.is_applied(model)
+
+
+def test_non_gelu_activation_is_honoured():
+    """hidden_act="relu" has no fused kernel here: the intermediate layer keeps transformers' activation."""
+    model = build("bert", hidden_act="relu")
+    inputs = mlm_batch()
+    want = forward_backward(model, inputs)
+    got = forward_backward(hf.apply(model), inputs)
+    assert_close(got[1], want[1], name="loss")
+    assert_close(got[0], want[0], name="logits")
+
+
+def test_mlm_convergence_30_adamw_steps():
+    """Liger-style: a mini BERT MLM trained 30 AdamW steps, patched vs unpatched: per-step loss within 1e-5
+    relative in float32 (fresh batches each step, the same for both)."""
+    reference = build("bert")
+    patched = hf.apply(copy.deepcopy(reference))
+    batches = [mlm_batch(B=4, L=16) for _ in range(30)]
+    losses = []
+    for model in (reference, patched):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        run = []
+        for inputs in batches:
+            opt.zero_grad()
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(torch.tensor(run, dtype=torch.float64))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    assert losses[0][-5:].mean() < losses[0][:5].mean(), "the mini model should learn something"
+
+
+def test_trainer_steps_match():
+    """A few transformers.Trainer steps (gradient accumulation: Trainer passes num_items_in_batch), patched vs
+    unpatched: the same per-step losses and final weights."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    b = mlm_batch(B=16, L=10)
+    data = [{k: v[i] for k, v in b.items()} for i in range(16)]
+
+    def train(model):
+        args = transformers.TrainingArguments(
+            output_dir=tempfile.mkdtemp(), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            learning_rate=3e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+            disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h], dtype=torch.float64)
+
+    reference = build("bert")
+    patched = hf.apply(copy.deepcopy(reference))
+    want, got = train(reference), train(patched)
+    assert len(want) == 4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    # Adam divides each gradient element by its running RMS, so an element whose gradient is ~0 moves by up to
+    # lr (3e-3) on a rounding difference; 1e-4 absolute is well below that and far above float32 noise.
+    for (name, a), (_, b) in zip(reference.named_parameters(), patched.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name}: {m}")
