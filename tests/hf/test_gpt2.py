@@ -119,3 +119,26 @@ def test_gpt2_unscaled_and_layer_scaled_attention():
     assert_close(got[1], want[1], name="loss")
     for name, g in want[2].items():
         assert_close(got[2][name], g, name=f"grad {name}")
+
+
+def test_gpt2_cross_attention_with_padded_encoder():
+    """add_cross_attention: the residual fused into ln_cross_attn, the encoder's padding as key padding."""
+    model = build("gpt2", add_cross_attention=True)
+    inputs = batch()
+    enc = torch.randn(3, 7, 64)
+    enc_mask = torch.ones(3, 7, dtype=torch.long)
+    enc_mask[0, 5:] = 0
+    inputs.update(encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
+
+    def run():
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = run()
+    hf.apply(model)
+    got = run()
+    assert_close(got[0], want[0], name="loss")
+    for name, g in want[1].items():
+        assert_close(got[1][name], g, name=f"grad {name}")
