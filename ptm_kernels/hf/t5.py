@@ -34,7 +34,8 @@ import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask, t5_relative_table
 from ptm_kernels.ops.attention import _sdpa_mask
 
-from .bert import GELU_APPROXIMATE, IGNORE_INDEX, IGNORED_BY_THE_LOSS, loss_chunk_rows, original_forward, set_forward
+from .bert import (GELU_APPROXIMATE, IGNORE_INDEX, IGNORED_BY_THE_LOSS, loss_chunk_rows, original_forward,
+                   set_forward)
 from .patching import Patcher, PatchOptions, family
 
 # ------------------------------------------------------------------------------------------ attention

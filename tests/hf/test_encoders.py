@@ -94,6 +94,43 @@ def test_bfloat16_within_twice_torch_error(kind):
         assert_close(p[2][name], g, b[2][name], name=f"grad {name}")
 
 
+@pytest.mark.parametrize("only", ["attention", "norms", "mlp", "loss"])
+def test_each_option_alone(only):
+    """apply(model, <one group>=True, the others False): each patch group is right on its own (the MLM loss
+    without the unpadded encoder runs the padded encoder, then the labelled rows)."""
+    model = build("bert")
+    inputs = mlm_batch()
+    want = forward_backward(model, inputs)
+    flags = {name: name == only for name in ("attention", "norms", "rope", "mlp", "loss")}
+    got = forward_backward(hf.apply(model, **flags), inputs)
+    assert_close(got[0], want[0], name="logits")
+    assert_close(got[1], want[1], name="loss")
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
+
+
+def test_sequence_classification_padded_encoder():
+    """Models without an MLM head get the encoder patches on the padded batch: every row as transformers."""
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL, num_labels=3))
+    model.set_attn_implementation("sdpa")
+    inputs = mlm_batch()
+    inputs["labels"] = torch.randint(0, 3, (inputs["input_ids"].shape[0],))
+    model.zero_grad()
+    want = model(**inputs)
+    want.loss.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    hf.apply(model)
+    model.zero_grad()
+    got = model(**inputs)
+    got.loss.backward()
+    assert_close(got.logits, want.logits, name="logits")
+    hidden = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert_close(model.bert(**hidden).last_hidden_state, hf.revert(model).bert(**hidden).last_hidden_state,
+                 name="last_hidden_state (padded rows included)")
+    for name, g in want_grads.items():
+        assert_close(dict(model.named_parameters())[name].grad, g, name=f"grad {name}")
+
+
 def test_labelled_padding_row_runs_padded():
     """A label on a padded position needs that row's output: the encoder must not be unpadded then."""
     model = build("bert")
