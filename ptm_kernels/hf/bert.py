@@ -12,15 +12,17 @@ What a patched model does differently (the same math, fewer and fused passes):
   only allowed because no labelled row is a padded one (if one is, the padded path below runs instead).
   Elsewhere (`BertModel`, classification heads, MLM without labels) the layers run on the padded batch with
   `ptm_kernels.attention` and the attention_mask as a key-padding part: every output row is computed, as in
-  transformers. Attention weights are not returned (`output_attentions` gives None per layer).
+  transformers. Attention weights are not returned (None per layer, as with transformers' SDPA).
 - **Fused residual + LayerNorm** (`norms=True`): `LayerNorm(dropout(dense(x)) + residual)` in one kernel.
 - **bias + GELU** (`mlp=True`): `gelu(x W^T + b)` with the bias added inside the GELU kernel, when
   `hidden_act` is a GELU the kernel computes (exact or tanh form); any other activation runs as before.
 
 ALBERT and DistilBERT get only the MLM loss on the labelled rows (their encoder layers run as in transformers).
 
-Refused for BERT/RoBERTa/ELECTRA (ValueError naming the field): `is_decoder`, `add_cross_attention`, `position_embedding_type` other
-than "absolute" (relative_key variants change the attention scores).
+Refused for BERT/RoBERTa/ELECTRA (ValueError naming the field): `is_decoder`, `add_cross_attention`,
+`position_embedding_type` other than "absolute" (relative_key variants change the attention scores).
+The no-label corner: a batch with no labelled row gives a loss of 0 with zero gradients (`mlm_loss`), where
+transformers gives NaN.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import functools
 import inspect
 from typing import Callable, NamedTuple, Optional
 
-import torch
 from torch import Tensor, nn
 
 import ptm_kernels as pk
