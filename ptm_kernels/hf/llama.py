@@ -22,7 +22,9 @@ What a patched model does differently (the same math, fewer and fused passes):
 
 Honoured for free because the patched code calls the model's own modules: `attention_bias` and `mlp_bias`
 (Linear biases, Qwen2's q/k/v biases), `head_dim`, GQA, `attention_dropout` (the kernel's dropout),
-`tie_word_embeddings`, `rms_norm_eps`.
+`tie_word_embeddings`, `rms_norm_eps`; the sliding windows of Mistral and Qwen2 (`sliding_window`,
+`layer_types`) come through the mask transformers builds. `pretraining_tp` changes nothing in transformers 5's
+Llama forward (only the config keeps it), so there is nothing to refuse.
 """
 
 from __future__ import annotations

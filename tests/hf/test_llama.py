@@ -181,3 +181,17 @@ def test_compiled_decoder_layer_fullgraph():
     (gx,) = torch.autograd.grad(out.sum(), x)
     (want,) = torch.autograd.grad(eager.sum(), x)
     assert_close(gx, want, name="compiled layer dx")
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+                                  {"rope_type": "linear", "factor": 2.0}], ids=["yarn", "linear"])
+def test_rope_scaling_carries_over(rope):
+    """The patched rotation uses the model's own cos/sin, so rope types (and yarn's attention scaling) hold."""
+    model = build(rope_parameters=dict(rope, rope_theta=10000.0))
+    inputs = batch()
+    want = forward_backward(model, inputs)
+    hf.apply(model, attention=False, norms=False, mlp=False, loss=False)  # the rotation alone
+    got = forward_backward(model, inputs)
+    assert_close(real_rows(got[0], inputs), real_rows(want[0], inputs), name="logits")
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
