@@ -104,21 +104,14 @@ def _analytic_mask(B, Lq, Lk, q_offset, kv_offset, fn, attention_mask) -> Option
     if terms is None:
         return None
     mask = AttentionMask()
-    remapped = False
     for kind, arg in terms:
         if kind in ("causal", "window", "remapped") and not aligned:
             return None
-        if kind == "causal":
-            mask = mask & AttentionMask.causal()
-        elif kind == "window":
-            mask = mask & AttentionMask.sliding_window(*arg)
-        elif kind == "remapped":
-            remapped = True
+        if kind in ("causal", "window"):
+            mask = mask & _relative_part(kind, arg)
+        elif kind == "remapped":  # relative parts evaluated on positions: see _remap_is_relative
             for inner_kind, inner_arg in arg[1]:
-                if inner_kind == "causal":
-                    mask = mask & AttentionMask.causal()
-                elif inner_kind == "window":
-                    mask = mask & AttentionMask.sliding_window(*inner_arg)
+                mask = mask & _relative_part(inner_kind, inner_arg)
         elif kind == "padding":
             mask = mask & _key_padding(arg, Lk, kv_offset)
         elif kind == "segments":
@@ -126,11 +119,15 @@ def _analytic_mask(B, Lq, Lk, q_offset, kv_offset, fn, attention_mask) -> Option
             if ids.shape[-1] < max(q_offset + Lq, kv_offset + Lk):
                 return None
             mask = mask & AttentionMask.segments(ids[:, q_offset:q_offset + Lq], ids[:, kv_offset:kv_offset + Lk])
-    if remapped and not _remap_is_relative(terms):
+    if any(kind == "remapped" for kind, _ in terms) and not _remap_is_relative(terms):
         return None
     if attention_mask is not None:  # sdpa_mask ANDs the 2-D padding mask in the same way
         mask = mask & _key_padding(attention_mask, Lk, kv_offset)
     return mask
+
+
+def _relative_part(kind: str, arg) -> AttentionMask:
+    return AttentionMask.causal() if kind == "causal" else AttentionMask.sliding_window(*arg)
 
 
 def _key_padding(padding: Tensor, Lk: int, kv_offset: int) -> AttentionMask:
