@@ -71,8 +71,7 @@ float row_lse(const T* x, int64_t V, float* sum_x) {
   V2 e(0.f);
   for_blocks(V, [&](int64_t j, auto blk) {
     const V2 v = load(x + j, blk);
-    // exp(x - max) = exp_neg(max - x), max - x >= 0. exp_neg gives ~1e-38 instead of 0 below e^-87: nothing next
-    // to the row's largest term, which is 1.
+    // exp(x - max) = exp_neg(max - x), max - x >= 0 (finite here: the row has no NaN or +inf, see above)
     e = e + keep_valid(V2(exp_neg(mv - v.lo), exp_neg(mv - v.hi)), blk);
   });
   return mx + std::log(reduce_add(e));
