@@ -23,14 +23,15 @@ KINDS = ["bert", "roberta", "electra", "albert", "distilbert"]
 
 
 def build(kind="bert", **overrides):
+    cfg = dict(SMALL, **overrides)
     if kind == "bert":
-        model = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, **overrides))
+        model = transformers.BertForMaskedLM(transformers.BertConfig(**cfg))
     elif kind == "roberta":  # positions start after padding_idx=1: a different embedding path
-        model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**SMALL, **overrides))
+        model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg))
     elif kind == "electra":  # embedding_size != hidden_size: the embeddings_project path
-        model = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**SMALL, embedding_size=32, **overrides))
+        model = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**cfg, embedding_size=32))
     elif kind == "albert":
-        model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(**SMALL, embedding_size=32, **overrides))
+        model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(**cfg, embedding_size=32))
     else:
         model = transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
             vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64,
@@ -154,6 +155,21 @@ def test_packed_encoder_skips_padding_rows(monkeypatch):
     layer.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
     model(**inputs).loss.backward()
     assert seen == [(1, int(inputs["attention_mask"].sum()), 64)]
+
+
+def test_dropout_is_applied_in_training_only():
+    """With dropout (attention probabilities in-kernel, hidden states by transformers' modules) two training
+    forwards differ and give finite gradients; in eval mode the patched model equals the unpatched one."""
+    reference = build("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+    model = hf.apply(copy.deepcopy(reference))
+    inputs = mlm_batch()
+    model.train()
+    first, second = model(**inputs).loss, model(**inputs).loss
+    assert not torch.equal(first, second), "attention dropout was not applied"
+    second.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval(), reference.eval()
+    assert_close(model(**inputs).loss, reference(**inputs).loss, name="eval loss")
 
 
 def test_revert_is_bit_identical():
