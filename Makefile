@@ -1,6 +1,9 @@
 # Two commands that work on a fresh machine:
 #   make test    set up, build, run the test suite
 #   make bench   set up, build, validate and benchmark on whatever device is present
+# two install routes that CI (.ci/run) checks after the tests, each compiling the extension from scratch:
+#   make check-sdist        sdist -> unpacked -> wheel against .venv's torch -> import from outside the tree
+#   make check-cuda-build   the same with CUDA on, in .venv-cuda (a CUDA build of torch; .venv is untouched)
 # and one for a GPU machine that brings its own python3/torch/triton and has no package registry:
 #   make gpu-check OUT=dir
 #
@@ -12,12 +15,12 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 TORCH       := torch==2.13.0
 TRITON      := triton==3.7.*
-DEV_DEPS    := ninja pybind11 "setuptools>=64" wheel pytest pytest-benchmark numpy transformers expecttest
+DEV_DEPS    := ninja pybind11 "setuptools>=64" wheel build pytest pytest-benchmark numpy transformers expecttest
 SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.inc csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 OUT         ?= out
 COMMIT      ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
-.PHONY: setup build test bench gpu-check info clean
+.PHONY: setup build test bench gpu-check info clean check-sdist check-cuda-build
 
 setup: $(VENV)/.deps
 
@@ -67,6 +70,40 @@ gpu-check:
 		benchmarks/test_models_seq2seq.py benchmarks/test_models_relative.py \
 		--benchmark-json=$(OUT)/bench-models.json > $(OUT)/bench-models.log 2>&1; tail -3 $(OUT)/bench-models.log
 	-PTM_KERNELS_COMMIT=$(COMMIT) python3 -m benchmarks.report $(OUT)/bench-ops.json $(OUT)/bench-models.json --out $(OUT)
+
+# ------------------------------------------------------------------------------------------ install routes
+# Rerun only when a source, MANIFEST.in or the check itself changed (the stamps live in build/).
+INSTALL_INPUTS := $(SOURCES) MANIFEST.in $(wildcard ptm_kernels/*.py ptm_kernels/*/*.py models/*.py) \
+                  tests/install/build_from_sdist.sh tests/install/check_installed.py
+
+check-sdist: build/check-sdist.ok
+
+build/check-sdist.ok: $(VENV)/.deps $(INSTALL_INPUTS)
+	tests/install/build_from_sdist.sh $(PY) build/check-sdist target
+	touch $@
+
+# The CUDA build of torch in its own venv. pip's '===' is exact string equality: it does not match the
+# '2.13.0+cpu' wheel in this machine's find-links folder (which '==' would prefer), so pip takes torch 2.13.0
+# from the index, the CUDA build (0.5 GB; with its nvidia-* runtime packages the venv is about 4.3 GB).
+CUDA_VENV  ?= .venv-cuda
+CUDA_PY    := $(CUDA_VENV)/bin/python
+CUDA_TORCH := torch===2.13.0
+CUDA_DEPS  := $(CUDA_VENV)/.deps-$(subst =,,$(CUDA_TORCH))
+
+$(CUDA_DEPS):
+	test -x $(CUDA_PY) || $(PYTHON_BOOT) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q --upgrade pip
+	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH)" ninja pybind11 "setuptools>=64" wheel build numpy
+	$(CUDA_PY) -c "import torch; assert torch.version.cuda, torch.__version__ + ' is not a CUDA build'"
+	touch $@
+
+check-cuda-build: build/check-cuda.ok
+
+build/check-cuda.ok: $(CUDA_DEPS) $(INSTALL_INPUTS)
+	@command -v nvcc >/dev/null || test -n "$$CUDA_HOME" \
+		|| { echo "check-cuda-build needs the CUDA toolkit: nvcc on PATH or CUDA_HOME"; exit 1; }
+	tests/install/build_from_sdist.sh $(CUDA_PY) build/check-cuda venv --cuda
+	touch $@
 
 clean:
 	rm -rf build *.egg-info ptm_kernels/*.so $(VENV)/.built
