@@ -105,7 +105,8 @@ def attention_forward(self, hidden_states: Tensor, mask=None, key_value_states=N
                 cache.is_updated[self.layer_idx] = True
 
     if position_bias is None:  # the stack's first layer: visibility and relative bias for every layer
-        position_bias = analytic_mask(mask, self.is_causal and not is_cross, q)
+        causal = getattr(self, "is_causal", self.is_decoder) and not is_cross  # decoder self-attention
+        position_bias = analytic_mask(mask, causal, q)
         if self.has_relative_attention_bias:
             table = t5_relative_table(self.relative_attention_bias.weight, q.shape[2], k.shape[2],
                                       bidirectional=not self.is_decoder,
