@@ -5,6 +5,7 @@ example builds a small transformers model from a config), and the claims in its 
 the names it leaves behind.
 """
 
+import copy
 import re
 from pathlib import Path
 
@@ -74,3 +75,20 @@ def test_links_stay_in_the_repository():
         path = (ROOT / target).resolve()
         assert ROOT in path.parents and path.exists(), f"README links to {target}, not a file in the repository"
     assert "../" not in README, "README refers to a path outside the repository"
+
+
+def test_transformers_example_runs_and_matches_the_unpatched_model():
+    pytest.importorskip("transformers")
+    block = _block("ptm_kernels.hf.apply(model)")
+    ns = _run(block)
+    model, ids, loss, tokens = (ns[k] for k in ("model", "ids", "loss", "tokens"))
+    assert ns["out"].logits is None  # the fused loss path, as the README says
+    import transformers
+
+    twin = transformers.LlamaForCausalLM(copy.deepcopy(model.config))
+    twin.load_state_dict(model.state_dict())
+    twin.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert_close(loss.detach(), twin(input_ids=ids, labels=ids).loss, name="patched loss vs unpatched")
+        assert torch.equal(tokens, twin.generate(ids, max_new_tokens=8, do_sample=False))
+    assert not __import__("ptm_kernels.hf").hf.is_applied(model)  # revert ran
