@@ -15,6 +15,7 @@ An override that cannot run on the tensors' device raises instead of silently ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -48,11 +49,18 @@ def _parse(spec: str) -> Dict[str, str]:
     return out
 
 
+_PARSED: Dict[str, Dict[str, str]] = {}  # PTM_KERNELS_BACKEND value -> its parse: parsed once, not per op call
+
+
 def _overrides() -> Dict[str, str]:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    return _parse(os.environ.get("PTM_KERNELS_BACKEND", ""))
+    spec = os.environ.get("PTM_KERNELS_BACKEND", "")
+    parsed = _PARSED.get(spec)
+    if parsed is None:
+        parsed = _PARSED[spec] = _parse(spec)
+    return parsed
 
 
 @contextlib.contextmanager
@@ -77,6 +85,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)  # a failed import is not retried on every op call
 def _triton_module() -> Optional[ModuleType]:
     try:
         return importlib.import_module("ptm_kernels.triton")
@@ -99,6 +108,13 @@ def module(name: str) -> Optional[ModuleType]:
 
 def supports(name: str, op: str, device_type: str) -> bool:
     """Whether backend `name` can run family `op` on `device_type` in this installation."""
+    return _supports(name, op, device_type, triton_interpreted())
+
+
+# The answer depends only on the installation and TRITON_INTERPRET: computed once per combination, since the
+# dispatcher asks on every op call (a decode step makes hundreds of tiny calls).
+@functools.lru_cache(maxsize=None)
+def _supports(name: str, op: str, device_type: str, interpreted: bool) -> bool:
     mod = module(name)
     if mod is None:
         return False
@@ -106,7 +122,7 @@ def supports(name: str, op: str, device_type: str) -> bool:
         return False
     if name == "cuda" and device_type != "cuda":
         return False
-    if name == "triton" and device_type == "cpu" and not triton_interpreted():
+    if name == "triton" and device_type == "cpu" and not interpreted:
         return False
     probe = {"rms_norm": "rms_norm_fwd", "layer_norm": "layer_norm_fwd", "activation": "act_fwd",
              "rope": "rope_fwd", "attention": "attention_fwd",
