@@ -40,10 +40,13 @@ def _inner_iterations(fn) -> int:
 
 
 def measure(benchmark, fn, *, group: str, case: str, impl: str, passes: str, bytes_moved: int = 0,
-            flops: float = 0.0, rounds: int = None):
-    """Time fn() with pytest-benchmark and record what report.py needs."""
+            flops: float = 0.0, rounds: int = None, peak_memory: bool = False):
+    """Time fn() with pytest-benchmark and record what report.py needs; with peak_memory, also the peak memory
+    one call of fn adds on top of what is already allocated (peak_mem_mb, see peak_memory_growth_mb)."""
     fn()  # warm-up (and compilation for torch.compile / Triton)
     sync()
+    if peak_memory:
+        benchmark.extra_info["peak_mem_mb"] = round(peak_memory_growth_mb(fn), 1)
     inner = _inner_iterations(fn)
 
     def timed():
@@ -131,38 +134,39 @@ def train_step(params, loss):
     return step
 
 
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field))
+def peak_memory_growth_mb(fn) -> float:
+    """The peak of the memory allocated during one call of fn, above what was allocated before it, in MiB.
 
-
-_cpu_rss_before = None
-
-
-def reset_peak_memory():
-    """Start a peak-memory window. GPU: the allocator's peak. CPU (Linux): the resident-set high-water mark,
-    reset through /proc/self/clear_refs, so the peak *growth* of what runs next can be read (what a training
-    step adds on top of the weights already resident)."""
-    global _cpu_rss_before
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _cpu_rss_before = _proc_status_mb("VmRSS")
-    except (OSError, StopIteration):
-        _cpu_rss_before = None
-
-
-def record_peak_memory(benchmark):
-    """The peak memory since reset_peak_memory, in extra_info (peak_mem_mb): GPU: max allocated; CPU: the
-    growth of the resident-set peak over the resident set at the reset (absent where /proc is not there)."""
+    GPU: the caching allocator's peak. CPU: torch's CPU allocator has no peak counter, and the resident set
+    is no substitute (glibc keeps freed blocks mapped), so the call runs once more under the profiler with
+    memory events, which carry the allocator's running total: the peak is the highest total minus the total
+    before the call. Parameters, their gradients and optimizer state allocated before the call do not count;
+    what the call creates does (activations, logits, temporaries inside the kernels)."""
     if GPU:
         sync()
-        benchmark.extra_info["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    elif _cpu_rss_before is not None:
-        benchmark.extra_info["peak_mem_mb"] = round(_proc_status_mb("VmHWM") - _cpu_rss_before, 1)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = []  # (time, bytes allocated (+) or freed (-), allocator's total after it)
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation:
+            fields = event.typed[1]
+            allocations.append((event.start_time_ns, fields.alloc_size, fields.total_allocated))
+    if not allocations:
+        return 0.0
+    allocations.sort(key=lambda a: a[0])
+    before = allocations[0][2] - allocations[0][1]
+    return (max(total for _, _, total in allocations) - before) / 2**20
 
 
 def record_tokens_per_s(benchmark, tokens: int):

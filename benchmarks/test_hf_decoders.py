@@ -19,8 +19,7 @@ import copy
 import pytest
 import torch
 
-from .common import (DEVICE, check_close, measure, random_ids, record_peak_memory, record_tokens_per_s,
-                     reset_peak_memory)
+from .common import DEVICE, check_close, measure, random_ids, record_tokens_per_s
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("ptm_kernels.hf")
@@ -75,10 +74,8 @@ def test_hf_llama_train_step(benchmark, impl):
         opt.step()
 
     step()  # allocate the gradients and the AdamW state before the peak window opens
-    reset_peak_memory()
     measure(benchmark, step, group="hf-llama-train", case=f"llama-4l-d512-v32k {TRAIN_B}x{TRAIN_L}", impl=impl,
-            passes="train-step", rounds=ROUNDS)
-    record_peak_memory(benchmark)
+            passes="train-step", rounds=ROUNDS, peak_memory=True)
 
 
 @pytest.mark.parametrize("B", [1, 16])

@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 
-from .common import DEVICE, GPU, measure, record_peak_memory, reset_peak_memory
+from .common import DEVICE, GPU, measure
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,11 +97,9 @@ def test_bert_mlm_train_step(benchmark, impl, dropout):
     _check_loss(patched, reference, batch, "bert mlm")
     model = patched if impl == "ptm" else reference
     del patched, reference
-    reset_peak_memory()
     measure(benchmark, _step(model, batch), group="hf-bert-mlm",
             case=f"4l bert-base 8x128 pad20% labels15% dropout{dropout}", impl=impl, passes="fwd+bwd",
-            rounds=ROUNDS)
-    record_peak_memory(benchmark)
+            rounds=ROUNDS, peak_memory=True)
 
 
 # -------------------------------------------------------------------------------------------------- T5
@@ -125,7 +123,5 @@ def test_t5_train_step(benchmark, impl):
     _check_loss(patched, reference, batch, "t5")
     model = patched if impl == "ptm" else reference
     del patched, reference
-    reset_peak_memory()
     measure(benchmark, _step(model, batch), group="hf-t5", case="4+4l t5-small 8x128->64 pad20%", impl=impl,
-            passes="fwd+bwd", rounds=ROUNDS)
-    record_peak_memory(benchmark)
+            passes="fwd+bwd", rounds=ROUNDS, peak_memory=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import ptm_kernels as pk
 
-from .common import DEVICE, DTYPES, GPU, check_close, fwd_bwd, liger, measure, record_peak_memory, reset_peak_memory
+from .common import DEVICE, DTYPES, GPU, check_close, fwd_bwd, liger, measure
 
 IGNORE = -100
 # (name, rows, vocabulary): LLaMA-2's 32k vocabulary; fewer rows on a 2-core CPU
@@ -110,10 +110,8 @@ def test_linear_cross_entropy(benchmark, case, N, D, V, dtype, impl):
     check_close(fn(), _eager_linear_ce(h, w, y), f"linear_cross_entropy {impl}")
     run = fwd_bwd(fn, [h, w], [torch.ones((), device=DEVICE)])
     run()  # the first call allocates the gradients: the peak below is what one step adds on top of them
-    reset_peak_memory()
     measure(benchmark, run, group="linear_cross_entropy", case=f"{case} D{D} {str(dtype)[6:]}", impl=impl,
-            passes="fwd+bwd", rounds=ROUNDS, flops=3 * 2.0 * N * D * V)
-    record_peak_memory(benchmark)
+            passes="fwd+bwd", rounds=ROUNDS, flops=3 * 2.0 * N * D * V, peak_memory=True)
 
 
 # ------------------------------------------------------------------------------------------------ mlm_loss

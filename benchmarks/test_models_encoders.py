@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import DEVICE, GPU, check_close, measure, record_peak_memory, reset_peak_memory, train_step, twin_models
+from .common import DEVICE, GPU, check_close, measure, train_step, twin_models
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,7 +76,6 @@ def test_bert_encoder(benchmark, B, L, impl, passes):
                     f"bert {impl}", rtol=1e-3, atol=1e-3)
     del reference
     case = f"bert-{LAYERS}l {B}x{L} pad{int(PAD_FRACTION * 100)}%"
-    reset_peak_memory()
     if not train:
         def step():
             with torch.no_grad():
@@ -84,5 +83,4 @@ def test_bert_encoder(benchmark, B, L, impl, passes):
     else:
         model.train()
         step = train_step(model.parameters(), lambda: _call(model, impl, ids, mask, labels).loss)
-    measure(benchmark, step, group="bert-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS)
-    record_peak_memory(benchmark)
+    measure(benchmark, step, group="bert-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS, peak_memory=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import DEVICE, GPU, check_close, measure, record_peak_memory, reset_peak_memory, train_step
+from .common import DEVICE, GPU, check_close, measure, train_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,10 +53,9 @@ def test_xlnet_two_stream_train_step(benchmark, impl):
     del ours, hf
     model.train()
     step = train_step(model.parameters(), lambda: model(**inputs).loss)
-    reset_peak_memory()
     case = f"xlnet-{XL_LAYERS}l {XL_B}x{XL_L} predict {inputs['target_mapping'].shape[1]}"
-    measure(benchmark, step, group="xlnet-pretrain", case=case, impl=impl, passes="train-step", rounds=ROUNDS)
-    record_peak_memory(benchmark)
+    measure(benchmark, step, group="xlnet-pretrain", case=case, impl=impl, passes="train-step", rounds=ROUNDS,
+            peak_memory=True)
 
 
 @pytest.mark.parametrize("impl", ["ptm", "eager"])
@@ -93,8 +92,6 @@ def test_transformer_xl_train_step(benchmark, impl):
             hid, _ = txl_ref.forward(leaves, c, x, ref_mems)
             return txl_ref.adaptive_nll(leaves, c, hid.reshape(-1, c.d_model), y.reshape(-1)).mean()
     step = train_step(params, loss)
-    reset_peak_memory()
     case = f"transformer-xl-{TXL_LAYERS}l {TXL_B}x{TXL_L} mem {TXL_L}"
     measure(benchmark, step, group="transformer-xl-train", case=case, impl=impl, passes="train-step",
-            rounds=ROUNDS)
-    record_peak_memory(benchmark)
+            rounds=ROUNDS, peak_memory=True)

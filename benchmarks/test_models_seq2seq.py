@@ -19,8 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import (GPU, check_close, measure, random_ids, record_peak_memory, record_tokens_per_s,
-                     reset_peak_memory, train_step, twin_models)
+from .common import (GPU, check_close, measure, random_ids, record_tokens_per_s, train_step, twin_models)
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,10 +95,9 @@ def test_seq2seq_train_step(benchmark, name, impl):
     del reference
     model.train()
     step = train_step(model.parameters(), lambda: _call(model, impl, src, labels).loss)
-    reset_peak_memory()
     case = f"{name}-{LAYERS}+{LAYERS}l {TRAIN_B}x{SRC_L}->{TGT_L}"
-    measure(benchmark, step, group=f"{name}-train", case=case, impl=impl, passes="train-step", rounds=ROUNDS)
-    record_peak_memory(benchmark)
+    measure(benchmark, step, group=f"{name}-train", case=case, impl=impl, passes="train-step", rounds=ROUNDS,
+            peak_memory=True)
 
 
 @pytest.mark.parametrize("name,impl", list(_params(f"generate-b{GEN_B}")))

@@ -40,7 +40,7 @@ import ptm_kernels as pk
 from ptm_kernels import AttentionMask, backend
 from tests.ops.test_relative_attention import txl_attention, txl_mask, xlnet_reference
 
-from .common import DEVICE, GPU, check_close, fwd_bwd, measure, record_peak_memory, reset_peak_memory
+from .common import DEVICE, GPU, check_close, fwd_bwd, measure
 
 try:
     from ptm_kernels.models import xlnet
@@ -76,15 +76,13 @@ def _check(impl, fn, eager, inputs, dtype, name):
 
 
 def _time(benchmark, fn, inputs, grads, *, group, case, impl, passes, flops):
-    reset_peak_memory()
     if passes == "fwd":
         with torch.no_grad():
             measure(benchmark, lambda: fn(*inputs), group=group, case=case, impl=impl, passes=passes, flops=flops,
-                    rounds=ROUNDS)
+                    rounds=ROUNDS, peak_memory=True)
     else:
         measure(benchmark, fwd_bwd(lambda: fn(*inputs), inputs, grads), group=group, case=case, impl=impl,
-                passes=passes, flops=flops * 3.5, rounds=ROUNDS)
-    record_peak_memory(benchmark)
+                passes=passes, flops=flops * 3.5, rounds=ROUNDS, peak_memory=True)
     if impl != "eager":
         benchmark.extra_info["backend"] = backend.select("relative_attention", DEVICE)
 
