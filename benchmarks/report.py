@@ -228,7 +228,7 @@ def plot(family: str, rows: list, path: str) -> bool:
     ax.set_title(f"{family}: median of rounds, bars = range")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 

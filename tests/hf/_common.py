@@ -35,3 +35,28 @@ def real_rows(logits, inputs):
     """Logits of the real tokens: padded query rows see no key and are padding in every implementation
     (ours gives zeros like torch's SDPA, transformers' eager an average of masked keys)."""
     return logits[inputs["attention_mask"].bool()]
+
+
+def train_losses(model, batches, lr=1e-3):
+    """Per-step losses of AdamW on `batches` (dicts of model inputs with labels), as float64."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for inputs in batches:
+        opt.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def assert_bf16_within_twice_torch(outputs, rows=lambda x: x):
+    """outputs = (float64 model's, unpatched bf16 model's, patched bf16 model's) results of a forward_backward:
+    the patched error against float64 within 2x the unpatched one's (+ a rounding unit), tests/compare.py."""
+    from tests.compare import assert_close
+
+    t, b, p = outputs
+    assert_close(rows(p[0]), rows(t[0]), rows(b[0]), name="logits")
+    assert_close(p[1], t[1], b[1], name="loss", precision=torch.bfloat16)
+    for name, g in t[2].items():
+        assert_close(p[2][name], g, b[2][name], name=f"grad {name}")

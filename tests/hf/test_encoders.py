@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs 
 import ptm_kernels.hf as hf  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
+from tests.hf._common import assert_bf16_within_twice_torch, train_losses  # noqa: E402
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -88,11 +89,7 @@ def test_bfloat16_within_twice_torch_error(kind):
     base = copy.deepcopy(truth).to(torch.bfloat16)
     patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
     inputs = mlm_batch()
-    t, b, p = (forward_backward(m, inputs) for m in (truth, base, patched))
-    assert_close(p[0], t[0], b[0], name="logits")
-    assert_close(p[1], t[1], b[1], name="loss", precision=torch.bfloat16)
-    for name, g in t[2].items():
-        assert_close(p[2][name], g, b[2][name], name=f"grad {name}")
+    assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)])
 
 
 @pytest.mark.parametrize("only", ["attention", "norms", "mlp", "loss"])
@@ -210,17 +207,7 @@ def test_mlm_convergence_30_adamw_steps():
     reference = build("bert")
     patched = hf.apply(copy.deepcopy(reference))
     batches = [mlm_batch(B=4, L=16) for _ in range(30)]
-    losses = []
-    for model in (reference, patched):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        run = []
-        for inputs in batches:
-            opt.zero_grad()
-            loss = model(**inputs).loss
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses.append(torch.tensor(run, dtype=torch.float64))
+    losses = [train_losses(model, batches) for model in (reference, patched)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     assert losses[0][-5:].mean() < losses[0][:5].mean(), "the mini model should learn something"
 

@@ -12,7 +12,8 @@ import ptm_kernels.hf as hf  # noqa: E402
 from ptm_kernels import AttentionMask  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import VOCAB, batch, forward_backward, left_padded_prompts, real_rows  # noqa: E402
+from tests.hf._common import (VOCAB, assert_bf16_within_twice_torch, batch, forward_backward,  # noqa: E402
+                              left_padded_prompts, real_rows)
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
@@ -55,11 +56,8 @@ def test_bfloat16_within_twice_torch_error(kind):
     base = copy.deepcopy(truth).to(torch.bfloat16)
     patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
     inputs = batch()
-    t, b, p = (forward_backward(m, inputs) for m in (truth, base, patched))
-    assert_close(real_rows(p[0], inputs), real_rows(t[0], inputs), real_rows(b[0], inputs), name="logits")
-    assert_close(p[1], t[1], b[1], name="loss", precision=torch.bfloat16)
-    for name in t[2]:
-        assert_close(p[2][name], t[2][name], b[2][name], name=f"grad {name}")
+    assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)],
+                                   rows=lambda logits: real_rows(logits, inputs))
 
 
 @pytest.mark.parametrize("kind", KINDS)
