@@ -39,7 +39,6 @@ from ptm_kernels.attention_mask import AttentionMask
 from .patching import Patcher, PatchOptions, family
 
 IGNORE_INDEX = -100  # transformers' CrossEntropyLoss default: labels -100 take no part in the loss
-LOSS_CHUNK_BYTES = 32 * 2**20  # the fused loss's logits per chunk (float32)
 
 # hidden_act values whose GELU the kernels compute, and their `approximate` form
 GELU_APPROXIMATE = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
@@ -58,13 +57,6 @@ def set_forward(patcher: Patcher, module: nn.Module, fn: Callable, **bound) -> N
 def original_forward(module: nn.Module, *args, **kwargs):
     """The class's forward: what transformers would run (the fallback for calls a patch does not cover)."""
     return type(module).forward(module, *args, **kwargs)
-
-
-def loss_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk of the fused linear cross-entropy: chunks of ~32 MiB of logits. (The op's default, as
-    large as the hidden states, gives a few rows per chunk when only the labelled rows go in, and then the
-    [V, D] weight gradient is rewritten once per few rows: memory-bound, several times slower on a CPU.)"""
-    return max(256, LOSS_CHUNK_BYTES // (4 * vocab_size))
 
 
 def check_config(config, **refused) -> None:
@@ -195,7 +187,7 @@ def masked_lm_forward(self, input_ids=None, *args, pack: bool, **kwargs):
                            **{k: v for k, v in inputs.items() if v is not None}).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
     loss = pk.mlm_loss(hidden, labels.to(hidden.device), head.transform, head.decoder.weight, head.decoder.bias,
-                       ignore_index=IGNORE_INDEX, chunk_size=loss_chunk_rows(head.decoder.weight.shape[0]))
+                       ignore_index=IGNORE_INDEX)
     return MaskedLMOutput(loss=loss, logits=None)
 
 

@@ -34,8 +34,7 @@ import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask, t5_relative_table
 from ptm_kernels.ops.attention import _sdpa_mask
 
-from .bert import (GELU_APPROXIMATE, IGNORE_INDEX, IGNORED_BY_THE_LOSS, loss_chunk_rows, original_forward,
-                   set_forward)
+from .bert import GELU_APPROXIMATE, IGNORE_INDEX, IGNORED_BY_THE_LOSS, original_forward, set_forward
 from .patching import Patcher, PatchOptions, family
 
 # ------------------------------------------------------------------------------------------ attention
@@ -178,7 +177,7 @@ def conditional_generation_forward(self, input_ids=None, attention_mask=None, de
         hidden = hidden * (self.model_dim ** -0.5)
     weight = self.lm_head.weight
     loss = pk.linear_cross_entropy(hidden, weight, labels.to(hidden.device), self.lm_head.bias,
-                                   ignore_index=IGNORE_INDEX, chunk_size=loss_chunk_rows(weight.shape[0]))
+                                   ignore_index=IGNORE_INDEX)
     return Seq2SeqLMOutput(loss=loss, logits=None, cache=decoder_outputs.cache,
                            encoder_last_hidden_state=encoder_outputs.last_hidden_state)
 
