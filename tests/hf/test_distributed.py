@@ -69,6 +69,9 @@ def worker(rank, port, out):
         if rank == 0:
             torch.save(results, out)
     finally:
+        # gloo aborts a process ("terminate called without an active exception") whose group is torn down
+        # while the peer is still in its last collective: both reach this point before either tears down
+        dist.barrier()
         dist.destroy_process_group()
 
 
