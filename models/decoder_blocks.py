@@ -1,14 +1,12 @@
-"""The pieces every decoder-only model here shares: attention, MLPs, the block, and the causal-LM stack.
+"""The causal-LM stack every decoder-only model here shares: embeddings, models.blocks.Block's, a final norm,
+the LM head, the loss, and the static-shape decode step.
 
-A model file (gpt.py, gpt2.py, gpt3.py, llama.py) picks the pieces from its config and maps its config and weights
-to and from transformers (DecoderLM is a convert.HFTwin); everything that runs is here, on ptm_kernels ops:
+A model file (gpt.py, gpt2.py, gpt3.py, llama.py) composes its Blocks (models.blocks: Attention, MLP) from its
+config and maps its config and weights to and from transformers (DecoderLM is a convert.HFTwin).
 
-    attention   ptm_kernels.attention with an AttentionMask (causal, key padding, sliding window), GQA, and a
-                KVCache (bottom-right causal lines Lq new queries up with the end of the cache)
-    norms       layer_norm / rms_norm with residual= : pre-norm blocks carry the residual stream through the
-                fused "add, then normalize" (each norm returns (normalized, x + residual))
-    MLPs        Linear without bias + the activation with its bias fused (GPT, GPT-2, GPT-Neo), LLaMA's gated MLP
-                (swiglu / geglu); activations by transformers' name from models.activations
+    masks    an AttentionMask per layer kind (causal, key padding, sliding window), shared by the layers; the
+             decode step builds additive [B, 1, 1, max_len] biases from tensors instead (no mask objects)
+    cache    a preallocated KVCache: growing for prefill, static (written at a tensor index) for decode steps
 """
 
 from __future__ import annotations
@@ -20,101 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask
-from ptm_kernels.nn import GatedMLP
 
-from . import activations
+from .blocks import MLP, Attention, Block, finish
 from .convert import HFTwin
 from .kv_cache import KVCache
 
 
-class CausalSelfAttention(nn.Module):
-    """One fused qkv projection, optional rotary embedding, the fused attention, an output projection.
-
-    qkv's rows are [q heads | k heads | v heads] (num_heads + 2 * num_kv_heads heads of head_dim).
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None,
-                 head_dim: Optional[int] = None, qkv_bias: bool = True, out_bias: bool = True,
-                 scale: Optional[float] = None, dropout: float = 0.0, rotary: Optional[nn.Module] = None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = head_dim or hidden_size // num_heads
-        self.scale, self.dropout = scale, dropout
-        n = self.num_heads + 2 * self.num_kv_heads
-        self.qkv = nn.Linear(hidden_size, n * self.head_dim, bias=qkv_bias)
-        self.out = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=out_bias)
-        self.rotary = rotary  # a RotaryEmbedding shared by the layers (its buffers are not in the state dict)
-
-    def forward(self, x: Tensor, mask: AttentionMask, position_ids: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
-        B, L, _ = x.shape
-        H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
-        # [B, L, heads, D] -> [B, heads, L, D] views with a unit last stride: the ops read them in place
-        q, k, v = self.qkv(x).view(B, L, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], dim=1)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, position_ids=position_ids)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        y = pk.attention(q, k, v, mask, scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, L, H * D))
+# the blocks live in models.blocks; the old per-family names stay as aliases
+CausalSelfAttention = Attention
+DecoderBlock = Block
 
 
-class MLP(nn.Module):
-    """proj(act(fc(x) + fc_bias)), act by transformers' name (models.activations): fc runs without its bias,
-    which the activation adds in the same pass (bias_gelu for the GELU family)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "gelu_new"):
-        super().__init__()
-        self.fc = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.fc_bias = nn.Parameter(torch.zeros(intermediate_size))
-        self.proj = nn.Linear(intermediate_size, hidden_size)
-        activations.get(act)  # an unknown name raises here, not at the first forward
-        self.act = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(activations.bias_apply(self.fc(x), self.fc_bias, self.act))
-
-
-class HFGatedMLP(GatedMLP):
-    """LLaMA's gated MLP down(act(gate(x)) * up(x)) with any activation of models.activations by transformers'
-    name (fused swiglu / geglu for SiLU / GELU)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
-        super().__init__(hidden_size, intermediate_size, bias=bias)
-        activations.get(act)  # an unknown name raises here, not at the first forward
-        self.act = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(activations.gated_apply(self.gate_proj(x), self.up_proj(x), self.act))
-
-
-class DecoderBlock(nn.Module):
-    """attention + MLP with residuals, pre-norm (GPT-2, GPT-Neo, LLaMA) or post-norm (GPT).
-
-    `forward(x, residual, ...)` -> (x, residual). Pre-norm: x is the last sub-layer's output not yet added to
-    the residual stream; the next norm adds and normalizes in one op (None residual at the first block).
-    Post-norm: x is the normalized stream and residual stays None.
-    """
-
-    def __init__(self, attn: CausalSelfAttention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module,
-                 pre_norm: bool = True, resid_dropout: float = 0.0):
-        super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
-        self.pre_norm = pre_norm
-        self.drop = nn.Dropout(resid_dropout)
-
-    def forward(self, x: Tensor, residual: Optional[Tensor], mask: AttentionMask,
-                position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0):
-        if self.pre_norm:
-            h, residual = self.norm1(x, residual=residual) if residual is not None else (self.norm1(x), x)
-            h, residual = self.norm2(self.drop(self.attn(h, mask, position_ids, cache, layer)), residual=residual)
-            return self.drop(self.mlp(h)), residual
-        h, _ = self.norm1(self.drop(self.attn(x, mask, position_ids, cache, layer)), residual=x)
-        h, _ = self.norm2(self.drop(self.mlp(h)), residual=h)
-        return h, None
+def HFGatedMLP(hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False) -> MLP:
+    """LLaMA's gated MLP: the one MLP, gated (kept for the old name)."""
+    return MLP(hidden_size, intermediate_size, act, gated=True, bias=bias)
 
 
 @dataclass
@@ -166,30 +84,57 @@ class DecoderLM(HFTwin, nn.Module):
             self.lm_head.weight = self.wte.weight
         self.windows = list(windows) if windows is not None else [None] * len(self.blocks)
 
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        x = self.wte(input_ids)  # [B, L, d]
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        return self.drop(x)
+
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None) -> LMOutput:
+                cache: Optional[KVCache] = None, num_logits_to_keep: int = 0) -> LMOutput:
+        """num_logits_to_keep=n > 0: the LM head runs on the last n positions only (prefill needs one)."""
         L = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(L, device=input_ids.device) + past).unsqueeze(0)
-        x = self.wte(input_ids)
-        if self.wpe is not None:
-            x = x + self.wpe(position_ids)
-        x = self.drop(x)
+        x = self.embed(input_ids, position_ids)
         masks = causal_masks(self.windows, attention_mask, past + L)
         residual = None
         for i, block in enumerate(self.blocks):
             x, residual = block(x, residual, masks[i], position_ids, cache, i)
-        if self.norm is not None:
-            x = self.norm(x, residual=residual)[0] if residual is not None else self.norm(x)
         if cache is not None:
             cache.advance(L)
-        logits = self.lm_head(x)
+        if num_logits_to_keep:
+            x, residual = x[:, -num_logits_to_keep:], (residual[:, -num_logits_to_keep:]
+                                                       if residual is not None else None)
+        logits = self.lm_head(finish(x, residual, self.norm))  # [B, L, V]
         if labels is None:
             return LMOutput(logits)
         input_mask = attention_mask[:, past:past + L] if attention_mask is not None else None
         return LMOutput(logits, lm_loss(logits, labels, input_mask))
+
+    def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, key_mask: Tensor) -> Tensor:
+        """One static-shape decode step: next-token logits [B, V] after input_ids [B, 1] at position_ids [B, 1].
+
+        The token is written to cache column `cache.index` ([1] long); key_mask [B, max_len] (bool) marks the
+        columns that hold tokens (False: left padding). Columns after the index, and outside a layer's sliding
+        window, are hidden by an additive bias built here from tensors: no Python ints change between steps,
+        nothing is allocated outside the graph, so torch.compile(fullgraph=True) captures it once.
+        """
+        index = cache.index
+        x = self.embed(input_ids, position_ids)
+        cols = torch.arange(cache.max_len, device=input_ids.device)
+        seen = key_mask & (cols <= index)  # [B, max_len]
+        biases = {}
+        for w in set(self.windows):
+            keep = seen if w is None else seen & (cols > index - w)
+            biases[w] = torch.zeros(keep.shape, dtype=torch.float32, device=x.device).masked_fill(
+                ~keep, float("-inf"))[:, None, None, :]  # [B, 1, 1, max_len]
+        residual = None
+        for i, block in enumerate(self.blocks):
+            x, residual = block(x, residual, biases[self.windows[i]], position_ids, cache, i)
+        return self.lm_head(finish(x, residual, self.norm))[:, -1]
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         attn = self.blocks[0].attn

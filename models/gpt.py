@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from ptm_kernels.nn import LayerNorm
 
 from .convert import config_kwargs, prefixed
-from .decoder_blocks import MLP, CausalSelfAttention, DecoderBlock, DecoderLM
+from .blocks import MLP, Attention, Block
+from .decoder_blocks import DecoderLM
 
 # openai-gpt's afn names -> models.activations' (transformers' ACT2FN) names
 OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -59,8 +60,8 @@ class GPT(DecoderLM):
 
     def __init__(self, config: GPTConfig):
         c = self.config = config
-        blocks = [DecoderBlock(
-            CausalSelfAttention(c.n_embd, c.n_head, dropout=c.attn_pdrop),
+        blocks = [Block(
+            Attention(c.n_embd, c.n_head, dropout=c.attn_pdrop),
             MLP(c.n_embd, 4 * c.n_embd, OPENAI_GPT_ACTIVATIONS[c.afn]),
             LayerNorm(c.n_embd, c.layer_norm_epsilon), LayerNorm(c.n_embd, c.layer_norm_epsilon),
             pre_norm=False, resid_dropout=c.resid_pdrop) for _ in range(c.n_layer)]

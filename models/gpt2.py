@@ -13,7 +13,8 @@ from ptm_kernels.nn import LayerNorm
 
 from . import activations
 from .convert import config_kwargs, prefixed
-from .decoder_blocks import MLP, CausalSelfAttention, DecoderBlock, DecoderLM
+from .blocks import MLP, Attention, Block
+from .decoder_blocks import DecoderLM
 from .gpt import GPT_BLOCK_MAPPING  # transformers' GPT-2 blocks keep openai-gpt's names
 
 
@@ -53,8 +54,8 @@ class GPT2(DecoderLM):
 
     def __init__(self, config: GPT2Config):
         c = self.config = config
-        blocks = [DecoderBlock(
-            CausalSelfAttention(c.n_embd, c.n_head, dropout=c.attn_pdrop),
+        blocks = [Block(
+            Attention(c.n_embd, c.n_head, dropout=c.attn_pdrop),
             MLP(c.n_embd, c.n_inner or 4 * c.n_embd, c.activation_function),
             LayerNorm(c.n_embd, c.layer_norm_epsilon), LayerNorm(c.n_embd, c.layer_norm_epsilon),
             pre_norm=True, resid_dropout=c.resid_pdrop) for _ in range(c.n_layer)]

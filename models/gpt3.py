@@ -13,7 +13,8 @@ from ptm_kernels.nn import LayerNorm
 
 from . import activations
 from .convert import config_kwargs
-from .decoder_blocks import MLP, CausalSelfAttention, DecoderBlock, DecoderLM
+from .blocks import MLP, Attention, Block
+from .decoder_blocks import DecoderLM
 
 
 @dataclass
@@ -57,8 +58,8 @@ class GPT3(DecoderLM):
         if len(c.attention_layers) != c.num_layers:
             raise ValueError(f"attention_layers has {len(c.attention_layers)} entries for {c.num_layers} layers")
         d = c.hidden_size
-        blocks = [DecoderBlock(
-            CausalSelfAttention(d, c.num_heads, qkv_bias=False, scale=1.0, dropout=c.attention_dropout),
+        blocks = [Block(
+            Attention(d, c.num_heads, qkv_bias=False, scale=1.0, dropout=c.attention_dropout),
             MLP(d, c.intermediate_size or 4 * d, c.activation_function),
             LayerNorm(d, c.layer_norm_epsilon), LayerNorm(d, c.layer_norm_epsilon),
             pre_norm=True, resid_dropout=c.resid_dropout) for _ in range(c.num_layers)]

@@ -17,7 +17,8 @@ from ptm_kernels.nn import RMSNorm, RotaryEmbedding
 
 from . import activations
 from .convert import config_kwargs
-from .decoder_blocks import CausalSelfAttention, DecoderBlock, DecoderLM, HFGatedMLP
+from .blocks import MLP, Attention, Block
+from .decoder_blocks import DecoderLM
 
 # model_type -> (transformers config class, model class)
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -113,10 +114,10 @@ class Llama(DecoderLM):
         d = c.hidden_size
         head_dim = c.head_dim or d // c.num_attention_heads
         rotary = RotaryEmbedding(head_dim, c.max_position_embeddings, c.rope_theta)  # shared by the layers
-        blocks = [DecoderBlock(
-            CausalSelfAttention(d, c.num_attention_heads, c.num_key_value_heads, head_dim, qkv_bias=c.qkv_bias,
-                                out_bias=c.out_bias, dropout=c.attention_dropout, rotary=rotary),
-            HFGatedMLP(d, c.intermediate_size, act=c.hidden_act, bias=c.mlp_bias),
+        blocks = [Block(
+            Attention(d, c.num_attention_heads, c.num_key_value_heads, head_dim, qkv_bias=c.qkv_bias,
+                      out_bias=c.out_bias, dropout=c.attention_dropout, rotary=rotary),
+            MLP(d, c.intermediate_size, c.hidden_act, gated=True, bias=c.mlp_bias),
             RMSNorm(d, c.rms_norm_eps), RMSNorm(d, c.rms_norm_eps), pre_norm=True)
             for _ in range(c.num_hidden_layers)]
         super().__init__(c.vocab_size, d, blocks, RMSNorm(d, c.rms_norm_eps), tie_embeddings=c.tie_word_embeddings,
@@ -143,7 +144,9 @@ class Llama(DecoderLM):
                 m += [(a + "attn.qkv.bias", (att + "q_proj.bias", att + "k_proj.bias", att + "v_proj.bias"))]
             if c.out_bias:
                 m += [(a + "attn.out.bias", att + "o_proj.bias")]
-            params = ("weight", "bias") if c.mlp_bias else ("weight",)
-            m += [(a + f"mlp.{p}.{w}", b + f"mlp.{p}.{w}") for p in ("gate_proj", "up_proj", "down_proj")
-                  for w in params]
+            m += [(a + "mlp.gate.weight", b + "mlp.gate_proj.weight"), (a + "mlp.fc.weight", b + "mlp.up_proj.weight"),
+                  (a + "mlp.proj.weight", b + "mlp.down_proj.weight")]
+            if c.mlp_bias:
+                m += [(a + "mlp.gate.bias", b + "mlp.gate_proj.bias"), (a + "mlp.fc_bias", b + "mlp.up_proj.bias"),
+                      (a + "mlp.proj.bias", b + "mlp.down_proj.bias")]
         return m
