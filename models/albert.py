@@ -4,21 +4,21 @@
 - cross-layer sharing: num_hidden_groups groups of inner_group_num layers; layer i of num_hidden_layers runs
   group i * groups // layers (one group: every layer runs the same weights);
 - SOP instead of NSP (see masking.sop_pairs); the MLM head maps back down to E before the tied decoder.
+
+config -> AlbertModel (embeddings E, projection E -> H, the shared layers, pooler) -> task models (models.heads).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptm_kernels import AttentionMask
-
-from .bert import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification,
-                   BertModel, MLMHead, Output, _BertTask, init_weights, mlm_loss)
+from .bert import BertConfig, PooledTwin, embeddings, layer
 from .convert import config_kwargs, prefixed
-from .encoder import embeddings_mapping, layer_mapping, unpack
+from .encoder import Encoder, EncoderInputs, embeddings_mapping, layer_mapping
+from .heads import (ClassificationHead, MaskedLM, MLMHead, PreTraining, QuestionAnswering, SequenceClassification,
+                    TokenClassification, init_weights)
 
 
 @dataclass
@@ -52,30 +52,27 @@ ALBERT_LAYER_NAMES = dict(q="attention.query", k="attention.key", v="attention.v
                           ffn_norm="full_layer_layer_norm")
 
 
-class AlbertModel(BertModel):
+class AlbertModel(PooledTwin, Encoder):
+    hf_class, config_class = "AlbertModel", AlbertConfig
+
     def __init__(self, config: AlbertConfig, add_pooling_layer: bool = True):
-        super().__init__(config, add_pooling_layer)
-        self.project = nn.Linear(config.embedding_size, config.hidden_size)  # the factorization's E x H
-        init_weights(self.project)
+        super().__init__()
+        c = self.config = config
+        self.embeddings = embeddings(c, c.embedding_size)
+        self.project = nn.Linear(c.embedding_size, c.hidden_size)  # the factorization's E x H
+        # the distinct layers: group g's inner layers at g * inner_group_num + j
+        self.layers = nn.ModuleList(layer(c) for _ in range(c.num_hidden_groups * c.inner_group_num))
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if add_pooling_layer else None
+        init_weights(self)
 
-    @staticmethod
-    def make_embeddings(c, dim=None):
-        return BertModel.make_embeddings(c, c.embedding_size)
-
-    @staticmethod
-    def num_layer_modules(c) -> int:  # self.layers holds the distinct layers: group g's layers at g * inner
-        return c.num_hidden_groups * c.inner_group_num
-
-    def embed(self, input_ids, position_ids, token_type_ids) -> Tensor:
-        return self.project(self.embeddings(input_ids, position_ids, token_type_ids))
-
-    def run_layers(self, x: Tensor, mask: AttentionMask) -> Tensor:
+    def run(self, x: EncoderInputs) -> Tensor:
         c = self.config
+        h = self.project(self.embeddings(x.input_ids, x.position_ids, x.token_type_ids))  # [B, L, E] -> [B, L, H]
         for i in range(c.num_hidden_layers):
             g = i * c.num_hidden_groups // c.num_hidden_layers
             for j in range(c.inner_group_num):
-                x = self.layers[g * c.inner_group_num + j](x, mask)
-        return x
+                h = self.layers[g * c.inner_group_num + j](h, None, x.mask)[0]
+        return h
 
     def hf_mapping(self) -> list:
         c = self.config
@@ -91,77 +88,52 @@ class AlbertModel(BertModel):
         return m
 
 
-class _AlbertTask(_BertTask):
-    base = "albert"
-    model_class = AlbertModel
-    config_class = AlbertConfig
-
-    def make_mlm(self, c) -> MLMHead:
-        return MLMHead(c.hidden_size, c.vocab_size, c.hidden_act, c.layer_norm_eps, out_dim=c.embedding_size)
-
-    def mlm_mapping(self) -> list:
-        return ([("albert.embeddings.word.weight", "predictions.decoder.weight")]
-                + prefixed(MLMHead.mapping("dense", "LayerNorm", "bias", "decoder.bias"), "mlm.", "predictions."))
+def mlm_head(c: AlbertConfig) -> MLMHead:  # H -> E, then the tied E x V decoder
+    return MLMHead(c.hidden_size, c.vocab_size, c.hidden_act, c.layer_norm_eps, out_dim=c.embedding_size)
 
 
-class AlbertForPreTraining(_AlbertTask):
-    """MLM + sentence order prediction."""
-    hf_class = "AlbertForPreTraining"
+class AlbertForPreTraining(PreTraining):
+    """MLM + sentence order prediction (dropout on the pooled vector, then the classifier)."""
+    hf_class, config_class, hf_base = "AlbertForPreTraining", AlbertConfig, "albert"
+    hf_decoder = "predictions.decoder.weight"
+    hf_head = ("predictions.", "dense", "LayerNorm", "bias", "decoder.bias")
 
     def __init__(self, config: AlbertConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.mlm = self.make_mlm(c)
-        self.sop = nn.Linear(c.hidden_size, c.num_labels)
-        init_weights(self.mlm), init_weights(self.sop)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None, sentence_order_label=None) -> Output:
-        h, packing = self.albert.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
-                                        unpad=unpad)
-        logits = unpack(self.mlm(h, self.albert.embeddings.word.weight), packing)
-        h = unpack(h, packing)
-        pooled = F.dropout(self.albert.pool(h), self.config.classifier_dropout_prob, self.training)
-        sop = self.sop(pooled)
-        loss = mlm_loss(logits, labels)
-        if sentence_order_label is not None:
-            loss = F.cross_entropy(sop, sentence_order_label) + (0 if loss is None else loss)
-        return Output(last_hidden_state=h, prediction_logits=logits, seq_relationship_logits=sop, loss=loss)
+        c = config
+        super().__init__(c, AlbertModel(c), mlm_head(c),
+                         ClassificationHead(c.hidden_size, c.num_labels, p_in=c.classifier_dropout_prob))
 
     def hf_mapping(self):
-        return (self.encoder_mapping() + self.mlm_mapping()
-                + [("sop.weight", "sop_classifier.classifier.weight"), ("sop.bias", "sop_classifier.classifier.bias")])
+        return super().hf_mapping() + self.sentence.mapping("sentence", None, "sop_classifier.classifier")
 
 
-class AlbertForMaskedLM(_AlbertTask):
-    hf_class = "AlbertForMaskedLM"
+class AlbertForMaskedLM(MaskedLM):
+    hf_class, config_class, hf_base = "AlbertForMaskedLM", AlbertConfig, "albert"
+    hf_decoder, hf_head = AlbertForPreTraining.hf_decoder, AlbertForPreTraining.hf_head
 
     def __init__(self, config: AlbertConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c, add_pooling_layer=False)
-        self.mlm = self.make_mlm(c)
-        init_weights(self.mlm)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None) -> Output:
-        h, packing = self.albert.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
-                                        unpad=unpad)
-        logits = unpack(self.mlm(h, self.albert.embeddings.word.weight), packing)
-        return Output(last_hidden_state=unpack(h, packing), logits=logits, loss=mlm_loss(logits, labels))
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + self.mlm_mapping()
+        super().__init__(config, AlbertModel(config, add_pooling_layer=False), mlm_head(config))
 
 
-class AlbertForSequenceClassification(_AlbertTask, BertForSequenceClassification):
-    hf_class = "AlbertForSequenceClassification"
+class AlbertForSequenceClassification(SequenceClassification):
+    hf_class, config_class, hf_base = "AlbertForSequenceClassification", AlbertConfig, "albert"
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__(config, AlbertModel(config),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout),
+                         pooled=True)
 
 
-class AlbertForTokenClassification(_AlbertTask, BertForTokenClassification):
-    hf_class = "AlbertForTokenClassification"
+class AlbertForTokenClassification(TokenClassification):
+    hf_class, config_class, hf_base = "AlbertForTokenClassification", AlbertConfig, "albert"
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__(config, AlbertModel(config, add_pooling_layer=False),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
 
 
-class AlbertForQuestionAnswering(_AlbertTask, BertForQuestionAnswering):
-    hf_class = "AlbertForQuestionAnswering"
+class AlbertForQuestionAnswering(QuestionAnswering):
+    hf_class, config_class, hf_base = "AlbertForQuestionAnswering", AlbertConfig, "albert"
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__(config, AlbertModel(config, add_pooling_layer=False))

@@ -3,6 +3,8 @@ embeddings and no pooler; the classifier reads the first token through pre_class
 
 transformers names its config fields differently (dim, n_layers, ...): the config here keeps BERT's names and
 translates in from_hf / to_hf, so the BERT blocks are reused as they are.
+
+config -> DistilBertModel (embeddings without token types, BERT's layers) -> task models (models.heads).
 """
 
 from __future__ import annotations
@@ -10,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from . import activations
-from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, MLMHead, Output,
-                   _BertTask, init_weights, mlm_loss)
-from .convert import SingleLabelClassifier, config_kwargs, prefixed
-from .encoder import embeddings_mapping, layer_mapping, unpack, use_sinusoidal_positions
+from .bert import BertConfig, embeddings, layer
+from .convert import HFTwin, config_kwargs, prefixed
+from .encoder import Encoder, EncoderInputs, embeddings_mapping, layer_mapping, use_sinusoidal_positions
+from .heads import (ClassificationHead, MaskedLM, MLMHead, QuestionAnswering, SequenceClassification,
+                    TokenClassification, init_weights)
 
 _RENAMES = (("hidden_size", "dim"), ("num_hidden_layers", "n_layers"), ("num_attention_heads", "n_heads"),
             ("intermediate_size", "hidden_dim"), ("hidden_dropout_prob", "dropout"),
@@ -57,11 +58,24 @@ DISTILBERT_LAYER_NAMES = dict(q="attention.q_lin", k="attention.k_lin", v="atten
                               attn_norm="sa_layer_norm", fc1="ffn.lin1", fc2="ffn.lin2", ffn_norm="output_layer_norm")
 
 
-class DistilBertModel(BertModel):
-    def __init__(self, config: DistilBertConfig, add_pooling_layer: bool = False):
-        super().__init__(config, add_pooling_layer=False)  # DistilBERT has no pooler
-        if config.sinusoidal_pos_embds:
+class DistilBertModel(HFTwin, Encoder):
+    """No pooler; forward(input_ids, attention_mask, position_ids=..., ...): token_type_ids raise (none here)."""
+    hf_class, config_class = "DistilBertModel", DistilBertConfig
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        c = self.config = config
+        self.embeddings = embeddings(c)
+        self.layers = nn.ModuleList(layer(c) for _ in range(c.num_hidden_layers))
+        init_weights(self)
+        if c.sinusoidal_pos_embds:
             use_sinusoidal_positions(self.embeddings.position)
+
+    def run(self, x: EncoderInputs) -> Tensor:
+        h = self.embeddings(x.input_ids, x.position_ids, x.token_type_ids)  # [B, L, C]
+        for lyr in self.layers:
+            h = lyr(h, None, x.mask)[0]
+        return h
 
     def hf_mapping(self) -> list:
         m = prefixed([x for x in embeddings_mapping() if not x[0].startswith("token_type")], "embeddings.", "")
@@ -70,69 +84,39 @@ class DistilBertModel(BertModel):
         return m
 
 
-class _DistilBertTask(_BertTask):
-    base = "distilbert"
-    model_class = DistilBertModel
-    config_class = DistilBertConfig
-
-
-class DistilBertForMaskedLM(_DistilBertTask):
-    hf_class = "DistilBertForMaskedLM"
+class DistilBertForMaskedLM(MaskedLM):
+    hf_class, config_class, hf_base = "DistilBertForMaskedLM", DistilBertConfig, "distilbert"
+    hf_decoder = "vocab_projector.weight"
+    hf_head = ("", "vocab_transform", "vocab_layer_norm", "vocab_projector.bias", None)
 
     def __init__(self, config: DistilBertConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.mlm = MLMHead(c.hidden_size, c.vocab_size, c.hidden_act, c.layer_norm_eps)
-        init_weights(self.mlm)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, *, lengths=None, unpad=False,
-                labels=None) -> Output:
-        h, packing = self.distilbert.encode(input_ids, attention_mask, None, position_ids, lengths=lengths,
-                                            unpad=unpad)
-        logits = unpack(self.mlm(h, self.distilbert.embeddings.word.weight), packing)
-        return Output(last_hidden_state=unpack(h, packing), logits=logits, loss=mlm_loss(logits, labels))
-
-    def hf_mapping(self):
-        return (self.encoder_mapping() + [("distilbert.embeddings.word.weight", "vocab_projector.weight")]
-                + prefixed(MLMHead.mapping("vocab_transform", "vocab_layer_norm", "vocab_projector.bias"), "mlm.", ""))
+        super().__init__(config, DistilBertModel(config),
+                         MLMHead(config.hidden_size, config.vocab_size, config.hidden_act, config.layer_norm_eps))
 
 
-class DistilBertForSequenceClassification(SingleLabelClassifier, _DistilBertTask):
-    hf_class = "DistilBertForSequenceClassification"
+class DistilBertForSequenceClassification(SequenceClassification):
+    """pre_classifier + ReLU on the first token, dropout, classifier."""
+    hf_class, config_class, hf_base = "DistilBertForSequenceClassification", DistilBertConfig, "distilbert"
 
     def __init__(self, config: DistilBertConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.pre_classifier = nn.Linear(c.hidden_size, c.hidden_size)
-        self.classifier = nn.Linear(c.hidden_size, c.num_labels)
-        init_weights(self.pre_classifier), init_weights(self.classifier)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, *, lengths=None, unpad=False,
-                labels=None) -> Output:
-        h = self.distilbert(input_ids, attention_mask, None, position_ids, lengths=lengths,
-                            unpad=unpad).last_hidden_state
-        x = torch.relu(self.pre_classifier(h[:, 0]))
-        logits = self.classifier(F.dropout(x, self.config.classifier_dropout, self.training))
-        return Output(last_hidden_state=h, logits=logits,
-                      loss=None if labels is None else F.cross_entropy(logits, labels))
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + [
-            ("pre_classifier.weight", "pre_classifier.weight"), ("pre_classifier.bias", "pre_classifier.bias"),
-            ("classifier.weight", "classifier.weight"), ("classifier.bias", "classifier.bias")]
+        c = config
+        super().__init__(c, DistilBertModel(c),
+                         ClassificationHead(c.hidden_size, c.num_labels, dense=c.hidden_size, act="relu",
+                                            p_mid=c.classifier_dropout),
+                         pooled=False, hf_names=("pre_classifier", "classifier"))
 
 
-class DistilBertForTokenClassification(_DistilBertTask, BertForTokenClassification):
-    hf_class = "DistilBertForTokenClassification"
+class DistilBertForTokenClassification(TokenClassification):
+    """dropout (the config's `dropout`, as transformers), classifier."""
+    hf_class, config_class, hf_base = "DistilBertForTokenClassification", DistilBertConfig, "distilbert"
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw) -> Output:
-        return super().forward(input_ids, attention_mask, None, position_ids, **kw)
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config, DistilBertModel(config),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.hidden_dropout_prob))
 
 
-class DistilBertForQuestionAnswering(_DistilBertTask, BertForQuestionAnswering):
-    hf_class = "DistilBertForQuestionAnswering"
+class DistilBertForQuestionAnswering(QuestionAnswering):
+    hf_class, config_class, hf_base = "DistilBertForQuestionAnswering", DistilBertConfig, "distilbert"
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw) -> Output:
-        return super().forward(input_ids, attention_mask, None, position_ids, **kw)
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config, DistilBertModel(config), dropout=config.qa_dropout)

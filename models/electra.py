@@ -4,6 +4,8 @@ A small generator (an MLM) fills the masked positions with samples; the discrimi
 embedding projection E -> H) labels every token original or replaced. Generator and discriminator share the
 token and position embeddings. `ElectraForPreTraining` / `ElectraForMaskedLM` mirror transformers' classes;
 `ElectraPreTrainer` ties the two together with the sampling of masking.electra_replace.
+
+config -> ElectraModel (embeddings E, projection E -> H when they differ, BERT's layers) -> task models.
 """
 
 from __future__ import annotations
@@ -13,16 +15,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptm_kernels.nn import LayerNorm
-
-from .activations import bias_apply
-from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, Output, _BertTask,
-                   init_weights, mlm_loss)
-from .convert import HFTwin, SingleLabelClassifier
-from .encoder import unpack
+from .bert import BertConfig, embeddings, layer
+from .convert import HFTwin, prefixed
+from .encoder import BERT_LAYER_NAMES, Encoder, EncoderInputs, Output, embeddings_mapping, layer_mapping
+from .heads import (ClassificationHead, MaskedLM, MLMHead, QuestionAnswering, ReplacedTokenDetection,
+                    SequenceClassification, TokenClassification, cross_entropy, init_weights)
 from .masking import electra_replace
 
 
@@ -36,160 +35,92 @@ class ElectraConfig(BertConfig):
     hf_config_class = "ElectraConfig"
 
 
-class ElectraModel(BertModel):
+class ElectraModel(HFTwin, Encoder):
     """BERT's encoder under embeddings of size E, projected to H when they differ; no pooler."""
 
     hf_class, config_class = "ElectraModel", ElectraConfig
 
-    def __init__(self, config: ElectraConfig, add_pooling_layer: bool = False):
-        super().__init__(config, add_pooling_layer=False)
-        c = config
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        c = self.config = config
+        self.embeddings = embeddings(c, c.embedding_size)
         self.project = nn.Linear(c.embedding_size, c.hidden_size) if c.embedding_size != c.hidden_size else None
+        self.layers = nn.ModuleList(layer(c) for _ in range(c.num_hidden_layers))
+        init_weights(self)
+
+    def run(self, x: EncoderInputs) -> Tensor:
+        h = self.embeddings(x.input_ids, x.position_ids, x.token_type_ids)  # [B, L, E]
         if self.project is not None:
-            init_weights(self.project)
-
-    @staticmethod
-    def make_embeddings(c, dim=None):
-        return BertModel.make_embeddings(c, c.embedding_size)
-
-    @classmethod
-    def build_like(cls, hf_model, config):
-        return cls(config)
-
-    def to_hf(self):
-        return HFTwin.to_hf(self)
-
-    def embed(self, input_ids, position_ids, token_type_ids) -> Tensor:
-        x = self.embeddings(input_ids, position_ids, token_type_ids)
-        return x if self.project is None else self.project(x)
+            h = self.project(h)  # [B, L, H]
+        for lyr in self.layers:
+            h = lyr(h, None, x.mask)[0]
+        return h
 
     def hf_mapping(self) -> list:
-        m = super().hf_mapping()
+        m = prefixed(embeddings_mapping(), "embeddings.", "")
         if self.project is not None:
             m += [("project.weight", "embeddings_project.weight"), ("project.bias", "embeddings_project.bias")]
+        for i in range(len(self.layers)):
+            m += prefixed(layer_mapping(BERT_LAYER_NAMES), f"layers.{i}.", f"encoder.layer.{i}.")
         return m
 
 
-class _ElectraTask(_BertTask):
-    base = "electra"
-    model_class = ElectraModel
-    config_class = ElectraConfig
-
-
-class ElectraForPreTraining(_ElectraTask):
-    """The discriminator: one logit per token, > 0 meaning 'replaced'."""
-    hf_class = "ElectraForPreTraining"
+class ElectraForPreTraining(ReplacedTokenDetection):
+    """The discriminator: dense + hidden_act, then one logit per token, > 0 meaning 'replaced'."""
+    hf_class, config_class, hf_base = "ElectraForPreTraining", ElectraConfig, "electra"
 
     def __init__(self, config: ElectraConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
-        self.dense_bias = nn.Parameter(torch.zeros(c.hidden_size))  # fused into the activation
-        self.dense_prediction = nn.Linear(c.hidden_size, 1)
-        init_weights(self.dense), init_weights(self.dense_prediction)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None) -> Output:
-        h, packing = self.electra.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
-                                         unpad=unpad)
-        x = bias_apply(self.dense(h), self.dense_bias, self.config.hidden_act)
-        logits = unpack(self.dense_prediction(x).squeeze(-1), packing)
-        loss = None
-        if labels is not None:  # binary cross-entropy over the real tokens
-            real = self._real(input_ids, attention_mask, lengths)
-            loss = F.binary_cross_entropy_with_logits(logits[real], labels[real].float())
-        return Output(last_hidden_state=unpack(h, packing), logits=logits, loss=loss)
-
-    @staticmethod
-    def _real(input_ids, attention_mask, lengths):
-        if lengths is not None:
-            return torch.arange(input_ids.shape[1], device=input_ids.device) < lengths.view(-1, 1)
-        return torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + [
-            ("dense.weight", "discriminator_predictions.dense.weight"),
-            ("dense_bias", "discriminator_predictions.dense.bias"),
-            ("dense_prediction.weight", "discriminator_predictions.dense_prediction.weight"),
-            ("dense_prediction.bias", "discriminator_predictions.dense_prediction.bias")]
+        c = config
+        super().__init__(c, ElectraModel(c), ClassificationHead(c.hidden_size, 1, dense=c.hidden_size,
+                                                                act=c.hidden_act))
 
 
-class ElectraForMaskedLM(_ElectraTask):
-    """The generator: dense H -> E, GELU, LayerNorm, then the tied E x V decoder."""
-    hf_class = "ElectraForMaskedLM"
+class ElectraForMaskedLM(MaskedLM):
+    """The generator: dense H -> E, GELU (whatever hidden_act says), LayerNorm, then the tied E x V decoder."""
+    hf_class, config_class, hf_base = "ElectraForMaskedLM", ElectraConfig, "electra"
+    hf_decoder = "generator_lm_head.weight"
+    hf_head = ("", "generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.bias", None)
 
     def __init__(self, config: ElectraConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.dense = nn.Linear(c.hidden_size, c.embedding_size, bias=False)
-        self.dense_bias = nn.Parameter(torch.zeros(c.embedding_size))
-        self.norm = LayerNorm(c.embedding_size, eps=c.layer_norm_eps)
-        self.lm_bias = nn.Parameter(torch.zeros(c.vocab_size))
-        init_weights(self.dense)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None) -> Output:
-        h, packing = self.electra.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
-                                         unpad=unpad)
-        x = self.norm(bias_apply(self.dense(h), self.dense_bias, "gelu"))
-        logits = unpack(F.linear(x, self.electra.embeddings.word.weight, self.lm_bias), packing)
-        return Output(last_hidden_state=unpack(h, packing), logits=logits, loss=mlm_loss(logits, labels))
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + [
-            ("dense.weight", "generator_predictions.dense.weight"),
-            ("dense_bias", "generator_predictions.dense.bias"),
-            ("norm.weight", "generator_predictions.LayerNorm.weight"),
-            ("norm.bias", "generator_predictions.LayerNorm.bias"),
-            ("electra.embeddings.word.weight", "generator_lm_head.weight"),
-            ("lm_bias", "generator_lm_head.bias")]
+        c = config
+        super().__init__(c, ElectraModel(c),
+                         MLMHead(c.hidden_size, c.vocab_size, "gelu", c.layer_norm_eps, out_dim=c.embedding_size))
 
 
-class ElectraForSequenceClassification(SingleLabelClassifier, _ElectraTask):
+class ElectraForSequenceClassification(SequenceClassification):
     """ELECTRA's GLUE head: on the first token, dropout, dense, GELU (transformers hard-codes erf GELU here,
     whatever hidden_act says), dropout, out_proj."""
-    hf_class = "ElectraForSequenceClassification"
+    hf_class, config_class, hf_base = "ElectraForSequenceClassification", ElectraConfig, "electra"
 
     def __init__(self, config: ElectraConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.dropout = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
-        self.dense_bias = nn.Parameter(torch.zeros(c.hidden_size))  # fused into the GELU
-        self.out_proj = nn.Linear(c.hidden_size, c.num_labels)
-        init_weights(self.dense), init_weights(self.out_proj)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None) -> Output:
-        h, packing = self.electra.encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths,
-                                         unpad=unpad)
-        h = unpack(h, packing)
-        x = F.dropout(h[:, 0], self.dropout, self.training)
-        x = F.dropout(bias_apply(self.dense(x), self.dense_bias, "gelu"), self.dropout, self.training)
-        logits = self.out_proj(x)
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return Output(last_hidden_state=h, logits=logits, loss=loss)
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + [
-            ("dense.weight", "classifier.dense.weight"), ("dense_bias", "classifier.dense.bias"),
-            ("out_proj.weight", "classifier.out_proj.weight"), ("out_proj.bias", "classifier.out_proj.bias")]
+        c = config
+        super().__init__(c, ElectraModel(c),
+                         ClassificationHead(c.hidden_size, c.num_labels, dense=c.hidden_size, act="gelu",
+                                            p_in=c.head_dropout, p_mid=c.head_dropout),
+                         pooled=False, hf_names=("classifier.dense", "classifier.out_proj"))
 
 
-class ElectraForTokenClassification(_ElectraTask, BertForTokenClassification):
-    hf_class = "ElectraForTokenClassification"
+class ElectraForTokenClassification(TokenClassification):
+    hf_class, config_class, hf_base = "ElectraForTokenClassification", ElectraConfig, "electra"
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__(config, ElectraModel(config),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
 
 
-class ElectraForQuestionAnswering(_ElectraTask, BertForQuestionAnswering):
-    hf_class = "ElectraForQuestionAnswering"
+class ElectraForQuestionAnswering(QuestionAnswering):
+    hf_class, config_class, hf_base = "ElectraForQuestionAnswering", ElectraConfig, "electra"
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__(config, ElectraModel(config))
 
 
 class ElectraPreTrainer(nn.Module):
     """Generator + discriminator with shared embeddings, and the joint loss of the paper:
-    L = L_MLM(generator) + disc_weight * L_disc (the sampled tokens carry no gradient to the generator)."""
+    L = L_MLM(generator) + disc_weight * L_disc (the sampled tokens carry no gradient to the generator).
+
+    The generator's head runs on the selected (masked) rows only: their logits [N, V] are what the sampling
+    and the MLM loss need (prediction_logits of the output)."""
 
     def __init__(self, generator: ElectraConfig, discriminator: ElectraConfig, disc_weight: float = 50.0):
         super().__init__()
@@ -197,19 +128,23 @@ class ElectraPreTrainer(nn.Module):
             raise ValueError("generator and discriminator share embeddings: embedding_size must be equal")
         self.generator = ElectraForMaskedLM(generator)
         self.discriminator = ElectraForPreTraining(discriminator)
-        self.generator.electra.embeddings = self.discriminator.electra.embeddings  # one set of embeddings
+        self.generator.backbone.embeddings = self.discriminator.backbone.embeddings  # one set of embeddings
         self.disc_weight = disc_weight
 
     def forward(self, masked_ids: Tensor, original_ids: Tensor, selected: Tensor, attention_mask=None,
                 token_type_ids=None, *, unpad: bool = False, temperature: float = 1.0,
                 generator: Optional[torch.Generator] = None) -> Output:
-        """masked_ids: the generator input (e.g. from masking.mask_tokens); selected: its masked positions."""
-        labels = torch.where(selected, original_ids, torch.full_like(original_ids, -100))
-        gen = self.generator(masked_ids, attention_mask, token_type_ids, unpad=unpad, labels=labels)
-        disc_ids, replaced = electra_replace(gen.logits, original_ids, selected, temperature, generator)
+        """masked_ids: the generator input (e.g. from masking.mask_tokens); selected [B, L] bool: its masked
+        positions. Output: logits (the discriminator's, [B, L]), prediction_logits (the generator's at the
+        selected positions, [N, V] in row-major order), loss."""
+        gen = self.generator
+        h, inputs = gen.backbone.encode(masked_ids, attention_mask, token_type_ids, unpad=unpad)
+        rows = h[inputs.pack(selected)]  # [N, C]: the selected positions (packed or padded alike)
+        logits = gen.mlm(rows, gen.decoder())  # [N, V]
+        gen_loss = cross_entropy(logits, original_ids[selected])
+        disc_ids, replaced = electra_replace(logits, original_ids, selected, temperature, generator)
         disc = self.discriminator(disc_ids, attention_mask, token_type_ids, unpad=unpad, labels=replaced)
-        return Output(logits=disc.logits, prediction_logits=gen.logits,
-                      loss=gen.loss + self.disc_weight * disc.loss)
+        return Output(logits=disc.logits, prediction_logits=logits, loss=gen_loss + self.disc_weight * disc.loss)
 
 
 def generator_config(discriminator: ElectraConfig, scale: int = 4) -> ElectraConfig:

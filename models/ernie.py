@@ -7,6 +7,8 @@ spans: see masking.py. The heads are BERT's, under the `ernie` prefix.
 
     model = ErnieForMaskedLM.from_hf(hf_model)
     out = model(input_ids, attention_mask=mask, task_type_ids=task, unpad=True)
+
+config -> ErnieModel (BERT's embeddings + task types, BERT's layers, pooler) -> task models (models.heads).
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bert import (BertConfig, BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining,
-                   BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel,
-                   _BertTask)
-from .encoder import Embeddings
+from .bert import BertConfig, PooledTwin, bert_mapping, embeddings, layer, mlm_head
+from .encoder import Encoder, EncoderInputs
+from .heads import (ClassificationHead, MaskedLM, NextSentencePrediction, PreTraining, QuestionAnswering,
+                    SequenceClassification, TokenClassification, init_weights)
 
 
 @dataclass
@@ -32,62 +33,83 @@ class ErnieConfig(BertConfig):
     hf_config_class = "ErnieConfig"
 
 
-class ErnieEmbeddings(Embeddings):
-    """BERT's embeddings + task type embeddings (when use_task_id; ids default to 0, as in transformers)."""
+class ErnieModel(PooledTwin, Encoder):
+    """Takes `task_type_ids` [B, L] as a keyword (ids default to 0, as in transformers); packed with unpad=True."""
+    hf_class, config_class = "ErnieModel", ErnieConfig
 
-    def __init__(self, c: ErnieConfig):
-        super().__init__(c.vocab_size, c.hidden_size, c.max_position_embeddings, c.type_vocab_size,
-                         c.layer_norm_eps, c.hidden_dropout_prob, c.pad_token_id)
+    def __init__(self, config: ErnieConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        c = self.config = config
+        self.embeddings = embeddings(c)
         self.task_type = nn.Embedding(c.task_type_vocab_size, c.hidden_size) if c.use_task_id else None
+        self.layers = nn.ModuleList(layer(c) for _ in range(c.num_hidden_layers))
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if add_pooling_layer else None
+        init_weights(self)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor] = None,
-                task_type_ids: Optional[Tensor] = None) -> Tensor:
-        x = self.word(input_ids) + self.position(position_ids)
-        x = x + self.token_type(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+    def run(self, x: EncoderInputs) -> Tensor:
+        e = self.embeddings.sum(x.input_ids, x.position_ids, x.token_type_ids)  # [B, L, C], before the norm
         if self.task_type is not None:
-            x = x + self.task_type(task_type_ids if task_type_ids is not None else torch.zeros_like(input_ids))
-        return F.dropout(self.norm(x), self.dropout, self.training)
-
-
-class ErnieModel(BertModel):
-    """Takes `task_type_ids` [B, L] as a keyword (encode / forward); with unpad=True it is packed too."""
-
-    @staticmethod
-    def make_embeddings(c, dim=None) -> ErnieEmbeddings:
-        return ErnieEmbeddings(c)
+            ids: Optional[Tensor] = x.extra.get("task_type_ids")
+            e = e + self.task_type(ids if ids is not None else torch.zeros_like(x.input_ids))
+        h = self.embeddings.finish(e)
+        for lyr in self.layers:
+            h = lyr(h, None, x.mask)[0]
+        return h
 
     def hf_mapping(self) -> list:
-        m = super().hf_mapping()
-        if self.embeddings.task_type is not None:
-            m += [("embeddings.task_type.weight", "embeddings.task_type_embeddings.weight")]
+        m = bert_mapping(self)
+        if self.task_type is not None:
+            m += [("task_type.weight", "embeddings.task_type_embeddings.weight")]
         return m
 
 
-class _ErnieTask(_BertTask):
-    base = "ernie"
-    model_class = ErnieModel
-    config_class = ErnieConfig
+def _nsp(c):
+    return ClassificationHead(c.hidden_size, 2)
 
 
-class ErnieForPreTraining(_ErnieTask, BertForPreTraining):
-    hf_class = "ErnieForPreTraining"
+class ErnieForPreTraining(PreTraining):
+    hf_class, config_class, hf_base = "ErnieForPreTraining", ErnieConfig, "ernie"
+
+    def __init__(self, config: ErnieConfig):
+        super().__init__(config, ErnieModel(config), mlm_head(config), _nsp(config))
+
+    def hf_mapping(self):
+        return super().hf_mapping() + self.sentence.mapping("sentence", None, "cls.seq_relationship")
 
 
-class ErnieForMaskedLM(_ErnieTask, BertForMaskedLM):
-    hf_class = "ErnieForMaskedLM"
+class ErnieForMaskedLM(MaskedLM):
+    hf_class, config_class, hf_base = "ErnieForMaskedLM", ErnieConfig, "ernie"
+
+    def __init__(self, config: ErnieConfig):
+        super().__init__(config, ErnieModel(config, add_pooling_layer=False), mlm_head(config))
 
 
-class ErnieForNextSentencePrediction(_ErnieTask, BertForNextSentencePrediction):
-    hf_class = "ErnieForNextSentencePrediction"
+class ErnieForNextSentencePrediction(NextSentencePrediction):
+    hf_class, config_class, hf_base = "ErnieForNextSentencePrediction", ErnieConfig, "ernie"
+
+    def __init__(self, config: ErnieConfig):
+        super().__init__(config, ErnieModel(config), _nsp(config))
 
 
-class ErnieForSequenceClassification(_ErnieTask, BertForSequenceClassification):
-    hf_class = "ErnieForSequenceClassification"
+class ErnieForSequenceClassification(SequenceClassification):
+    hf_class, config_class, hf_base = "ErnieForSequenceClassification", ErnieConfig, "ernie"
+
+    def __init__(self, config: ErnieConfig):
+        super().__init__(config, ErnieModel(config),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout),
+                         pooled=True)
 
 
-class ErnieForTokenClassification(_ErnieTask, BertForTokenClassification):
-    hf_class = "ErnieForTokenClassification"
+class ErnieForTokenClassification(TokenClassification):
+    hf_class, config_class, hf_base = "ErnieForTokenClassification", ErnieConfig, "ernie"
+
+    def __init__(self, config: ErnieConfig):
+        super().__init__(config, ErnieModel(config, add_pooling_layer=False),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
 
 
-class ErnieForQuestionAnswering(_ErnieTask, BertForQuestionAnswering):
-    hf_class = "ErnieForQuestionAnswering"
+class ErnieForQuestionAnswering(QuestionAnswering):
+    hf_class, config_class, hf_base = "ErnieForQuestionAnswering", ErnieConfig, "ernie"
+
+    def __init__(self, config: ErnieConfig):
+        super().__init__(config, ErnieModel(config, add_pooling_layer=False))

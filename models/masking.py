@@ -189,9 +189,11 @@ def electra_replace(generator_logits: Tensor, input_ids: Tensor, selected: Tenso
                     generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     """Replaced-token detection inputs: at the selected positions, a token sampled from the generator's
     softmax(logits / temperature) (no gradient flows through the sample); elsewhere the original.
+    generator_logits: [B, L, V], or [N, V] at the selected positions only (in row-major order).
     Returns (discriminator input ids, is_replaced labels [B, L] long: 1 where the token differs)."""
     with torch.no_grad():
-        logits = generator_logits[selected].float() / temperature
+        rows = generator_logits if generator_logits.dim() == 2 else generator_logits[selected]
+        logits = rows.float() / temperature
         probs = torch.softmax(logits, -1)
         sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1) if probs.numel() else \
             input_ids.new_empty(0)

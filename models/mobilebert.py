@@ -28,11 +28,12 @@ import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
-from .bert import (BertConfig, BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining,
-                   BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel,
-                   MLMHead, Output, _BertTask, init_weights)
+from .bert import BertConfig, PooledTwin
+from .blocks import MLP
 from .convert import prefixed
-from .encoder import BiasAct
+from .encoder import Encoder, EncoderInputs, InputRules
+from .heads import (ClassificationHead, MaskedLM, MLMHead, NextSentencePrediction, PreTraining, QuestionAnswering,
+                    SequenceClassification, TokenClassification, init_weights)
 
 _TORCH_LN_EPS = 1e-5  # two of transformers' norms are built without the config's eps
 
@@ -132,17 +133,16 @@ class MobileBertEmbeddings(nn.Module):
 
 
 class FFN(nn.Module):
-    """fc1 -> act (fused with its bias) -> fc2, dropout, add & norm with the input."""
+    """blocks.MLP (fc -> act, its bias fused -> proj), dropout, add & norm with the input."""
 
     def __init__(self, dim: int, inner: int, act: str, norm: nn.Module, dropout: float = 0.0):
         super().__init__()
-        self.fc1 = BiasAct(dim, inner, act)
-        self.fc2 = nn.Linear(inner, dim)
+        self.mlp = MLP(dim, inner, act)
         self.norm = norm
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(F.dropout(self.fc2(self.fc1(x)), self.dropout, self.training), residual=x)[0]
+        return self.norm(F.dropout(self.mlp(x), self.dropout, self.training), residual=x)[0]
 
 
 class MobileBertLayer(nn.Module):
@@ -214,10 +214,14 @@ def layer_mapping(c: MobileBertConfig) -> list:
     m = [("qk.weight", (a + "query.weight", a + "key.weight")), ("qk.bias", (a + "query.bias", a + "key.bias"))]
     m += lin("v", a + "value") + lin("attn_out", "attention.output.dense")
     m += lin("attn_norm", "attention.output.LayerNorm")
+    def ffn(ours, hf, out):  # an FFN: its MLP's fc (bias kept apart) and proj, and the norm
+        return ([(f"{ours}.mlp.fc.weight", f"{hf}intermediate.dense.weight"),
+                 (f"{ours}.mlp.fc_bias", f"{hf}intermediate.dense.bias")]
+                + lin(f"{ours}.mlp.proj", f"{out}.dense") + lin(f"{ours}.norm", f"{out}.LayerNorm"))
+
     for j in range(c.num_feedforward_networks - 1):
-        m += (lin(f"ffns.{j}.fc1", f"ffn.{j}.intermediate.dense") + lin(f"ffns.{j}.fc2", f"ffn.{j}.output.dense")
-              + lin(f"ffns.{j}.norm", f"ffn.{j}.output.LayerNorm"))
-    m += lin("ffn.fc1", "intermediate.dense") + lin("ffn.fc2", "output.dense") + lin("ffn.norm", "output.LayerNorm")
+        m += ffn(f"ffns.{j}", f"ffn.{j}.", f"ffn.{j}.output")
+    m += ffn("ffn", "", "output")
     if c.use_bottleneck:
         m += lin("bottleneck_in", "bottleneck.input.dense") + lin("bottleneck_in_norm", "bottleneck.input.LayerNorm")
         m += lin("bottleneck_out", "output.bottleneck.dense")
@@ -231,34 +235,31 @@ def layer_mapping(c: MobileBertConfig) -> list:
 # ------------------------------------------------------------------------------------------------ model
 
 
-class MobileBertModel(BertModel):
+class MobileBertModel(PooledTwin, Encoder):
     """The pooler is dense + tanh on the first token with classifier_activation, else the first token as is."""
+    hf_class, config_class = "MobileBertModel", MobileBertConfig
 
     def __init__(self, config: MobileBertConfig, add_pooling_layer: bool = True):
-        super().__init__(config, add_pooling_layer=add_pooling_layer and config.classifier_activation)
-        self.with_pooling = add_pooling_layer
+        super().__init__()
+        c = self.config = config
+        # the trigram input reads each token's neighbours in the padded batch (so packing keeps them)
+        self.rules = InputRules(per_token=lambda ids: dict(neighbour_ids=trigram_neighbours(ids))) \
+            if c.trigram_input else InputRules()
+        self.embeddings = MobileBertEmbeddings(c)
+        self.layers = nn.ModuleList(MobileBertLayer(c) for _ in range(c.num_hidden_layers))
+        self.pooler = None
+        if add_pooling_layer:  # without classifier_activation a parameter-free pooler: the first token as is
+            self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if c.classifier_activation else nn.Identity()
+        init_weights(self)
 
-    @staticmethod
-    def make_embeddings(c, dim=None) -> MobileBertEmbeddings:
-        return MobileBertEmbeddings(c)
-
-    @staticmethod
-    def make_layer(c) -> MobileBertLayer:
-        return MobileBertLayer(c)
-
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, **kw):
-        if self.config.trigram_input:
-            kw["neighbour_ids"] = trigram_neighbours(input_ids)
-        return super().encode(input_ids, attention_mask, token_type_ids, position_ids, **kw)
+    def run(self, x: EncoderInputs) -> Tensor:
+        h = self.embeddings(x.input_ids, x.position_ids, x.token_type_ids, x.extra.get("neighbour_ids"))  # [B, L, H]
+        for lyr in self.layers:
+            h = lyr(h, x.mask)
+        return h
 
     def pool(self, h: Tensor) -> Tensor:
-        return h[:, 0] if self.pooler is None else torch.tanh(self.pooler(h[:, 0]))
-
-    def forward(self, *args, **kw) -> Output:
-        out = super().forward(*args, **kw)
-        if self.with_pooling and out.pooler_output is None:
-            out.pooler_output = self.pool(out.last_hidden_state)
-        return out
+        return torch.tanh(self.pooler(h[:, 0])) if self.config.classifier_activation else h[:, 0]
 
     def hf_mapping(self) -> list:
         e = "embeddings."
@@ -270,67 +271,68 @@ class MobileBertModel(BertModel):
              (e + "norm.weight", e + "LayerNorm.weight"), (e + "norm.bias", e + "LayerNorm.bias")]
         for i in range(len(self.layers)):
             m += prefixed(layer_mapping(self.config), f"layers.{i}.", f"encoder.layer.{i}.")
-        if self.pooler is not None:
+        if isinstance(self.pooler, nn.Linear):
             m += [("pooler.weight", "pooler.dense.weight"), ("pooler.bias", "pooler.dense.bias")]
         return m
 
 
-# ------------------------------------------------------------------------------------------------ heads
+# ------------------------------------------------------------------------------------------------ tasks
 
 
-class MobileBertMLMHead(MLMHead):
-    """BERT's transform, then scores against [word embeddings (V x E) | dense (V x (H - E))]."""
-
-    def __init__(self, c: MobileBertConfig):
-        super().__init__(c.hidden_size, c.vocab_size, c.hidden_act, c.layer_norm_eps)
-        init_weights(self)
-        self.dense = nn.Parameter(torch.empty(c.hidden_size - c.embedding_size, c.vocab_size))  # HF's layout
-        nn.init.normal_(self.dense, std=0.02)
-
-    def forward(self, h: Tensor, word_embeddings: Tensor) -> Tensor:
-        return F.linear(self.norm(self.transform(h)), torch.cat([word_embeddings, self.dense.t()], 1), self.bias)
+def mlm_head(c: MobileBertConfig) -> MLMHead:
+    """BERT's transform, then scores against [word embeddings (V x E) | extra columns (V x (H - E))]."""
+    return MLMHead(c.hidden_size, c.vocab_size, c.hidden_act, c.layer_norm_eps,
+                   extra_columns=c.hidden_size - c.embedding_size)
 
 
-class _MobileBertTask(_BertTask):
-    base = "mobilebert"
-    model_class = MobileBertModel
-    config_class = MobileBertConfig
-
-
-class MobileBertForPreTraining(_MobileBertTask, BertForPreTraining):
+class MobileBertForPreTraining(PreTraining):
     """MLM + NSP (MobileBERT is distilled from IB-BERT layer by layer, then pre-trained with these)."""
-    hf_class = "MobileBertForPreTraining"
+    hf_class, config_class, hf_base = "MobileBertForPreTraining", MobileBertConfig, "mobilebert"
 
     def __init__(self, config: MobileBertConfig):
-        super().__init__(config)
-        self.mlm = MobileBertMLMHead(config)
+        super().__init__(config, MobileBertModel(config), mlm_head(config), ClassificationHead(config.hidden_size, 2))
+
+    def hf_mapping(self):
+        return (super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
+                + self.sentence.mapping("sentence", None, "cls.seq_relationship"))
+
+
+class MobileBertForMaskedLM(MaskedLM):
+    hf_class, config_class, hf_base = "MobileBertForMaskedLM", MobileBertConfig, "mobilebert"
+
+    def __init__(self, config: MobileBertConfig):
+        super().__init__(config, MobileBertModel(config, add_pooling_layer=False), mlm_head(config))
 
     def hf_mapping(self):
         return super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
 
 
-class MobileBertForMaskedLM(_MobileBertTask, BertForMaskedLM):
-    hf_class = "MobileBertForMaskedLM"
+class MobileBertForNextSentencePrediction(NextSentencePrediction):
+    hf_class, config_class, hf_base = "MobileBertForNextSentencePrediction", MobileBertConfig, "mobilebert"
 
     def __init__(self, config: MobileBertConfig):
-        super().__init__(config)
-        self.mlm = MobileBertMLMHead(config)
-
-    def hf_mapping(self):
-        return super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
+        super().__init__(config, MobileBertModel(config), ClassificationHead(config.hidden_size, 2))
 
 
-class MobileBertForNextSentencePrediction(_MobileBertTask, BertForNextSentencePrediction):
-    hf_class = "MobileBertForNextSentencePrediction"
+class MobileBertForSequenceClassification(SequenceClassification):
+    hf_class, config_class, hf_base = "MobileBertForSequenceClassification", MobileBertConfig, "mobilebert"
+
+    def __init__(self, config: MobileBertConfig):
+        super().__init__(config, MobileBertModel(config),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout),
+                         pooled=True)
 
 
-class MobileBertForSequenceClassification(_MobileBertTask, BertForSequenceClassification):
-    hf_class = "MobileBertForSequenceClassification"
+class MobileBertForTokenClassification(TokenClassification):
+    hf_class, config_class, hf_base = "MobileBertForTokenClassification", MobileBertConfig, "mobilebert"
+
+    def __init__(self, config: MobileBertConfig):
+        super().__init__(config, MobileBertModel(config, add_pooling_layer=False),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
 
 
-class MobileBertForTokenClassification(_MobileBertTask, BertForTokenClassification):
-    hf_class = "MobileBertForTokenClassification"
+class MobileBertForQuestionAnswering(QuestionAnswering):
+    hf_class, config_class, hf_base = "MobileBertForQuestionAnswering", MobileBertConfig, "mobilebert"
 
-
-class MobileBertForQuestionAnswering(_MobileBertTask, BertForQuestionAnswering):
-    hf_class = "MobileBertForQuestionAnswering"
+    def __init__(self, config: MobileBertConfig):
+        super().__init__(config, MobileBertModel(config, add_pooling_layer=False))

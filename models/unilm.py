@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ptm_kernels import AttentionMask
 
-from .bert import BertForMaskedLM, BertModel, Output, mlm_loss
+from .bert import BertForMaskedLM, BertModel
+from .encoder import Output
 
 MODES = ("bidirectional", "left_to_right", "seq2seq")
 
@@ -60,15 +61,13 @@ class UniLMModel(BertModel):
 
 class UniLMForMaskedLM(BertForMaskedLM):
     """The UniLM pre-training model: BERT's MLM head under any of the three masks. `from_hf` takes a
-    transformers BertForMaskedLM (UniLM starts from BERT's weights)."""
-    model_class = UniLMModel
+    transformers BertForMaskedLM (UniLM starts from BERT's weights). With labels: the loss only, logits=None
+    (heads.MaskedLM)."""
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
                 mode: str = "bidirectional", source_lengths=None, mask: Optional[AttentionMask] = None,
                 labels=None) -> Output:
         if mask is None:
             mask = unilm_mask(mode, attention_mask, lengths, source_lengths)
-        h, _ = self.bert.encode(input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
-                                      mask=mask)
-        logits = self.mlm(h, self.bert.embeddings.word.weight)
-        return Output(last_hidden_state=h, logits=logits, loss=mlm_loss(logits, labels))
+        return super().forward(input_ids, token_type_ids=token_type_ids, position_ids=position_ids, mask=mask,
+                               labels=labels)

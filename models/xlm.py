@@ -11,7 +11,10 @@ Options:
   the bidirectional mask.
 
 Heads: LM (tied to the word embeddings, with a bias), sequence classification (the "first" token summary with
-an optional projection and activation), token classification, span QA (XLMForQuestionAnsweringSimple).
+an optional projection and activation), token classification, span QA (XLMForQuestionAnsweringSimple), and
+SQuAD 2.0 QA with beam search and answerability (XLMForQuestionAnswering, heads.SQuADHead).
+
+config -> XLMModel (word + position + language embeddings, BERT's layers) -> task models (models.heads).
 
     model = XLMWithLMHeadModel.from_hf(hf_model)
     out = model(input_ids, attention_mask=mask, langs=langs, unpad=True)
@@ -23,16 +26,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptm_kernels import AttentionMask
-
-from .bert import (BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel, Output, _BertTask,
-                   init_weights, mlm_loss)
-from .convert import SingleLabelClassifier, config_kwargs, prefixed
-from .encoder import Embeddings, layer_mapping, unpack, use_sinusoidal_positions
+from .bert import BertConfig, layer
+from .convert import HFTwin, config_kwargs, prefixed
+from .encoder import Embeddings, Encoder, EncoderInputs, InputRules, layer_mapping, use_sinusoidal_positions
+from .heads import (ClassificationHead, EncoderTask, MaskedLM, MLMHead, QuestionAnswering, SequenceClassification,
+                    SQuADHead, TokenClassification, init_weights)
 
 _RENAMES = (("hidden_dropout_prob", "dropout"), ("attention_probs_dropout_prob", "attention_dropout"))
 
@@ -54,6 +54,8 @@ class XLMConfig(BertConfig):
     summary_activation: Optional[str] = None
     summary_proj_to_labels: bool = True
     summary_first_dropout: float = 0.1
+    start_n_top: int = 5  # XLMForQuestionAnswering's beam: the most probable starts, and ends per start
+    end_n_top: int = 5
 
     hf_config_class = "XLMConfig"
 
@@ -82,25 +84,10 @@ class XLMConfig(BertConfig):
                   gelu_activation=d["hidden_act"] == "gelu")
         for k in ("vocab_size", "max_position_embeddings", "layer_norm_eps", "pad_token_id", "num_labels", "n_langs",
                   "use_lang_emb", "sinusoidal_embeddings", "causal", "summary_type", "summary_use_proj",
-                  "summary_activation", "summary_proj_to_labels", "summary_first_dropout"):
+                  "summary_activation", "summary_proj_to_labels", "summary_first_dropout", "start_n_top",
+                  "end_n_top"):
             kw[k] = d[k]
         return transformers.XLMConfig(**kw)
-
-
-class XLMEmbeddings(Embeddings):
-    def __init__(self, c: XLMConfig):
-        super().__init__(c.vocab_size, c.hidden_size, c.max_position_embeddings, 0, c.layer_norm_eps,
-                         c.hidden_dropout_prob, c.pad_token_id)
-        self.lang = nn.Embedding(c.n_langs, c.hidden_size) if c.n_langs > 1 and c.use_lang_emb else None
-
-    def forward(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor] = None,
-                langs: Optional[Tensor] = None) -> Tensor:
-        x = self.word(input_ids) + self.position(position_ids)
-        if langs is not None and self.lang is not None:
-            x = x + self.lang(langs)
-        if token_type_ids is not None:
-            x = x + self.word(token_type_ids)
-        return F.dropout(self.norm(x), self.dropout, self.training)
 
 
 def xlm_layer_names(i: int) -> dict:
@@ -109,106 +96,118 @@ def xlm_layer_names(i: int) -> dict:
                 fc2=f"ffns.{i}.lin2", ffn_norm=f"layer_norm2.{i}")
 
 
-class XLMModel(BertModel):
-    """Takes `langs` [B, L] as a keyword; without attention_mask and lengths, lengths count the non-pad ids."""
+class XLMModel(HFTwin, Encoder):
+    """Takes `langs` [B, L] as a keyword; without attention_mask and lengths, lengths count the non-pad ids.
+    Segment ids (token_type_ids), when given, are looked up in the word embeddings."""
+    hf_class, config_class = "XLMModel", XLMConfig
 
-    def __init__(self, config: XLMConfig, add_pooling_layer: bool = False):
-        super().__init__(config, add_pooling_layer=False)
-        if config.sinusoidal_embeddings:
+    def __init__(self, config: XLMConfig):
+        super().__init__()
+        c = self.config = config
+        self.rules = InputRules(lengths_from_pad=c.pad_token_id, causal=c.causal)
+        self.embeddings = Embeddings(c.vocab_size, c.hidden_size, c.max_position_embeddings, 0, c.layer_norm_eps,
+                                     c.hidden_dropout_prob, c.pad_token_id)
+        self.lang = nn.Embedding(c.n_langs, c.hidden_size) if c.n_langs > 1 and c.use_lang_emb else None
+        self.layers = nn.ModuleList(layer(c) for _ in range(c.num_hidden_layers))
+        init_weights(self)
+        if c.sinusoidal_embeddings:
             use_sinusoidal_positions(self.embeddings.position)
 
-    @staticmethod
-    def make_embeddings(c, dim=None) -> XLMEmbeddings:
-        return XLMEmbeddings(c)
-
-    def extend_mask(self, mask: AttentionMask) -> AttentionMask:
-        return mask & AttentionMask.causal() if self.config.causal else mask
-
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-               **kw):
-        if attention_mask is None and lengths is None:
-            lengths = input_ids.ne(self.config.pad_token_id).sum(1)
-        return super().encode(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths, **kw)
+    def run(self, x: EncoderInputs) -> Tensor:
+        e = self.embeddings.sum(x.input_ids, x.position_ids)  # [B, L, C]: word + position
+        langs = x.extra.get("langs")
+        if langs is not None and self.lang is not None:
+            e = e + self.lang(langs)
+        if x.token_type_ids is not None:
+            e = e + self.embeddings.word(x.token_type_ids)
+        h = self.embeddings.finish(e)
+        for lyr in self.layers:
+            h = lyr(h, None, x.mask)[0]
+        return h
 
     def hf_mapping(self) -> list:
         m = [("embeddings.word.weight", "embeddings.weight"),
              ("embeddings.position.weight", "position_embeddings.weight"),
              ("embeddings.norm.weight", "layer_norm_emb.weight"), ("embeddings.norm.bias", "layer_norm_emb.bias")]
-        if self.embeddings.lang is not None:
-            m += [("embeddings.lang.weight", "lang_embeddings.weight")]
+        if self.lang is not None:
+            m += [("lang.weight", "lang_embeddings.weight")]
         for i in range(len(self.layers)):
             m += prefixed(layer_mapping(xlm_layer_names(i)), f"layers.{i}.", "")
         return m
 
 
-class _XLMTask(_BertTask):
-    base = "transformer"
-    model_class = XLMModel
-    config_class = XLMConfig
-
-
-class XLMWithLMHeadModel(_XLMTask):
-    """MLM / TLM / CLM scores: the hidden state against the tied word embeddings, plus a bias."""
-    hf_class = "XLMWithLMHeadModel"
+class XLMWithLMHeadModel(MaskedLM):
+    """MLM / TLM / CLM scores: the hidden state against the tied word embeddings, plus a bias (no transform)."""
+    hf_class, config_class, hf_base = "XLMWithLMHeadModel", XLMConfig, "transformer"
+    hf_decoder = "pred_layer.proj.weight"
+    hf_head = ("", None, None, "pred_layer.proj.bias", None)
 
     def __init__(self, config: XLMConfig):
-        super().__init__()
-        self.config = c = config
-        self.make_backbone(c)
-        self.lm_bias = nn.Parameter(torch.zeros(c.vocab_size))
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None, **extra_ids) -> Output:
-        h, packing = self.transformer.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                             lengths=lengths, unpad=unpad, **extra_ids)
-        logits = unpack(F.linear(h, self.transformer.embeddings.word.weight, self.lm_bias), packing)
-        return Output(last_hidden_state=unpack(h, packing), logits=logits, loss=mlm_loss(logits, labels))
-
-    def hf_mapping(self):
-        return self.encoder_mapping() + [("transformer.embeddings.word.weight", "pred_layer.proj.weight"),
-                                         ("lm_bias", "pred_layer.proj.bias")]
+        super().__init__(config, XLMModel(config), MLMHead(config.hidden_size, config.vocab_size, None))
 
 
-class XLMForSequenceClassification(SingleLabelClassifier, _XLMTask):
+class XLMForSequenceClassification(SequenceClassification):
     """transformers' sequence summary: the first token, dropout, an optional projection (to num_labels when
     summary_proj_to_labels) and an optional tanh."""
-    hf_class = "XLMForSequenceClassification"
+    hf_class, config_class, hf_base = "XLMForSequenceClassification", XLMConfig, "transformer"
 
     def __init__(self, config: XLMConfig):
-        super().__init__()
-        self.config = c = config
+        c = config
         if c.summary_type != "first":
             raise NotImplementedError(f"summary_type {c.summary_type!r}: only 'first' is supported")
         if c.summary_activation not in (None, "tanh"):
             raise NotImplementedError(f"summary_activation {c.summary_activation!r}")
-        self.make_backbone(c)
         n_out = c.num_labels if c.summary_proj_to_labels and c.num_labels > 0 else c.hidden_size
-        self.summary = nn.Linear(c.hidden_size, n_out) if c.summary_use_proj else None
-        if self.summary is not None:
-            init_weights(self.summary)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, lengths=None,
-                unpad=False, labels=None, **extra_ids) -> Output:
-        h = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, lengths=lengths, unpad=unpad,
-                             **extra_ids).last_hidden_state
-        x = F.dropout(h[:, 0], self.config.summary_first_dropout, self.training)
-        if self.summary is not None:
-            x = self.summary(x)
-        logits = torch.tanh(x) if self.config.summary_activation == "tanh" else x
-        return Output(last_hidden_state=h, logits=logits,
-                      loss=None if labels is None else F.cross_entropy(logits, labels))
-
-    def hf_mapping(self):
-        m = self.encoder_mapping()
-        if self.summary is not None:
-            m += [("summary.weight", "sequence_summary.summary.weight"),
-                  ("summary.bias", "sequence_summary.summary.bias")]
-        return m
+        super().__init__(c, XLMModel(c),
+                         ClassificationHead(c.hidden_size, None, dense=n_out if c.summary_use_proj else None,
+                                            act=c.summary_activation or "linear", p_in=c.summary_first_dropout),
+                         pooled=False, hf_names=("sequence_summary.summary", None))
 
 
-class XLMForTokenClassification(_XLMTask, BertForTokenClassification):
-    hf_class = "XLMForTokenClassification"
+class XLMForTokenClassification(TokenClassification):
+    hf_class, config_class, hf_base = "XLMForTokenClassification", XLMConfig, "transformer"
+
+    def __init__(self, config: XLMConfig):
+        super().__init__(config, XLMModel(config),
+                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.hidden_dropout_prob))
 
 
-class XLMForQuestionAnsweringSimple(_XLMTask, BertForQuestionAnswering):
-    hf_class = "XLMForQuestionAnsweringSimple"
+class XLMForQuestionAnsweringSimple(QuestionAnswering):
+    hf_class, config_class, hf_base = "XLMForQuestionAnsweringSimple", XLMConfig, "transformer"
+
+    def __init__(self, config: XLMConfig):
+        super().__init__(config, XLMModel(config))
+
+
+@dataclass
+class QAOutput:
+    """XLMForQuestionAnswering's output (transformers' names): the loss in training; else the beam's top
+    start probabilities and indices [B, start_n_top], top end probabilities and indices
+    [B, end_n_top * start_n_top] (end-major), and the answerability logit [B]."""
+    loss: Optional[Tensor] = None
+    start_top_log_probs: Optional[Tensor] = None
+    start_top_index: Optional[Tensor] = None
+    end_top_log_probs: Optional[Tensor] = None
+    end_top_index: Optional[Tensor] = None
+    cls_logits: Optional[Tensor] = None
+    last_hidden_state: Optional[Tensor] = None
+
+
+class XLMForQuestionAnswering(QuestionAnswering):
+    """SQuAD 2.0 QA with beam search over (start, end) and an answerability class (heads.SQuADHead).
+    forward(input_ids, ..., start_positions=, end_positions=, cls_index=, is_impossible=, p_mask=) -> QAOutput."""
+    hf_class, config_class, hf_base = "XLMForQuestionAnswering", XLMConfig, "transformer"
+
+    def __init__(self, config: XLMConfig):
+        EncoderTask.__init__(self, config, XLMModel(config))
+        self.qa_outputs = SQuADHead(config.hidden_size, config.layer_norm_eps, config.start_n_top, config.end_n_top)
+
+    def forward(self, input_ids: Tensor, *args, start_positions=None, end_positions=None, cls_index=None,
+                is_impossible=None, p_mask=None, **kwargs) -> QAOutput:
+        h, inputs = self.backbone.encode(input_ids, *args, **kwargs)
+        h = inputs.unpack(h)  # [B, L, C]: the head gathers starts and the cls token by position
+        out = self.qa_outputs(h, start_positions, end_positions, cls_index, is_impossible, p_mask)
+        return QAOutput(last_hidden_state=h, **out)
+
+    def hf_mapping(self) -> list:
+        return self.backbone_mapping() + prefixed(self.qa_outputs.mapping(), "qa_outputs.", "qa_outputs.")

@@ -80,8 +80,8 @@ def test_electra_pretrainer_shares_embeddings_and_trains():
                                  intermediate_size=128, num_hidden_layers=2, max_position_embeddings=40)
     torch.manual_seed(0)
     model = electra.ElectraPreTrainer(electra.generator_config(disc, scale=2), disc)
-    assert model.generator.electra.embeddings is model.discriminator.electra.embeddings
-    n_shared = sum(p.numel() for p in model.discriminator.electra.embeddings.parameters())
+    assert model.generator.backbone.embeddings is model.discriminator.backbone.embeddings
+    n_shared = sum(p.numel() for p in model.discriminator.backbone.embeddings.parameters())
     n_separate = sum(p.numel() for m in (model.generator, model.discriminator) for p in m.parameters())
     assert sum(p.numel() for p in model.parameters()) == n_separate - n_shared
     inputs = batch()
@@ -96,7 +96,7 @@ def test_electra_pretrainer_shares_embeddings_and_trains():
                     generator=g)
         opt.zero_grad()
         out.loss.backward()
-        assert model.discriminator.electra.embeddings.word.weight.grad.abs().sum() > 0
+        assert model.discriminator.backbone.embeddings.word.weight.grad.abs().sum() > 0
         opt.step()
         losses.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -135,7 +135,7 @@ def test_spanbert_mlm_parity_and_sbo_reference():
     _, spans = masking.span_select(words, prob=0.4, seed=0)
     model.eval()
     out = model(**inputs, spans=spans)
-    ref = _sbo_reference(model.sbo, out.last_hidden_state, spans, model.bert.embeddings.word.weight)
+    ref = _sbo_reference(model.sbo, out.last_hidden_state, spans, model.backbone.embeddings.word.weight)
     torch.testing.assert_close(out.prediction_logits, ref, atol=1e-4, rtol=1e-4)
     # the loss trains every part
     labels = torch.full_like(inputs["input_ids"], -100)
