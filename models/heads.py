@@ -410,6 +410,8 @@ class QuestionAnswering(EncoderTask):
 
     def __init__(self, config, backbone: Encoder, dropout: float = 0.0):
         super().__init__(config, backbone)
+        if getattr(config, "num_labels", 2) != 2:  # transformers builds num_labels outputs and splits them in two
+            raise ValueError(f"config field num_labels={config.num_labels}: span QA has 2 outputs (start, end)")
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.dropout = dropout
         init_weights(self.qa_outputs)

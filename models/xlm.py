@@ -123,6 +123,8 @@ class XLMModel(HFTwin, Encoder):
         h = self.embeddings.finish(e)
         for lyr in self.layers:
             h = lyr(h, None, x.mask)[0]
+        if x.real is not None and x.packing is None:  # transformers zeroes the padded positions' states
+            h = h * x.real.unsqueeze(-1).to(h.dtype)
         return h
 
     def hf_mapping(self) -> list:
