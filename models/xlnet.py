@@ -203,30 +203,47 @@ class XLNetModel(nn.Module):
         cat = cur if prev is None else torch.cat([prev, cur], 1)
         return (cat if not c.mem_len else cat[:, -c.mem_len:]).detach()
 
-    def masks(self, B: int, L: int, M: int, attention_mask, input_mask, perm_mask, device):
-        """(masked [B, L, M + L] bool, True = may not attend) or None when everything is visible."""
+    def masks(self, B: int, L: int, M: int, attention_mask, input_mask, perm_mask, positions, device):
+        """(content_mask, query_mask) AttentionMasks (None: everything visible) over the M + L keys (memory first).
+
+        Analytic parts: attn_type "uni" is causal (key j visible to the query at position p iff j <= M + p:
+        the bottom-right causal part, which lines the memory up), same_length adds a window of M keys to the
+        left; padding (1 - attention_mask, or input_mask) in the query stream is a key-padding part. The
+        permutation mask stays dense ([B, 1, L|Lg, M + L] bool, True = visible). The content stream always sees
+        its own token (transformers' non_tgt_mask): with padding but no permutation that is "padding, except
+        the query's own key", which no analytic part expresses, so it goes in as a dense part there too."""
         c = self.config
-        masked = None
+        analytic = None
         if c.attn_type == "uni":
-            i = torch.arange(L, device=device)[:, None]
-            j = torch.arange(M + L, device=device)[None, :]
-            causal = j > i + M
-            if c.same_length:  # transformers' create_mask: also tril(-1) of the first qlen columns
-                causal = causal | ((j < L) & (j < i))
-            masked = causal.expand(B, L, M + L)
+            analytic = AttentionMask.causal()
+            if c.same_length:  # transformers' create_mask: also no key more than M positions to the left
+                analytic = analytic & AttentionMask.sliding_window(M, None)
         if input_mask is None and attention_mask is not None:
             input_mask = 1 - attention_mask
-        data = None
-        if input_mask is not None:
-            data = (input_mask > 0)[:, None, :].expand(B, L, L)
-        if perm_mask is not None:
-            pm = perm_mask > 0
-            data = pm if data is None else data | pm
-        if data is not None:
+        pad = None if input_mask is None else input_mask > 0  # [B, L] True = padding
+        perm = None if perm_mask is None else perm_mask > 0  # [B, L, L] True = i may not see j
+        if pad is None and perm is None:
+            return analytic, analytic
+
+        def both(dense):
+            return dense if analytic is None else analytic & dense
+
+        def with_memory(hidden):  # [B, Lr, L] True = hidden -> the dense visible part over M + L keys
+            visible = ~hidden
             if M > 0:
-                data = torch.cat([data.new_zeros(B, L, M), data], 2)
-            masked = data if masked is None else masked | data
-        return masked
+                visible = torch.cat([visible.new_ones(*visible.shape[:2], M), visible], 2)
+            return AttentionMask.dense(visible.unsqueeze(1))
+
+        hidden = perm if pad is None else pad[:, None, :].expand(B, L, L) if perm is None else perm | pad[:, None, :]
+        eye = torch.eye(L, dtype=torch.bool, device=device)
+        content = both(with_memory(hidden & ~eye))
+        if positions is None:
+            return content, None
+        if perm is None:  # padding only: a key-padding part (lengths when every row is right-padded)
+            real = torch.cat([pad.new_zeros(B, M), pad], 1).logical_not()
+            return content, both(AttentionMask.key_padding(mask=real))
+        rows = hidden.gather(1, positions.unsqueeze(-1).expand(B, positions.shape[1], L))  # [B, Lg, L]
+        return content, both(with_memory(rows))
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, mems: Optional[Sequence] = None,
                 perm_mask: Optional[Tensor] = None, target_mapping: Optional[Tensor] = None,
@@ -238,22 +255,14 @@ class XLNetModel(nn.Module):
         device = input_ids.device
         if use_mems is None:
             use_mems = c.use_mems_train if self.training else c.use_mems_eval
-        masked = self.masks(B, L, M, attention_mask, input_mask, perm_mask, device)
-        content_mask = query_mask = None
-        if masked is not None:
-            eye = torch.zeros(L, M + L, dtype=torch.bool, device=device)
-            eye[:, M:] = torch.eye(L, dtype=torch.bool, device=device)
-            content_mask = AttentionMask.dense((~masked | eye).unsqueeze(1))
-        h = F.dropout(self.word_embedding(input_ids), c.dropout, self.training)
+        h = F.dropout(self.word_embedding(input_ids), c.dropout, self.training)  # [B, L, C]: the content stream
         g = positions = weight = None
         if target_mapping is not None:
             Lg = target_mapping.shape[1]
-            positions = target_mapping.argmax(-1)  # one-hot rows: the predicted position of each row
+            positions = target_mapping.argmax(-1)  # [B, Lg] one-hot rows: the predicted position of each row
             weight = target_mapping.gather(2, positions.unsqueeze(-1)).squeeze(-1)
-            g = F.dropout(self.mask_emb.expand(B, Lg, -1), c.dropout, self.training)
-            if masked is not None:
-                rows = masked.gather(1, positions.unsqueeze(-1).expand(B, Lg, M + L))
-                query_mask = AttentionMask.dense((~rows).unsqueeze(1))
+            g = F.dropout(self.mask_emb.expand(B, Lg, -1), c.dropout, self.training)  # [B, Lg, C]: query stream
+        content_mask, query_mask = self.masks(B, L, M, attention_mask, input_mask, perm_mask, positions, device)
         pos_emb = F.dropout(relative_positions(L, M + L, c, B, device).to(h.dtype), c.dropout, self.training)
         new_mems = []
         for i, layer in enumerate(self.layer):
@@ -294,11 +303,15 @@ class XLNetLMHeadModel(_XLNetTask):
 
     def forward(self, input_ids, attention_mask=None, mems=None, perm_mask=None, target_mapping=None,
                 token_type_ids=None, input_mask=None, use_mems=None, labels=None) -> XLNetOutput:
+        """logits [B, P, V] (P = target_mapping's rows, else L); with labels [B, P] the loss only (logits=None):
+        the fused linear cross-entropy over the rows, the [B * P, V] logits never materialised."""
         out = self.transformer(input_ids, attention_mask, mems, perm_mask, target_mapping, token_type_ids,
                                input_mask, use_mems)
-        out.logits = self.lm_loss(out.last_hidden_state)
         if labels is not None:
-            out.loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            out.loss = pk.linear_cross_entropy(out.last_hidden_state, self.lm_loss.weight, labels, self.lm_loss.bias,
+                                               ignore_index=-100)
+        else:
+            out.logits = self.lm_loss(out.last_hidden_state)
         return out
 
     def hf_mapping(self):
