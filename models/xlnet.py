@@ -14,10 +14,13 @@ attention vector as in transformers). Post-attention: output projection, residua
 feed-forward: Linear, bias + GELU fused, Linear, add & LayerNorm fused.
 
 Inputs are batch first (mems too: a list of [B, M, d_model], one per layer). Masks as in transformers:
-attention_mask (1 = token) or input_mask (1 = padding), perm_mask [B, L, L] (1: i may not attend to j), which
-become one dense visibility part per stream (content stream: also always itself). attn_type "bi" (the
-pre-training setting) or "uni" (causal with memory; same_length), bi_data (the batch halves use forward and
-backward position encodings), clamp_len. A query-stream row that sees no key gives zeros (transformers gives
+attention_mask (1 = token) or input_mask (1 = padding), perm_mask [B, L, L] (1: i may not attend to j).
+attn_type "bi" (the pre-training setting) or "uni" (causal with memory; same_length), bi_data (the batch
+halves use forward and backward position encodings), clamp_len. As AttentionMask parts (XLNetModel.masks):
+"uni" is the causal part, same_length a window, the memory lines up by the parts' bottom-right alignment (no
+[B, L, M + L] tensor), the query stream's padding is a key-padding part; the permutation mask is a dense part,
+and so is the content stream's padding (it always sees its own token: no analytic part says "padding except
+the query's own key"). A query-stream row that sees no key gives zeros (transformers gives
 the uniform average); no row produced by `permutation_lm_inputs` is in that case.
 Heads: LM (tied to the word embeddings, with a bias), sequence classification (last-token summary, projection,
 tanh, logits), span QA (start / end logits: XLNetForQuestionAnsweringSimple).
@@ -38,8 +41,9 @@ from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
 from . import activations
-from .activations import bias_apply
+from .blocks import MLP
 from .convert import HFTwin, SingleLabelClassifier, config_kwargs, prefixed
+from .heads import ClassificationHead, cross_entropy, linear_mapping
 
 
 @dataclass
@@ -160,30 +164,24 @@ class RelativeAttention(nn.Module):
         return self._post(h, out_h), self._post(g, out_g)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, c: XLNetConfig):
-        super().__init__()
-        self.layer_norm = LayerNorm(c.d_model, eps=c.layer_norm_eps)
-        self.layer_1 = nn.Linear(c.d_model, c.d_inner)
-        self.layer_2 = nn.Linear(c.d_inner, c.d_model)
-        self.dropout, self.act = c.dropout, c.ff_activation
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.dropout(bias_apply(F.linear(x, self.layer_1.weight), self.layer_1.bias, self.act), self.dropout,
-                      self.training)
-        y = F.dropout(self.layer_2(y), self.dropout, self.training)
-        return self.layer_norm(y, residual=x)[0]
-
-
 class XLNetLayer(nn.Module):
+    """Two-stream relative attention (its own add & LayerNorm inside), then the feed-forward: blocks.MLP
+    (layer_1, act with its bias fused, dropout, layer_2), dropout, add & LayerNorm fused; both streams share
+    the weights."""
+
     def __init__(self, c: XLNetConfig):
         super().__init__()
         self.rel_attn = RelativeAttention(c)
-        self.ff = FeedForward(c)
+        self.ff = MLP(c.d_model, c.d_inner, c.ff_activation, dropout=c.dropout)
+        self.ff_norm = LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        self.dropout = c.dropout
+
+    def feed_forward(self, x: Tensor) -> Tensor:  # [B, L, C] -> [B, L, C]
+        return self.ff_norm(F.dropout(self.ff(x), self.dropout, self.training), residual=x)[0]
 
     def forward(self, h, g, *args):
         h, g = self.rel_attn(h, g, *args)
-        return self.ff(h), (None if g is None else self.ff(g))
+        return self.feed_forward(h), (None if g is None else self.feed_forward(g))
 
 
 class XLNetModel(nn.Module):
@@ -275,9 +273,13 @@ class XLNetModel(nn.Module):
 
     def hf_mapping(self) -> list:
         m = [("word_embedding.weight", "word_embedding.weight"), ("mask_emb", "mask_emb")]
-        names = [n for n, _ in self.layer[0].named_parameters()]
+        attn = [n for n, _ in self.layer[0].rel_attn.named_parameters()]  # transformers' names
+        ff = [("ff.fc.weight", "ff.layer_1.weight"), ("ff.fc_bias", "ff.layer_1.bias"),
+              ("ff.proj.weight", "ff.layer_2.weight"), ("ff.proj.bias", "ff.layer_2.bias"),
+              ("ff_norm.weight", "ff.layer_norm.weight"), ("ff_norm.bias", "ff.layer_norm.bias")]
         for i in range(len(self.layer)):
-            m += [(f"layer.{i}.{n}", f"layer.{i}.{n}") for n in names]
+            m += [(f"layer.{i}.rel_attn.{n}", f"layer.{i}.rel_attn.{n}") for n in attn]
+            m += prefixed(ff, f"layer.{i}.", f"layer.{i}.")
         return m
 
 
@@ -319,7 +321,8 @@ class XLNetLMHeadModel(_XLNetTask):
 
 
 class XLNetForSequenceClassification(SingleLabelClassifier, _XLNetTask):
-    """Summary of the last token (transformers' XLNetSequenceSummary: projection, tanh), then logits_proj."""
+    """Summary of the last (first, mean) token: transformers' XLNetSequenceSummary (projection, tanh, dropout),
+    then logits_proj: heads.ClassificationHead."""
     hf_class = "XLNetForSequenceClassification"
 
     def __init__(self, config: XLNetConfig):
@@ -328,30 +331,22 @@ class XLNetForSequenceClassification(SingleLabelClassifier, _XLNetTask):
         if c.summary_type not in ("last", "first", "mean"):
             raise ValueError(f"summary_type must be 'last', 'first' or 'mean', got {c.summary_type!r}")
         self.transformer = XLNetModel(c)
-        self.summary = nn.Linear(c.d_model, c.d_model) if c.summary_use_proj else None
-        self.logits_proj = nn.Linear(c.d_model, c.num_labels)
+        self.classifier = ClassificationHead(c.d_model, c.num_labels, dense=c.d_model if c.summary_use_proj else None,
+                                             act=c.summary_activation or "linear", p_mid=c.summary_last_dropout)
 
     def forward(self, input_ids, attention_mask=None, mems=None, token_type_ids=None, input_mask=None,
                 use_mems=None, labels=None) -> XLNetOutput:
         c = self.config
         out = self.transformer(input_ids, attention_mask, mems, None, None, token_type_ids, input_mask, use_mems)
-        h = out.last_hidden_state
+        h = out.last_hidden_state  # [B, L, C]
         s = h[:, -1] if c.summary_type == "last" else h[:, 0] if c.summary_type == "first" else h.mean(1)
-        if self.summary is not None:
-            s = self.summary(s)
-        if c.summary_activation == "tanh":
-            s = torch.tanh(s)
-        out.logits = self.logits_proj(F.dropout(s, c.summary_last_dropout, self.training))
-        if labels is not None:
-            out.loss = F.cross_entropy(out.logits, labels)
+        out.logits = self.classifier(s)
+        out.loss = cross_entropy(out.logits, labels)
         return out
 
     def hf_mapping(self):
-        m = [("logits_proj.weight", "logits_proj.weight"), ("logits_proj.bias", "logits_proj.bias")]
-        if self.summary is not None:
-            m += [("summary.weight", "sequence_summary.summary.weight"),
-                  ("summary.bias", "sequence_summary.summary.bias")]
-        return self.backbone_mapping() + m
+        return self.backbone_mapping() + self.classifier.mapping("classifier", "sequence_summary.summary",
+                                                                 "logits_proj")
 
 
 class XLNetForQuestionAnsweringSimple(_XLNetTask):
@@ -369,13 +364,12 @@ class XLNetForQuestionAnsweringSimple(_XLNetTask):
         out = self.transformer(input_ids, attention_mask, mems, None, None, token_type_ids, input_mask, use_mems)
         out.start_logits, out.end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)
         if start_positions is not None and end_positions is not None:
-            out.loss = (F.cross_entropy(out.start_logits, start_positions)
-                        + F.cross_entropy(out.end_logits, end_positions)) / 2
+            out.loss = (cross_entropy(out.start_logits, start_positions)
+                        + cross_entropy(out.end_logits, end_positions)) / 2
         return out
 
     def hf_mapping(self):
-        return self.backbone_mapping() + [("qa_outputs.weight", "qa_outputs.weight"),
-                                          ("qa_outputs.bias", "qa_outputs.bias")]
+        return self.backbone_mapping() + linear_mapping("qa_outputs", "qa_outputs")
 
 
 # ------------------------------------------------------------------------------ permutation-LM inputs
