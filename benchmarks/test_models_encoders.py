@@ -1,9 +1,11 @@
-"""BERT-base-like encoder, ptm-kernels against transformers' own BERT: inference forward and a fine-tuning
-training step (forward + backward + AdamW step), on a batch with 20% padding.
+"""BERT-base-like encoders (BERT, ALBERT, ELECTRA), ptm-kernels against transformers' own classes: inference
+forward and a fine-tuning training step (forward + backward + AdamW step), on a batch with 20% padding.
 
-impl "ptm": our BertForSequenceClassification on the padded batch (key-padding mask, no [B, 1, L, L] tensor);
-"ptm-unpad": the same model with unpad=True (the real tokens packed, attending with segment ids);
-"eager" / "sdpa": transformers' BertForSequenceClassification with attn_implementation "eager" / "sdpa".
+impl "ptm": our <Family>ForSequenceClassification on the padded batch (key-padding mask, no [B, 1, L, L]
+tensor); "ptm-unpad": the same model with unpad=True (the real tokens packed, attending with segment ids);
+"eager" / "sdpa": transformers' <Family>ForSequenceClassification with attn_implementation "eager" / "sdpa".
+ALBERT: bert-base widths with its factorized embeddings (E = 128) and all layers sharing one set of weights;
+ELECTRA: ELECTRA-base (E = H = 768, no projection) with its GELU classification head.
 Every implementation loads the same weights; logits are checked against transformers-eager before timing.
 report.py gives speedups of "ptm" against each other impl, "ptm-unpad" included (< 1: unpad is faster).
 
@@ -20,10 +22,7 @@ from .common import DEVICE, GPU, check_close, measure, train_step, twin_models
 
 transformers = pytest.importorskip("transformers")
 
-try:
-    from ptm_kernels.models import bert
-except ModuleNotFoundError:  # not installed: the source tree's models/
-    from models import bert
+from ptm_kernels.models import albert, bert, electra  # noqa: E402
 
 LAYERS = 12 if GPU else 2
 SHAPES = [(8, 128), (8, 512)] if GPU else [(8, 128), (2, 512)]  # (batch, length)
@@ -32,9 +31,20 @@ ROUNDS = None if GPU else 3
 PAD_FRACTION = 0.2
 
 
-def _config(dropout: float):
-    return transformers.BertConfig(num_hidden_layers=LAYERS, hidden_dropout_prob=dropout,
-                                   attention_probs_dropout_prob=dropout, num_labels=2)
+FAMILIES = {  # name: (transformers config class, extra config fields, our module)
+    "bert": ("BertConfig", {}, bert),
+    "albert": ("AlbertConfig", dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                                    embedding_size=128, hidden_act="gelu_new"), albert),
+    "electra": ("ElectraConfig", dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                                      embedding_size=768), electra),
+}
+
+
+def _config(family: str, dropout: float):
+    config, extra, _ = FAMILIES[family]
+    kw = dict(classifier_dropout_prob=dropout) if family == "albert" else {}
+    return getattr(transformers, config)(num_hidden_layers=LAYERS, hidden_dropout_prob=dropout,
+                                         attention_probs_dropout_prob=dropout, num_labels=2, **extra, **kw)
 
 
 def _batch(B: int, L: int):
@@ -47,9 +57,10 @@ def _batch(B: int, L: int):
     return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
 
 
-def _models(impl: str, dropout: float):
-    return twin_models(transformers.BertForSequenceClassification, lambda: _config(dropout),
-                       bert.BertForSequenceClassification, impl, perturbed=())
+def _models(family: str, impl: str, dropout: float):
+    name = f"{family.capitalize()}ForSequenceClassification"
+    return twin_models(getattr(transformers, name), lambda: _config(family, dropout),
+                       getattr(FAMILIES[family][2], name), impl, perturbed=())
 
 
 def _call(model, impl: str, ids, mask, labels=None):
@@ -59,23 +70,24 @@ def _call(model, impl: str, ids, mask, labels=None):
 
 
 def _params():
-    for B, L in SHAPES:
-        for passes in ("fwd", "train-step"):
-            for impl in IMPLS:
-                yield pytest.param(B, L, impl, passes, id=f"bert-{LAYERS}l-{B}x{L}-{impl}-{passes}")
+    for family in FAMILIES:
+        for B, L in SHAPES:
+            for passes in ("fwd", "train-step"):
+                for impl in IMPLS:
+                    yield pytest.param(family, B, L, impl, passes, id=f"{family}-{LAYERS}l-{B}x{L}-{impl}-{passes}")
 
 
-@pytest.mark.parametrize("B,L,impl,passes", list(_params()))
-def test_bert_encoder(benchmark, B, L, impl, passes):
+@pytest.mark.parametrize("family,B,L,impl,passes", list(_params()))
+def test_bert_encoder(benchmark, family, B, L, impl, passes):
     train = passes == "train-step"
-    model, reference = _models(impl, dropout=0.1 if train else 0.0)
+    model, reference = _models(family, impl, dropout=0.1 if train else 0.0)
     ids, mask, labels = _batch(B, L)
     model.eval(), reference.eval()
     with torch.no_grad():  # a fast wrong model is not a result
         check_close(_call(model, impl, ids, mask).logits, reference(input_ids=ids, attention_mask=mask).logits,
-                    f"bert {impl}", rtol=1e-3, atol=1e-3)
+                    f"{family} {impl}", rtol=1e-3, atol=1e-3)
     del reference
-    case = f"bert-{LAYERS}l {B}x{L} pad{int(PAD_FRACTION * 100)}%"
+    case = f"{family}-{LAYERS}l {B}x{L} pad{int(PAD_FRACTION * 100)}%"
     if not train:
         def step():
             with torch.no_grad():
@@ -83,4 +95,4 @@ def test_bert_encoder(benchmark, B, L, impl, passes):
     else:
         model.train()
         step = train_step(model.parameters(), lambda: _call(model, impl, ids, mask, labels).loss)
-    measure(benchmark, step, group="bert-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS, peak_memory=True)
+    measure(benchmark, step, group=f"{family}-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS, peak_memory=True)

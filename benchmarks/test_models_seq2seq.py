@@ -23,10 +23,7 @@ from .common import (GPU, check_close, measure, random_ids, record_tokens_per_s,
 
 transformers = pytest.importorskip("transformers")
 
-try:
-    from ptm_kernels.models import bart, t5
-except ModuleNotFoundError:  # not installed: the source tree's models/
-    from models import bart, t5
+from ptm_kernels.models import bart, t5  # noqa: E402
 
 ROUNDS = None if GPU else 3
 IMPLS = ["ptm", "eager", "sdpa"]

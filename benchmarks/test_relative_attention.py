@@ -42,10 +42,7 @@ from tests.ops.test_relative_attention import txl_attention, txl_mask, xlnet_ref
 
 from .common import DEVICE, GPU, check_close, fwd_bwd, measure
 
-try:
-    from ptm_kernels.models import xlnet
-except ModuleNotFoundError:  # not installed: the source tree's models/
-    from models import xlnet
+from ptm_kernels.models import xlnet  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 TXL_B, TXL_H, D = 2, 8, 64

@@ -281,12 +281,16 @@ class MaskedLM(EncoderTask):
     def decoder(self) -> Tensor:
         return self.word_embeddings
 
+    def predict(self, h: Tensor, inputs: EncoderInputs, labels: Optional[Tensor]):
+        """(logits [B, L, V], None) without labels; (None, loss) with labels: the head on the labelled rows only."""
+        if labels is None:
+            return inputs.unpack(self.mlm(h, self.decoder())), None
+        return None, self.mlm.loss(h, labeled_rows(labels, inputs), self.decoder())
+
     def forward(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None, **kwargs) -> Output:
         h, inputs = self.backbone.encode(input_ids, *args, **kwargs)  # [B, L, C] or packed [1, T, C]
-        if labels is not None:
-            loss = self.mlm.loss(h, labeled_rows(labels, inputs), self.decoder())
-            return Output(last_hidden_state=inputs.unpack(h), loss=loss)
-        return Output(last_hidden_state=inputs.unpack(h), logits=inputs.unpack(self.mlm(h, self.decoder())))
+        logits, loss = self.predict(h, inputs, labels)
+        return Output(last_hidden_state=inputs.unpack(h), logits=logits, loss=loss)
 
     def mlm_mapping(self) -> list:
         prefix, *names = self.hf_head
@@ -324,11 +328,7 @@ class PreTraining(MaskedLM):
         h, inputs = self.backbone.encode(input_ids, *args, **kwargs)
         padded = inputs.unpack(h)
         sentence = self.sentence(self.backbone.pool(padded))
-        loss = logits = None
-        if labels is not None:
-            loss = self.mlm.loss(h, labeled_rows(labels, inputs), self.decoder())
-        else:
-            logits = inputs.unpack(self.mlm(h, self.decoder()))
+        logits, loss = self.predict(h, inputs, labels)
         pair = next_sentence_label if next_sentence_label is not None else sentence_order_label
         if pair is not None:
             loss = cross_entropy(sentence, pair) + (0 if loss is None else loss)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .bert import BertConfig, BertForMaskedLM
 from .encoder import Output
-from .heads import SpanBoundaryHead, cross_entropy, labeled_rows
+from .heads import SpanBoundaryHead, cross_entropy
 
 __all__ = ["SpanBertConfig", "SpanBertForPreTraining", "SpanBoundaryHead"]
 
@@ -41,12 +41,9 @@ class SpanBertForPreTraining(BertForMaskedLM):
                 **kwargs) -> Output:
         h, inputs = self.backbone.encode(input_ids, *args, **kwargs)
         padded = inputs.unpack(h)
-        sbo = None if spans is None else self.sbo(padded, spans, self.decoder())
-        if labels is None:
-            return Output(last_hidden_state=padded, logits=inputs.unpack(self.mlm(h, self.decoder())),
-                          prediction_logits=sbo)
-        loss = self.mlm.loss(h, labeled_rows(labels, inputs), self.decoder())
-        if sbo is not None:
+        sbo = None if spans is None else self.sbo(padded, spans, self.decoder())  # [T, V]
+        logits, loss = self.predict(h, inputs, labels)
+        if loss is not None and sbo is not None:
             _, b, pos = SpanBoundaryHead.targets(spans)
             loss = loss + self.config.sbo_weight * cross_entropy(sbo, labels[b, pos])
-        return Output(last_hidden_state=padded, prediction_logits=sbo, loss=loss)
+        return Output(last_hidden_state=padded, logits=logits, prediction_logits=sbo, loss=loss)

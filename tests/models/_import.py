@@ -1,11 +1,8 @@
-"""The models package: `ptm_kernels.models` once installed (make build maps it to models/), else the source
-tree's `models/` (the repository root is on sys.path under pytest)."""
+"""The models package is `ptm_kernels.models` (pyproject maps it to models/; `make build` or any pip install of
+the project provides it): one way to import it, in the tests as everywhere."""
 
 import importlib
 
 
 def model_module(name: str):
-    try:
-        return importlib.import_module(f"ptm_kernels.models.{name}")
-    except ModuleNotFoundError:
-        return importlib.import_module(f"models.{name}")
+    return importlib.import_module(f"ptm_kernels.models.{name}")
