@@ -95,4 +95,5 @@ def test_bert_encoder(benchmark, family, B, L, impl, passes):
     else:
         model.train()
         step = train_step(model.parameters(), lambda: _call(model, impl, ids, mask, labels).loss)
-    measure(benchmark, step, group=f"{family}-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS, peak_memory=True)
+    measure(benchmark, step, group=f"{family}-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS,
+            peak_memory=True)

@@ -119,17 +119,14 @@ class AlbertForSequenceClassification(SequenceClassification):
     hf_class, config_class, hf_base = "AlbertForSequenceClassification", AlbertConfig, "albert"
 
     def __init__(self, config: AlbertConfig):
-        super().__init__(config, AlbertModel(config),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout),
-                         pooled=True)
+        super().__init__(config, AlbertModel(config))
 
 
 class AlbertForTokenClassification(TokenClassification):
     hf_class, config_class, hf_base = "AlbertForTokenClassification", AlbertConfig, "albert"
 
     def __init__(self, config: AlbertConfig):
-        super().__init__(config, AlbertModel(config, add_pooling_layer=False),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
+        super().__init__(config, AlbertModel(config, add_pooling_layer=False))
 
 
 class AlbertForQuestionAnswering(QuestionAnswering):

@@ -19,8 +19,8 @@ from . import activations
 from .convert import HFTwin, config_kwargs, load_into_hf, prefixed, refuse_unless
 from .encoder import (BERT_LAYER_NAMES, Embeddings, Encoder, EncoderInputs, Output, bert_layer, embeddings_mapping,
                       layer_mapping)
-from .heads import (ClassificationHead, MaskedLM, MLMHead, NextSentencePrediction, PreTraining, QuestionAnswering,
-                    SequenceClassification, TokenClassification, init_weights)
+from .heads import (MLMHead, MaskedLM, NextSentencePrediction, PreTraining, QuestionAnswering, SequenceClassification,
+                    TokenClassification, cross_entropy, init_weights)
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
            "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering", "Output",
@@ -61,11 +61,6 @@ class BertConfig:
         import transformers
 
         return getattr(transformers, self.hf_config_class)(**dataclasses.asdict(self))
-
-    @property
-    def head_dropout(self) -> float:
-        """The classifiers' dropout: classifier_dropout, else hidden_dropout_prob."""
-        return self.classifier_dropout if self.classifier_dropout is not None else self.hidden_dropout_prob
 
 
 def embeddings(c, dim: Optional[int] = None) -> Embeddings:
@@ -143,7 +138,7 @@ class BertForPreTraining(PreTraining):
     hf_class, config_class = "BertForPreTraining", BertConfig
 
     def __init__(self, config: BertConfig):
-        super().__init__(config, BertModel(config), mlm_head(config), ClassificationHead(config.hidden_size, 2))
+        super().__init__(config, BertModel(config), mlm_head(config))
 
     def hf_mapping(self):
         return super().hf_mapping() + self.sentence.mapping("sentence", None, "cls.seq_relationship")
@@ -160,24 +155,21 @@ class BertForNextSentencePrediction(NextSentencePrediction):
     hf_class, config_class = "BertForNextSentencePrediction", BertConfig
 
     def __init__(self, config: BertConfig):
-        super().__init__(config, BertModel(config), ClassificationHead(config.hidden_size, 2))
+        super().__init__(config, BertModel(config))
 
 
 class BertForSequenceClassification(SequenceClassification):
     hf_class, config_class = "BertForSequenceClassification", BertConfig
 
     def __init__(self, config: BertConfig):
-        super().__init__(config, BertModel(config),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout),
-                         pooled=True)
+        super().__init__(config, BertModel(config))
 
 
 class BertForTokenClassification(TokenClassification):
     hf_class, config_class = "BertForTokenClassification", BertConfig
 
     def __init__(self, config: BertConfig):
-        super().__init__(config, BertModel(config, add_pooling_layer=False),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
+        super().__init__(config, BertModel(config, add_pooling_layer=False))
 
 
 class BertForQuestionAnswering(QuestionAnswering):
@@ -188,4 +180,9 @@ class BertForQuestionAnswering(QuestionAnswering):
         super().__init__(config, BertModel(config, add_pooling_layer=False))
 
 
-HFModel = HFTwin  # the old name of the base of the models with a transformers twin
+# the old names: the base of the BERT-family models with a transformers twin, and the loss over given logits
+class HFModel(HFTwin, nn.Module):
+    config_class = BertConfig
+
+
+mlm_loss = cross_entropy

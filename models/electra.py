@@ -21,7 +21,7 @@ from .bert import BertConfig, embeddings, layer
 from .convert import HFTwin, prefixed
 from .encoder import BERT_LAYER_NAMES, Encoder, EncoderInputs, Output, embeddings_mapping, layer_mapping
 from .heads import (ClassificationHead, MaskedLM, MLMHead, QuestionAnswering, ReplacedTokenDetection,
-                    SequenceClassification, TokenClassification, cross_entropy, init_weights)
+                    SequenceClassification, TokenClassification, cross_entropy, first_token_classifier, init_weights)
 from .masking import electra_replace
 
 
@@ -95,8 +95,7 @@ class ElectraForSequenceClassification(SequenceClassification):
     def __init__(self, config: ElectraConfig):
         c = config
         super().__init__(c, ElectraModel(c),
-                         ClassificationHead(c.hidden_size, c.num_labels, dense=c.hidden_size, act="gelu",
-                                            p_in=c.head_dropout, p_mid=c.head_dropout),
+                         first_token_classifier(c, "gelu"),
                          pooled=False, hf_names=("classifier.dense", "classifier.out_proj"))
 
 
@@ -104,8 +103,7 @@ class ElectraForTokenClassification(TokenClassification):
     hf_class, config_class, hf_base = "ElectraForTokenClassification", ElectraConfig, "electra"
 
     def __init__(self, config: ElectraConfig):
-        super().__init__(config, ElectraModel(config),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
+        super().__init__(config, ElectraModel(config))
 
 
 class ElectraForQuestionAnswering(QuestionAnswering):

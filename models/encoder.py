@@ -57,6 +57,11 @@ class Packing:
     batch: int
     length: int
 
+    @classmethod
+    def from_inputs(cls, B: int, L: int, attention_mask: Optional[Tensor], lengths: Optional[Tensor],
+                    device) -> "Packing":
+        return cls(real_tokens(B, L, attention_mask, lengths, device).reshape(-1).nonzero().squeeze(1), B, L)
+
     def pack(self, t: Tensor) -> Tensor:
         """[B, L, ...] -> [1, T, ...]"""
         return t.reshape(self.batch * self.length, *t.shape[2:]).index_select(0, self.index).unsqueeze(0)
@@ -133,8 +138,7 @@ class EncoderInputs:
             real_tokens(B, L, attention_mask, lengths, input_ids.device)
         packing = None
         if unpad:
-            packing = Packing(real.reshape(-1).nonzero().squeeze(1) if real is not None else
-                              torch.arange(B * L, device=input_ids.device), B, L)
+            packing = Packing.from_inputs(B, L, attention_mask, lengths, input_ids.device)
             input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids.expand(B, L))
             token_type_ids = None if token_type_ids is None else packing.pack(token_type_ids)
             extra = {k: None if t is None else packing.pack(t) for k, t in extra.items()}

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from .bert import BertConfig, PooledTwin, bert_mapping, embeddings, layer, mlm_head
 from .encoder import Encoder, EncoderInputs
-from .heads import (ClassificationHead, MaskedLM, NextSentencePrediction, PreTraining, QuestionAnswering,
-                    SequenceClassification, TokenClassification, init_weights)
+from .heads import (MaskedLM, NextSentencePrediction, PreTraining, QuestionAnswering, SequenceClassification,
+                    TokenClassification, init_weights)
 
 
 @dataclass
@@ -63,15 +63,11 @@ class ErnieModel(PooledTwin, Encoder):
         return m
 
 
-def _nsp(c):
-    return ClassificationHead(c.hidden_size, 2)
-
-
 class ErnieForPreTraining(PreTraining):
     hf_class, config_class, hf_base = "ErnieForPreTraining", ErnieConfig, "ernie"
 
     def __init__(self, config: ErnieConfig):
-        super().__init__(config, ErnieModel(config), mlm_head(config), _nsp(config))
+        super().__init__(config, ErnieModel(config), mlm_head(config))
 
     def hf_mapping(self):
         return super().hf_mapping() + self.sentence.mapping("sentence", None, "cls.seq_relationship")
@@ -88,24 +84,21 @@ class ErnieForNextSentencePrediction(NextSentencePrediction):
     hf_class, config_class, hf_base = "ErnieForNextSentencePrediction", ErnieConfig, "ernie"
 
     def __init__(self, config: ErnieConfig):
-        super().__init__(config, ErnieModel(config), _nsp(config))
+        super().__init__(config, ErnieModel(config))
 
 
 class ErnieForSequenceClassification(SequenceClassification):
     hf_class, config_class, hf_base = "ErnieForSequenceClassification", ErnieConfig, "ernie"
 
     def __init__(self, config: ErnieConfig):
-        super().__init__(config, ErnieModel(config),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout),
-                         pooled=True)
+        super().__init__(config, ErnieModel(config))
 
 
 class ErnieForTokenClassification(TokenClassification):
     hf_class, config_class, hf_base = "ErnieForTokenClassification", ErnieConfig, "ernie"
 
     def __init__(self, config: ErnieConfig):
-        super().__init__(config, ErnieModel(config, add_pooling_layer=False),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
+        super().__init__(config, ErnieModel(config, add_pooling_layer=False))
 
 
 class ErnieForQuestionAnswering(QuestionAnswering):

@@ -318,9 +318,9 @@ class PreTraining(MaskedLM):
     forward(..., labels=None, next_sentence_label=None) -> Output(last_hidden_state, prediction_logits,
     seq_relationship_logits, loss); with labels prediction_logits is None (the MLM part on its labelled rows)."""
 
-    def __init__(self, config, backbone: Encoder, mlm: MLMHead, sentence: ClassificationHead):
+    def __init__(self, config, backbone: Encoder, mlm: MLMHead, sentence: Optional[ClassificationHead] = None):
         super().__init__(config, backbone, mlm)
-        self.sentence = sentence
+        self.sentence = sentence or ClassificationHead(config.hidden_size, 2)  # NSP: is-next / not-next
 
     def forward(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None,
                 next_sentence_label: Optional[Tensor] = None, sentence_order_label: Optional[Tensor] = None,
@@ -337,9 +337,11 @@ class PreTraining(MaskedLM):
 
 
 class NextSentencePrediction(EncoderTask):
-    def __init__(self, config, backbone: Encoder, sentence: ClassificationHead):
+    """Is the second segment the first's continuation: a Linear(H, 2) on the pooled output."""
+
+    def __init__(self, config, backbone: Encoder):
         super().__init__(config, backbone)
-        self.sentence = sentence
+        self.sentence = ClassificationHead(config.hidden_size, 2)
 
     def forward(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None, **kwargs) -> Output:
         h, inputs = self.backbone.encode(input_ids, *args, **kwargs)
@@ -351,13 +353,29 @@ class NextSentencePrediction(EncoderTask):
         return self.backbone_mapping() + self.sentence.mapping("sentence", None, "cls.seq_relationship")
 
 
-class SequenceClassification(SingleLabelClassifier, EncoderTask):
-    """The classifier on the pooled output (`pooled=True`: BERT, ALBERT, ERNIE, MobileBERT) or on the first
-    token (RoBERTa, ELECTRA, DistilBERT, XLM). `hf_names`: transformers' names of its dense and output layers."""
+def head_dropout(config) -> float:
+    """The BERT family's classifier dropout: classifier_dropout, else hidden_dropout_prob."""
+    p = getattr(config, "classifier_dropout", None)
+    return p if p is not None else config.hidden_dropout_prob
 
-    def __init__(self, config, backbone: Encoder, classifier: ClassificationHead, pooled: bool,
-                 hf_names=(None, "classifier")):
+
+def first_token_classifier(config, act: str) -> ClassificationHead:
+    """RoBERTa's / ELECTRA's sentence classifier: dropout, dense + act, dropout, out_proj."""
+    p = head_dropout(config)
+    return ClassificationHead(config.hidden_size, config.num_labels, dense=config.hidden_size, act=act, p_in=p,
+                              p_mid=p)
+
+
+class SequenceClassification(SingleLabelClassifier, EncoderTask):
+    """The classifier on the pooled output (`pooled=True`: BERT, ALBERT, ERNIE, MobileBERT; by default
+    dropout and a Linear, named `classifier` in transformers) or on the first token (RoBERTa, ELECTRA,
+    DistilBERT, XLM). `hf_names`: transformers' names of its dense and output layers."""
+
+    def __init__(self, config, backbone: Encoder, classifier: Optional[ClassificationHead] = None,
+                 pooled: bool = True, hf_names=(None, "classifier")):
         super().__init__(config, backbone)
+        if classifier is None:
+            classifier = ClassificationHead(config.hidden_size, config.num_labels, p_in=head_dropout(config))
         self.classifier, self.pooled, self.hf_names = classifier, pooled, hf_names
 
     def forward(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None, **kwargs) -> Output:
@@ -371,11 +389,12 @@ class SequenceClassification(SingleLabelClassifier, EncoderTask):
 
 
 class TokenClassification(EncoderTask):
-    """A label per token: logits [B, L, num_labels]."""
+    """A label per token: logits [B, L, num_labels]; by default dropout and a Linear (`classifier`)."""
 
-    def __init__(self, config, backbone: Encoder, classifier: ClassificationHead):
+    def __init__(self, config, backbone: Encoder, classifier: Optional[ClassificationHead] = None):
         super().__init__(config, backbone)
-        self.classifier = classifier
+        self.classifier = classifier or ClassificationHead(config.hidden_size, config.num_labels,
+                                                           p_in=head_dropout(config))
 
     def forward(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None, **kwargs) -> Output:
         h, inputs = self.backbone.encode(input_ids, *args, **kwargs)

@@ -32,8 +32,8 @@ from .bert import BertConfig, PooledTwin
 from .blocks import MLP
 from .convert import prefixed
 from .encoder import Encoder, EncoderInputs, InputRules
-from .heads import (ClassificationHead, MaskedLM, MLMHead, NextSentencePrediction, PreTraining, QuestionAnswering,
-                    SequenceClassification, TokenClassification, init_weights)
+from .heads import (MLMHead, MaskedLM, NextSentencePrediction, PreTraining, QuestionAnswering, SequenceClassification,
+                    TokenClassification, init_weights)
 
 _TORCH_LN_EPS = 1e-5  # two of transformers' norms are built without the config's eps
 
@@ -285,12 +285,15 @@ def mlm_head(c: MobileBertConfig) -> MLMHead:
                    extra_columns=c.hidden_size - c.embedding_size)
 
 
+MobileBertMLMHead = mlm_head  # the old name
+
+
 class MobileBertForPreTraining(PreTraining):
     """MLM + NSP (MobileBERT is distilled from IB-BERT layer by layer, then pre-trained with these)."""
     hf_class, config_class, hf_base = "MobileBertForPreTraining", MobileBertConfig, "mobilebert"
 
     def __init__(self, config: MobileBertConfig):
-        super().__init__(config, MobileBertModel(config), mlm_head(config), ClassificationHead(config.hidden_size, 2))
+        super().__init__(config, MobileBertModel(config), mlm_head(config))
 
     def hf_mapping(self):
         return (super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
@@ -311,24 +314,21 @@ class MobileBertForNextSentencePrediction(NextSentencePrediction):
     hf_class, config_class, hf_base = "MobileBertForNextSentencePrediction", MobileBertConfig, "mobilebert"
 
     def __init__(self, config: MobileBertConfig):
-        super().__init__(config, MobileBertModel(config), ClassificationHead(config.hidden_size, 2))
+        super().__init__(config, MobileBertModel(config))
 
 
 class MobileBertForSequenceClassification(SequenceClassification):
     hf_class, config_class, hf_base = "MobileBertForSequenceClassification", MobileBertConfig, "mobilebert"
 
     def __init__(self, config: MobileBertConfig):
-        super().__init__(config, MobileBertModel(config),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout),
-                         pooled=True)
+        super().__init__(config, MobileBertModel(config))
 
 
 class MobileBertForTokenClassification(TokenClassification):
     hf_class, config_class, hf_base = "MobileBertForTokenClassification", MobileBertConfig, "mobilebert"
 
     def __init__(self, config: MobileBertConfig):
-        super().__init__(config, MobileBertModel(config, add_pooling_layer=False),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
+        super().__init__(config, MobileBertModel(config, add_pooling_layer=False))
 
 
 class MobileBertForQuestionAnswering(QuestionAnswering):

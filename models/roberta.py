@@ -15,8 +15,8 @@ import torch
 
 from .bert import BertConfig, BertModel
 from .encoder import InputRules
-from .heads import (ClassificationHead, MaskedLM, MLMHead, QuestionAnswering, SequenceClassification,
-                    TokenClassification)
+from .heads import (MLMHead, MaskedLM, QuestionAnswering, SequenceClassification, TokenClassification,
+                    first_token_classifier)
 
 
 @dataclass
@@ -60,8 +60,7 @@ class RobertaForSequenceClassification(SequenceClassification):
     def __init__(self, config: RobertaConfig):
         c = config
         super().__init__(c, RobertaModel(c, add_pooling_layer=False),
-                         ClassificationHead(c.hidden_size, c.num_labels, dense=c.hidden_size, act="tanh",
-                                            p_in=c.head_dropout, p_mid=c.head_dropout),
+                         first_token_classifier(c, "tanh"),
                          pooled=False, hf_names=("classifier.dense", "classifier.out_proj"))
 
 
@@ -69,8 +68,7 @@ class RobertaForTokenClassification(TokenClassification):
     hf_class, config_class, hf_base = "RobertaForTokenClassification", RobertaConfig, "roberta"
 
     def __init__(self, config: RobertaConfig):
-        super().__init__(config, RobertaModel(config, add_pooling_layer=False),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.head_dropout))
+        super().__init__(config, RobertaModel(config, add_pooling_layer=False))
 
 
 class RobertaForQuestionAnswering(QuestionAnswering):

@@ -170,8 +170,7 @@ class XLMForTokenClassification(TokenClassification):
     hf_class, config_class, hf_base = "XLMForTokenClassification", XLMConfig, "transformer"
 
     def __init__(self, config: XLMConfig):
-        super().__init__(config, XLMModel(config),
-                         ClassificationHead(config.hidden_size, config.num_labels, p_in=config.hidden_dropout_prob))
+        super().__init__(config, XLMModel(config))
 
 
 class XLMForQuestionAnsweringSimple(QuestionAnswering):
