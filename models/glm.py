@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
@@ -48,7 +49,8 @@ class GLM(nn.Module):
     """`forward(input_ids, position_ids, prefix_lengths, labels=None)`: input_ids [B, L]; position_ids
     [B, 2, L] (position in A, position in span); prefix_lengths [B] = |A| per row (padding after part B
     needs no mask: no real token sees keys after itself in part B). labels [B, L] are aligned with the
-    inputs (the token to predict at each part-B position; -100 elsewhere)."""
+    inputs (the token to predict at each part-B position; -100 elsewhere); with labels the output layer runs
+    on the labelled rows only, fused with the loss (ptm_kernels.linear_cross_entropy), and logits is None."""
 
     def __init__(self, config: GLMConfig):
         super().__init__()
@@ -81,11 +83,10 @@ class GLM(nn.Module):
         x, _ = self.norm(x, residual=residual)
         if cache is not None:
             cache.advance(L)
-        logits = F.linear(x, self.wte.weight)  # tied output layer
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return LMOutput(logits, loss)
+        if labels is not None:  # the tied output layer on the labelled (part B) rows only, fused with the loss
+            labelled = labels != -100
+            return LMOutput(None, pk.linear_cross_entropy(x[labelled], self.wte.weight, labels[labelled]))
+        return LMOutput(F.linear(x, self.wte.weight), None)  # tied output layer
 
     @torch.no_grad()
     def fill_blank(self, input_ids: Tensor, mask_positions: Tensor, max_new_tokens: int, sop_id: int,
