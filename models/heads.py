@@ -27,6 +27,7 @@ loss of 0 with zero gradients (where torch's mean gives NaN).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -173,6 +174,21 @@ def _masked_logits(x: Tensor, p_mask: Optional[Tensor]) -> Tensor:
     return x * (1 - p_mask) - (65500 if p_mask.dtype == torch.float16 else 1e30) * p_mask
 
 
+@dataclass
+class SQuADOutput:
+    """SQuADHead's output (transformers' names): the loss in training; else the beam's top start probabilities
+    and indices [B, start_n_top], top end probabilities and indices [B, end_n_top * start_n_top] (end-major),
+    and the answerability logit [B]. `mems`: XLNet's memory."""
+    loss: Optional[Tensor] = None
+    start_top_log_probs: Optional[Tensor] = None
+    start_top_index: Optional[Tensor] = None
+    end_top_log_probs: Optional[Tensor] = None
+    end_top_index: Optional[Tensor] = None
+    cls_logits: Optional[Tensor] = None
+    last_hidden_state: Optional[Tensor] = None
+    mems: Optional[list] = None
+
+
 class SQuADHead(nn.Module):
     """Beam-search span QA with answerability (SQuAD 2.0), as transformers' XLM / XLNet SQuAD head.
 
@@ -203,7 +219,7 @@ class SQuADHead(nn.Module):
         return self.cls_1(torch.tanh(self.cls_0(torch.cat([start_states, cls], -1)))).squeeze(-1)
 
     def forward(self, h: Tensor, start_positions=None, end_positions=None, cls_index=None, is_impossible=None,
-                p_mask=None) -> dict:
+                p_mask=None) -> SQuADOutput:
         B, L, C = h.shape
         start_logits = _masked_logits(self.start(h).squeeze(-1), p_mask)  # [B, L]
         flat = [None if t is None else t.reshape(B) for t in (start_positions, end_positions, cls_index,
@@ -217,7 +233,7 @@ class SQuADHead(nn.Module):
             if cls_index is not None and is_impossible is not None:
                 cls_logits = self.answer_class(h, start_states, cls_index)
                 loss = loss + 0.5 * F.binary_cross_entropy_with_logits(cls_logits, is_impossible.to(cls_logits.dtype))
-            return dict(loss=loss)
+            return SQuADOutput(loss=loss)
         start_probs = start_logits.softmax(-1)
         start_top, start_index = start_probs.topk(self.start_n_top, -1)  # [B, k]
         start_states = h.gather(1, start_index[..., None].expand(B, self.start_n_top, C))  # [B, k, C]
@@ -226,15 +242,15 @@ class SQuADHead(nn.Module):
                                      None if p_mask is None else p_mask[..., None])  # [B, L, k]
         end_top, end_index = end_logits.softmax(1).topk(self.end_n_top, 1)  # [B, k_end, k]
         cls_logits = self.answer_class(h, torch.einsum("blh,bl->bh", h, start_probs), cls_index)
-        return dict(start_top_log_probs=start_top, start_top_index=start_index,
-                    end_top_log_probs=end_top.reshape(B, -1), end_top_index=end_index.reshape(B, -1),
-                    cls_logits=cls_logits)
+        return SQuADOutput(start_top_log_probs=start_top, start_top_index=start_index,
+                           end_top_log_probs=end_top.reshape(B, -1), end_top_index=end_index.reshape(B, -1),
+                           cls_logits=cls_logits)
 
-    def mapping(self, hf: str = "") -> list:
-        m = (linear_mapping("start", "start_logits.dense") + linear_mapping("end_0", "end_logits.dense_0")
-             + linear_mapping("end_norm", "end_logits.LayerNorm") + linear_mapping("end_1", "end_logits.dense_1")
-             + linear_mapping("cls_0", "answer_class.dense_0") + [("cls_1.weight", "answer_class.dense_1.weight")])
-        return prefixed(m, "", hf)
+    def mapping(self) -> list:
+        """Our names (relative to this head) and transformers' (relative to its SQuAD head's parent)."""
+        return (linear_mapping("start", "start_logits.dense") + linear_mapping("end_0", "end_logits.dense_0")
+                + linear_mapping("end_norm", "end_logits.LayerNorm") + linear_mapping("end_1", "end_logits.dense_1")
+                + linear_mapping("cls_0", "answer_class.dense_0") + [("cls_1.weight", "answer_class.dense_1.weight")])
 
 
 # ------------------------------------------------------------------------------------------ task models

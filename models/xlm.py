@@ -32,7 +32,7 @@ from .bert import BertConfig, layer
 from .convert import HFTwin, config_kwargs, prefixed
 from .encoder import Embeddings, Encoder, EncoderInputs, InputRules, layer_mapping, use_sinusoidal_positions
 from .heads import (ClassificationHead, EncoderTask, MaskedLM, MLMHead, QuestionAnswering, SequenceClassification,
-                    SQuADHead, TokenClassification, init_weights)
+                    SQuADHead, SQuADOutput, TokenClassification, init_weights)
 
 _RENAMES = (("hidden_dropout_prob", "dropout"), ("attention_probs_dropout_prob", "attention_dropout"))
 
@@ -180,18 +180,7 @@ class XLMForQuestionAnsweringSimple(QuestionAnswering):
         super().__init__(config, XLMModel(config))
 
 
-@dataclass
-class QAOutput:
-    """XLMForQuestionAnswering's output (transformers' names): the loss in training; else the beam's top
-    start probabilities and indices [B, start_n_top], top end probabilities and indices
-    [B, end_n_top * start_n_top] (end-major), and the answerability logit [B]."""
-    loss: Optional[Tensor] = None
-    start_top_log_probs: Optional[Tensor] = None
-    start_top_index: Optional[Tensor] = None
-    end_top_log_probs: Optional[Tensor] = None
-    end_top_index: Optional[Tensor] = None
-    cls_logits: Optional[Tensor] = None
-    last_hidden_state: Optional[Tensor] = None
+QAOutput = SQuADOutput  # XLMForQuestionAnswering's output
 
 
 class XLMForQuestionAnswering(QuestionAnswering):
@@ -204,11 +193,12 @@ class XLMForQuestionAnswering(QuestionAnswering):
         self.qa_outputs = SQuADHead(config.hidden_size, config.layer_norm_eps, config.start_n_top, config.end_n_top)
 
     def forward(self, input_ids: Tensor, *args, start_positions=None, end_positions=None, cls_index=None,
-                is_impossible=None, p_mask=None, **kwargs) -> QAOutput:
+                is_impossible=None, p_mask=None, **kwargs) -> SQuADOutput:
         h, inputs = self.backbone.encode(input_ids, *args, **kwargs)
         h = inputs.unpack(h)  # [B, L, C]: the head gathers starts and the cls token by position
         out = self.qa_outputs(h, start_positions, end_positions, cls_index, is_impossible, p_mask)
-        return QAOutput(last_hidden_state=h, **out)
+        out.last_hidden_state = h
+        return out
 
     def hf_mapping(self) -> list:
         return self.backbone_mapping() + prefixed(self.qa_outputs.mapping(), "qa_outputs.", "qa_outputs.")

@@ -23,7 +23,8 @@ and so is the content stream's padding (it always sees its own token: no analyti
 the query's own key"). A query-stream row that sees no key gives zeros (transformers gives
 the uniform average); no row produced by `permutation_lm_inputs` is in that case.
 Heads: LM (tied to the word embeddings, with a bias), sequence classification (last-token summary, projection,
-tanh, logits), span QA (start / end logits: XLNetForQuestionAnsweringSimple).
+tanh, logits), span QA (start / end logits: XLNetForQuestionAnsweringSimple), SQuAD 2.0 QA with beam search
+and answerability (XLNetForQuestionAnswering, heads.SQuADHead).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ptm_kernels.nn import LayerNorm
 from . import activations
 from .blocks import MLP
 from .convert import HFTwin, SingleLabelClassifier, config_kwargs, prefixed
-from .heads import ClassificationHead, cross_entropy, linear_mapping
+from .heads import ClassificationHead, SQuADHead, SQuADOutput, cross_entropy, linear_mapping
 
 
 @dataclass
@@ -68,6 +69,8 @@ class XLNetConfig:
     summary_use_proj: bool = True
     summary_activation: Optional[str] = "tanh"
     summary_last_dropout: float = 0.1
+    start_n_top: int = 5  # XLNetForQuestionAnswering's beam: the most probable starts, and ends per start
+    end_n_top: int = 5
     num_labels: int = 2
     pad_token_id: int = 5
     bos_token_id: int = 1
@@ -370,6 +373,30 @@ class XLNetForQuestionAnsweringSimple(_XLNetTask):
 
     def hf_mapping(self):
         return self.backbone_mapping() + linear_mapping("qa_outputs", "qa_outputs")
+
+
+class XLNetForQuestionAnswering(_XLNetTask):
+    """SQuAD 2.0 QA with beam search over (start, end) and an answerability class (heads.SQuADHead, as XLM's).
+    forward(input_ids, ..., start_positions=, end_positions=, cls_index=, is_impossible=, p_mask=) ->
+    heads.SQuADOutput (with the mems)."""
+    hf_class = "XLNetForQuestionAnswering"
+
+    def __init__(self, config: XLNetConfig):
+        super().__init__()
+        self.config = c = config
+        self.transformer = XLNetModel(c)
+        self.qa_outputs = SQuADHead(c.d_model, c.layer_norm_eps, c.start_n_top, c.end_n_top)
+
+    def forward(self, input_ids, attention_mask=None, mems=None, token_type_ids=None, input_mask=None,
+                use_mems=None, start_positions=None, end_positions=None, cls_index=None, is_impossible=None,
+                p_mask=None) -> SQuADOutput:
+        h = self.transformer(input_ids, attention_mask, mems, None, None, token_type_ids, input_mask, use_mems)
+        out = self.qa_outputs(h.last_hidden_state, start_positions, end_positions, cls_index, is_impossible, p_mask)
+        out.last_hidden_state, out.mems = h.last_hidden_state, h.mems
+        return out
+
+    def hf_mapping(self):
+        return self.backbone_mapping() + prefixed(self.qa_outputs.mapping(), "qa_outputs.", "")
 
 
 # ------------------------------------------------------------------------------ permutation-LM inputs
