@@ -98,6 +98,10 @@ def trigram_neighbours(input_ids: Tensor) -> Tensor:
     return torch.stack([nxt, prev], -1)
 
 
+def trigram_inputs(input_ids: Tensor) -> dict:
+    return dict(neighbour_ids=trigram_neighbours(input_ids))
+
+
 class MobileBertEmbeddings(nn.Module):
     """word (E) [+ next and previous words: trigram] -> project to H, + position + token type, norm, dropout."""
 
@@ -243,8 +247,7 @@ class MobileBertModel(PooledTwin, Encoder):
         super().__init__()
         c = self.config = config
         # the trigram input reads each token's neighbours in the padded batch (so packing keeps them)
-        self.rules = InputRules(per_token=lambda ids: dict(neighbour_ids=trigram_neighbours(ids))) \
-            if c.trigram_input else InputRules()
+        self.rules = InputRules(per_token=trigram_inputs) if c.trigram_input else InputRules()
         self.embeddings = MobileBertEmbeddings(c)
         self.layers = nn.ModuleList(MobileBertLayer(c) for _ in range(c.num_hidden_layers))
         self.pooler = None

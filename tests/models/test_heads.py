@@ -94,6 +94,39 @@ def test_task_losses_match_transformers(name, label_kw):
     parity.check_grads_match(model, hf, f"bert/{name}-loss")
 
 
+def test_replaced_token_detection_loss_packed_equals_padded():
+    """ELECTRA's discriminator loss (binary cross-entropy over the real tokens) is the same with unpad=True, and
+    equals transformers'."""
+    case = next(c for c in CASES if c.name == "electra-disc")
+    model, hf = case.pair(dropout=0.0)
+    model.eval(), hf.eval()
+    inputs = case.inputs()
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 2, inputs["input_ids"].shape, generator=g)
+    with torch.no_grad():
+        a, b = model(**inputs, labels=labels).loss, model(**inputs, labels=labels, unpad=True).loss
+        ref = hf(**inputs, labels=labels).loss
+    assert abs(a.item() - b.item()) < 1e-6 and abs(a.item() - ref.item()) < parity.TOL
+
+
+def test_electra_pretrainer_packed_equals_padded():
+    """The generator's head runs on the selected rows only, packed or padded alike: same samples, same loss."""
+    electra, masking = model_module("electra"), model_module("masking")
+    disc = electra.ElectraConfig(vocab_size=100, embedding_size=32, hidden_size=64, num_attention_heads=4,
+                                 intermediate_size=128, num_hidden_layers=2, max_position_embeddings=40)
+    torch.manual_seed(0)
+    model = electra.ElectraPreTrainer(electra.generator_config(disc, scale=2), disc).eval()
+    inputs = batch()
+    special = masking.special_tokens_mask(inputs["input_ids"], (0,))
+    selected = masking.mlm_select(inputs["input_ids"], special, generator=torch.Generator().manual_seed(0))
+    outs = [model(inputs["input_ids"], inputs["input_ids"], selected, inputs["attention_mask"],
+                  inputs["token_type_ids"], unpad=unpad, generator=torch.Generator().manual_seed(1))
+            for unpad in (False, True)]
+    assert outs[0].prediction_logits.shape == (int(selected.sum()), 100)
+    torch.testing.assert_close(outs[1].prediction_logits, outs[0].prediction_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, atol=1e-5, rtol=1e-5)
+
+
 def test_electra_replace_takes_the_selected_rows():
     masking = model_module("masking")
     g = torch.Generator().manual_seed(0)
