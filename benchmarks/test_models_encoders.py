@@ -6,6 +6,8 @@ tensor); "ptm-unpad": the same model with unpad=True (the real tokens packed, at
 "eager" / "sdpa": transformers' <Family>ForSequenceClassification with attn_implementation "eager" / "sdpa".
 ALBERT: bert-base widths with its factorized embeddings (E = 128) and all layers sharing one set of weights;
 ELECTRA: ELECTRA-base (E = H = 768, no projection) with its GELU classification head.
+bert-mlm: the MLM pre-training step of our BertForMaskedLM given labels (head and loss on the labelled rows only)
+against transformers' BertForMaskedLM (head on every token), same impls.
 Every implementation loads the same weights; logits are checked against transformers-eager before timing.
 report.py gives speedups of "ptm" against each other impl, "ptm-unpad" included (< 1: unpad is faster).
 
@@ -97,3 +99,36 @@ def test_bert_encoder(benchmark, family, B, L, impl, passes):
         step = train_step(model.parameters(), lambda: _call(model, impl, ids, mask, labels).loss)
     measure(benchmark, step, group=f"{family}-encoder", case=case, impl=impl, passes=passes, rounds=ROUNDS,
             peak_memory=True)
+
+
+# ----------------------------------------------------------------------- MLM pre-training step (own model)
+
+LABEL_FRACTION = 0.15
+
+
+def _mlm_batch(B: int, L: int, vocab: int):
+    """The encoder batch with LABEL_FRACTION of the real tokens labelled (the rest -100)."""
+    ids, mask, _ = _batch(B, L)
+    g = torch.Generator().manual_seed(1)
+    labelled = (torch.rand(B, L, generator=g) < LABEL_FRACTION).to(DEVICE) & (mask == 1)
+    return ids, mask, torch.where(labelled, ids, torch.full_like(ids, -100))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bert_mlm_train_step(benchmark, impl):
+    """Our BertForMaskedLM given labels (the head and the loss on the labelled rows only, ptm_kernels.mlm_loss)
+    against transformers' (the head on every token), 4 layers at bert-base widths, 8 x 128, 20% padding, 15%
+    labels, dropout 0.1: the shape of benchmarks/test_hf_encoders.py's hf-bert-mlm case."""
+    config = lambda: transformers.BertConfig(num_hidden_layers=4)  # noqa: E731  (dropout 0.1: BERT's default)
+    model, reference = twin_models(transformers.BertForMaskedLM, config, bert.BertForMaskedLM, impl, perturbed=())
+    ids, mask, labels = _mlm_batch(8, 128, 30522)
+    model.eval(), reference.eval()
+    with torch.no_grad():  # a fast wrong model is not a result
+        check_close(_call(model, impl, ids, mask, labels).loss, reference(input_ids=ids, attention_mask=mask,
+                                                                          labels=labels).loss,
+                    f"bert mlm {impl}", rtol=1e-4, atol=1e-4)
+    del reference
+    model.train()
+    step = train_step(model.parameters(), lambda: _call(model, impl, ids, mask, labels).loss)
+    measure(benchmark, step, group="bert-mlm", case="4l bert-base 8x128 pad20% labels15% dropout0.1", impl=impl,
+            passes="train-step", rounds=ROUNDS, peak_memory=True)
