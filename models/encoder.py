@@ -138,7 +138,9 @@ class EncoderInputs:
             real_tokens(B, L, attention_mask, lengths, input_ids.device)
         packing = None
         if unpad:
-            packing = Packing.from_inputs(B, L, attention_mask, lengths, input_ids.device)
+            flat = real.reshape(-1) if real is not None else torch.ones(B * L, dtype=torch.bool,
+                                                                          device=input_ids.device)
+            packing = Packing(flat.nonzero().squeeze(1), B, L)
             input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids.expand(B, L))
             token_type_ids = None if token_type_ids is None else packing.pack(token_type_ids)
             extra = {k: None if t is None else packing.pack(t) for k, t in extra.items()}

@@ -1,6 +1,6 @@
 """Task heads, and the task models that put one head on a backbone: one `forward` per task, one backbone call.
 
-    model = MaskedLM(BertModel(config, add_pooling_layer=False), MLMHead(...))
+    model = MaskedLM(config, BertModel(config, add_pooling_layer=False), MLMHead(...))  # = BertForMaskedLM
     out = model(input_ids, attention_mask=mask, unpad=True)              # logits [B, L, V]
     out = model(input_ids, attention_mask=mask, labels=labels)            # loss only: logits is None
 
@@ -10,9 +10,11 @@ Heads (modules on hidden states; shapes in the docstrings):
     SpanBoundaryHead     SpanBERT's span boundary objective
     SQuADHead            XLM / XLNet's beam-search span QA (start top-k, end top-k per start, answerability)
 
-Task models (an `EncoderTask` each: a BERT-family backbone (encoder.Encoder) and its heads):
+Task models (an `EncoderTask` each: a BERT-family backbone (encoder.Encoder) and its heads; a family file
+declares its own, e.g. `AlbertForMaskedLM`, as one of these with its backbone and transformers' names):
     MaskedLM, PreTraining (MLM + NSP or SOP), NextSentencePrediction, SequenceClassification,
     TokenClassification, QuestionAnswering, ReplacedTokenDetection (ELECTRA's discriminator).
+(XLM's and XLNet's SQuAD models, SpanBERT's MLM + SBO and ELECTRA's pre-trainer sit in their family files.)
 
 Every task forward takes the backbone's inputs as the backbone does (input_ids, then attention_mask,
 token_type_ids, position_ids positionally or by name; lengths, unpad and a variant's per-token inputs such as
