@@ -269,7 +269,10 @@ BERT_LAYER_NAMES = dict(q="attention.self.query", k="attention.self.key", v="att
 
 @dataclass
 class Output:
-    """What the models return; the fields a model does not produce stay None (names as in transformers)."""
+    """What the models return; the fields a model does not produce stay None (names as in transformers).
+    The SQuAD heads' beam: the top start probabilities and indices [B, start_n_top], the top end ones
+    [B, end_n_top * start_n_top] (end-major; transformers calls these probabilities `*_log_probs`) and the
+    answerability logit [B]; `mems`: XLNet's memory."""
     last_hidden_state: Optional[Tensor] = None
     pooler_output: Optional[Tensor] = None
     logits: Optional[Tensor] = None
@@ -278,6 +281,12 @@ class Output:
     start_logits: Optional[Tensor] = None
     end_logits: Optional[Tensor] = None
     loss: Optional[Tensor] = None
+    start_top_log_probs: Optional[Tensor] = None
+    start_top_index: Optional[Tensor] = None
+    end_top_log_probs: Optional[Tensor] = None
+    end_top_index: Optional[Tensor] = None
+    cls_logits: Optional[Tensor] = None
+    mems: Optional[list] = None
 
 
 class Encoder(nn.Module):

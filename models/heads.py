@@ -29,7 +29,6 @@ loss of 0 with zero gradients (where torch's mean gives NaN).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -176,19 +175,7 @@ def _masked_logits(x: Tensor, p_mask: Optional[Tensor]) -> Tensor:
     return x * (1 - p_mask) - (65500 if p_mask.dtype == torch.float16 else 1e30) * p_mask
 
 
-@dataclass
-class SQuADOutput:
-    """SQuADHead's output (transformers' names): the loss in training; else the beam's top start probabilities
-    and indices [B, start_n_top], top end probabilities and indices [B, end_n_top * start_n_top] (end-major),
-    and the answerability logit [B]. `mems`: XLNet's memory."""
-    loss: Optional[Tensor] = None
-    start_top_log_probs: Optional[Tensor] = None
-    start_top_index: Optional[Tensor] = None
-    end_top_log_probs: Optional[Tensor] = None
-    end_top_index: Optional[Tensor] = None
-    cls_logits: Optional[Tensor] = None
-    last_hidden_state: Optional[Tensor] = None
-    mems: Optional[list] = None
+SQuADOutput = Output  # SQuADHead's output: the loss, or the beam's fields (see encoder.Output)
 
 
 class SQuADHead(nn.Module):

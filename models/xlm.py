@@ -180,12 +180,9 @@ class XLMForQuestionAnsweringSimple(QuestionAnswering):
         super().__init__(config, XLMModel(config))
 
 
-QAOutput = SQuADOutput  # XLMForQuestionAnswering's output
-
-
 class XLMForQuestionAnswering(QuestionAnswering):
     """SQuAD 2.0 QA with beam search over (start, end) and an answerability class (heads.SQuADHead).
-    forward(input_ids, ..., start_positions=, end_positions=, cls_index=, is_impossible=, p_mask=) -> QAOutput."""
+    forward(input_ids, ..., start_positions=, end_positions=, cls_index=, is_impossible=, p_mask=) -> heads.SQuADOutput."""
     hf_class, config_class, hf_base = "XLMForQuestionAnswering", XLMConfig, "transformer"
 
     def __init__(self, config: XLMConfig):
