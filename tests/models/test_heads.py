@@ -44,6 +44,27 @@ def test_mlm_loss_on_labelled_rows_matches_transformers(case, unpad):
     parity.check_grads_match(model, hf, f"{case.name}-mlm-loss")
 
 
+def test_mlm_loss_in_bfloat16():
+    """The labelled-rows loss of a bfloat16 model: within twice transformers' own bfloat16 error of the float32
+    loss (tests/compare.py), padded and packed."""
+    from tests.compare import assert_close
+
+    case = MLM_CASES[0]
+    model, hf = case.pair(dropout=0.0)
+    model.eval(), hf.eval()
+    inputs = case.inputs()
+    labels = _labels(inputs)
+    with torch.no_grad():
+        truth = hf(**inputs, labels=labels).loss
+        hf_bf16 = hf.to(torch.bfloat16)
+        baseline = hf_bf16(**inputs, labels=labels).loss
+        ours = type(model).from_hf(hf_bf16)
+        for unpad in (False, True):
+            loss = ours(**inputs, labels=labels, unpad=unpad).loss
+            assert_close(loss.float(), truth, baseline.float(), name=f"{case.name} bf16 mlm loss unpad={unpad}",
+                         precision=torch.bfloat16)
+
+
 def test_mlm_without_labelled_rows_gives_zero_loss_and_gradients():
     model, _ = MLM_CASES[0].pair(dropout=0.0)
     inputs = MLM_CASES[0].inputs()
