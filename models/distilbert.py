@@ -62,8 +62,10 @@ class DistilBertModel(HFTwin, Encoder):
     """No pooler; forward(input_ids, attention_mask, position_ids=..., ...): token_type_ids raise (none here)."""
     hf_class, config_class = "DistilBertModel", DistilBertConfig
 
-    def __init__(self, config: DistilBertConfig):
+    def __init__(self, config: DistilBertConfig, add_pooling_layer: bool = False):
         super().__init__()
+        if add_pooling_layer:
+            raise ValueError("add_pooling_layer=True: this model has no pooler (transformers' has none either)")
         c = self.config = config
         self.embeddings = embeddings(c)
         self.layers = nn.ModuleList(layer(c) for _ in range(c.num_hidden_layers))

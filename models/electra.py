@@ -40,8 +40,10 @@ class ElectraModel(HFTwin, Encoder):
 
     hf_class, config_class = "ElectraModel", ElectraConfig
 
-    def __init__(self, config: ElectraConfig):
+    def __init__(self, config: ElectraConfig, add_pooling_layer: bool = False):
         super().__init__()
+        if add_pooling_layer:
+            raise ValueError("add_pooling_layer=True: this model has no pooler (transformers' has none either)")
         c = self.config = config
         self.embeddings = embeddings(c, c.embedding_size)
         self.project = nn.Linear(c.embedding_size, c.hidden_size) if c.embedding_size != c.hidden_size else None

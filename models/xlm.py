@@ -101,8 +101,10 @@ class XLMModel(HFTwin, Encoder):
     Segment ids (token_type_ids), when given, are looked up in the word embeddings."""
     hf_class, config_class = "XLMModel", XLMConfig
 
-    def __init__(self, config: XLMConfig):
+    def __init__(self, config: XLMConfig, add_pooling_layer: bool = False):
         super().__init__()
+        if add_pooling_layer:
+            raise ValueError("add_pooling_layer=True: this model has no pooler (transformers' has none either)")
         c = self.config = config
         self.rules = InputRules(lengths_from_pad=c.pad_token_id, causal=c.causal)
         self.embeddings = Embeddings(c.vocab_size, c.hidden_size, c.max_position_embeddings, 0, c.layer_norm_eps,
