@@ -97,14 +97,12 @@ class AlbertForPreTraining(PreTraining):
     hf_class, config_class, hf_base = "AlbertForPreTraining", AlbertConfig, "albert"
     hf_decoder = "predictions.decoder.weight"
     hf_head = ("predictions.", "dense", "LayerNorm", "bias", "decoder.bias")
+    hf_sentence = "sop_classifier.classifier"
 
     def __init__(self, config: AlbertConfig):
         c = config
         super().__init__(c, AlbertModel(c), mlm_head(c),
                          ClassificationHead(c.hidden_size, c.num_labels, p_in=c.classifier_dropout_prob))
-
-    def hf_mapping(self):
-        return super().hf_mapping() + self.sentence.mapping("sentence", None, "sop_classifier.classifier")
 
 
 class AlbertForMaskedLM(MaskedLM):

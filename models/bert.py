@@ -140,9 +140,6 @@ class BertForPreTraining(PreTraining):
     def __init__(self, config: BertConfig):
         super().__init__(config, BertModel(config), mlm_head(config))
 
-    def hf_mapping(self):
-        return super().hf_mapping() + self.sentence.mapping("sentence", None, "cls.seq_relationship")
-
 
 class BertForMaskedLM(MaskedLM):
     hf_class, config_class = "BertForMaskedLM", BertConfig

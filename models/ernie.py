@@ -69,9 +69,6 @@ class ErnieForPreTraining(PreTraining):
     def __init__(self, config: ErnieConfig):
         super().__init__(config, ErnieModel(config), mlm_head(config))
 
-    def hf_mapping(self):
-        return super().hf_mapping() + self.sentence.mapping("sentence", None, "cls.seq_relationship")
-
 
 class ErnieForMaskedLM(MaskedLM):
     hf_class, config_class, hf_base = "ErnieForMaskedLM", ErnieConfig, "ernie"

@@ -327,6 +327,11 @@ class PreTraining(MaskedLM):
         super().__init__(config, backbone, mlm)
         self.sentence = sentence or ClassificationHead(config.hidden_size, 2)  # NSP: is-next / not-next
 
+    hf_sentence = "cls.seq_relationship"  # transformers' name of the sentence-pair classifier
+
+    def hf_mapping(self) -> list:
+        return super().hf_mapping() + self.sentence.mapping("sentence", None, self.hf_sentence)
+
     def forward(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None,
                 next_sentence_label: Optional[Tensor] = None, sentence_order_label: Optional[Tensor] = None,
                 **kwargs) -> Output:
@@ -355,7 +360,7 @@ class NextSentencePrediction(EncoderTask):
         return Output(last_hidden_state=h, logits=logits, loss=cross_entropy(logits, labels))
 
     def hf_mapping(self) -> list:
-        return self.backbone_mapping() + self.sentence.mapping("sentence", None, "cls.seq_relationship")
+        return self.backbone_mapping() + self.sentence.mapping("sentence", None, PreTraining.hf_sentence)
 
 
 def head_dropout(config) -> float:

@@ -299,8 +299,7 @@ class MobileBertForPreTraining(PreTraining):
         super().__init__(config, MobileBertModel(config), mlm_head(config))
 
     def hf_mapping(self):
-        return (super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
-                + self.sentence.mapping("sentence", None, "cls.seq_relationship"))
+        return super().hf_mapping() + [("mlm.dense", "cls.predictions.dense.weight")]
 
 
 class MobileBertForMaskedLM(MaskedLM):
