@@ -44,6 +44,21 @@ def test_mlm_loss_on_labelled_rows_matches_transformers(case, unpad):
     parity.check_grads_match(model, hf, f"{case.name}-mlm-loss")
 
 
+@pytest.mark.parametrize("unpad", [False, True], ids=["padded", "unpad"])
+def test_mlm_head_runs_on_the_labelled_rows_only(unpad):
+    """With labels the MLM head's transform sees exactly the labelled rows (not every token, not the padding)."""
+    model, _ = MLM_CASES[0].pair()
+    inputs = MLM_CASES[0].inputs()
+    labels = _labels(inputs)
+    seen = []
+    handle = model.mlm.transform.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[:-1]))
+    try:
+        model(**inputs, labels=labels, unpad=unpad)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([int((labels != -100).sum())])]
+
+
 def test_mlm_loss_in_bfloat16():
     """The labelled-rows loss of a bfloat16 model: within twice transformers' own bfloat16 error of the float32
     loss (tests/compare.py), padded and packed."""
