@@ -36,13 +36,10 @@ from torch import Tensor, nn
 import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask
 
+from .activations import gelu_approximate
 from .patching import Patcher, PatchOptions, family
 
 IGNORE_INDEX = -100  # transformers' CrossEntropyLoss default: labels -100 take no part in the loss
-
-# hidden_act values whose GELU the kernels compute, and their `approximate` form
-GELU_APPROXIMATE = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
-                    "gelu_python_tanh": "tanh"}
 
 
 def set_forward(patcher: Patcher, module: nn.Module, fn: Callable, **bound) -> None:
@@ -201,7 +198,7 @@ def patch_bert(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
     config = model.config
     check_config(config, is_decoder=False, add_cross_attention=False, position_embedding_type="absolute")
     base = model.base_model
-    approximate = GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    approximate = gelu_approximate(config.hidden_act)
     if opts.attention:
         patcher.set(base, "_create_attention_masks", functools.partial(key_padding_masks, base))
     for layer in base.encoder.layer:

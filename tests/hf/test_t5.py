@@ -46,7 +46,8 @@ def seq2seq_batch(B=3, Ls=24, Lt=10):
 
 
 def forward_backward(model, inputs):
-    """(logits without labels but with a padded decoder mask, loss with labels, {name: grad})."""
+    """(logits without labels but with a padded decoder mask, loss with labels, {name: grad} of the parameters
+    that get one (Pegasus' sinusoidal positions are a frozen parameter))."""
     model.zero_grad()
     decoder_mask = torch.ones_like(inputs["labels"])
     decoder_mask[0, -2:] = 0
@@ -54,7 +55,7 @@ def forward_backward(model, inputs):
                    decoder_input_ids=inputs["labels"].clamp(min=0), decoder_attention_mask=decoder_mask).logits
     out = model(**inputs)
     out.loss.backward()
-    return logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, out.logits
+    return logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out.logits
 
 
 @pytest.mark.parametrize("ffn", FFN)
