@@ -1,7 +1,8 @@
 """hf.apply on the BERT family: patched vs unpatched transformers on the same weights.
 
-BERT, RoBERTa and ELECTRA get every patch (labelled-rows MLM loss, unpadded encoder, fused LayerNorm and
-bias-GELU, attention on ptm_kernels); ALBERT and DistilBERT the MLM loss only.
+Every kind gets every patch: labelled-rows MLM loss, unpadded encoder, fused LayerNorm and bias-GELU, attention
+on ptm_kernels (BERT/RoBERTa/ELECTRA through their patched self-attention, ALBERT/DistilBERT through
+transformers' attention interface).
 """
 
 import copy
@@ -82,7 +83,7 @@ def test_float32_logits_loss_gradients(kind):
         assert_close(got[2][name], g, name=f"grad {name}")
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "albert", "distilbert"])
 def test_bfloat16_within_twice_torch_error(kind):
     """Error against the float64 model within 2x the error of the unpatched bf16 model (+ a rounding unit)."""
     truth = build(kind).double()
@@ -92,11 +93,12 @@ def test_bfloat16_within_twice_torch_error(kind):
     assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)])
 
 
+@pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
 @pytest.mark.parametrize("only", ["attention", "norms", "mlp", "loss"])
-def test_each_option_alone(only):
+def test_each_option_alone(only, kind):
     """apply(model, <one group>=True, the others False): each patch group is right on its own (the MLM loss
     without the unpadded encoder runs the padded encoder, then the labelled rows)."""
-    model = build("bert")
+    model = build(kind)
     inputs = mlm_batch()
     want = forward_backward(model, inputs)
     flags = {name: name == only for name in ("attention", "norms", "rope", "mlp", "loss")}
@@ -143,15 +145,20 @@ def test_labelled_padding_row_runs_padded():
         assert_close(got[2][name], g, name=f"grad {name}")
 
 
-def test_packed_encoder_skips_padding_rows(monkeypatch):
+@pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
+def test_packed_encoder_skips_padding_rows(kind):
     """The unpadded path runs the layers on the real tokens only: the first layer sees T = mask.sum() rows."""
-    model = hf.apply(build("bert"))
+    model = hf.apply(build(kind))
     inputs = mlm_batch()
     seen = []
-    layer = model.bert.encoder.layer[0]
+    layer = {"bert": lambda: model.bert.encoder.layer[0],
+             "albert": lambda: model.albert.encoder.albert_layer_groups[0].albert_layers[0],
+             "distilbert": lambda: model.distilbert.transformer.layer[0]}[kind]()
     layer.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
     model(**inputs).loss.backward()
-    assert seen == [(1, int(inputs["attention_mask"].sum()), 64)]
+    T = int(inputs["attention_mask"].sum())
+    # ALBERT runs its one shared layer at every depth
+    assert seen == [(1, T, 64)] * (2 if kind == "albert" else 1)
 
 
 def test_dropout_is_applied_in_training_only():
