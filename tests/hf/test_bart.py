@@ -13,7 +13,8 @@ import ptm_kernels.hf.attention as hf_attention  # noqa: E402
 from ptm_kernels import fallbacks  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import assert_bf16_within_twice_torch  # noqa: E402
+from tests.hf._common import (assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
+                              assert_same_results)
 from tests.hf.test_t5 import forward_backward  # noqa: E402
 
 VOCAB = 128
@@ -59,11 +60,7 @@ def test_float32_logits_loss_gradients(kind, activation):
     hf.apply(model)
     got = forward_backward(model, inputs)
     assert got[3] is None, "with labels the patched forward returns no logits"
-    assert_close(got[0], want[0], name="logits")
-    assert_close(got[1], want[1], name="loss")
-    assert set(got[2]) == set(want[2])
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_same_results(got, want)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -114,16 +111,8 @@ def test_masks_reach_the_kernel_as_analytic_parts(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_revert_is_bit_identical(kind):
-    model = build(kind)
     inputs = seq2seq_batch()
-    before = forward_backward(model, inputs)
-    hf.apply(model)
-    forward_backward(model, inputs)
-    hf.revert(model)
-    after = forward_backward(model, inputs)
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-    for name, g in before[2].items():
-        assert torch.equal(after[2][name], g), name
+    assert_revert_bit_identical(build(kind), lambda model: forward_backward(model, inputs))
 
 
 def test_options_one_at_a_time():

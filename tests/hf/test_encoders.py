@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs 
 import ptm_kernels.hf as hf  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import assert_bf16_within_twice_torch, train_losses  # noqa: E402
+from tests.hf._common import (assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
+                              assert_same_results, train_losses)
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -76,11 +77,7 @@ def test_float32_logits_loss_gradients(kind):
     hf.apply(model)
     got = forward_backward(model, inputs)
     assert got[3] is None, "with labels the patched MLM forward returns no logits"
-    assert_close(got[0], want[0], name="logits")
-    assert_close(got[1], want[1], name="loss")
-    assert set(got[2]) == set(want[2])
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_same_results(got, want)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "albert", "distilbert"])
@@ -176,17 +173,10 @@ def test_dropout_is_applied_in_training_only():
     assert_close(model(**inputs).loss, reference(**inputs).loss, name="eval loss")
 
 
-def test_revert_is_bit_identical():
-    model = build("bert")
+@pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
+def test_revert_is_bit_identical(kind):
     inputs = mlm_batch()
-    before = forward_backward(model, inputs)
-    hf.apply(model)
-    forward_backward(model, inputs)
-    hf.revert(model)
-    after = forward_backward(model, inputs)
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-    for name, g in before[2].items():
-        assert torch.equal(after[2][name], g), name
+    assert_revert_bit_identical(build(kind), lambda model: forward_backward(model, inputs))
 
 
 @pytest.mark.parametrize("field,value", [("is_decoder", True), ("position_embedding_type", "relative_key")])

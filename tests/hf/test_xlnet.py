@@ -13,7 +13,8 @@ from ptm_kernels.hf import xlnet as hf_xlnet  # noqa: E402
 from models.xlnet import permutation_lm_inputs  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import assert_bf16_within_twice_torch  # noqa: E402
+from tests.hf._common import (assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
+                              assert_same_results)
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, d_model=64, n_layer=2, n_head=4, d_inner=128, dropout=0.0, pad_token_id=0,
@@ -75,11 +76,7 @@ def test_float32_logits_loss_gradients(case):
     hf.apply(model)
     got = forward_backward(model, inputs)
     assert got[3] is None, "with labels the patched forward returns no logits"
-    assert_close(got[0], want[0], name="logits")
-    assert_close(got[1], want[1], name="loss")
-    assert set(got[2]) == set(want[2])
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_same_results(got, want)
     for i, (m_got, m_want) in enumerate(zip(got[4], want[4])):
         assert_close(m_got, m_want, name=f"mems {i}")
 
@@ -94,10 +91,7 @@ def test_memory_segment_recurrence(two_stream):
     want = forward_backward(model, second, mems=mems)
     hf.apply(model)
     got = forward_backward(model, second, mems=mems)
-    assert_close(got[0], want[0], name="logits")
-    assert_close(got[1], want[1], name="loss")
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_same_results(got, want)
 
 
 def test_bfloat16_within_twice_torch_error():
@@ -140,13 +134,5 @@ def test_inputs_that_no_analytic_form_covers_run_transformers():
 
 
 def test_revert_is_bit_identical():
-    model = build()
     inputs = batch(two_stream=True)
-    before = forward_backward(model, inputs)
-    hf.apply(model)
-    forward_backward(model, inputs)
-    hf.revert(model)
-    after = forward_backward(model, inputs)
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-    for name, g in before[2].items():
-        assert torch.equal(after[2][name], g), name
+    assert_revert_bit_identical(build(), lambda model: forward_backward(model, inputs))
