@@ -116,18 +116,23 @@ def _seq2seq_batch(B: int, Ls: int, Lt: int, vocab: int):
     return dict(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE))
 
 
+def _seq2seq_train_step(benchmark, impl, model_class, config, group, case):
+    patched, reference = _twins(model_class, config)
+    batch = _seq2seq_batch(8, 128, 64, config.vocab_size)
+    _check_loss(patched, reference, batch, group)
+    model = patched if impl == "ptm" else reference
+    del patched, reference
+    measure(benchmark, _step(model, batch), group=group, case=case, impl=impl, passes="fwd+bwd", rounds=ROUNDS,
+            peak_memory=True)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_t5_train_step(benchmark, impl):
     config = transformers.T5Config(d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=4,
                                    num_decoder_layers=4, vocab_size=32128, dropout_rate=0.0,
                                    decoder_start_token_id=0)
-    patched, reference = _twins(transformers.T5ForConditionalGeneration, config)
-    batch = _seq2seq_batch(8, 128, 64, config.vocab_size)
-    _check_loss(patched, reference, batch, "t5")
-    model = patched if impl == "ptm" else reference
-    del patched, reference
-    measure(benchmark, _step(model, batch), group="hf-t5", case="4+4l t5-small 8x128->64 pad20%", impl=impl,
-            passes="fwd+bwd", rounds=ROUNDS, peak_memory=True)
+    _seq2seq_train_step(benchmark, impl, transformers.T5ForConditionalGeneration, config, "hf-t5",
+                        "4+4l t5-small 8x128->64 pad20%")
 
 
 # ------------------------------------------------------------------------------------------------ BART
@@ -138,10 +143,5 @@ def test_bart_train_step(benchmark, impl):
     config = transformers.BartConfig(d_model=768, encoder_layers=4, decoder_layers=4, encoder_attention_heads=12,
                                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
                                      vocab_size=50265, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    patched, reference = _twins(transformers.BartForConditionalGeneration, config)
-    batch = _seq2seq_batch(8, 128, 64, config.vocab_size)
-    _check_loss(patched, reference, batch, "bart")
-    model = patched if impl == "ptm" else reference
-    del patched, reference
-    measure(benchmark, _step(model, batch), group="hf-bart", case="4+4l bart-base 8x128->64 pad20%", impl=impl,
-            passes="fwd+bwd", rounds=ROUNDS, peak_memory=True)
+    _seq2seq_train_step(benchmark, impl, transformers.BartForConditionalGeneration, config, "hf-bart",
+                        "4+4l bart-base 8x128->64 pad20%")

@@ -109,27 +109,27 @@ def layer_forward(self, hidden_states: Tensor, attention_mask=None, encoder_hidd
 # ------------------------------------------------------------------------------------------- the loss
 
 
-def conditional_generation_forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
-                                   decoder_attention_mask=None, encoder_outputs=None, cache=None,
-                                   inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
-                                   **kwargs):
+# the *ForConditionalGeneration arguments the fused path hands to the base model as they are (or ignores)
+MODEL_INPUTS = ("attention_mask", "decoder_attention_mask", "encoder_outputs", "cache", "inputs_embeds", "use_cache",
+                "return_dict", *IGNORED_BY_THE_LOSS)
+
+
+def conditional_generation_forward(self, input_ids=None, *args, labels=None, decoder_input_ids=None,
+                                   decoder_inputs_embeds=None, **kwargs):
     """*ForConditionalGeneration.forward: with labels, the loss by the fused linear cross-entropy (lm_head and
-    final_logits_bias) and logits=None; without, transformers' forward."""
+    final_logits_bias) and logits=None; without (or with positional or other arguments), transformers' forward."""
     from transformers.modeling_outputs import Seq2SeqLMOutput
 
-    if labels is None or any(v is not None and v is not False for k, v in kwargs.items()
-                             if k not in ("return_dict", *IGNORED_BY_THE_LOSS)):
-        return original_forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                                encoder_outputs=encoder_outputs, cache=cache, inputs_embeds=inputs_embeds,
-                                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, use_cache=use_cache,
-                                **kwargs)
+    if labels is None or args or any(v is not None and v is not False for k, v in kwargs.items()
+                                     if k not in MODEL_INPUTS):
+        return original_forward(self, input_ids, *args, labels=labels, decoder_input_ids=decoder_input_ids,
+                                decoder_inputs_embeds=decoder_inputs_embeds, **kwargs)
     if decoder_input_ids is None and decoder_inputs_embeds is None:  # the family's own shift_tokens_right
         shift_tokens_right = sys.modules[type(self).__module__].shift_tokens_right
         decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
-    outputs = self.model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                         encoder_outputs=encoder_outputs, decoder_attention_mask=decoder_attention_mask, cache=cache,
-                         inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, use_cache=False)
+    model_inputs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "return_dict", *IGNORED_BY_THE_LOSS)}
+    outputs = self.model(input_ids, decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds,
+                         use_cache=False, **model_inputs)  # transformers also turns the cache off with labels
     hidden = outputs.last_hidden_state
     bias = self.final_logits_bias.reshape(-1).to(hidden.device)
     loss = pk.linear_cross_entropy(hidden, self.lm_head.weight, labels.to(hidden.device), bias,
