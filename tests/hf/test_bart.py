@@ -127,3 +127,31 @@ def test_options_one_at_a_time():
         assert_close(got[1], want[1], name=f"loss ({group} only)")
         for name, g in want[2].items():
             assert_close(got[2][name], g, name=f"grad {name} ({group} only)")
+
+
+@pytest.mark.parametrize("cls", ["BartModel", "BartForSequenceClassification", "BartForCausalLM",
+                                 "PegasusForCausalLM"])
+def test_other_heads_patched_and_equal(cls):
+    """The stacks of every head class are found and patched (base_model: the seq2seq model or the decoder
+    wrapper); outputs equal the unpatched model's, the loss of the classification and CausalLM heads included."""
+    kind = "pegasus" if cls.startswith("Pegasus") else "bart"
+    config = (transformers.PegasusConfig if kind == "pegasus" else transformers.BartConfig)(**SMALL, num_labels=3)
+    model = getattr(transformers, cls)(config)
+    model.set_attn_implementation("sdpa")
+    inputs = seq2seq_batch()
+    if cls == "BartModel":
+        inputs.pop("labels")
+    elif cls == "BartForSequenceClassification":
+        inputs["labels"] = torch.randint(0, 3, (3,))
+        inputs["input_ids"][:, -1] = config.eos_token_id  # the head reads the last eos of each row
+        inputs["attention_mask"][:, -1] = 1
+    else:  # a decoder alone: the labels are the inputs (shifted inside)
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    want = model(**inputs)
+    hf.apply(model)
+    assert any("forward" in vars(m) for m in model.modules()), "nothing was patched"
+    got = model(**inputs)
+    key = "last_hidden_state" if cls == "BartModel" else "logits"
+    assert_close(got[key], want[key], name=key)
+    if "labels" in inputs:
+        assert_close(got.loss, want.loss, name="loss")
