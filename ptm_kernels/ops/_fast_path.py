@@ -7,9 +7,10 @@ directly: the *same* function the op runs, so results are bitwise identical (tes
 
 The dispatcher has nothing to do when
 - no input tensor requires grad while grad mode is on (no autograd node to record);
-- nothing traces: not inside torch.compile / export, no dispatch mode (FakeTensorMode, FlopCounterMode, ...),
-  no torch-function mode, no functorch transform (vmap, grad);
-- every tensor is a plain torch.Tensor / nn.Parameter (no subclass: FakeTensor, DTensor, ...).
+- nothing traces: not inside torch.compile / export or torch.jit.trace, no dispatch mode (FakeTensorMode,
+  FlopCounterMode, ...), no torch-function mode, no functorch transform (vmap, grad);
+- every tensor is a plain torch.Tensor / nn.Parameter (no subclass: FakeTensor, DTensor, ...), and every other
+  argument a plain Python value (not an fx Proxy).
 Otherwise the op is called as usual.
 """
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 _PLAIN = (Tensor, nn.Parameter)
+_VALUES = (bool, int, float, str)
 
 
 def custom_op(name: str) -> Callable:
@@ -36,12 +38,16 @@ def custom_op(name: str) -> Callable:
 
 def skips_dispatch(args) -> bool:
     """Whether `args` (an op's arguments) may go straight to the op's function (see the module docstring)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None or \
+            torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or \
+            torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
+        if isinstance(a, Tensor):
+            if type(a) not in _PLAIN or (grad and a.requires_grad):
+                return False
+        elif a is not None and not isinstance(a, _VALUES):
             return False
     return True
 

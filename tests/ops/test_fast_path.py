@@ -76,6 +76,17 @@ def test_dispatcher_kept_where_it_is_needed():
         assert not _fast_path.skips_dispatch((fake,))
         assert pk.rms_norm(fake, None).shape == x.shape
     assert not torch.func.vmap(lambda t: torch.tensor(_fast_path.skips_dispatch((t,))))(x).any()
+    assert not _fast_path.skips_dispatch((x, object()))  # e.g. an fx Proxy standing for a tensor
+
+
+def test_jit_trace_records_the_op():
+    """torch.jit.trace must see ptm::rms_norm (a direct call into the extension would be missing from the trace)."""
+    x, w = torch.randn(4, C), torch.randn(C)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda a, b: pk.rms_norm(a, b), (x, w))
+    assert "ptm::rms_norm" in str(traced.graph)
+    x2 = torch.randn(4, C)
+    assert torch.equal(traced(x2, w), pk.rms_norm(x2, w))
 
 
 def test_compiled_fullgraph_without_grad_uses_the_op():
