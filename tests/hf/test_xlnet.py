@@ -136,3 +136,22 @@ def test_inputs_that_no_analytic_form_covers_run_transformers():
 def test_revert_is_bit_identical():
     inputs = batch(two_stream=True)
     assert_revert_bit_identical(build(), lambda model: forward_backward(model, inputs))
+
+
+def test_sequence_classification_head_patched_and_equal():
+    """Heads on XLNetModel get the layer patches too (no fused loss there): logits, loss and gradients equal."""
+    model = transformers.XLNetForSequenceClassification(transformers.XLNetConfig(**SMALL, num_labels=3, summary_last_dropout=0.0))
+    inputs = batch()
+    inputs["labels"] = torch.randint(0, 3, (3,))
+
+    def run(m):
+        m.zero_grad()
+        out = m(**inputs)
+        out.loss.backward()
+        return out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                                        if p.grad is not None}
+
+    want = run(model)
+    hf.apply(model)
+    assert "forward" in vars(model.transformer.layer[0].rel_attn)
+    assert_same_results(run(model), want)
