@@ -170,6 +170,9 @@ def peak_memory_growth_mb(fn) -> float:
 
 
 def record_tokens_per_s(benchmark, tokens: int):
-    """After measure: `tokens` per median time of one call, in extra_info (tokens_per_s)."""
+    """After measure: `tokens` per median time of one call, in extra_info (tokens_per_s); nothing when timing
+    is off (--benchmark-disable: no statistics)."""
+    if benchmark.stats is None:
+        return
     median = benchmark.stats.stats.median / benchmark.extra_info["inner"]
     benchmark.extra_info["tokens_per_s"] = round(tokens / median, 1)

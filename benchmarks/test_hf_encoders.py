@@ -5,9 +5,12 @@ Cases (both impls load the same weights; each step is forward + backward of the 
   batch 8 x 128 with 20% padding, 15% of the real tokens labelled, dropout 0 and 0.1.
 - hf-t5: T5ForConditionalGeneration, 4 + 4 layers at t5-small widths (d_model 512, 8 heads, d_ff 2048,
   vocab 32128, "relu" FFN), source 8 x 128 with 20% padding, target 8 x 64, dropout 0.
+- hf-bart: BartForConditionalGeneration, 4 + 4 layers at bart-base widths (d_model 768, 12 heads, FFN 3072,
+  vocab 50265, GELU), source 8 x 128 with 20% padding, target 8 x 64, dropout 0.
 
 impl "ptm": the model after `ptm_kernels.hf.apply` (labelled-rows MLM loss / fused linear cross-entropy,
-unpadded encoder, fused norms and activations, T5's relative bias as a Toeplitz part); "sdpa": the same
+unpadded encoder, fused norms and activations, T5's relative bias as a Toeplitz part, BART's residual adds
+fused into its LayerNorms); "sdpa": the same
 transformers model unpatched with attn_implementation="sdpa". Before timing, the losses of the two (dropout
 off) are checked against each other: a fast wrong model is not a result.
 """
@@ -35,7 +38,7 @@ def _apply(model):
 
     if hasattr(hf, "apply"):
         return hf.apply(model)
-    from ptm_kernels.hf import bert, t5  # noqa: F401  (registers the families)
+    from ptm_kernels.hf import bart, bert, t5  # noqa: F401  (registers the families)
     from ptm_kernels.hf.patching import FAMILIES, Patcher, PatchOptions
 
     FAMILIES[model.config.model_type](model, PatchOptions(), Patcher())
@@ -105,7 +108,7 @@ def test_bert_mlm_train_step(benchmark, impl, dropout):
 # -------------------------------------------------------------------------------------------------- T5
 
 
-def _t5_batch(B: int, Ls: int, Lt: int, vocab: int):
+def _seq2seq_batch(B: int, Ls: int, Lt: int, vocab: int):
     g = torch.Generator().manual_seed(0)
     mask = _padding_mask(B, Ls)
     ids = torch.randint(2, vocab, (B, Ls), generator=g) * mask
@@ -113,15 +116,32 @@ def _t5_batch(B: int, Ls: int, Lt: int, vocab: int):
     return dict(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE))
 
 
+def _seq2seq_train_step(benchmark, impl, model_class, config, group, case):
+    patched, reference = _twins(model_class, config)
+    batch = _seq2seq_batch(8, 128, 64, config.vocab_size)
+    _check_loss(patched, reference, batch, group)
+    model = patched if impl == "ptm" else reference
+    del patched, reference
+    measure(benchmark, _step(model, batch), group=group, case=case, impl=impl, passes="fwd+bwd", rounds=ROUNDS,
+            peak_memory=True)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_t5_train_step(benchmark, impl):
     config = transformers.T5Config(d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=4,
                                    num_decoder_layers=4, vocab_size=32128, dropout_rate=0.0,
                                    decoder_start_token_id=0)
-    patched, reference = _twins(transformers.T5ForConditionalGeneration, config)
-    batch = _t5_batch(8, 128, 64, config.vocab_size)
-    _check_loss(patched, reference, batch, "t5")
-    model = patched if impl == "ptm" else reference
-    del patched, reference
-    measure(benchmark, _step(model, batch), group="hf-t5", case="4+4l t5-small 8x128->64 pad20%", impl=impl,
-            passes="fwd+bwd", rounds=ROUNDS, peak_memory=True)
+    _seq2seq_train_step(benchmark, impl, transformers.T5ForConditionalGeneration, config, "hf-t5",
+                        "4+4l t5-small 8x128->64 pad20%")
+
+
+# ------------------------------------------------------------------------------------------------ BART
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bart_train_step(benchmark, impl):
+    config = transformers.BartConfig(d_model=768, encoder_layers=4, decoder_layers=4, encoder_attention_heads=12,
+                                     decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+                                     vocab_size=50265, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    _seq2seq_train_step(benchmark, impl, transformers.BartForConditionalGeneration, config, "hf-bart",
+                        "4+4l bart-base 8x128->64 pad20%")

@@ -6,7 +6,7 @@ What a patched model does differently (the same math, fewer and fused passes):
   prediction head and the cross-entropy on the rows whose label is not -100 only (`ptm_kernels.mlm_loss`),
   and returns **`logits=None`** (the `[B, L, vocab]` logits are never computed, as in Liger-Kernel). Without
   labels it returns the logits as before.
-- **Unpadded encoder** (`attention=True`, BERT/RoBERTa/ELECTRA): with labels, the embeddings of the real
+- **Unpadded encoder** (`attention=True`): with labels, the embeddings of the real
   tokens (attention_mask == 1) are packed into one sequence and every layer runs on those rows only; attention
   keeps the sequences apart with `AttentionMask.segments`. The padded rows are not computed at all, which is
   only allowed because no labelled row is a padded one (if one is, the padded path below runs instead).
@@ -17,7 +17,9 @@ What a patched model does differently (the same math, fewer and fused passes):
 - **bias + GELU** (`mlp=True`): `gelu(x W^T + b)` with the bias added inside the GELU kernel, when
   `hidden_act` is a GELU the kernel computes (exact or tanh form); any other activation runs as before.
 
-ALBERT and DistilBERT get only the MLM loss on the labelled rows (their encoder layers run as in transformers).
+ALBERT and DistilBERT get the same: their attention goes through transformers' attention interface, so
+`attention=True` sets it to "ptm" (key padding from the mask interface, segments when unpadded); their layers
+get the fused residual + LayerNorm and bias + GELU (ALBERT's shared layers are patched once for every depth).
 
 Refused for BERT/RoBERTa/ELECTRA (ValueError naming the field): `is_decoder`, `add_cross_attention`,
 `position_embedding_type` other than "absolute" (relative_key variants change the attention scores).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Callable, NamedTuple, Optional
 
 from torch import Tensor, nn
@@ -36,13 +39,11 @@ from torch import Tensor, nn
 import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask
 
-from .patching import Patcher, PatchOptions, family
+from .activations import gelu_approximate
+from .llama import use_ptm_attention
+from .patching import Patcher, PatchOptions, checkpointable, family
 
 IGNORE_INDEX = -100  # transformers' CrossEntropyLoss default: labels -100 take no part in the loss
-
-# hidden_act values whose GELU the kernels compute, and their `approximate` form
-GELU_APPROXIMATE = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
-                    "gelu_python_tanh": "tanh"}
 
 
 def set_forward(patcher: Patcher, module: nn.Module, fn: Callable, **bound) -> None:
@@ -146,15 +147,19 @@ def packed_encoder(base: nn.Module, input_ids, attention_mask: Tensor, token_typ
     the rows with attention_mask == 1 are packed into one sequence of T tokens that the layers process with
     the sequences kept apart by segment ids.
     """
-    emb = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
-                          inputs_embeds=inputs_embeds)
-    if hasattr(base, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
-        emb = base.embeddings_project(emb)
+    if base.config.model_type == "distilbert":  # no token types; the stack is called `transformer`
+        emb, encoder = base.embeddings(input_ids, inputs_embeds, position_ids), base.transformer
+    else:
+        emb = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds)
+        if hasattr(base, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
+            emb = base.embeddings_project(emb)
+        encoder = base.encoder
     B, L, D = emb.shape
     rows = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] flat indices of the real tokens
     packed = emb.reshape(B * L, D).index_select(0, rows).unsqueeze(0)  # [1, T, D]
     mask = AttentionMask.segments((rows // L).unsqueeze(0))  # a token sees the tokens of its own sequence
-    return base.encoder(packed, attention_mask=mask).last_hidden_state[0], rows
+    return encoder(packed, attention_mask=mask).last_hidden_state[0], rows
 
 
 EMBEDDING_INPUTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
@@ -201,7 +206,7 @@ def patch_bert(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
     config = model.config
     check_config(config, is_decoder=False, add_cross_attention=False, position_embedding_type="absolute")
     base = model.base_model
-    approximate = GELU_APPROXIMATE.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    approximate = gelu_approximate(config.hidden_act)
     if opts.attention:
         patcher.set(base, "_create_attention_masks", functools.partial(key_padding_masks, base))
     for layer in base.encoder.layer:
@@ -217,7 +222,73 @@ def patch_bert(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
 
 
 @family("albert", "distilbert")
-def patch_mlm_loss_only(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
-    """ALBERT, DistilBERT: the MLM loss on the labelled rows only; their encoder layers are left as they are."""
+def patch_albert_distilbert(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
+    """ALBERT, DistilBERT: attention through the "ptm" attention interface (both call transformers' interface),
+    the residual adds fused into their LayerNorms, bias+GELU, and the labelled-rows MLM loss (unpadded with
+    attention=True)."""
+    config = model.config
+    base = model.base_model
+    albert = config.model_type == "albert"
+    approximate = gelu_approximate(config.hidden_act if albert else config.activation) if opts.mlp else None
+    if albert:  # the layers of a group are shared by several depths: patching the instance patches them all
+        for group in base.encoder.albert_layer_groups:
+            for layer in group.albert_layers:
+                if opts.norms:
+                    set_forward(patcher, layer.attention, albert_attention_forward)
+                if opts.norms or approximate is not None:
+                    set_forward(patcher, layer, albert_layer_forward, fused=opts.norms, approximate=approximate)
+    elif opts.norms or approximate is not None:
+        for block in base.transformer.layer:
+            patcher.set_method(block, "forward", checkpointable(distilbert_block_forward), fused=opts.norms,
+                               approximate=approximate)
+    if opts.attention:
+        use_ptm_attention(model, patcher)
     if opts.loss and mlm_head(model) is not None:
-        set_forward(patcher, model, masked_lm_forward, pack=False)
+        set_forward(patcher, model, masked_lm_forward, pack=opts.attention)
+
+
+def _add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm, fused: bool) -> Tensor:
+    """norm(x + residual): one kernel when fused, else transformers' add and norm module."""
+    if fused:
+        return pk.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)[0]
+    return norm(x + residual)
+
+
+def _linear_act(linear: nn.Linear, activation: Callable, x: Tensor, approximate: Optional[str]) -> Tensor:
+    """activation(linear(x)), the bias added inside the GELU kernel when `approximate` is set."""
+    if approximate is None:
+        return activation(linear(x))
+    h = nn.functional.linear(x, linear.weight)
+    return pk.bias_gelu(h, linear.bias, approximate) if linear.bias is not None else pk.gelu(h, approximate)
+
+
+def albert_attention_forward(self, hidden_states: Tensor, attention_mask=None, **kwargs):
+    """AlbertAttention: transformers' attention interface, then LayerNorm(dropout(dense(out)) + x) fused."""
+    modeling = sys.modules[type(self).__module__]
+    shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
+    interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                               modeling.eager_attention_forward)
+    out, weights = interface(self, q, k, v, attention_mask, scaling=self.scaling,
+                             dropout=self.attention_dropout.p if self.training else 0.0, **kwargs)
+    out = self.output_dropout(self.dense(out.reshape(*hidden_states.shape[:-1], -1)))
+    return _add_norm(out, hidden_states, self.LayerNorm, True), weights
+
+
+def albert_layer_forward(self, hidden_states: Tensor, attention_mask=None, *, fused: bool,
+                         approximate: Optional[str], **kwargs) -> Tensor:
+    """AlbertLayer: full_layer_layer_norm(ffn_output(act(ffn(a))) + a), in one pass (transformers' feed-forward
+    chunking, `chunk_size_feed_forward`, computes the same rows in pieces)."""
+    attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+    h = self.ffn_output(_linear_act(self.ffn, self.activation, attention_output, approximate))
+    return _add_norm(h, attention_output, self.full_layer_layer_norm, fused)
+
+
+def distilbert_block_forward(self, hidden_states: Tensor, attention_mask=None, *, fused: bool,
+                             approximate: Optional[str], **kwargs) -> Tensor:
+    """DistilBERT's TransformerBlock with both residual adds fused into their LayerNorms and bias+GELU."""
+    attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    attention_output = _add_norm(attention_output, hidden_states, self.sa_layer_norm, fused)
+    ffn = self.ffn
+    h = ffn.dropout(ffn.lin2(_linear_act(ffn.lin1, ffn.activation, attention_output, approximate)))
+    return _add_norm(h, attention_output, self.output_layer_norm, fused)

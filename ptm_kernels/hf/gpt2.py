@@ -29,10 +29,9 @@ from torch import Tensor, nn
 import ptm_kernels as pk
 
 from . import attention as hf_attention
+from .activations import GELU_APPROXIMATE, gelu_approximate
 from .llama import patch_causal_lm_loss, use_ptm_attention
 from .patching import Patcher, PatchOptions, checkpointable, family, refuse
-
-GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 @family("gpt2", "gpt_neo")
@@ -42,9 +41,10 @@ def patch_gpt2(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
     if not hasattr(base, "h") or not hasattr(base, "ln_f"):
         refuse(config, "model_type", f"a {type(model).__name__} without .h/.ln_f: not the structure of "
                                      f"transformers' {config.model_type} models")
-    if opts.mlp and config.activation_function not in GELU:
+    approximate = gelu_approximate(config.activation_function)
+    if opts.mlp and approximate is None:
         refuse(config, "activation_function", f"{config.activation_function!r}: the fused bias+GELU does "
-                                              f"{sorted(GELU)}; pass mlp=False to keep transformers' MLP")
+                                              f"{sorted(GELU_APPROXIMATE)}; pass mlp=False to keep transformers' MLP")
     neo = config.model_type == "gpt_neo"
     for block in base.h:
         if opts.norms:
@@ -52,7 +52,7 @@ def patch_gpt2(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
             patcher.set_method(block.ln_1, "forward", layer_norm_forward)
         if opts.mlp:
             patcher.set_method(block.mlp, "forward", bias_gelu_mlp_forward, conv1d=not neo,
-                               approximate=GELU[config.activation_function])
+                               approximate=approximate)
         if opts.attention and neo:
             attn = block.attn.attention
             window = config.window_size - 1 if attn.attention_type == "local" else None

@@ -39,12 +39,9 @@ from torch import Tensor, nn
 import ptm_kernels as pk
 
 from . import attention as hf_attention
+from .activations import gated, gated_names
 from .patching import Patcher, PatchOptions, checkpointable, family, refuse
 
-GATED = {"silu": pk.swiglu, "swish": pk.swiglu,
-         "gelu": lambda g, u: pk.geglu(g, u, approximate="none"),
-         "gelu_pytorch_tanh": lambda g, u: pk.geglu(g, u, approximate="tanh"),
-         "gelu_new": lambda g, u: pk.geglu(g, u, approximate="tanh")}
 
 
 @family("llama", "mistral", "qwen2")
@@ -55,8 +52,8 @@ def patch_llama(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
     if layers is None or not hasattr(base, "norm"):
         refuse(config, "model_type", f"a {type(model).__name__} without .layers/.norm: not the structure of "
                                      f"transformers' {config.model_type} models")
-    if opts.mlp and config.hidden_act not in GATED:
-        refuse(config, "hidden_act", f"{config.hidden_act!r}: the fused gated MLP does {sorted(GATED)}; "
+    if opts.mlp and gated(config.hidden_act) is None:
+        refuse(config, "hidden_act", f"{config.hidden_act!r}: the fused gated MLP does {gated_names()}; "
                                      f"pass mlp=False to keep transformers' MLP")
     for layer in layers:
         if opts.norms:
@@ -66,7 +63,7 @@ def patch_llama(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
             patcher.set_method(layer.self_attn, "forward", attention_forward,
                                window_kwargs=_window_kwargs(config, layer.self_attn))
         if opts.mlp:
-            patcher.set_method(layer.mlp, "forward", gated_mlp_forward, act=GATED[config.hidden_act])
+            patcher.set_method(layer.mlp, "forward", gated_mlp_forward, act=gated(config.hidden_act))
     if opts.norms:
         patcher.set_method(base.norm, "forward", rms_norm_forward)
     if opts.attention:

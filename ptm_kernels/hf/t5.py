@@ -34,7 +34,8 @@ import ptm_kernels as pk
 from ptm_kernels.attention_mask import AttentionMask, t5_relative_table
 from ptm_kernels.ops.attention import _sdpa_mask
 
-from .bert import GELU_APPROXIMATE, IGNORE_INDEX, IGNORED_BY_THE_LOSS, original_forward, set_forward
+from .activations import gelu_approximate
+from .bert import IGNORE_INDEX, IGNORED_BY_THE_LOSS, original_forward, set_forward
 from .patching import Patcher, PatchOptions, family
 
 # ------------------------------------------------------------------------------------------ attention
@@ -197,7 +198,7 @@ def patch_t5(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
 
     config = model.config
     activation = config.dense_act_fn
-    approximate = GELU_APPROXIMATE.get(activation)
+    approximate = gelu_approximate(activation)
     for module in model.modules():
         if opts.attention and isinstance(module, t5.T5Attention):
             set_forward(patcher, module, attention_forward)

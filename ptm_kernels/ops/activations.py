@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks
+from . import _checks, _fast_path
 
 _APPROXIMATE_TO_ACT = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
-@torch.library.custom_op("ptm::activation", mutates_args=())
+@_fast_path.custom_op("ptm::activation")
 def _activation(x: Tensor, bias: Optional[Tensor], act: str) -> Tensor:
     return backend.kernels("activation", x).act_fwd(x, bias, act)
 
@@ -27,7 +27,7 @@ def _(x, bias, act):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("ptm::activation_backward", mutates_args=())
+@_fast_path.custom_op("ptm::activation_backward")
 def _activation_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: str) -> Tuple[Tensor, Tensor]:
     return tuple(backend.kernels("activation", x).act_bwd(dy, x, bias, act))
 
@@ -47,14 +47,14 @@ def _activation_setup(ctx, inputs, output):
 
 def _activation_grad(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, db = _activation_backward(dy.contiguous(), x, bias, ctx.act)
+    dx, db = _fast_path.call(_activation_backward, dy.contiguous(), x, bias, ctx.act)
     return dx, (db.to(bias.dtype) if bias is not None else None), None
 
 
 _activation.register_autograd(_activation_grad, setup_context=_activation_setup)
 
 
-@torch.library.custom_op("ptm::gated_activation", mutates_args=())
+@_fast_path.custom_op("ptm::gated_activation")
 def _gated_activation(gate: Tensor, up: Tensor, act: str) -> Tensor:
     return backend.kernels("activation", gate).glu_fwd(gate, up, act)
 
@@ -64,7 +64,7 @@ def _(gate, up, act):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("ptm::gated_activation_backward", mutates_args=())
+@_fast_path.custom_op("ptm::gated_activation_backward")
 def _gated_activation_backward(dy: Tensor, gate: Tensor, up: Tensor, act: str) -> Tuple[Tensor, Tensor]:
     return tuple(backend.kernels("activation", gate).glu_bwd(dy, gate, up, act))
 
@@ -82,7 +82,7 @@ def _gated_setup(ctx, inputs, output):
 
 def _gated_grad(ctx, dy):
     gate, up = ctx.saved_tensors
-    dgate, dup = _gated_activation_backward(dy.contiguous(), gate, up, ctx.act)
+    dgate, dup = _fast_path.call(_gated_activation_backward, dy.contiguous(), gate, up, ctx.act)
     return dgate, dup, None
 
 
@@ -98,7 +98,7 @@ def _act_name(approximate: str) -> str:
 def _elementwise(x: Tensor, bias: Optional[Tensor], act: str) -> Tensor:
     if x.dim() == 0:
         return _elementwise(x.reshape(1), bias, act).reshape(())
-    return _activation(_checks.rows(x), bias, act).view(x.shape)
+    return _fast_path.call(_activation, _checks.rows(x), bias, act).view(x.shape)
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -127,7 +127,7 @@ def _gated(gate: Tensor, up: Tensor, act: str) -> Tensor:
     _checks.shape("up", up, gate.shape)
     _checks.same_dtype("gate", gate, up=up)
     _checks.same_device("gate", gate, up=up)
-    return _gated_activation(_checks.rows(gate), _checks.rows(up), act).view(gate.shape)
+    return _fast_path.call(_gated_activation, _checks.rows(gate), _checks.rows(up), act).view(gate.shape)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:

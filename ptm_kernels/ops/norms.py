@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks
+from . import _checks, _fast_path
 
 # ------------------------------------------------------------------------------------------- RMSNorm
 
 
-@torch.library.custom_op("ptm::rms_norm", mutates_args=())
+@_fast_path.custom_op("ptm::rms_norm")
 def _rms_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
               round_normed: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return tuple(backend.kernels("rms_norm", x).rms_norm_fwd(x, weight, residual, eps, round_normed))
@@ -31,7 +31,7 @@ def _(x, weight, residual, eps, round_normed):
     return x.new_empty(x.shape, dtype=out_dtype), h, x.new_empty(x.shape[0], dtype=_stat_dtype(x))
 
 
-@torch.library.custom_op("ptm::rms_norm_backward", mutates_args=())
+@_fast_path.custom_op("ptm::rms_norm_backward")
 def _rms_norm_backward(dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor,
                        dh_out: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     return tuple(backend.kernels("rms_norm", h).rms_norm_bwd(dy, h, weight, rstd, dh_out))
@@ -51,8 +51,8 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_grad(ctx, dy, dh_out, _drstd):
     h, weight, rstd = ctx.saved_tensors
-    dh, dw = _rms_norm_backward(dy.contiguous(), h, weight,
-                                rstd, dh_out.contiguous() if ctx.has_residual and dh_out is not None else None)
+    dh, dw = _fast_path.call(_rms_norm_backward, dy.contiguous(), h, weight, rstd,
+                             dh_out.contiguous() if ctx.has_residual and dh_out is not None else None)
     dweight = dw.to(weight.dtype) if weight is not None else None
     return dh, dweight, (dh if ctx.has_residual else None), None, None
 
@@ -89,8 +89,8 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, r
     w = None if scale_outside else _checks.param_dtype(x, weight)
     round_normed = cast == "llama" or (weight is not None and weight.dtype == x.dtype)
 
-    y, h, _ = _rms_norm(_checks.rows(x), w, None if residual is None else _checks.rows(residual), float(eps),
-                        round_normed)
+    y, h, _ = _fast_path.call(_rms_norm, _checks.rows(x), w, None if residual is None else _checks.rows(residual),
+                              float(eps), round_normed)
     y = y.view(*x.shape[:-1], y.shape[-1])
     if scale_outside:
         y = weight * y.to(weight.dtype)
@@ -102,7 +102,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, r
 # ----------------------------------------------------------------------------------------- LayerNorm
 
 
-@torch.library.custom_op("ptm::layer_norm", mutates_args=())
+@_fast_path.custom_op("ptm::layer_norm")
 def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(backend.kernels("layer_norm", x).layer_norm_fwd(x, weight, bias, residual, eps))
@@ -115,7 +115,7 @@ def _(x, weight, bias, residual, eps):
     return x.new_empty(x.shape), h, stat, stat.new_empty(stat.shape)
 
 
-@torch.library.custom_op("ptm::layer_norm_backward", mutates_args=())
+@_fast_path.custom_op("ptm::layer_norm_backward")
 def _layer_norm_backward(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                          dh_out: Optional[Tensor], has_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return tuple(backend.kernels("layer_norm", h).layer_norm_bwd(dy, h, weight, mean, rstd, dh_out, has_bias))
@@ -137,9 +137,8 @@ def _layer_norm_setup(ctx, inputs, output):
 def _layer_norm_grad(ctx, dy, dh_out, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
-    dh, dw, db = _layer_norm_backward(dy.contiguous(), h, weight, mean, rstd,
-                                      dh_out.contiguous() if ctx.has_residual and dh_out is not None else None,
-                                      has_bias)
+    dh, dw, db = _fast_path.call(_layer_norm_backward, dy.contiguous(), h, weight, mean, rstd,
+                                 dh_out.contiguous() if ctx.has_residual and dh_out is not None else None, has_bias)
     dweight = dw.to(weight.dtype) if weight is not None else None
     dbias = db.to(ctx.bias_dtype) if has_bias else None
     return dh, dweight, dbias, (dh if ctx.has_residual else None), None
@@ -167,8 +166,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         _checks.same_dtype("x", x, residual=residual)
     _checks.same_device("x", x, weight=weight, bias=bias, residual=residual)
 
-    y, h, _, _ = _layer_norm(_checks.rows(x), _checks.param_dtype(x, weight), _checks.param_dtype(x, bias),
-                             None if residual is None else _checks.rows(residual), float(eps))
+    y, h, _, _ = _fast_path.call(_layer_norm, _checks.rows(x), _checks.param_dtype(x, weight),
+                                 _checks.param_dtype(x, bias), None if residual is None else _checks.rows(residual),
+                                 float(eps))
     y = y.view(x.shape)
     if residual is not None:
         return y, h.view(x.shape)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks
+from . import _checks, _fast_path
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, rotary_dim: int,
@@ -21,7 +21,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
     return backend.kernels("rope", x).rope_fwd(x, cos, sin, positions, interleaved, rotary_dim, inverse)
 
 
-@torch.library.custom_op("ptm::rope", mutates_args=())
+@_fast_path.custom_op("ptm::rope")
 def _rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
           rotary_dim: int, inverse: bool) -> Tuple[Tensor, Tensor]:
     q_out = _rotate(q, cos, sin, positions, interleaved, rotary_dim, inverse)
@@ -45,7 +45,7 @@ def _rope_grad(ctx, dq_out, dk_out):
     cos, sin, positions = ctx.saved_tensors
     dq_out = dq_out if dq_out.stride(-1) == 1 else dq_out.contiguous()
     dk = (dk_out if dk_out.stride(-1) == 1 else dk_out.contiguous()) if ctx.has_k else None
-    dq, dk = _rope(dq_out, dk, cos, sin, positions, *ctx.args)
+    dq, dk = _fast_path.call(_rope, dq_out, dk, cos, sin, positions, *ctx.args)
     return dq, (dk if ctx.has_k else None), None, None, None, None, None, None
 
 
@@ -118,5 +118,6 @@ def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, *, position_i
         return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
     cos32, sin32 = cos.float().contiguous(), sin.float().contiguous()
-    q_out, k_out = _rope(unit_stride(q), unit_stride(k), cos32, sin32, positions, bool(interleaved), R, False)
+    q_out, k_out = _fast_path.call(_rope, unit_stride(q), unit_stride(k), cos32, sin32, positions, bool(interleaved),
+                                   R, False)
     return (q_out, k_out) if k is not None else q_out

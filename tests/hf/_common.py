@@ -60,3 +60,33 @@ def assert_bf16_within_twice_torch(outputs, rows=lambda x: x):
     assert_close(p[1], t[1], b[1], name="loss", precision=torch.bfloat16)
     for name, g in t[2].items():
         assert_close(p[2][name], g, b[2][name], name=f"grad {name}")
+
+
+def assert_same_results(got, want, logits=True):
+    """got / want: forward_backward results (logits, loss, {name: grad}, ...) of the patched and the unpatched
+    model: within tests/compare.py's float32 tolerance, and the same parameters got a gradient."""
+    from tests.compare import assert_close
+
+    if logits:
+        assert_close(got[0], want[0], name="logits")
+    assert_close(got[1], want[1], name="loss")
+    assert set(got[2]) == set(want[2])
+    for name, g in want[2].items():
+        assert_close(got[2][name], g, name=f"grad {name}")
+
+
+def assert_revert_bit_identical(model, run):
+    """apply, run, revert: `run(model)` (a forward_backward) gives bit-identical logits, loss and gradients
+    before and after, and the attention implementation is the one the model had."""
+    import ptm_kernels.hf as hf
+
+    impl = model.config._attn_implementation
+    before = run(model)
+    hf.apply(model)
+    run(model)
+    hf.revert(model)
+    assert model.config._attn_implementation == impl
+    after = run(model)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    for name, g in before[2].items():
+        assert torch.equal(after[2][name], g), name

@@ -1,7 +1,8 @@
 """hf.apply on the BERT family: patched vs unpatched transformers on the same weights.
 
-BERT, RoBERTa and ELECTRA get every patch (labelled-rows MLM loss, unpadded encoder, fused LayerNorm and
-bias-GELU, attention on ptm_kernels); ALBERT and DistilBERT the MLM loss only.
+Every kind gets every patch: labelled-rows MLM loss, unpadded encoder, fused LayerNorm and bias-GELU, attention
+on ptm_kernels (BERT/RoBERTa/ELECTRA through their patched self-attention, ALBERT/DistilBERT through
+transformers' attention interface).
 """
 
 import copy
@@ -15,7 +16,8 @@ transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs 
 import ptm_kernels.hf as hf  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import assert_bf16_within_twice_torch, train_losses  # noqa: E402
+from tests.hf._common import (assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
+                              assert_same_results, train_losses)
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -75,14 +77,10 @@ def test_float32_logits_loss_gradients(kind):
     hf.apply(model)
     got = forward_backward(model, inputs)
     assert got[3] is None, "with labels the patched MLM forward returns no logits"
-    assert_close(got[0], want[0], name="logits")
-    assert_close(got[1], want[1], name="loss")
-    assert set(got[2]) == set(want[2])
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_same_results(got, want)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "albert", "distilbert"])
 def test_bfloat16_within_twice_torch_error(kind):
     """Error against the float64 model within 2x the error of the unpatched bf16 model (+ a rounding unit)."""
     truth = build(kind).double()
@@ -92,11 +90,12 @@ def test_bfloat16_within_twice_torch_error(kind):
     assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)])
 
 
+@pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
 @pytest.mark.parametrize("only", ["attention", "norms", "mlp", "loss"])
-def test_each_option_alone(only):
+def test_each_option_alone(only, kind):
     """apply(model, <one group>=True, the others False): each patch group is right on its own (the MLM loss
     without the unpadded encoder runs the padded encoder, then the labelled rows)."""
-    model = build("bert")
+    model = build(kind)
     inputs = mlm_batch()
     want = forward_backward(model, inputs)
     flags = {name: name == only for name in ("attention", "norms", "rope", "mlp", "loss")}
@@ -143,15 +142,20 @@ def test_labelled_padding_row_runs_padded():
         assert_close(got[2][name], g, name=f"grad {name}")
 
 
-def test_packed_encoder_skips_padding_rows(monkeypatch):
+@pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
+def test_packed_encoder_skips_padding_rows(kind):
     """The unpadded path runs the layers on the real tokens only: the first layer sees T = mask.sum() rows."""
-    model = hf.apply(build("bert"))
+    model = hf.apply(build(kind))
     inputs = mlm_batch()
     seen = []
-    layer = model.bert.encoder.layer[0]
+    layer = {"bert": lambda: model.bert.encoder.layer[0],
+             "albert": lambda: model.albert.encoder.albert_layer_groups[0].albert_layers[0],
+             "distilbert": lambda: model.distilbert.transformer.layer[0]}[kind]()
     layer.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
     model(**inputs).loss.backward()
-    assert seen == [(1, int(inputs["attention_mask"].sum()), 64)]
+    T = int(inputs["attention_mask"].sum())
+    # ALBERT runs its one shared layer at every depth
+    assert seen == [(1, T, 64)] * (2 if kind == "albert" else 1)
 
 
 def test_dropout_is_applied_in_training_only():
@@ -169,17 +173,10 @@ def test_dropout_is_applied_in_training_only():
     assert_close(model(**inputs).loss, reference(**inputs).loss, name="eval loss")
 
 
-def test_revert_is_bit_identical():
-    model = build("bert")
+@pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
+def test_revert_is_bit_identical(kind):
     inputs = mlm_batch()
-    before = forward_backward(model, inputs)
-    hf.apply(model)
-    forward_backward(model, inputs)
-    hf.revert(model)
-    after = forward_backward(model, inputs)
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-    for name, g in before[2].items():
-        assert torch.equal(after[2][name], g), name
+    assert_revert_bit_identical(build(kind), lambda model: forward_backward(model, inputs))
 
 
 @pytest.mark.parametrize("field,value", [("is_decoder", True), ("position_embedding_type", "relative_key")])
