@@ -29,10 +29,9 @@ Additive bias ([B|1, H|1, Lq, Lk] strided, stride 0 on broadcast dims) and the T
 (table[h, i - j + Lk - 1]) are added to the scaled scores in-kernel. A row with no visible key (or whose
 every score is -inf) gives out = 0, lse = -inf, never NaN.
 
-Dropout. keep(b, h, i, j) = uniform(philox(seed, counter = off mod 2**32, off >> 32, 0, 0)) >= p with
-off = ((b * H + h) * Lq + i) * Lk + j (int64): the same counter scheme as tl.rand with int64 offsets, written
-out so it does not depend on the Triton version. The forward, both backward kernels and
-attention_dropout_mask() compute the same bits, so the mask can be replayed through the reference.
+Dropout: _common.dropout_keep (one Philox call per 16 keys of a row, an 8-bit threshold per key, so p is
+rounded to a multiple of 1/256; kept values are scaled by 1 / (1 - p)). The forward, both backward kernels
+and attention_dropout_mask() compute the same bits, so the mask can be replayed through the reference.
 
 Decoding (few query tiles, long keys): the key tiles are split across programs (flash-decoding); each split
 writes a float32 partial output and its lse, and a combine kernel merges them.
@@ -63,7 +62,6 @@ so its loads carry no bounds masks; ragged last tiles always take the masked pat
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from typing import Optional
 
@@ -72,16 +70,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:  # raised when a config needs more shared memory / registers than the device has
-    from triton.runtime.errors import OutOfResources as _OutOfResources
-except Exception:  # pragma: no cover - older layouts
-    class _OutOfResources(Exception):
-        pass
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+from . import _common as C
+from ._common import LOG2E, SUPPORTED_DTYPES, analytic_visible, block_d, dot, dropout_keep, load
 
 # Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV,
 # and override the tile configs.
@@ -89,41 +79,8 @@ _FORCE_SPLITS: Optional[int] = None
 _FORCE_GROUP_SPLITS: Optional[int] = None
 _CONFIG_OVERRIDE: dict = {}
 
-# float32 dots on a GPU: "tf32x3" splits each operand into two tf32 parts and runs three tensor-core products
-# (~1e-6 relative error, float32-level); "ieee" (CUDA-core FMA) is exact but slow and register-hungry.
-_FP32_PRECISION = "tf32x3"
-
 
 # =============================================================================================== device code
-@triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot(a, b, acc). UPCAST (interpreter + bfloat16 only): the interpreter multiplies bfloat16 tiles as
-    their raw uint16 bits, so they are widened to float32 first (exact; compiled away on a GPU)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PREC)
-
-
-@triton.jit
-def _load(ptrs, mask, USE_MASK: tl.constexpr):
-    if USE_MASK:
-        return tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _keep_mask(seed, bh64, rows, cols, Lq, Lk, p_drop):
-    """Dropout keep-mask of the (rows x cols) block of head bh64: uniform(philox(seed, off)) >= p_drop."""
-    off = (bh64 * Lq + rows) * Lk + cols  # int64
-    c0 = off.to(tl.uint32)
-    c1 = (off >> 32).to(tl.uint32)
-    z = c0 * 0
-    r, _r1, _r2, _r3 = tl.philox(seed, c0, c1, z, z)
-    return tl.uint_to_uniform_float(r) >= p_drop
-
-
 @triton.jit
 def _mod_scores(s, rows, cols, b64, h64, Lq, Lk, klen, plen, wl, wr,
                 QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn,
@@ -146,17 +103,9 @@ def _mod_scores(s, rows, cols, b64, h64, Lq, Lk, klen, plen, wl, wr,
         t = tl.load(TOEP + h64 * s_th + (rows - cols + (Lk - 1)), mask=row_ok & col_ok, other=0.0)
         s += t.to(tl.float32) * 1.4426950408889634
     if MASK:
-        vis = row_ok & col_ok
         qi = rows + (Lk - Lq)  # query index in key coordinates (bottom-right alignment)
-        if CAUSAL:
-            cv = cols <= qi
-            if HAS_PREFIX:
-                cv = cv | (cols < plen)
-            vis = vis & cv
-        if HAS_WINDOW:
-            vis = vis & (qi - cols <= wl) & (cols - qi <= wr)
-        if HAS_KLEN:
-            vis = vis & (cols < klen)
+        vis = analytic_visible(row_ok & col_ok, qi, cols, klen, plen, wl, wr, CAUSAL, HAS_PREFIX, HAS_WINDOW,
+                               HAS_KLEN)
         if HAS_SEG:
             qs = tl.load(QSEG + b64 * s_qsb + rows * s_qsm, mask=row_ok, other=0)
             ks = tl.load(KSEG + b64 * s_ksb + cols * s_ksn, mask=col_ok, other=0)
@@ -255,7 +204,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
                b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn,
                DMASK, s_db, s_dh, s_dm, s_dn,
-               BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+               BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                MASK: tl.constexpr, SPARSE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr,
@@ -277,8 +226,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
                 kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
         else:
             kv_mask = offs_d[None, :] < D  # (unused when EVEN_D)
-        k = _load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
-        s = _mma(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
+        k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
+        s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
         s = _mod_scores(s, offs_m[:, None], cols[None, :], b64, h64, Lq, Lk, klen, plen, wl, wr,
                         QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
                         BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th,
@@ -291,10 +240,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh64, offs_m[:, None], cols[None, :], Lq, Lk, p_drop)
+            keep = dropout_keep(seed, bh64, offs_m, start_n, Lq, Lk, drop_thr, BLOCK_N)
             p = tl.where(keep, p, 0.0)
-        v = _load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
-        acc = _mma(p.to(v.dtype), v, acc, PREC, UPCAST)
+        v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
+        acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -302,7 +251,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KLEN, PLEN, QSEG, KSEG, DMASK, BIAS, TOEP, CNT1, IDX1, CNT2, IDX2,
-    qk_scale, seed, p_drop, rdrop,
+    qk_scale, seed, drop_thr, rdrop,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_ob, s_oh, s_om, s_os, s_ls,
     s_qsb, s_qsm, s_ksb, s_ksn, s_db, s_dh, s_dm, s_dn, s_bb, s_bh, s_bm, s_bn, s_th,
@@ -372,14 +321,14 @@ def _attn_fwd_kernel(
                                    offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
                                    b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                    QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                    True, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
                                    HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, lo2, hi2, IDX2 + lrow * n_list,
                                    offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
                                    b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                    QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                    False, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
                                    HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
     else:
@@ -398,21 +347,21 @@ def _attn_fwd_kernel(
                                    offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
                                    b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                    QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                    True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
                                    HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, F0, F1, IDX1,
                                    offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
                                    b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                    QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                    False, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
                                    HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, F1, Z, IDX1,
                                    offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
                                    b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                    QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                    True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
                                    HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
 
@@ -476,16 +425,17 @@ def _attn_combine_kernel(OP, LP, O, LSE, s_os, s_ls, s_ob, s_oh, s_om, H, Lq, D,
 
 
 @triton.jit
-def _dropout_mask_kernel(OUT, seed, p_drop, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, seed, drop_thr, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(Lk, BLOCK_N)
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid_n = pid % num_n
     pid_m = (pid // num_n) % num_m
     bh64 = (pid // (num_n * num_m)).to(tl.int64)
+    keep = dropout_keep(seed, bh64, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N, Lq, Lk, drop_thr,
+                        BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    keep = _keep_mask(seed, bh64, rows, cols, Lq, Lk, p_drop)
     tl.store(OUT + (bh64 * Lq + rows) * Lk + cols, keep.to(tl.int8), mask=(rows < Lq) & (cols < Lk))
 
 
@@ -519,7 +469,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, 
               b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
               QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn,
               DMASK, s_db, s_dh, s_dm, s_dn,
-              BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+              BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
               MASK: tl.constexpr, SPARSE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr,
@@ -541,21 +491,21 @@ def _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, 
                 kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
         else:  # in bounds (see _fwd_tiles)
             kv_mask = offs_d[None, :] < D
-        k = _load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
-        v = _load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
-        s = _mma(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
+        k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
+        v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
+        s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
         s = _mod_scores(s, offs_m[:, None], cols[None, :], b64, h64, Lq, Lk, klen, plen, wl, wr,
                         QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
                         BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th,
                         MASK, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
                         HAS_BIAS, HAS_TOEP)
         p = tl.math.exp2(s - lse2[:, None])
-        dp = _mma(do, tl.trans(v), None, PREC, UPCAST)
+        dp = dot(do, tl.trans(v), None, PREC, UPCAST)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh64, offs_m[:, None], cols[None, :], Lq, Lk, p_drop)
+            keep = dropout_keep(seed, bh64, offs_m, start_n, Lq, Lk, drop_thr, BLOCK_N)
             dp = tl.where(keep, dp * rdrop, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(k.dtype), k, dq, PREC, UPCAST)
+        dq = dot(ds.to(k.dtype), k, dq, PREC, UPCAST)
         if HAS_DBIAS:
             ok = (offs_m[:, None] < Lq) & (cols[None, :] < Lk)
             tl.store(DB_bh + offs_m[:, None].to(tl.int64) * Lk + cols[None, :], ds, mask=ok)
@@ -569,7 +519,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, 
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DB, DT,
     KLEN, PLEN, QSEG, KSEG, DMASK, BIAS, TOEP, CNT1, IDX1, CNT2, IDX2,
-    qk_scale, sm_scale, seed, p_drop, rdrop,
+    qk_scale, sm_scale, seed, drop_thr, rdrop,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
     s_dqb, s_dqh, s_dqm, s_dth,
     s_qsb, s_qsm, s_ksb, s_ksn, s_db, s_dh, s_dm, s_dn, s_bb, s_bh, s_bm, s_bn, s_th,
@@ -630,14 +580,14 @@ def _attn_bwd_dq_kernel(
                        offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale, rdrop, DB_bh, DT_h,
                        b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                        QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                        True, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
                        HAS_BIAS, HAS_TOEP, HAS_DROPOUT, HAS_DBIAS, HAS_DTOEP, BLOCK_N, EVEN_D, PREC, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, k_offs, v_offs, 0, n2, IDX2 + lrow * n_list,
                        offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale, rdrop, DB_bh, DT_h,
                        b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                        QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                        False, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
                        HAS_BIAS, HAS_TOEP, HAS_DROPOUT, HAS_DBIAS, HAS_DTOEP, BLOCK_N, EVEN_D, PREC, UPCAST)
     else:
@@ -647,21 +597,21 @@ def _attn_bwd_dq_kernel(
                        offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale, rdrop, DB_bh, DT_h,
                        b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                        QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                        True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
                        HAS_BIAS, HAS_TOEP, HAS_DROPOUT, HAS_DBIAS, HAS_DTOEP, BLOCK_N, EVEN_D, PREC, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, k_offs, v_offs, F0, F1, IDX1,
                        offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale, rdrop, DB_bh, DT_h,
                        b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                        QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                        False, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
                        HAS_BIAS, HAS_TOEP, HAS_DROPOUT, HAS_DBIAS, HAS_DTOEP, BLOCK_N, EVEN_D, PREC, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, k_offs, v_offs, F1, Z, IDX1,
                        offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale, rdrop, DB_bh, DT_h,
                        b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                        QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                       BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                        True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
                        HAS_BIAS, HAS_TOEP, HAS_DROPOUT, HAS_DBIAS, HAS_DTOEP, BLOCK_N, EVEN_D, PREC, UPCAST)
     dq = dq * sm_scale
@@ -671,17 +621,18 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, it_lo, it_hi, IDX,
-                offs_mb, cols, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
+                offs_mb, n0, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
                 b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                 QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn,
                 DMASK, s_db, s_dh, s_dm, s_dn,
-                BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                 MASK: tl.constexpr, SPARSE: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_TOEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    cols = n0 + tl.arange(0, BLOCK_N)
     for it in range(it_lo, it_hi):
         if SPARSE:
             start_m = tl.load(IDX + it) * BLOCK_M
@@ -702,27 +653,27 @@ def _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, it_lo, it_hi, IDX,
             q_mask = offs_d[None, :] < D
             lse = tl.load(LSE_bh + rows)
             delta = tl.load(DELTA_bh + rows)
-        q = _load(Q_bh + rows64 * s_qm + offs_d[None, :], q_mask, MASK or not EVEN_D)
-        do = _load(DO_bh + rows64 * s_dom + offs_d[None, :], q_mask, MASK or not EVEN_D)
+        q = load(Q_bh + rows64 * s_qm + offs_d[None, :], q_mask, MASK or not EVEN_D)
+        do = load(DO_bh + rows64 * s_dom + offs_d[None, :], q_mask, MASK or not EVEN_D)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         # Transposed scores: [keys, queries].
-        sT = _mma(k, tl.trans(q), None, PREC, UPCAST) * qk_scale
+        sT = dot(k, tl.trans(q), None, PREC, UPCAST) * qk_scale
         sT = _mod_scores(sT, rows[None, :], cols[:, None], b64, h64, Lq, Lk, klen, plen, wl, wr,
                          QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
                          BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th,
                          MASK, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
                          HAS_BIAS, HAS_TOEP)
         pT = tl.math.exp2(sT - lse2[None, :])
-        dpT = _mma(v, tl.trans(do), None, PREC, UPCAST)
+        dpT = dot(v, tl.trans(do), None, PREC, UPCAST)
         if HAS_DROPOUT:
-            keepT = _keep_mask(seed, bh64, rows[None, :], cols[:, None], Lq, Lk, p_drop)
+            keepT = tl.trans(dropout_keep(seed, bh64, rows, n0, Lq, Lk, drop_thr, BLOCK_N))
             pdT = tl.where(keepT, pT * rdrop, 0.0)
             dpT = tl.where(keepT, dpT * rdrop, 0.0)
         else:
             pdT = pT
-        dv = _mma(pdT.to(do.dtype), do, dv, PREC, UPCAST)
+        dv = dot(pdT.to(do.dtype), do, dv, PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
-        dk = _mma(dsT.to(q.dtype), q, dk, PREC, UPCAST)
+        dk = dot(dsT.to(q.dtype), q, dk, PREC, UPCAST)
     return dk, dv
 
 
@@ -730,7 +681,7 @@ def _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, it_lo, it_hi, IDX,
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     KLEN, PLEN, QSEG, KSEG, DMASK, BIAS, TOEP, CNT1, IDX1, CNT2, IDX2,
-    qk_scale, sm_scale, seed, p_drop, rdrop,
+    qk_scale, sm_scale, seed, drop_thr, rdrop,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
     s_dkb, s_dkh, s_dks, s_dkn, s_dvb, s_dvh, s_dvs, s_dvn,
     s_qsb, s_qsm, s_ksb, s_ksn, s_db, s_dh, s_dm, s_dn, s_bb, s_bh, s_bm, s_bn, s_th,
@@ -790,41 +741,41 @@ def _attn_bwd_dkdv_kernel(
             n1 = tl.load(CNT1 + lrow)
             n2 = tl.load(CNT2 + lrow)
             dk, dv = _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, 0, n1, IDX1 + lrow * n_list,
-                                 offs_mb, cols, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
+                                 offs_mb, n0, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
                                  b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                  QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                  True, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
-                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, EVEN_D, PREC, UPCAST)
+                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, BLOCK_N, EVEN_D, PREC, UPCAST)
             dk, dv = _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, 0, n2, IDX2 + lrow * n_list,
-                                 offs_mb, cols, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
+                                 offs_mb, n0, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
                                  b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                  QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                  False, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
-                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, EVEN_D, PREC, UPCAST)
+                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, BLOCK_N, EVEN_D, PREC, UPCAST)
         else:
             dk, dv = _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, A, F0, IDX1,
-                                 offs_mb, cols, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
+                                 offs_mb, n0, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
                                  b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                  QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                  True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
-                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, EVEN_D, PREC, UPCAST)
+                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, BLOCK_N, EVEN_D, PREC, UPCAST)
             dk, dv = _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, F0, F1, IDX1,
-                                 offs_mb, cols, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
+                                 offs_mb, n0, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
                                  b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                  QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                  False, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
-                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, EVEN_D, PREC, UPCAST)
+                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, BLOCK_N, EVEN_D, PREC, UPCAST)
             dk, dv = _dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, F1, Z, IDX1,
-                                 offs_mb, cols, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
+                                 offs_mb, n0, offs_d, D, s_qm, s_dom, qk_scale, rdrop,
                                  b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
                                  QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, p_drop,
+                                 BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
                                  True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
-                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, EVEN_D, PREC, UPCAST)
+                                 HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_M, BLOCK_N, EVEN_D, PREC, UPCAST)
     dk = dk * sm_scale
     gs64 = gsplit.to(tl.int64)
     tl.store(DK + b64 * s_dkb + hk64 * s_dkh + gs64 * s_dks + cols64 * s_dkn + offs_d[None, :],
@@ -834,34 +785,6 @@ def _attn_bwd_dkdv_kernel(
 
 
 # ================================================================================================= host code
-def _interpreted(device: torch.device) -> bool:
-    return torch.device(device).type != "cuda"
-
-
-@functools.lru_cache(maxsize=None)
-def _device_props(index: int):
-    p = torch.cuda.get_device_properties(index)
-    return p.multi_processor_count, (p.major, p.minor)
-
-
-def _num_sms(device: torch.device) -> int:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _device_props(device.index if device.index is not None else torch.cuda.current_device())[0]
-    return 4  # interpreter: a token number, so small test shapes still exercise the split paths
-
-
-def _capability(device: torch.device):
-    device = torch.device(device)
-    if device.type != "cuda":
-        return (0, 0)
-    return _device_props(device.index if device.index is not None else torch.cuda.current_device())[1]
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
 # Config tables, chosen by compiling for sm_90 offline (ptxas register / spill / shared-memory reports) among
 # FlexAttention's and the Triton tutorial's known-good points; "heavy" variants (additive bias, Toeplitz,
 # dense mask or dropout: extra per-element loads, multi-buffered in shared memory, or philox registers) use
@@ -869,13 +792,13 @@ def _block_d(D: int) -> int:
 # equal the light ones (the block map is built at attention_tile()). Not yet timed on a GPU: see the report.
 def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
     """Forward configs (BLOCK_M, BLOCK_N, num_warps, num_stages), best first; later ones use less memory."""
-    bd = _block_d(D)
+    bd = block_d(D)
     key = ("fwd", bd, dtype, heavy)
     if key in _CONFIG_OVERRIDE:
         return list(_CONFIG_OVERRIDE[key])
-    if _interpreted(device):  # small enough that short test sequences span several tiles
+    if C.interpreted(device):  # small enough that short test sequences span several tiles
         return [(64, 32, 4, 1)]
-    cap = _capability(device)
+    cap = C.capability(device)
     if dtype == torch.float32:  # tf32x3 dots: operands twice as large, three products each
         if bd <= 64:
             cfgs = [(128, 64, 8, 2), (64, 64, 4, 2)]
@@ -904,13 +827,13 @@ def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> lis
 def _bwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
     """Backward configs ((BLOCK_M1, BLOCK_N1, warps, stages) for dK/dV, (BLOCK_M2, BLOCK_N2, warps, stages) for
     dQ), best first. BLOCK_M1 is the query step of the dK/dV kernel, BLOCK_N1 its key tile."""
-    bd = _block_d(D)
+    bd = block_d(D)
     key = ("bwd", bd, dtype, heavy)
     if key in _CONFIG_OVERRIDE:
         return list(_CONFIG_OVERRIDE[key])
-    if _interpreted(device):  # differs from the forward tile: exercises the block-map conversion
+    if C.interpreted(device):  # differs from the forward tile: exercises the block-map conversion
         return [((32, 32, 4, 1), (32, 32, 4, 1))]
-    cap = _capability(device)
+    cap = C.capability(device)
     if dtype == torch.float32:
         if bd <= 64:
             cfgs = [((16, 64, 4, 2), (64, 32, 4, 2))]
@@ -947,21 +870,6 @@ def attention_tile(head_dim: int, dtype: torch.dtype, device) -> tuple:
 
 
 _FALLBACK: dict = {}
-
-
-def _with_fallback(key, cfgs, fn):
-    """Run fn(cfg) with the first config that fits the device (shared memory / registers)."""
-    start = _FALLBACK.get(key, 0)
-    err = None
-    for i in range(start, len(cfgs)):
-        try:
-            out = fn(cfgs[i])
-        except _OutOfResources as e:  # compile-time resource check, raised before the kernel runs
-            err = e
-            continue
-        _FALLBACK[key] = i
-        return out
-    raise err
 
 
 def _shrink(block: int, L: int) -> int:
@@ -1056,10 +964,6 @@ def _map_usable(block_map, B, H, Lq, Lk, block_m, block_n) -> bool:
 
 
 # --------------------------------------------------------------------------------------- argument packing
-def _seed(seed) -> int:
-    return int(seed) & 0x7FFFFFFFFFFFFFFF
-
-
 class _Masks:
     """The mask parts as kernel arguments (dummy pointers and zero strides for absent parts)."""
 
@@ -1110,7 +1014,8 @@ class _Masks:
         self.p = float(dropout_p)
         self.has_dropout = self.p > 0.0
         self.rdrop = 1.0 / (1.0 - self.p) if self.p < 1.0 else 0.0
-        self.seed = _seed(seed) if self.has_dropout else 0
+        self.threshold = C.dropout_threshold(self.p)
+        self.seed = C.dropout_seed(seed) if self.has_dropout else 0
 
     @property
     def elementwise(self) -> bool:
@@ -1133,22 +1038,9 @@ class _Masks:
                     ELEMWISE=self.elementwise)
 
 
-def _precision(dtype: torch.dtype, device) -> str:
-    """input_precision of the float32 dots (ignored for 16-bit inputs)."""
-    if dtype != torch.float32 or _interpreted(device):
-        return "ieee"
-    if torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return _FP32_PRECISION
-
-
-def _upcast(dtype: torch.dtype, device) -> bool:
-    return dtype == torch.bfloat16 and _interpreted(device)
-
-
 def _check(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _SUPPORTED:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"ptm_kernels.triton.attention: {name} has dtype {t.dtype}; "
                              "supported: float32, float16, bfloat16")
         if t.dim() != 4:
@@ -1193,14 +1085,14 @@ def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_
         return _fwd_launch(q, k, v, out, lse, float(scale), mk, block_map if use_map else None, block_m,
                            block_n, BM, BN, warps, stages)
 
-    _with_fallback(("fwd", _block_d(D), q.dtype, str(q.device), mk.heavy), cfgs, run)
+    C.first_that_fits(_FALLBACK, ("fwd", block_d(D), q.dtype, str(q.device), mk.heavy), cfgs, run)
     return out, lse
 
 
 def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn, BM, BN, warps, stages):
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
-    BD = _block_d(D)
+    BD = block_d(D)
     num_m = triton.cdiv(Lq, BM)
     if block_map is not None:
         lists = _tile_lists(block_map, map_bm, map_bn, BM, BN, Lq, Lk, transpose=False)
@@ -1215,7 +1107,7 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
     # Split the keys across programs when the query tiles alone cannot fill the device (decoding).
     programs = num_m * B * H
     n_kt = triton.cdiv(Lk, BN)
-    n_sms = _num_sms(q.device)
+    n_sms = C.num_sms(q.device)
     if _FORCE_SPLITS is not None:
         n_split = max(1, min(_FORCE_SPLITS, n_kt))
     elif programs < n_sms and n_kt >= 4:
@@ -1235,7 +1127,7 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
 
     _attn_fwd_kernel[(programs, n_split)](
         q, k, v, o_buf, l_buf, *mk.tensors(), *lists,
-        scale * LOG2E, mk.seed, mk.p, mk.rdrop,
+        scale * LOG2E, mk.seed, mk.threshold, mk.rdrop,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *o_strides, l_split_stride,
@@ -1243,8 +1135,8 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
         s_lb, s_lh, n_list,
         H, H // Hk, Lq, Lk, D, mk.wl, mk.wr, n_split,
         **mk.flags(), SPARSE=block_map is not None, SPLIT=split,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=_precision(q.dtype, q.device),
-        UPCAST=_upcast(q.dtype, q.device),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=C.precision(q.dtype, q.device),
+        UPCAST=C.upcast(q.dtype, q.device),
         num_warps=warps, num_stages=stages,
     )
     if split:
@@ -1264,7 +1156,8 @@ def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int,
         return out.view(torch.bool)
     BM, BN = 32, 64
     grid = (triton.cdiv(Lq, BM) * triton.cdiv(Lk, BN) * B * H,)
-    _dropout_mask_kernel[grid](out, _seed(seed), float(dropout_p), Lq, Lk, BLOCK_M=BM, BLOCK_N=BN, num_warps=4)
+    _dropout_mask_kernel[grid](out, C.dropout_seed(seed), C.dropout_threshold(dropout_p), Lq, Lk, BLOCK_M=BM,
+                               BLOCK_N=BN, num_warps=4)
     return out.view(torch.bool)
 
 
@@ -1292,7 +1185,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
     mk = _Masks(q, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
                 k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
     use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
-    BD = _block_d(D)
+    BD = block_d(D)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
     BMP = _shrink(64, Lq)
@@ -1309,7 +1202,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
                     block_map if use_map else None, block_m, block_n, cfg, bias_requires_grad,
                     toeplitz_requires_grad)
 
-    _with_fallback(("bwd", BD, q.dtype, str(dev), mk.heavy), _bwd_configs(D, q.dtype, dev, mk.heavy), run)
+    C.first_that_fits(_FALLBACK, ("bwd", BD, q.dtype, str(dev), mk.heavy), _bwd_configs(D, q.dtype, dev, mk.heavy), run)
     return dq, dk, dv, dbias, dtoep
 
 
@@ -1318,7 +1211,7 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     G = H // Hk
-    BD = _block_d(D)
+    BD = block_d(D)
     (BM1, BN1, w1, st1), (BM2, BN2, w2, st2) = cfg
     BM1, BN1 = _shrink(BM1, Lq), _shrink(BN1, Lk)
     BM2, BN2 = _shrink(BM2, Lq), _shrink(BN2, Lk)
@@ -1326,7 +1219,7 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
         w1 = min(w1, 4)
     if BM2 <= 32:
         w2 = min(w2, 4)
-    prec = _precision(q.dtype, q.device)
+    prec = C.precision(q.dtype, q.device)
     flags = mk.flags()
     common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
@@ -1344,8 +1237,8 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
     base_programs = num_n * B * Hk
     if _FORCE_GROUP_SPLITS is not None:
         ns = _FORCE_GROUP_SPLITS
-    elif G > 1 and base_programs < _num_sms(q.device):
-        ns = min(G, triton.cdiv(2 * _num_sms(q.device), base_programs))
+    elif G > 1 and base_programs < C.num_sms(q.device):
+        ns = min(G, triton.cdiv(2 * C.num_sms(q.device), base_programs))
     else:
         ns = 1
     while G % ns:
@@ -1362,12 +1255,12 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
     ls1, s_lb1, s_lh1, n_list1 = lists_for(BM1, BN1, True)
     _attn_bwd_dkdv_kernel[(base_programs * ns,)](
         q, k, v, dout, lse, delta, dk_buf, dv_buf, *mk.tensors(), *ls1,
-        scale * LOG2E, scale, mk.seed, mk.p, mk.rdrop,
+        scale * LOG2E, scale, mk.seed, mk.threshold, mk.rdrop,
         *common_strides, *dk_str, *dv_str, *mk.strides(),
         s_lb1, s_lh1, n_list1,
         H, Hk, G, G // ns, ns, Lq, Lk, D, mk.wl, mk.wr,
         **flags, SPARSE=block_map is not None, BLOCK_M=BM1, BLOCK_N=BN1, BLOCK_D=BD, EVEN_D=(D == BD),
-        PREC=prec, UPCAST=_upcast(q.dtype, q.device), num_warps=w1, num_stages=st1,
+        PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w1, num_stages=st1,
     )
     if ns > 1:
         dk.copy_(dk_buf.sum(2))
@@ -1378,12 +1271,12 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM2) * B * H,)](
         q, k, v, dout, lse, delta, dq, dbias if has_dbias else lse, dtoep if has_dtoep else lse,
         *mk.tensors(), *ls2,
-        scale * LOG2E, scale, mk.seed, mk.p, mk.rdrop,
+        scale * LOG2E, scale, mk.seed, mk.threshold, mk.rdrop,
         *common_strides, dq.stride(0), dq.stride(1), dq.stride(2), (dtoep.stride(0) if has_dtoep else 0),
         *mk.strides(),
         s_lb2, s_lh2, n_list2,
         H, G, Lq, Lk, D, mk.wl, mk.wr,
         **flags, HAS_DBIAS=bool(has_dbias), HAS_DTOEP=bool(has_dtoep),
         SPARSE=block_map is not None, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BD, EVEN_D=(D == BD),
-        PREC=prec, UPCAST=_upcast(q.dtype, q.device), num_warps=w2, num_stages=st2,
+        PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w2, num_stages=st2,
     )

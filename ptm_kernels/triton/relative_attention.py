@@ -22,9 +22,8 @@ Forward: one program per (row tile, b * h, stream); online softmax in base 2, fl
 of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward: one program per (row tile, b * h,
 stream) recomputes the probabilities from lse, accumulates dqu, dseg and (band form) dqv in registers (the gather
 form adds dqv chunks into its float32 buffer) and adds dk, dv, dr into float32 buffers with atomics (both streams
-in one launch, so their sums land in the same buffers). Dropout: keep(b, h, i, j) = tl.rand(seed, off) >= p with
-off = ((b*H + h) * Lr + i) * Lk + j (mod 2**31), the query stream with seed + 1; deterministic per seed (its own
-mask, not the reference's).
+in one launch, so their sums land in the same buffers). Dropout: attention's (_common.dropout_keep) with Lr rows,
+the query stream with seed + 1; deterministic per seed (its own mask, not the reference's).
 
 Precision: q.k^T, dO.v^T and qv.band^T take the inputs' dtype; the probabilities and dS (and DPB) stay float32 in
 their dots (tf32 on a GPU for 16-bit inputs, "ieee" or tf32 for float32 per torch.backends.cuda.matmul.allow_tf32):
@@ -38,28 +37,16 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from . import _common as C
+from ._common import LN2, LOG2E, SUPPORTED_DTYPES, analytic_visible, dot, dropout_keep
+
 # device-code copies: a compiled (non-interpreted) kernel may read only constexpr globals
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # =============================================================================================== device code
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b in float32. UPCAST (interpreter + 16-bit): the interpreter multiplies bfloat16 tiles as raw bits."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision=PREC)
-    else:  # 16-bit operands: tensor cores, float32 accumulation
-        return tl.dot(a, b)
-
-
 @triton.jit
 def _pos_gather(QV_row, R_bh, s_rt, base, offs_n, row_ok, col_ok, R, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
                 D: tl.constexpr):
@@ -92,7 +79,7 @@ def _band_rows(R_bh, s_rt, t_band, R, offs_d, D: tl.constexpr):
 def _pos_band(qv, r_band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Position term for consecutive rows: local row m, key n uses band row (BLOCK_M - 1 - m) + n. One dot
     against the band (tensor cores), then the diagonal select."""
-    pb = _dot(qv, tl.trans(r_band), PREC, UPCAST)  # [BLOCK_M, BAND]
+    pb = dot(qv, tl.trans(r_band), None, PREC, UPCAST)  # [BLOCK_M, BAND]
     idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
     return tl.gather(pb, idx, axis=1)
 
@@ -114,7 +101,7 @@ def _scores(qu, pos, K_bh, s_kn, KIDS_b, seg0, seg1, qid, offs_n, col_ok, scale2
     offs_d = tl.arange(0, BLOCK_D)
     k = tl.load(K_bh + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :],
                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    s = _dot(qu, tl.trans(k), PREC, UPCAST) + pos
+    s = dot(qu, tl.trans(k), None, PREC, UPCAST) + pos
     if HAS_SEG:
         kid = tl.load(KIDS_b + offs_n, mask=col_ok, other=0)
         same = qid[:, None] == kid[None, :]
@@ -126,20 +113,11 @@ def _scores(qu, pos, K_bh, s_kn, KIDS_b, seg0, seg1, qid, offs_n, col_ok, scale2
 def _visible(rows, ip, offs_n, row_ok, col_ok, b64, h64, klen, plen, wl, wr, QSEG_b, KSEG_b, DM_bh, s_dm, s_dn,
              CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_VSEG: tl.constexpr,
              HAS_DENSE: tl.constexpr):
-    vis = row_ok[:, None] & col_ok[None, :]
-    j = offs_n[None, :]
-    i = ip[:, None]
-    if CAUSAL:
-        cv = j <= i
-        if HAS_PREFIX:
-            cv = cv | (j < plen)
-        vis = vis & cv
-    if wl >= 0:
-        vis = vis & (i - j <= wl)
-    if wr >= 0:
-        vis = vis & (j - i <= wr)
-    if HAS_KLEN:
-        vis = vis & (j < klen)
+    # a negative window bound is no bound (the launcher passes -1): one no (row, key) distance exceeds
+    no_bound = 1 << 62
+    vis = analytic_visible(row_ok[:, None] & col_ok[None, :], ip[:, None], offs_n[None, :], klen, plen,
+                           tl.where(wl >= 0, wl, no_bound), tl.where(wr >= 0, wr, no_bound),
+                           CAUSAL, HAS_PREFIX, True, HAS_KLEN)
     if HAS_VSEG:
         qs = tl.load(QSEG_b + rows, mask=row_ok, other=0)
         ks = tl.load(KSEG_b + offs_n, mask=col_ok, other=0)
@@ -149,12 +127,6 @@ def _visible(rows, ip, offs_n, row_ok, col_ok, b64, h64, klen, plen, wl, wr, QSE
                      mask=row_ok[:, None] & col_ok[None, :], other=0)
         vis = vis & (dm != 0)
     return vis
-
-
-@triton.jit
-def _keep(seed, bh64, rows, offs_n, Lr, Lk, p_drop):
-    off = ((bh64 * Lr + rows[:, None].to(tl.int64)) * Lk + offs_n[None, :].to(tl.int64)) % 2147483647
-    return tl.rand(seed, off.to(tl.int32)) >= p_drop
 
 
 @triton.jit
@@ -194,7 +166,7 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
                 s_qub, s_quh, s_qum, s_qvb, s_qvh, s_qvm, s_dmb, s_dmh, s_dmm, s_dmn, s_ob, s_oh, s_om,
                 Lr, wl, wr, seed,
                 K, V, R, KIDS, KSEG, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                H, Lk, R_len, q_len, r_offset, scale2, p_drop,
+                H, Lk, R_len, q_len, r_offset, scale2, drop_thr, rdrop,
                 CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, GATHER: tl.constexpr, HAS_SEG: tl.constexpr,
                 HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr,
                 DROPOUT: tl.constexpr,
@@ -255,11 +227,11 @@ def _stream_fwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, O, LSE,
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(pr, 1)
             if DROPOUT:
-                keep = _keep(seed, bh64, rows, offs_n, Lr, Lk, p_drop)
-                pr = tl.where(keep, pr / (1.0 - p_drop), 0.0)
+                keep = dropout_keep(seed, bh64, rows, start_n, Lr, Lk, drop_thr, BLOCK_N)
+                pr = tl.where(keep, pr * rdrop, 0.0)
             v = tl.load(V_bh + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :],
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _dot(pr, v.to(tl.float32), PREC, UPCAST)
+            acc = acc * alpha[:, None] + dot(pr, v.to(tl.float32), None, PREC, UPCAST)
             m_i = m_new
         seen = l_i != 0.0  # l_i is 0 only for a row with no visible key; NaN (a NaN or +inf score) propagates
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -278,7 +250,7 @@ def _rel_fwd_kernel(
         s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_ob, s1_oh, s1_om,
         Lr1, wl1, wr1,
         K, V, R, KIDS, KSEG, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-        H, Lk, R_len, q_len, r_offset, scale2, p_drop, seed,
+        H, Lk, R_len, q_len, r_offset, scale2, drop_thr, rdrop, seed,
         CAUSAL0: tl.constexpr, HAS_POS0: tl.constexpr, HAS_SEG0: tl.constexpr, HAS_KLEN0: tl.constexpr, HAS_PREFIX0: tl.constexpr,
         HAS_VSEG0: tl.constexpr, HAS_DENSE0: tl.constexpr,
         CAUSAL1: tl.constexpr, HAS_POS1: tl.constexpr, HAS_SEG1: tl.constexpr, HAS_KLEN1: tl.constexpr, HAS_PREFIX1: tl.constexpr,
@@ -293,7 +265,7 @@ def _rel_fwd_kernel(
                     s0_qub, s0_quh, s0_qum, s0_qvb, s0_qvh, s0_qvm, s0_dmb, s0_dmh, s0_dmm, s0_dmn, s0_ob, s0_oh,
                     s0_om, Lr0, wl0, wr0, seed,
                     K, V, R, KIDS, KSEG, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                    H, Lk, R_len, q_len, r_offset, scale2, p_drop,
+                    H, Lk, R_len, q_len, r_offset, scale2, drop_thr, rdrop,
                     CAUSAL0, HAS_POS0, HAS_POS0 or BAND == 0, HAS_SEG0, HAS_KLEN0, HAS_PREFIX0, HAS_VSEG0,
                     HAS_DENSE0, DROPOUT,
                     BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
@@ -302,7 +274,7 @@ def _rel_fwd_kernel(
                     s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_ob, s1_oh,
                     s1_om, Lr1, wl1, wr1, seed + 1,
                     K, V, R, KIDS, KSEG, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                    H, Lk, R_len, q_len, r_offset, scale2, p_drop,
+                    H, Lk, R_len, q_len, r_offset, scale2, drop_thr, rdrop,
                     CAUSAL1, HAS_POS1, HAS_POS1 or BAND == 0, HAS_SEG1, HAS_KLEN1, HAS_PREFIX1, HAS_VSEG1,
                     HAS_DENSE1, DROPOUT,
                     BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
@@ -313,7 +285,7 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
                 s_qub, s_quh, s_qum, s_qvb, s_qvh, s_qvm, s_dmb, s_dmh, s_dmm, s_dmn, s_dob, s_doh, s_dom,
                 Lr, wl, wr, seed,
                 K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                H, Lk, R_len, q_len, r_offset, scale2, scale, p_drop,
+                H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop,
                 CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, GATHER: tl.constexpr, HAS_SEG: tl.constexpr,
                 HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr,
                 DROPOUT: tl.constexpr,
@@ -383,23 +355,23 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
             pr = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
             kv_ok = col_ok[:, None] & d_ok[None, :]
             v = tl.load(V_bh + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            dp = _dot(do, tl.trans(v), PREC, UPCAST)
+            dp = dot(do, tl.trans(v), None, PREC, UPCAST)
             if DROPOUT:
-                keep = _keep(seed, bh64, rows, offs_n, Lr, Lk, p_drop)
-                pd = tl.where(keep, pr / (1.0 - p_drop), 0.0)
-                dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+                keep = dropout_keep(seed, bh64, rows, start_n, Lr, Lk, drop_thr, BLOCK_N)
+                pd = tl.where(keep, pr * rdrop, 0.0)
+                dp = tl.where(keep, dp * rdrop, 0.0)
             else:
                 pd = pr
             # gradient of the unscaled score sum; 0 at hidden entries and columns past Lk even in a NaN row (where
             # delta is NaN), so that the band products do not carry it to rows of r no pair of the row uses
             g = tl.where(vis, pr * (dp - delta[:, None]) * scale, 0.0)
             # dv += pd^T do, dk += g^T qu (float32 atomics: rows of other programs land there too)
-            dv_t = _dot(tl.trans(pd), do.to(tl.float32), PREC, UPCAST)
-            dk_t = _dot(tl.trans(g), qu.to(tl.float32), PREC, UPCAST)
+            dv_t = dot(tl.trans(pd), do.to(tl.float32), None, PREC, UPCAST)
+            dk_t = dot(tl.trans(g), qu.to(tl.float32), None, PREC, UPCAST)
             kd_ptr = offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
             tl.atomic_add(DV_bh + kd_ptr, dv_t, mask=kv_ok)
             tl.atomic_add(DK_bh + kd_ptr, dk_t, mask=kv_ok)
-            dqu += _dot(g, k.to(tl.float32), PREC, UPCAST)
+            dqu += dot(g, k.to(tl.float32), None, PREC, UPCAST)
             if HAS_SEG:
                 kid = tl.load(KIDS_b + offs_n, mask=col_ok, other=0)
                 same = qid[:, None] == kid[None, :]
@@ -423,8 +395,8 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
                                   g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
                 dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND)
-                dqv += _dot(dpb, r_band.to(tl.float32), PREC, UPCAST)
-                dr_t = _dot(tl.trans(dpb), qv.to(tl.float32), PREC, UPCAST)  # [BAND, BLOCK_D]
+                dqv += dot(dpb, r_band.to(tl.float32), None, PREC, UPCAST)
+                dr_t = dot(tl.trans(dpb), qv.to(tl.float32), None, PREC, UPCAST)  # [BAND, BLOCK_D]
                 tl.atomic_add(DR_bh + t_band[:, None] * D + offs_d[None, :], dr_t,
                               mask=band_ok[:, None] & d_ok[None, :])
         if not GATHER:
@@ -446,7 +418,7 @@ def _rel_bwd_kernel(
         s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_dob, s1_doh, s1_dom,
         Lr1, wl1, wr1,
         K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-        H, Lk, R_len, q_len, r_offset, scale2, scale, p_drop, seed,
+        H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop, seed,
         CAUSAL0: tl.constexpr, HAS_POS0: tl.constexpr, HAS_SEG0: tl.constexpr, HAS_KLEN0: tl.constexpr, HAS_PREFIX0: tl.constexpr,
         HAS_VSEG0: tl.constexpr, HAS_DENSE0: tl.constexpr,
         CAUSAL1: tl.constexpr, HAS_POS1: tl.constexpr, HAS_SEG1: tl.constexpr, HAS_KLEN1: tl.constexpr, HAS_PREFIX1: tl.constexpr,
@@ -461,7 +433,7 @@ def _rel_bwd_kernel(
                     DSEG0, s0_qub, s0_quh, s0_qum, s0_qvb, s0_qvh, s0_qvm, s0_dmb, s0_dmh, s0_dmm, s0_dmn, s0_dob,
                     s0_doh, s0_dom, Lr0, wl0, wr0, seed,
                     K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                    H, Lk, R_len, q_len, r_offset, scale2, scale, p_drop,
+                    H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop,
                     CAUSAL0, HAS_POS0, HAS_POS0 or BAND == 0, HAS_SEG0, HAS_KLEN0, HAS_PREFIX0, HAS_VSEG0,
                     HAS_DENSE0, DROPOUT,
                     BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
@@ -470,7 +442,7 @@ def _rel_bwd_kernel(
                     DSEG1, s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_dob,
                     s1_doh, s1_dom, Lr1, wl1, wr1, seed + 1,
                     K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                    H, Lk, R_len, q_len, r_offset, scale2, scale, p_drop,
+                    H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop,
                     CAUSAL1, HAS_POS1, HAS_POS1 or BAND == 0, HAS_SEG1, HAS_KLEN1, HAS_PREFIX1, HAS_VSEG1,
                     HAS_DENSE1, DROPOUT,
                     BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
@@ -479,13 +451,9 @@ def _rel_bwd_kernel(
 # ================================================================================================ launchers
 
 
-def _interpreted(t: Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def _config(D: int, dtype, device):
     block_d = max(16, triton.next_power_of_2(D))
-    if device.type == "cpu":
+    if C.interpreted(device):
         cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, D_CHUNK=min(block_d, 16)), 4
     else:
         cfg, warps = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, D_CHUNK=8), 8
@@ -507,33 +475,17 @@ _GPU_CHOICE: dict = {}
 
 
 def _launch(kernel, grid, device, cfg, warps, *args, **kw):
-    if device.type == "cpu":  # the interpreter: no resource limits
+    if C.interpreted(device):  # the interpreter: no resource limits
         kernel[grid](*args, num_warps=warps, **cfg, **kw)
         return
     key = (kernel.fn.__name__, device.index, *sorted(kw.items()), *sorted(cfg.items()), warps,
            *(a.dtype for a in args if isinstance(a, Tensor)))
-    first = _GPU_CHOICE.get(key, 0)
-    for i in range(first, len(_GPU_OPTIONS)):
-        band, stages = _GPU_OPTIONS[i]
-        try:
-            kernel[grid](*args, num_warps=warps, num_stages=stages, **dict(cfg, BAND=cfg["BAND"] if band else 0),
-                         **kw)
-        except OutOfResources:
-            if i == len(_GPU_OPTIONS) - 1:
-                raise
-            continue
-        _GPU_CHOICE[key] = i
-        return
 
+    def launch(option):
+        band, stages = option
+        kernel[grid](*args, num_warps=warps, num_stages=stages, **dict(cfg, BAND=cfg["BAND"] if band else 0), **kw)
 
-def _prec(dtype, device) -> str:
-    """input_precision of the float32 dots: exact in the interpreter; on a GPU tf32 for the float32 P / dS
-    operands of 16-bit inputs, and for float32 inputs tf32x3 (float32-level accuracy) unless tf32 is allowed."""
-    if device.type == "cpu":
-        return "ieee"
-    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3"
+    C.first_that_fits(_GPU_CHOICE, key, _GPU_OPTIONS, launch)
 
 
 class _Stream:
@@ -573,9 +525,15 @@ def _flag_kwargs(s0: _Stream, s1: _Stream):
     return kw
 
 
+def _dropout_args(p, seed):
+    """(drop_thr, rdrop, seed) of the kernels; the query stream uses seed + 1 (in-kernel)."""
+    p = float(p)
+    return C.dropout_threshold(p), (1.0 / (1.0 - p) if p < 1.0 else 0.0), C.dropout_seed(seed)
+
+
 def _check(*ts):
     for t in ts:
-        if t.dtype not in _SUPPORTED:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"ptm_kernels.triton: relative attention supports float32, float16, bfloat16, "
                              f"got {t.dtype}")
 
@@ -611,9 +569,9 @@ def _fwd(k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, streams):
         *_stream_args(s0, o0, l0), *_stream_args(s1, o1, l1),
         k, v, r, (k_ids.contiguous() if k_ids is not None else s0.q_ids), kseg,
         *k.stride()[:3], *v.stride()[:3], *r.stride()[:3],
-        H, Lk, r.shape[2], q_len, r_offset, scale * LOG2E, float(dropout_p), int(seed),
-        **_flag_kwargs(s0, s1), DROPOUT=dropout_p > 0, D=D, PREC=_prec(k.dtype, k.device),
-        UPCAST=_interpreted(k) and k.dtype != torch.float32)
+        H, Lk, r.shape[2], q_len, r_offset, scale * LOG2E, *_dropout_args(dropout_p, seed),
+        **_flag_kwargs(s0, s1), DROPOUT=dropout_p > 0, D=D, PREC=C.precision(k.dtype, k.device),
+        UPCAST=C.upcast(k.dtype, k.device))
     return outs
 
 
@@ -653,9 +611,9 @@ def _bwd(douts, outs_lses, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, se
         *args(p0), *args(p1),
         k, v, r, (k_ids.contiguous() if k_ids is not None else p0[0].q_ids), kseg, dk, dv, dr,
         *k.stride()[:3], *v.stride()[:3], *r.stride()[:3],
-        H, Lk, R, q_len, r_offset, scale * LOG2E, scale, float(dropout_p), int(seed),
-        **_flag_kwargs(p0[0], p1[0]), DROPOUT=dropout_p > 0, D=D, PREC=_prec(k.dtype, k.device),
-        UPCAST=_interpreted(k) and k.dtype != torch.float32)
+        H, Lk, R, q_len, r_offset, scale * LOG2E, scale, *_dropout_args(dropout_p, seed),
+        **_flag_kwargs(p0[0], p1[0]), DROPOUT=dropout_p > 0, D=D, PREC=C.precision(k.dtype, k.device),
+        UPCAST=C.upcast(k.dtype, k.device))
     res = [(dqu, dqv.to(s.qv.dtype), dseg) for (s, _, _, _, dqu, dqv, dseg) in fixed]
     return res, dk.to(k.dtype), dv.to(v.dtype), dr
 
