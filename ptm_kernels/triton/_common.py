@@ -154,9 +154,9 @@ def analytic_visible(vis, qi, cols, klen, plen, wl, wr, CAUSAL: tl.constexpr, HA
 
 
 @triton.jit
-def dropout_keep(seed, bh64, rows, col0, Lq, Lk, threshold, BLOCK_N: tl.constexpr):
-    """Dropout keep-mask [len(rows), BLOCK_N] of head bh64, query rows `rows` (1-D), keys col0 + [0, BLOCK_N)
-    (col0 a multiple of 16).
+def dropout_keep(seed, bh64, rows, col0, Lq, Lk, threshold, BLOCK_N: tl.constexpr, TRANS: tl.constexpr = False):
+    """Dropout keep-mask [len(rows), BLOCK_N] (TRANS: its transpose) of head bh64, query rows `rows` (1-D), keys
+    col0 + [0, BLOCK_N) (col0 a multiple of 16).
 
     The mask: key j of row i belongs to group g = j // 16; one Philox4x32-10 call per (row, group), on the
     counter n = (bh * Lq + i) * ceil(Lk / 16) + g (64 bits: low word, high word, 0, 0) and key `seed`, gives
@@ -164,19 +164,30 @@ def dropout_keep(seed, bh64, rows, col0, Lq, Lk, threshold, BLOCK_N: tl.constexp
     kept when its byte >= threshold (dropout_threshold). Every Philox output is used (16 elements per call);
     the mask depends only on (seed, bh, i, j, Lq, Lk), not on the tile shape or orientation, so the forward,
     both backward kernels and the mask kernel agree."""
+    BLOCK_M: tl.constexpr = rows.shape[0]
     NG: tl.constexpr = BLOCK_N // 16
-    n_groups = (Lk + 15) // 16
-    grp = col0 // 16 + tl.arange(0, NG)
-    n = (bh64 * Lq + rows[:, None].to(tl.int64)) * n_groups + grp[None, :]  # [BLOCK_M, NG] int64
+    # one Philox call per (row, group), laid out 1-D (group-major when TRANS) so no two threads make the same call
+    flat = tl.arange(0, BLOCK_M * NG)
+    if TRANS:
+        row = tl.reshape(tl.broadcast_to(rows[None, :], [NG, BLOCK_M]), [BLOCK_M * NG])
+        grp = flat // BLOCK_M
+    else:
+        row = tl.reshape(tl.broadcast_to(rows[:, None], [BLOCK_M, NG]), [BLOCK_M * NG])
+        grp = flat % NG
+    n = (bh64 * Lq + row.to(tl.int64)) * ((Lk + 15) // 16) + (col0 // 16 + grp)  # int64
     c0 = n.to(tl.uint32)
     c1 = (n >> 32).to(tl.uint32)
     z = c0 * 0
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, z, z)
-    # [BLOCK_M, NG, word, byte] -> [BLOCK_M, BLOCK_N]: key 16 g + 4 w + b, byte b of word w
-    words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [BLOCK_M, NG, 2, 2]: word 2 x + y
+    # key 16 g + 4 w + b is byte b of word w: [calls, word 2 x + y, byte 2 u + v]
+    words = tl.join(tl.join(w0, w1), tl.join(w2, w3))
     b0 = (words & 0xFF) >= threshold
     b1 = ((words >> 8) & 0xFF) >= threshold
     b2 = ((words >> 16) & 0xFF) >= threshold
     b3 = (words >> 24) >= threshold
-    keep = tl.join(tl.join(b0, b1), tl.join(b2, b3))  # [BLOCK_M, NG, 2, 2, 2, 2]: byte 2 u + v
-    return tl.reshape(keep, [rows.shape[0], BLOCK_N])
+    keep = tl.join(tl.join(b0, b1), tl.join(b2, b3))
+    if TRANS:  # calls (g, m) -> [g, m, 16] -> [g, 16, m] -> [BLOCK_N, BLOCK_M]
+        keep = tl.reshape(keep, [NG, BLOCK_M, 16])
+        return tl.reshape(tl.permute(keep, (0, 2, 1)), [BLOCK_N, BLOCK_M])
+    else:  # calls (m, g) -> [BLOCK_M, BLOCK_N]
+        return tl.reshape(keep, [BLOCK_M, BLOCK_N])
