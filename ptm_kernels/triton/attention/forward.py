@@ -1,5 +1,10 @@
 """Attention forward kernels: the main kernel (online softmax over the visible key tiles, optionally one key
-split of a decoding launch), the combine kernel of the key splits, and the dropout-mask kernel."""
+split of a decoding launch), the combine kernel of the key splits, and the dropout-mask kernel.
+
+Grouped arguments (NamedTuples / tuples, see launch.py): Q, K, V = (ptr, stride_b, stride_h, stride_l);
+O = (ptr, stride_b, stride_h, stride_l, stride_split); LSE = (ptr, stride_split); mask: masks.MaskArgs;
+lists: launch.TileLists or None (no block map); drop: (seed, threshold, scale) or None (no dropout).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +12,19 @@ import triton
 import triton.language as tl
 
 from .._common import dot, dropout_keep, load
-from .masks import _key_tile_range, _mod_scores
+from .masks import _key_tile_range, _mod_scores, _tile_ctx
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
-               offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
-               b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
-               QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn,
-               DMASK, s_db, s_dh, s_dm, s_dn,
-               BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
-               MASK: tl.constexpr, SPARSE: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HAS_TOEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+               MASK: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over key tiles it_lo..it_hi (tile indices, or positions in the list IDX when SPARSE);
+    MASK: tiles that need the mask (else fully visible, inside [0, Lk)). kv = (K_bh, V_bh, k_offs, v_offs,
+    s_kn, s_vn, D, qk_scale)."""
+    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale = kv
+    Lq = ctx[2]
+    Lk = ctx[3]
     for it in range(it_lo, it_hi):
         if SPARSE:
             start_n = tl.load(IDX + it) * BLOCK_N
@@ -40,19 +42,16 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
             kv_mask = offs_d[None, :] < D  # (unused when EVEN_D)
         k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
         s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
-        s = _mod_scores(s, offs_m[:, None], cols[None, :], b64, h64, Lq, Lk, klen, plen, wl, wr,
-                        QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                        BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th,
-                        MASK, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG, HAS_DENSE,
-                        HAS_BIAS, HAS_TOEP)
+        s = _mod_scores(s, offs_m[:, None], cols[None, :], ctx, mask, MASK, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh64, offs_m, start_n, Lq, Lk, drop_thr, BLOCK_N)
+        if drop is not None:
+            seed, threshold, _scale = drop
+            keep = dropout_keep(seed, bh64, offs_m, start_n, Lq, Lk, threshold, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
         acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
@@ -61,21 +60,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, it_lo, it_hi, IDX,
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KLEN, PLEN, QSEG, KSEG, DMASK, BIAS, TOEP, CNT1, IDX1, CNT2, IDX2,
-    qk_scale, seed, drop_thr, rdrop,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    s_ob, s_oh, s_om, s_os, s_ls,
-    s_qsb, s_qsm, s_ksb, s_ksn, s_db, s_dh, s_dm, s_dn, s_bb, s_bh, s_bm, s_bn, s_th,
-    s_lb, s_lh, n_list,
-    H, G, Lq, Lk, D, wl, wr, n_split,
-    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_TOEP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ELEMWISE: tl.constexpr, SPARSE: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
+def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk, D, n_split,
+                     CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m = tl.cdiv(Lq, BLOCK_M)
@@ -87,9 +75,9 @@ def _attn_fwd_kernel(
     h64 = h.to(tl.int64)
     bh64 = bh.to(tl.int64)
     hk64 = (h // G).to(tl.int64)
-    Q_bh = Q + b64 * s_qb + h64 * s_qh
-    K_bh = K + b64 * s_kb + hk64 * s_kh
-    V_bh = V + b64 * s_vb + hk64 * s_vh
+    Q_bh = Q[0] + b64 * Q[1] + h64 * Q[2]
+    K_bh = K[0] + b64 * K[1] + hk64 * K[2]
+    V_bh = V[0] + b64 * V[1] + hk64 * V[2]
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -99,25 +87,19 @@ def _attn_fwd_kernel(
         q_mask = offs_m[:, None] < Lq
     else:
         q_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    q = tl.load(Q_bh + offs_m[:, None].to(tl.int64) * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    k_offs = offs_n[:, None] * s_kn + offs_d[None, :]
-    v_offs = offs_n[:, None] * s_vn + offs_d[None, :]
-
-    klen = Lk
-    plen = 0
-    if HAS_KLEN:
-        klen = tl.load(KLEN + b).to(tl.int32)
-    if HAS_PREFIX:
-        plen = tl.load(PLEN + b).to(tl.int32)
+    q = tl.load(Q_bh + offs_m[:, None].to(tl.int64) * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
+    kv = (K_bh, V_bh, offs_n[:, None] * K[3] + offs_d[None, :], offs_n[:, None] * V[3] + offs_d[None, :], K[3],
+          V[3], D, qk_scale)
+    ctx = _tile_ctx(mask, b, b64, h64, Lq, Lk)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    if SPARSE:
-        lrow = b64 * s_lb + h64 * s_lh + pid_m
-        n1 = tl.load(CNT1 + lrow)
-        n2 = tl.load(CNT2 + lrow)
+    if lists is not None:  # block map: the partial tiles (masked), then the full ones
+        lrow = b64 * lists.s_b + h64 * lists.s_h + pid_m
+        n1 = tl.load(lists.cnt_partial + lrow)
+        n2 = tl.load(lists.cnt_full + lrow)
         lo1 = n1 * 0
         hi1 = n1
         lo2 = n2 * 0
@@ -129,23 +111,14 @@ def _attn_fwd_kernel(
             per2 = tl.cdiv(n2, n_split)
             lo2 = tl.minimum(split * per2, n2)
             hi2 = tl.minimum(lo2 + per2, n2)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, lo1, hi1, IDX1 + lrow * n_list,
-                                   offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
-                                   b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
-                                   QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
-                                   True, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
-                                   HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, lo2, hi2, IDX2 + lrow * n_list,
-                                   offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
-                                   b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
-                                   QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
-                                   False, True, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
-                                   HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo1, hi1, lists.idx_partial + lrow * lists.n,
+                                   offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+                                   True, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo2, hi2, lists.idx_full + lrow * lists.n,
+                                   offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+                                   False, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
     else:
-        A, F0, F1, Z = _key_tile_range(m0, Lq, Lk, klen, plen, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, HAS_PREFIX,
-                                       HAS_WINDOW, HAS_KLEN, ELEMWISE)
+        A, F0, F1, Z = _key_tile_range(m0, ctx, mask, BLOCK_M, BLOCK_N, CAUSAL, ELEMWISE)
         if SPLIT:
             per = tl.cdiv(Z - A, n_split)
             c0 = A + split * per
@@ -155,40 +128,25 @@ def _attn_fwd_kernel(
             F1 = tl.minimum(tl.maximum(F1, c0), c1)
             Z = tl.minimum(Z, c1)
         # [A, F0) and [F1, Z): masked tiles; [F0, F1): tiles every query of this tile fully sees.
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, A, F0, IDX1,
-                                   offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
-                                   b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
-                                   QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
-                                   True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
-                                   HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, F0, F1, IDX1,
-                                   offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
-                                   b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
-                                   QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
-                                   False, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
-                                   HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, k_offs, v_offs, F1, Z, IDX1,
-                                   offs_m, offs_n, offs_d, D, s_kn, s_vn, qk_scale,
-                                   b64, h64, bh64, Lq, Lk, klen, plen, wl, wr,
-                                   QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn, DMASK, s_db, s_dh, s_dm, s_dn,
-                                   BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th, seed, drop_thr,
-                                   True, False, CAUSAL, HAS_PREFIX, HAS_WINDOW, HAS_KLEN, HAS_SEG,
-                                   HAS_DENSE, HAS_BIAS, HAS_TOEP, HAS_DROPOUT, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, A, F0, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                   bh64, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F0, F1, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                   bh64, False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F1, Z, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                   bh64, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
 
     # Epilogue. l_i == 0 exactly when the row saw no visible key (the row maximum contributes exp2(0) = 1).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    if HAS_DROPOUT:
-        out = out * rdrop
+    if drop is not None:
+        out = out * drop[2]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     row_ok = offs_m < Lq
-    o_ptrs = O + split.to(tl.int64) * s_os + b64 * s_ob + h64 * s_oh + offs_m[:, None].to(tl.int64) * s_om \
-        + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + split.to(tl.int64) * s_ls + bh64 * Lq + offs_m, lse, mask=row_ok)
+    split64 = split.to(tl.int64)
+    o_ptrs = O[0] + split64 * O[4] + b64 * O[1] + h64 * O[2] + offs_m[:, None].to(tl.int64) * O[3] + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O[0].dtype.element_ty), mask=q_mask)
+    tl.store(LSE[0] + split64 * LSE[1] + bh64 * Lq + offs_m, lse, mask=row_ok)
 
 
 @triton.jit

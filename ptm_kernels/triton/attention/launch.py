@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -14,6 +14,7 @@ from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _bwd_preproces
 from .block_map import _map_usable, _tile_lists
 from .configs import _bwd_configs, _fwd_configs, _shrink
 from .forward import _attn_combine_kernel, _attn_fwd_kernel, _dropout_mask_kernel
+from .masks import MaskArgs, ScoreTensor, Segments, Toeplitz
 
 # Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV.
 _FORCE_SPLITS: Optional[int] = None
@@ -24,78 +25,82 @@ _FALLBACK: dict = {}
 
 
 # --------------------------------------------------------------------------------------- argument packing
-class _Masks:
-    """The mask parts as kernel arguments (dummy pointers and zero strides for absent parts)."""
+class TileLists(NamedTuple):
+    """A block map as per-row tile lists (see block_map._tile_lists), int32, broadcast B/H dims of size 1."""
+    cnt_partial: Tensor
+    idx_partial: Tensor
+    cnt_full: Tensor
+    idx_full: Tensor
+    s_b: int
+    s_h: int
+    n: int
 
-    def __init__(self, q, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths,
+
+def _rows(t: Tensor) -> tuple:
+    """A [B, H, L, D] operand as a kernel argument: (ptr, stride_b, stride_h, stride_l)."""
+    return (t, t.stride(0), t.stride(1), t.stride(2))
+
+
+class _Masks:
+    """The mask parts and dropout of one call, as kernel arguments (masks.MaskArgs, None for absent parts)."""
+
+    def __init__(self, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths,
                  q_segments, k_segments, dense_mask, bias, toeplitz, dropout_p, seed):
-        dummy = q
         self.causal = bool(causal)
-        self.has_prefix = self.causal and prefix_lengths is not None
         wl = int(window_left) if window_left is not None else -1
         wr = int(window_right) if window_right is not None else -1
         # A bound that no (query, key) pair can exceed is no bound (also keeps the index math in int32):
         # i + Lk - Lq - j <= Lk - 1 and j - (i + Lk - Lq) <= Lq - 1 always; Lq + Lk stands for "unbounded".
         has_wl = 0 <= wl < Lk - 1
         has_wr = 0 <= wr < Lq - 1
-        self.has_window = has_wl or has_wr
-        self.wl = wl if has_wl else Lq + Lk
-        self.wr = wr if has_wr else Lq + Lk
-        self.has_klen = key_lengths is not None
-        self.klen = key_lengths.clamp(0, Lk).to(torch.int32).contiguous() if self.has_klen else dummy
-        self.plen = prefix_lengths.clamp(0, Lk).to(torch.int32).contiguous() if self.has_prefix else dummy
-        self.has_seg = q_segments is not None and k_segments is not None
-        if self.has_seg:
-            self.qseg, self.kseg = q_segments, k_segments
-            self.s_qs = (q_segments.stride(0), q_segments.stride(1))
-            self.s_ks = (k_segments.stride(0), k_segments.stride(1))
-        else:
-            self.qseg = self.kseg = dummy
-            self.s_qs = self.s_ks = (0, 0)
-        self.has_dense = dense_mask is not None
-        if self.has_dense:
+        window = (wl if has_wl else Lq + Lk, wr if has_wr else Lq + Lk) if has_wl or has_wr else None
+        segments = None
+        if q_segments is not None and k_segments is not None:
+            segments = Segments(q_segments, k_segments, q_segments.stride(0), q_segments.stride(1),
+                                k_segments.stride(0), k_segments.stride(1))
+        dense = None
+        if dense_mask is not None:
             dm = dense_mask.expand(B, H, Lq, Lk)
-            self.dmask = dm.view(torch.uint8) if dm.dtype == torch.bool else (dm != 0).view(torch.uint8)
-            self.s_d = tuple(self.dmask.stride())
-        else:
-            self.dmask, self.s_d = dummy, (0, 0, 0, 0)
-        self.has_bias = bias is not None
-        if self.has_bias:
-            self.bias = bias.expand(B, H, Lq, Lk)
-            self.s_b = tuple(self.bias.stride())
-        else:
-            self.bias, self.s_b = dummy, (0, 0, 0, 0)
-        self.has_toep = toeplitz is not None
-        if self.has_toep:
-            self.toep = toeplitz.to(torch.float32).contiguous()
-            self.s_t = self.toep.stride(0)
-        else:
-            self.toep, self.s_t = dummy, 0
-        self.p = float(dropout_p)
-        self.has_dropout = self.p > 0.0
-        self.rdrop = 1.0 / (1.0 - self.p) if self.p < 1.0 else 0.0
-        self.threshold = C.dropout_threshold(self.p)
-        self.seed = C.dropout_seed(seed) if self.has_dropout else 0
+            dm = dm.view(torch.uint8) if dm.dtype == torch.bool else (dm != 0).view(torch.uint8)
+            dense = ScoreTensor(dm, *dm.stride())
+        bias_arg = None
+        if bias is not None:
+            bias = bias.expand(B, H, Lq, Lk)
+            bias_arg = ScoreTensor(bias, *bias.stride())
+        toep = None
+        if toeplitz is not None:
+            table = toeplitz.to(torch.float32).contiguous()
+            toep = Toeplitz(table, table.stride(0))
+        self.args = MaskArgs(
+            key_lengths=key_lengths.clamp(0, Lk).to(torch.int32).contiguous() if key_lengths is not None else None,
+            prefix_lengths=(prefix_lengths.clamp(0, Lk).to(torch.int32).contiguous()
+                            if self.causal and prefix_lengths is not None else None),
+            window=window, segments=segments, dense=dense, bias=bias_arg, toeplitz=toep)
+        p = float(dropout_p)
+        # (seed, threshold, scale) of _common.dropout_keep, or None
+        self.drop = (C.dropout_seed(seed), C.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1.0 else 0.0) \
+            if p > 0.0 else None
 
     @property
     def elementwise(self) -> bool:
-        return self.has_seg or self.has_dense
+        return self.args.segments is not None or self.args.dense is not None
 
     @property
     def heavy(self) -> bool:
-        return self.has_bias or self.has_toep or self.has_dense or self.has_dropout
-
-    def tensors(self):
-        return (self.klen, self.plen, self.qseg, self.kseg, self.dmask, self.bias, self.toep)
-
-    def strides(self):
-        return (*self.s_qs, *self.s_ks, *self.s_d, *self.s_b, self.s_t)
+        a = self.args
+        return a.bias is not None or a.toeplitz is not None or a.dense is not None or self.drop is not None
 
     def flags(self) -> dict:
-        return dict(CAUSAL=self.causal, HAS_PREFIX=self.has_prefix, HAS_WINDOW=self.has_window,
-                    HAS_KLEN=self.has_klen, HAS_SEG=self.has_seg, HAS_DENSE=self.has_dense,
-                    HAS_BIAS=self.has_bias, HAS_TOEP=self.has_toep, HAS_DROPOUT=self.has_dropout,
-                    ELEMWISE=self.elementwise)
+        return dict(CAUSAL=self.causal, ELEMWISE=self.elementwise)
+
+
+def _lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose) -> Optional[TileLists]:
+    """The block map's tile lists at tile (bm, bn) (transposed: per key tile), or None without a map."""
+    if block_map is None:
+        return None
+    cnt_p, idx_p, cnt_f, idx_f = _tile_lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose)
+    return TileLists(cnt_p, idx_p, cnt_f, idx_f, cnt_p.stride(0) if cnt_p.shape[0] > 1 else 0,
+                     cnt_p.stride(1) if cnt_p.shape[1] > 1 else 0, idx_p.shape[-1])
 
 
 def _check(q, k, v):
@@ -132,7 +137,7 @@ def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    mk = _Masks(q, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
+    mk = _Masks(B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
                 k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
     use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
     cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy)
@@ -154,15 +159,7 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
     Hk, Lk = k.shape[1], k.shape[2]
     BD = block_d(D)
     num_m = triton.cdiv(Lq, BM)
-    if block_map is not None:
-        lists = _tile_lists(block_map, map_bm, map_bn, BM, BN, Lq, Lk, transpose=False)
-        cnt1 = lists[0]
-        s_lb = cnt1.stride(0) if cnt1.shape[0] > 1 else 0
-        s_lh = cnt1.stride(1) if cnt1.shape[1] > 1 else 0
-        n_list = lists[1].shape[-1]
-    else:
-        lists = (lse, lse, lse, lse)  # dummies
-        s_lb = s_lh = n_list = 0
+    lists = _lists(block_map, map_bm, map_bn, BM, BN, Lq, Lk, transpose=False)
 
     # Split the keys across programs when the query tiles alone cannot fill the device (decoding).
     programs = num_m * B * H
@@ -178,23 +175,16 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
     if split:
         o_buf = torch.empty((n_split, B, H, Lq, D), dtype=torch.float32, device=q.device)
         l_buf = torch.empty((n_split, B, H, Lq), dtype=torch.float32, device=q.device)
-        o_strides = (o_buf.stride(1), o_buf.stride(2), o_buf.stride(3), o_buf.stride(0))
-        l_split_stride = l_buf.stride(0)
+        o_arg = (o_buf, o_buf.stride(1), o_buf.stride(2), o_buf.stride(3), o_buf.stride(0))
+        l_arg = (l_buf, l_buf.stride(0))
     else:
         o_buf, l_buf = out, lse
-        o_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
-        l_split_stride = 0
+        o_arg = (out, out.stride(0), out.stride(1), out.stride(2), 0)
+        l_arg = (lse, 0)
 
     _attn_fwd_kernel[(programs, n_split)](
-        q, k, v, o_buf, l_buf, *mk.tensors(), *lists,
-        scale * LOG2E, mk.seed, mk.threshold, mk.rdrop,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *o_strides, l_split_stride,
-        *mk.strides(),
-        s_lb, s_lh, n_list,
-        H, H // Hk, Lq, Lk, D, mk.wl, mk.wr, n_split,
-        **mk.flags(), SPARSE=block_map is not None, SPLIT=split,
+        _rows(q), _rows(k), _rows(v), o_arg, l_arg, mk.args, lists, mk.drop, scale * LOG2E,
+        H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=C.precision(q.dtype, q.device),
         UPCAST=C.upcast(q.dtype, q.device),
         num_warps=warps, num_stages=stages,
@@ -242,7 +232,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, dbias, dtoep
     lse = lse.to(torch.float32).contiguous()
-    mk = _Masks(q, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
+    mk = _Masks(B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
                 k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
     use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
     BD = block_d(D)
@@ -281,16 +271,7 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
         w2 = min(w2, 4)
     prec = C.precision(q.dtype, q.device)
     flags = mk.flags()
-    common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-
-    def lists_for(bm, bn, transpose):
-        if block_map is None:
-            return (lse, lse, lse, lse), 0, 0, 0
-        ls = _tile_lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose)
-        cnt = ls[0]
-        return ls, (cnt.stride(0) if cnt.shape[0] > 1 else 0), (cnt.stride(1) if cnt.shape[1] > 1 else 0), \
-            ls[1].shape[-1]
+    Q, K, V, DO = _rows(q), _rows(k), _rows(v), _rows(dout)
 
     # dK / dV: one program per (key tile, b, kv head, group split).
     num_n = triton.cdiv(Lk, BN1)
@@ -306,20 +287,16 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
     if ns > 1:
         dk_buf = torch.empty((B, Hk, ns, Lk, D), dtype=torch.float32, device=q.device)
         dv_buf = torch.empty((B, Hk, ns, Lk, D), dtype=torch.float32, device=q.device)
-        dk_str = (dk_buf.stride(0), dk_buf.stride(1), dk_buf.stride(2), dk_buf.stride(3))
-        dv_str = (dv_buf.stride(0), dv_buf.stride(1), dv_buf.stride(2), dv_buf.stride(3))
+        dk_arg = (dk_buf, *dk_buf.stride()[:4])
+        dv_arg = (dv_buf, *dv_buf.stride()[:4])
     else:
         dk_buf, dv_buf = dk, dv
-        dk_str = (dk.stride(0), dk.stride(1), 0, dk.stride(2))
-        dv_str = (dv.stride(0), dv.stride(1), 0, dv.stride(2))
-    ls1, s_lb1, s_lh1, n_list1 = lists_for(BM1, BN1, True)
+        dk_arg = (dk, dk.stride(0), dk.stride(1), 0, dk.stride(2))
+        dv_arg = (dv, dv.stride(0), dv.stride(1), 0, dv.stride(2))
     _attn_bwd_dkdv_kernel[(base_programs * ns,)](
-        q, k, v, dout, lse, delta, dk_buf, dv_buf, *mk.tensors(), *ls1,
-        scale * LOG2E, scale, mk.seed, mk.threshold, mk.rdrop,
-        *common_strides, *dk_str, *dv_str, *mk.strides(),
-        s_lb1, s_lh1, n_list1,
-        H, Hk, G, G // ns, ns, Lq, Lk, D, mk.wl, mk.wr,
-        **flags, SPARSE=block_map is not None, BLOCK_M=BM1, BLOCK_N=BN1, BLOCK_D=BD, EVEN_D=(D == BD),
+        Q, K, V, DO, lse, delta, dk_arg, dv_arg, mk.args,
+        _lists(block_map, map_bm, map_bn, BM1, BN1, Lq, Lk, transpose=True), mk.drop, scale * LOG2E, scale,
+        H, Hk, G, G // ns, ns, Lq, Lk, D, **flags, BLOCK_M=BM1, BLOCK_N=BN1, BLOCK_D=BD, EVEN_D=(D == BD),
         PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w1, num_stages=st1,
     )
     if ns > 1:
@@ -327,16 +304,10 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
         dv.copy_(dv_buf.sum(2))
 
     # dQ (and dS for the bias / Toeplitz gradients): one program per (query tile, b, h).
-    ls2, s_lb2, s_lh2, n_list2 = lists_for(BM2, BN2, False)
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM2) * B * H,)](
-        q, k, v, dout, lse, delta, dq, dbias if has_dbias else lse, dtoep if has_dtoep else lse,
-        *mk.tensors(), *ls2,
-        scale * LOG2E, scale, mk.seed, mk.threshold, mk.rdrop,
-        *common_strides, dq.stride(0), dq.stride(1), dq.stride(2), (dtoep.stride(0) if has_dtoep else 0),
-        *mk.strides(),
-        s_lb2, s_lh2, n_list2,
-        H, G, Lq, Lk, D, mk.wl, mk.wr,
-        **flags, HAS_DBIAS=bool(has_dbias), HAS_DTOEP=bool(has_dtoep),
-        SPARSE=block_map is not None, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BD, EVEN_D=(D == BD),
+        Q, K, V, DO, lse, delta, _rows(dq), dbias if has_dbias else None,
+        (dtoep, dtoep.stride(0)) if has_dtoep else None,
+        mk.args, _lists(block_map, map_bm, map_bn, BM2, BN2, Lq, Lk, transpose=False), mk.drop, scale * LOG2E,
+        scale, H, G, Lq, Lk, D, **flags, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BD, EVEN_D=(D == BD),
         PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w2, num_stages=st2,
     )

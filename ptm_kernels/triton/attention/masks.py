@@ -1,45 +1,103 @@
-"""Attention masks in device code: the visibility of a score tile (analytic parts, segment ids, dense mask),
-its additive bias / Toeplitz terms, and which key (query) tiles a query (key) tile must visit."""
+"""Attention masks: their kernel arguments (one NamedTuple per part, None when absent, so each part's code is
+compiled only where the part is present) and, in device code, the visibility of a score tile (analytic parts,
+segment ids, dense mask), its additive bias / Toeplitz terms, and which key (query) tiles a query (key) tile
+must visit."""
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .._common import analytic_visible
 
 
+class Segments(NamedTuple):
+    """Segment ids of the queries ([B, Lq]) and keys ([B, Lk]): visible where equal."""
+    q: Tensor
+    k: Tensor
+    s_qb: int
+    s_qm: int
+    s_kb: int
+    s_kn: int
+
+
+class ScoreTensor(NamedTuple):
+    """A [B, H, Lq, Lk] tensor read per score (dense bool mask as uint8, additive bias); stride 0 on broadcast
+    dims."""
+    ptr: Tensor
+    s_b: int
+    s_h: int
+    s_m: int
+    s_n: int
+
+
+class Toeplitz(NamedTuple):
+    """table[h, i - j + Lk - 1], float32 [H, Lq + Lk - 1]."""
+    ptr: Tensor
+    s_h: int
+
+
+class MaskArgs(NamedTuple):
+    """The mask parts of one attention call as kernel arguments (causal is the CAUSAL constexpr)."""
+    key_lengths: Optional[Tensor]  # int32 [B], clamped to [0, Lk]
+    prefix_lengths: Optional[Tensor]  # int32 [B] (with causal only)
+    window: Optional[tuple]  # (left, right); Lq + Lk stands for an unbounded side
+    segments: Optional[Segments]
+    dense: Optional[ScoreTensor]
+    bias: Optional[ScoreTensor]
+    toeplitz: Optional[Toeplitz]
+
+
 @triton.jit
-def _mod_scores(s, rows, cols, b64, h64, Lq, Lk, klen, plen, wl, wr,
-                QSEG, KSEG, s_qsb, s_qsm, s_ksb, s_ksn,
-                DMASK, s_db, s_dh, s_dm, s_dn,
-                BIAS, s_bb, s_bh, s_bm, s_bn, TOEP, s_th,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_KLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DENSE: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_TOEP: tl.constexpr):
+def _tile_ctx(mask, b, b64, h64, Lq, Lk):
+    """What the mask code needs of a program's (batch row, head): (b64, h64, Lq, Lk, klen, plen, wl, wr)."""
+    klen = Lk
+    plen = 0
+    wl = 0
+    wr = 0
+    if mask.key_lengths is not None:
+        klen = tl.load(mask.key_lengths + b).to(tl.int32)
+    if mask.prefix_lengths is not None:
+        plen = tl.load(mask.prefix_lengths + b).to(tl.int32)
+    if mask.window is not None:
+        wl, wr = mask.window
+    return b64, h64, Lq, Lk, klen, plen, wl, wr
+
+
+@triton.jit
+def _mod_scores(s, rows, cols, ctx, mask, MASK: tl.constexpr, CAUSAL: tl.constexpr):
     """Add bias/Toeplitz (times log2 e) to base-2 scores s and, if MASK, set invisible entries to -inf.
 
     rows (query indices) and cols (key indices) are broadcastable 2-D index blocks ([M, 1] x [1, N] in the
-    forward / dQ orientation, [1, M] x [N, 1] in the dK/dV one)."""
+    forward / dQ orientation, [1, M] x [N, 1] in the dK/dV one); ctx: _tile_ctx."""
+    b64, h64, Lq, Lk, klen, plen, wl, wr = ctx
     row_ok = rows < Lq
     col_ok = cols < Lk
-    if HAS_BIAS:
-        bias = tl.load(BIAS + b64 * s_bb + h64 * s_bh + rows.to(tl.int64) * s_bm + cols.to(tl.int64) * s_bn,
+    if mask.bias is not None:
+        B = mask.bias
+        bias = tl.load(B.ptr + b64 * B.s_b + h64 * B.s_h + rows.to(tl.int64) * B.s_m + cols.to(tl.int64) * B.s_n,
                        mask=row_ok & col_ok, other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
-    if HAS_TOEP:
-        t = tl.load(TOEP + h64 * s_th + (rows - cols + (Lk - 1)), mask=row_ok & col_ok, other=0.0)
+    if mask.toeplitz is not None:
+        T = mask.toeplitz
+        t = tl.load(T.ptr + h64 * T.s_h + (rows - cols + (Lk - 1)), mask=row_ok & col_ok, other=0.0)
         s += t.to(tl.float32) * 1.4426950408889634
     if MASK:
         qi = rows + (Lk - Lq)  # query index in key coordinates (bottom-right alignment)
-        vis = analytic_visible(row_ok & col_ok, qi, cols, klen, plen, wl, wr, CAUSAL, HAS_PREFIX, HAS_WINDOW,
-                               HAS_KLEN)
-        if HAS_SEG:
-            qs = tl.load(QSEG + b64 * s_qsb + rows * s_qsm, mask=row_ok, other=0)
-            ks = tl.load(KSEG + b64 * s_ksb + cols * s_ksn, mask=col_ok, other=0)
+        vis = analytic_visible(row_ok & col_ok, qi, cols, klen, plen, wl, wr, CAUSAL,
+                               mask.prefix_lengths is not None, mask.window is not None,
+                               mask.key_lengths is not None)
+        if mask.segments is not None:
+            S = mask.segments
+            qs = tl.load(S.q + b64 * S.s_qb + rows * S.s_qm, mask=row_ok, other=0)
+            ks = tl.load(S.k + b64 * S.s_kb + cols * S.s_kn, mask=col_ok, other=0)
             vis = vis & (qs == ks)
-        if HAS_DENSE:
-            dm = tl.load(DMASK + b64 * s_db + h64 * s_dh + rows.to(tl.int64) * s_dm + cols.to(tl.int64) * s_dn,
+        if mask.dense is not None:
+            M = mask.dense
+            dm = tl.load(M.ptr + b64 * M.s_b + h64 * M.s_h + rows.to(tl.int64) * M.s_m + cols.to(tl.int64) * M.s_n,
                          mask=row_ok & col_ok, other=0)
             vis = vis & (dm != 0)
         s = tl.where(vis, s, float("-inf"))
@@ -47,30 +105,29 @@ def _mod_scores(s, rows, cols, b64, h64, Lq, Lk, klen, plen, wl, wr,
 
 
 @triton.jit
-def _key_tile_range(m0, Lq, Lk, klen, plen, wl, wr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_KLEN: tl.constexpr, ELEMWISE: tl.constexpr):
+def _key_tile_range(m0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    ELEMWISE: tl.constexpr):
     """Key tiles a query tile [m0, m0 + BLOCK_M) must visit: [A, Z), of which [F0, F1) need no mask (and lie
     inside [0, Lk))."""
+    _b64, _h64, Lq, Lk, klen, plen, wl, wr = ctx
     off = Lk - Lq
     m_last = tl.minimum(m0 + BLOCK_M, Lq) - 1  # last valid query row of the tile
     lo = m0 * 0
     hi = lo + Lk
     full_lo = lo
     full_hi = hi
-    if HAS_KLEN:
+    if mask.key_lengths is not None:
         hi = tl.minimum(hi, klen)
         full_hi = tl.minimum(full_hi, klen)
     if CAUSAL:
         c_hi = m_last + off + 1
         c_full = m0 + off + 1
-        if HAS_PREFIX:
+        if mask.prefix_lengths is not None:
             c_hi = tl.maximum(c_hi, plen)
             c_full = tl.maximum(c_full, plen)
         hi = tl.minimum(hi, c_hi)
         full_hi = tl.minimum(full_hi, c_full)
-    if HAS_WINDOW:
+    if mask.window is not None:
         hi = tl.minimum(hi, m_last + off + wr + 1)
         full_hi = tl.minimum(full_hi, m0 + off + wr + 1)
         lo = tl.maximum(lo, m0 + off - wl)
@@ -86,12 +143,11 @@ def _key_tile_range(m0, Lq, Lk, klen, plen, wl, wr,
 
 
 @triton.jit
-def _query_tile_range(n0, Lq, Lk, klen, plen, wl, wr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                      HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      HAS_KLEN: tl.constexpr, ELEMWISE: tl.constexpr):
+def _query_tile_range(n0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                      ELEMWISE: tl.constexpr):
     """Query tiles a key tile [n0, n0 + BLOCK_N) must visit: [A, Z), of which [F0, F1) need no mask (and lie
     inside [0, Lq))."""
+    _b64, _h64, Lq, Lk, klen, plen, wl, wr = ctx
     off = Lk - Lq
     n_last = tl.minimum(n0 + BLOCK_N, Lk) - 1
     lo = n0 * 0
@@ -99,18 +155,18 @@ def _query_tile_range(n0, Lq, Lk, klen, plen, wl, wr,
     full_lo = lo
     full_hi = lo + (Lq // BLOCK_M) * BLOCK_M  # full tiles lie inside [0, Lq) (unmasked loads)
     full_hi = tl.where(n0 + BLOCK_N <= Lk, full_hi, 0)
-    if HAS_KLEN:
+    if mask.key_lengths is not None:
         hi = tl.where(n0 < klen, hi, 0)
         full_hi = tl.where(n0 + BLOCK_N <= klen, full_hi, 0)
     if CAUSAL:
         c_lo = n0 - off
         c_full = n0 + BLOCK_N - 1 - off
-        if HAS_PREFIX:
+        if mask.prefix_lengths is not None:
             c_lo = tl.where(n0 < plen, 0, c_lo)
             c_full = tl.where(n0 + BLOCK_N <= plen, 0, c_full)
         lo = tl.maximum(lo, c_lo)
         full_lo = tl.maximum(full_lo, c_full)
-    if HAS_WINDOW:
+    if mask.window is not None:
         lo = tl.maximum(lo, n0 - wr - off)
         full_lo = tl.maximum(full_lo, n0 + BLOCK_N - 1 - wr - off)
         hi = tl.minimum(hi, n_last + wl - off + 1)

@@ -14,16 +14,20 @@ _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read onl
 
 
 @triton.jit
-def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE, DELTA, DQU, DQV, DSEG,
-                s_qub, s_quh, s_qum, s_qvb, s_qvh, s_qvm, s_dmb, s_dmh, s_dmm, s_dmn, s_dob, s_doh, s_dom,
-                Lr, wl, wr, seed,
-                K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop,
+def _stream_bwd(pid_m, bh, S, KV, dims, drop,
                 CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, GATHER: tl.constexpr, HAS_SEG: tl.constexpr,
                 HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr,
                 DROPOUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
                 D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One stream's row tile. S: the stream's tensors, strides, row count and window (launch._stream_args);
+    KV: the keys, values, r and key ids (and gradient buffers) shared by the streams, with their strides;
+    dims: (H, Lk, R_len, q_len, r_offset, scale2, scale); drop: (seed, threshold, scale)."""
+    (QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE, DELTA, DQU, DQV, DSEG, s_qub, s_quh, s_qum, s_qvb, s_qvh,
+     s_qvm, s_dmb, s_dmh, s_dmm, s_dmn, s_dob, s_doh, s_dom, Lr, wl, wr) = S
+    K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt = KV
+    H, Lk, R_len, q_len, r_offset, scale2, scale = dims
+    seed, drop_thr, rdrop = drop
     if pid_m * BLOCK_M < Lr:
         b = bh // H
         h = bh % H
@@ -143,41 +147,18 @@ def _stream_bwd(pid_m, bh, QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE
 
 
 @triton.jit
-def _rel_bwd_kernel(
-        QU0, QV0, SEG0, QIDS0, POS0, QSEG0, KLEN0, PLEN0, DM0, DO0, LSE0, DELTA0, DQU0, DQV0, DSEG0,
-        s0_qub, s0_quh, s0_qum, s0_qvb, s0_qvh, s0_qvm, s0_dmb, s0_dmh, s0_dmm, s0_dmn, s0_dob, s0_doh, s0_dom,
-        Lr0, wl0, wr0,
-        QU1, QV1, SEG1, QIDS1, POS1, QSEG1, KLEN1, PLEN1, DM1, DO1, LSE1, DELTA1, DQU1, DQV1, DSEG1,
-        s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_dob, s1_doh, s1_dom,
-        Lr1, wl1, wr1,
-        K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-        H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop, seed,
-        CAUSAL0: tl.constexpr, HAS_POS0: tl.constexpr, HAS_SEG0: tl.constexpr, HAS_KLEN0: tl.constexpr, HAS_PREFIX0: tl.constexpr,
-        HAS_VSEG0: tl.constexpr, HAS_DENSE0: tl.constexpr,
-        CAUSAL1: tl.constexpr, HAS_POS1: tl.constexpr, HAS_SEG1: tl.constexpr, HAS_KLEN1: tl.constexpr, HAS_PREFIX1: tl.constexpr,
-        HAS_VSEG1: tl.constexpr, HAS_DENSE1: tl.constexpr, DROPOUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
-        D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _rel_bwd_kernel(S0, S1, KV, dims, drop, F0: tl.constexpr, F1: tl.constexpr, DROPOUT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Both streams in one launch (grid axis 2); F0 / F1: each stream's flags (CAUSAL, HAS_POS, HAS_SEG,
+    HAS_KLEN, HAS_PREFIX, HAS_VSEG, HAS_DENSE); the second stream draws its dropout with seed + 1."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     stream = tl.program_id(2)
     if stream == 0:
-        _stream_bwd(pid_m, bh, QU0, QV0, SEG0, QIDS0, POS0, QSEG0, KLEN0, PLEN0, DM0, DO0, LSE0, DELTA0, DQU0, DQV0,
-                    DSEG0, s0_qub, s0_quh, s0_qum, s0_qvb, s0_qvh, s0_qvm, s0_dmb, s0_dmh, s0_dmm, s0_dmn, s0_dob,
-                    s0_doh, s0_dom, Lr0, wl0, wr0, seed,
-                    K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                    H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop,
-                    CAUSAL0, HAS_POS0, HAS_POS0 or BAND == 0, HAS_SEG0, HAS_KLEN0, HAS_PREFIX0, HAS_VSEG0,
-                    HAS_DENSE0, DROPOUT,
-                    BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
+        _stream_bwd(pid_m, bh, S0, KV, dims, drop, F0[0], F0[1], F0[1] or BAND == 0, F0[2], F0[3], F0[4], F0[5],
+                    F0[6], DROPOUT, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
     else:
-        _stream_bwd(pid_m, bh, QU1, QV1, SEG1, QIDS1, POS1, QSEG1, KLEN1, PLEN1, DM1, DO1, LSE1, DELTA1, DQU1, DQV1,
-                    DSEG1, s1_qub, s1_quh, s1_qum, s1_qvb, s1_qvh, s1_qvm, s1_dmb, s1_dmh, s1_dmm, s1_dmn, s1_dob,
-                    s1_doh, s1_dom, Lr1, wl1, wr1, seed + 1,
-                    K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt,
-                    H, Lk, R_len, q_len, r_offset, scale2, scale, drop_thr, rdrop,
-                    CAUSAL1, HAS_POS1, HAS_POS1 or BAND == 0, HAS_SEG1, HAS_KLEN1, HAS_PREFIX1, HAS_VSEG1,
-                    HAS_DENSE1, DROPOUT,
-                    BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
-
-
+        _stream_bwd(pid_m, bh, S1, KV, dims, (drop[0] + 1, drop[1], drop[2]), F1[0], F1[1], F1[1] or BAND == 0,
+                    F1[2], F1[3], F1[4], F1[5], F1[6], DROPOUT, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC,
+                    UPCAST)

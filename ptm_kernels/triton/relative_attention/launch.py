@@ -3,6 +3,8 @@ interface functions."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 from torch import Tensor
@@ -37,18 +39,37 @@ _GPU_OPTIONS = ((True, 3), (True, 2), (True, 1), (False, 3), (False, 1))
 _GPU_CHOICE: dict = {}
 
 
+def _leaves(args):
+    for a in args:
+        if isinstance(a, tuple):
+            yield from _leaves(a)
+        else:
+            yield a
+
+
 def _launch(kernel, grid, device, cfg, warps, *args, **kw):
     if C.interpreted(device):  # the interpreter: no resource limits
         kernel[grid](*args, num_warps=warps, **cfg, **kw)
         return
     key = (kernel.fn.__name__, device.index, *sorted(kw.items()), *sorted(cfg.items()), warps,
-           *(a.dtype for a in args if isinstance(a, Tensor)))
+           *(a.dtype for a in _leaves(args) if isinstance(a, Tensor)))
 
     def launch(option):
         band, stages = option
         kernel[grid](*args, num_warps=warps, num_stages=stages, **dict(cfg, BAND=cfg["BAND"] if band else 0), **kw)
 
     C.first_that_fits(_GPU_CHOICE, key, _GPU_OPTIONS, launch)
+
+
+class StreamFlags(NamedTuple):
+    """A stream's constexpr flags (kernel argument F0 / F1, read by position in device code)."""
+    causal: bool
+    pos: bool  # rows at arbitrary positions (XLNet's query stream): the gather form
+    seg: bool  # segment term
+    klen: bool
+    prefix: bool
+    vseg: bool  # visibility segments
+    dense: bool
 
 
 class _Stream:
@@ -70,28 +91,26 @@ class _Stream:
                                                                                     device=qu.device)
         self.dm_strides = tuple(self.dense.stride()) if dense is not None else (0, 0, 0, 0)
         self.causal, self.wl, self.wr = bool(causal), int(wl), int(wr)
-        self.flags = (bool(causal), positions is not None, seg is not None, kl is not None, pl is not None, qs is not None,
-                      dense is not None)
+        self.flags = StreamFlags(bool(causal), positions is not None, seg is not None, kl is not None, pl is not None,
+                                 qs is not None, dense is not None)
 
 
 def _stream_args(s: _Stream, out, lse):
-    return [s.qu, s.qv, s.seg, s.q_ids, s.pos, s.qs, s.kl, s.pl, s.dense, out, lse,
+    """The forward kernel's stream tuple S (see forward._stream_fwd)."""
+    return (s.qu, s.qv, s.seg, s.q_ids, s.pos, s.qs, s.kl, s.pl, s.dense, out, lse,
             *s.qu.stride()[:3], *s.qv.stride()[:3], *s.dm_strides, *out.stride()[:3],
-            s.Lr, s.wl, s.wr]
+            s.Lr, s.wl, s.wr)
 
 
 def _flag_kwargs(s0: _Stream, s1: _Stream):
-    kw = {}
-    for i, s in ((0, s0), (1, s1)):
-        for name, f in zip(("CAUSAL", "HAS_POS", "HAS_SEG", "HAS_KLEN", "HAS_PREFIX", "HAS_VSEG", "HAS_DENSE"), s.flags):
-            kw[f"{name}{i}"] = f
-    return kw
+    """F0 / F1: each stream's flags (CAUSAL, HAS_POS, HAS_SEG, HAS_KLEN, HAS_PREFIX, HAS_VSEG, HAS_DENSE)."""
+    return dict(F0=s0.flags, F1=s1.flags)
 
 
 def _dropout_args(p, seed):
-    """(drop_thr, rdrop, seed) of the kernels; the query stream uses seed + 1 (in-kernel)."""
+    """The kernels' drop tuple (seed, threshold, scale); the query stream uses seed + 1 (in-kernel)."""
     p = float(p)
-    return C.dropout_threshold(p), (1.0 / (1.0 - p) if p < 1.0 else 0.0), C.dropout_seed(seed)
+    return C.dropout_seed(seed), C.dropout_threshold(p), (1.0 / (1.0 - p) if p < 1.0 else 0.0)
 
 
 def _check(*ts):
@@ -123,16 +142,16 @@ def _fwd(k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, streams):
     # the visibility segment ids of the keys: the stream's own (ks may differ per stream)
     ks0 = s0.ks
     grid = (triton.cdiv(max(s.Lr for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
-    kseg = ks0 if len(streams) == 1 or s1.flags[5] is False else ks0
-    if len(streams) > 1 and s0.flags[5] and s1.flags[5] and not torch.equal(s0.ks, s1.ks):
+    kseg = ks0 if len(streams) == 1 or s1.flags.vseg is False else ks0
+    if len(streams) > 1 and s0.flags.vseg and s1.flags.vseg and not torch.equal(s0.ks, s1.ks):
         raise NotImplementedError("ptm_kernels.triton: the two streams' segments() parts must share key ids")
-    if len(streams) > 1 and s1.flags[5] and not s0.flags[5]:
+    if len(streams) > 1 and s1.flags.vseg and not s0.flags.vseg:
         kseg = s1.ks
     _launch(_rel_fwd_kernel, grid, k.device, cfg, warps,
-        *_stream_args(s0, o0, l0), *_stream_args(s1, o1, l1),
-        k, v, r, (k_ids.contiguous() if k_ids is not None else s0.q_ids), kseg,
-        *k.stride()[:3], *v.stride()[:3], *r.stride()[:3],
-        H, Lk, r.shape[2], q_len, r_offset, scale * LOG2E, *_dropout_args(dropout_p, seed),
+        _stream_args(s0, o0, l0), _stream_args(s1, o1, l1),
+        (k, v, r, (k_ids.contiguous() if k_ids is not None else s0.q_ids), kseg,
+         *k.stride()[:3], *v.stride()[:3], *r.stride()[:3]),
+        (H, Lk, r.shape[2], q_len, r_offset, scale * LOG2E), _dropout_args(dropout_p, seed),
         **_flag_kwargs(s0, s1), DROPOUT=dropout_p > 0, D=D, PREC=C.precision(k.dtype, k.device),
         UPCAST=C.upcast(k.dtype, k.device))
     return outs
@@ -151,15 +170,15 @@ def _bwd(douts, outs_lses, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, se
         delta = (do.float() * out.float()).sum(-1).contiguous()
         dqu = torch.empty_like(s.qu, memory_format=torch.contiguous_format)
         dqv = torch.zeros(s.qv.shape, dtype=torch.float32, device=k.device)
-        dseg = torch.zeros(B, H, s.Lr, 2, dtype=torch.float32, device=k.device) if s.flags[2] else s.qu.new_empty(0)
+        dseg = torch.zeros(B, H, s.Lr, 2, dtype=torch.float32, device=k.device) if s.flags.seg else s.qu.new_empty(0)
         per.append((s, do, lse.contiguous(), delta, dqu, dqv, dseg))
 
     def args(p):
         s, do, lse, delta, dqu, dqv, dseg = p
-        return [s.qu, s.qv, s.seg, s.q_ids, s.pos, s.qs, s.kl, s.pl, s.dense, do, lse, delta, dqu, dqv,
+        return (s.qu, s.qv, s.seg, s.q_ids, s.pos, s.qs, s.kl, s.pl, s.dense, do, lse, delta, dqu, dqv,
                 dseg if dseg.numel() else s.seg,
                 *s.qu.stride()[:3], *s.qv.stride()[:3], *s.dm_strides, *do.stride()[:3],
-                s.Lr, s.wl, s.wr]
+                s.Lr, s.wl, s.wr)
 
     # dqu / dqv are written with qu's / qv's strides: make the inputs contiguous for the backward
     fixed = []
@@ -168,13 +187,13 @@ def _bwd(douts, outs_lses, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, se
         fixed.append((s, do, lse, delta, dqu, dqv, dseg))
     p0 = fixed[0]
     p1 = fixed[1] if len(fixed) > 1 else fixed[0]
-    kseg = p0[0].ks if p0[0].flags[5] or len(fixed) == 1 else p1[0].ks
+    kseg = p0[0].ks if p0[0].flags.vseg or len(fixed) == 1 else p1[0].ks
     grid = (triton.cdiv(max(s.Lr for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
     _launch(_rel_bwd_kernel, grid, k.device, cfg, warps,
-        *args(p0), *args(p1),
-        k, v, r, (k_ids.contiguous() if k_ids is not None else p0[0].q_ids), kseg, dk, dv, dr,
-        *k.stride()[:3], *v.stride()[:3], *r.stride()[:3],
-        H, Lk, R, q_len, r_offset, scale * LOG2E, scale, *_dropout_args(dropout_p, seed),
+        args(p0), args(p1),
+        (k, v, r, (k_ids.contiguous() if k_ids is not None else p0[0].q_ids), kseg, dk, dv, dr,
+         *k.stride()[:3], *v.stride()[:3], *r.stride()[:3]),
+        (H, Lk, R, q_len, r_offset, scale * LOG2E, scale), _dropout_args(dropout_p, seed),
         **_flag_kwargs(p0[0], p1[0]), DROPOUT=dropout_p > 0, D=D, PREC=C.precision(k.dtype, k.device),
         UPCAST=C.upcast(k.dtype, k.device))
     res = [(dqu, dqv.to(s.qv.dtype), dseg) for (s, _, _, _, dqu, dqv, dseg) in fixed]
