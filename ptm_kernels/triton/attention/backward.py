@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._common import dot, dropout_keep, load
-from .masks import _key_tile_range, _mod_scores, _query_tile_range, _tile_ctx
+from .masks import _key_tile, _key_tile_range, _mod_scores, _query_tile_range, _tile_ctx
 
 
 @triton.jit
@@ -45,19 +45,7 @@ def _dq_tiles(dq, q, do, lse2, delta, kv, it_lo, it_hi, IDX, offs_m, offs_n, off
     Lq = ctx[2]
     Lk = ctx[3]
     for it in range(it_lo, it_hi):
-        if SPARSE:
-            start_n = tl.load(IDX + it) * BLOCK_N
-        else:
-            start_n = it * BLOCK_N
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        if MASK:
-            if EVEN_D:
-                kv_mask = cols[:, None] < Lk
-            else:
-                kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
-        else:  # in bounds (see _fwd_tiles)
-            kv_mask = offs_d[None, :] < D
+        start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
         k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
         v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
         s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale

@@ -141,6 +141,27 @@ def _key_tile_range(m0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     F1 = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N, F0), Z)
     return A, F0, F1, Z
 
+@triton.jit
+def _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK: tl.constexpr, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr,
+              EVEN_D: tl.constexpr):
+    """The it-th key tile of a forward / dQ loop (tile index it, or the it-th entry of the list IDX when SPARSE):
+    -> (start_n, cols, kv_mask: the bounds mask of its K / V loads). A tile on the unmasked path (not MASK) lies
+    inside [0, Lk) (see _key_tile_range / _convert_map), so it needs no bounds mask (only the head dim's)."""
+    if SPARSE:
+        start_n = tl.load(IDX + it) * BLOCK_N
+    else:
+        start_n = it * BLOCK_N
+    start_n = tl.multiple_of(start_n, BLOCK_N)
+    cols = start_n + offs_n
+    if MASK:
+        if EVEN_D:
+            kv_mask = cols[:, None] < Lk
+        else:
+            kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
+    else:
+        kv_mask = offs_d[None, :] < D  # (unused when EVEN_D)
+    return start_n, cols, kv_mask
+
 
 @triton.jit
 def _query_tile_range(n0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
