@@ -163,16 +163,18 @@ def _dkdv_tiles(dk, dv, k, v, head, it_lo, it_hi, IDX, offs_mb, n0, offs_d, ctx,
         sT = dot(k, tl.trans(q), None, PREC, UPCAST) * qk_scale
         sT = _mod_scores(sT, rows[None, :], cols[:, None], ctx, mask, MASK, CAUSAL)
         pT = tl.math.exp2(sT - lse2[None, :])
-        dpT = dot(v, tl.trans(do), None, PREC, UPCAST)
         if drop is not None:
             seed, threshold, scale = drop
+            dpT = dot(v, tl.trans(do), None, PREC, UPCAST)
             keepT = dropout_keep(seed, bh64, rows, n0, Lq, Lk, threshold, BLOCK_N, True)
             pdT = tl.where(keepT, pT * scale, 0.0)
             dpT = tl.where(keepT, dpT * scale, 0.0)
-        else:
-            pdT = pT
-        dsT = pT * (dpT - delta[None, :])  # before the dV dot: pT and dpT are dead there (fewer live registers)
-        dv = dot(pdT.to(do.dtype), do, dv, PREC, UPCAST)
+            dsT = pT * (dpT - delta[None, :])  # before the dV dot: pT and dpT are dead there (fewer live registers)
+            dv = dot(pdT.to(do.dtype), do, dv, PREC, UPCAST)
+        else:  # dV first: pT is dead before the dO . V^T product is live (fewer live registers)
+            dv = dot(pT.to(do.dtype), do, dv, PREC, UPCAST)
+            dpT = dot(v, tl.trans(do), None, PREC, UPCAST)
+            dsT = pT * (dpT - delta[None, :])
         dk = dot(dsT.to(q.dtype), q, dk, PREC, UPCAST)
     return dk, dv
 
