@@ -33,6 +33,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
+import ptm_kernels.triton._common as COMMON  # noqa: E402
 import ptm_kernels.triton.activations as ACT  # noqa: E402
 import ptm_kernels.triton.attention as ATTN  # noqa: E402
 import ptm_kernels.triton.losses as LOSSES  # noqa: E402
@@ -105,20 +106,16 @@ class CompileFailed(Exception):
 
 def patch_device():
     """The launchers' device helpers answer as an H100 would (this process only)."""
-    for mod in (ACT, ATTN, LOSSES, NORMS, REL, ROPE):
+    # every module of ptm_kernels.triton (the attention packages launch from their launch.py)
+    for mod in [m for name, m in list(sys.modules.items()) if name.startswith("ptm_kernels.triton")]:
         for attr in dir(mod):
             obj = getattr(mod, attr)
             if isinstance(obj, triton.runtime.jit.JITFunction) and attr.endswith("_kernel"):
                 setattr(mod, attr, CompilingKernel(obj))
     NORMS.num_programs = ACT.num_programs = lambda device: NUM_SMS
-    ATTN._interpreted = lambda device: False
-    ATTN._capability = lambda device: CAPABILITY
-    ATTN._num_sms = lambda device: NUM_SMS
-    REL._interpreted = lambda t: False
-    config, prec, launch = REL._config, REL._prec, REL._launch
-    REL._config = lambda D, dtype, device: config(D, dtype, CUDA)
-    REL._prec = lambda dtype, device: prec(dtype, CUDA)
-    REL._launch = lambda kernel, grid, device, *a, **kw: launch(kernel, grid, CUDA, *a, **kw)
+    COMMON.interpreted = lambda device: False  # the attention families' device checks (ptm_kernels.triton._common)
+    COMMON.capability = lambda device: CAPABILITY
+    COMMON.num_sms = lambda device: NUM_SMS
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

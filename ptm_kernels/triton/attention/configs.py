@@ -1,0 +1,102 @@
+"""Attention tile configs per head dim, dtype, device and mask weight."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import _common as C
+from .._common import block_d
+
+# Test hook (not API): override the tile configs, keyed ("fwd" | "bwd", block_d, dtype, heavy).
+_CONFIG_OVERRIDE: dict = {}
+
+
+# Config tables, chosen by compiling for sm_90 offline (ptxas register / spill / shared-memory reports) among
+# FlexAttention's and the Triton tutorial's known-good points; "heavy" variants (additive bias, Toeplitz,
+# dense mask or dropout: extra per-element loads, multi-buffered in shared memory, or philox registers) use
+# fewer pipeline stages and thinner backward tiles so they fit without spills. Forward tiles of a heavy variant
+# equal the light ones (the block map is built at attention_tile()). Not yet timed on a GPU: see the report.
+def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
+    """Forward configs (BLOCK_M, BLOCK_N, num_warps, num_stages), best first; later ones use less memory."""
+    bd = block_d(D)
+    key = ("fwd", bd, dtype, heavy)
+    if key in _CONFIG_OVERRIDE:
+        return list(_CONFIG_OVERRIDE[key])
+    if C.interpreted(device):  # small enough that short test sequences span several tiles
+        return [(64, 32, 4, 1)]
+    cap = C.capability(device)
+    if dtype == torch.float32:  # tf32x3 dots: operands twice as large, three products each
+        if bd <= 64:
+            cfgs = [(128, 64, 8, 2), (64, 64, 4, 2)]
+        elif bd <= 128:
+            cfgs = [(64, 32, 4, 2), (32, 32, 4, 2)]
+        else:
+            cfgs = [(32, 32, 4, 2), (32, 16, 4, 1)]
+    elif cap[0] >= 9:  # Hopper
+        if bd <= 64:
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 4, 3)]
+        elif bd <= 128:
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3)]
+        else:
+            cfgs = [(64, 32, 8, 2)] if heavy else [(64, 32, 4, 3)]
+    else:  # Ampere and others (FlexAttention's A100 defaults)
+        if bd <= 64:
+            cfgs = [(128, 64, 4, 2)] if heavy else [(128, 64, 4, 3)]
+        elif bd <= 128:
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3)]
+        else:
+            cfgs = [(64, 32, 8, 2)] if heavy else [(64, 32, 4, 2)]
+    # Fallbacks for devices with less shared memory / registers.
+    return cfgs + [c for c in ((64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1)) if c not in cfgs]
+
+
+def _bwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
+    """Backward configs ((BLOCK_M1, BLOCK_N1, warps, stages) for dK/dV, (BLOCK_M2, BLOCK_N2, warps, stages) for
+    dQ), best first. BLOCK_M1 is the query step of the dK/dV kernel, BLOCK_N1 its key tile."""
+    bd = block_d(D)
+    key = ("bwd", bd, dtype, heavy)
+    if key in _CONFIG_OVERRIDE:
+        return list(_CONFIG_OVERRIDE[key])
+    if C.interpreted(device):  # differs from the forward tile: exercises the block-map conversion
+        return [((32, 32, 4, 1), (32, 32, 4, 1))]
+    cap = C.capability(device)
+    if dtype == torch.float32:
+        if bd <= 64:
+            cfgs = [((16, 64, 4, 2), (64, 32, 4, 2))]
+        elif bd <= 128:
+            cfgs = [((32, 32, 4, 2), (32, 32, 4, 2))]
+        else:
+            cfgs = [((16, 32, 4, 1), (32, 16, 4, 1))]
+    elif cap[0] >= 9:  # Hopper (light: FlexAttention's sm90 defaults)
+        if heavy and bd <= 128:
+            cfgs = [((32, 128, 8, 2), (128, 32, 8, 2))]
+        elif bd < 64:
+            cfgs = [((64, 64, 4, 3), (64, 64, 4, 3))]
+        elif bd <= 128:
+            cfgs = [((64, 128, 8, 3), (128, 64, 8, 3))]
+        else:
+            cfgs = [((16, 64, 8, 2), (64, 32, 8, 2))]
+    else:  # Ampere and others
+        if heavy and bd <= 128:
+            cfgs = [((32, 64, 4, 2), (64, 32, 4, 2))]
+        elif bd < 64:
+            cfgs = [((32, 128, 4, 3), (128, 32, 4, 3))]
+        elif bd <= 128:
+            cfgs = [((64, 64, 4, 2), (64, 64, 4, 2))]
+        else:
+            cfgs = [((16, 64, 8, 2), (64, 32, 8, 2))]
+    fallbacks = (((32, 64, 4, 2), (64, 32, 4, 2)), ((16, 32, 4, 1), (32, 16, 4, 1)), ((16, 16, 4, 1), (16, 16, 4, 1)))
+    return cfgs + [c for c in fallbacks if c not in cfgs]
+
+
+def attention_tile(head_dim: int, dtype: torch.dtype, device) -> tuple:
+    """(block_m, block_n): the tile the forward kernel uses, so the block map should be built at it."""
+    bm, bn, _, _ = _fwd_configs(head_dim, dtype, device)[0]
+    return bm, bn
+
+
+def _shrink(block: int, L: int) -> int:
+    """A tile no larger than needed for L (>= 16, the smallest tl.dot size)."""
+    return max(16, min(block, triton.next_power_of_2(max(L, 1))))
+

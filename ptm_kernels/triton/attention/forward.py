@@ -1,0 +1,197 @@
+"""Attention forward kernels: the main kernel (online softmax over the visible key tiles, optionally one key
+split of a decoding launch), the combine kernel of the key splits, and the dropout-mask kernel.
+
+Grouped arguments (NamedTuples / tuples, see launch.py): Q, K, V = (ptr, stride_b, stride_h, stride_l);
+O = (ptr, stride_b, stride_h, stride_l, stride_split); LSE = (ptr, stride_split); mask: masks.MaskArgs;
+lists: launch.TileLists or None (no block map); drop: (seed, threshold, scale) or None (no dropout).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .._common import dot, dropout_keep, load
+from .masks import _key_tile, _key_tile_range, _mod_scores, _tile_ctx
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+               MASK: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over key tiles it_lo..it_hi (tile indices, or positions in the list IDX when SPARSE);
+    MASK: tiles that need the mask (else fully visible, inside [0, Lk)). kv = (K_bh, V_bh, k_offs, v_offs,
+    s_kn, s_vn, D, qk_scale)."""
+    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale = kv
+    Lq = ctx[2]
+    Lk = ctx[3]
+    for it in range(it_lo, it_hi):
+        start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
+        k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
+        s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
+        s = _mod_scores(s, offs_m[:, None], cols[None, :], ctx, mask, MASK, CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if drop is not None:
+            seed, threshold, _scale = drop
+            keep = dropout_keep(seed, bh64, offs_m, start_n, Lq, Lk, threshold, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
+        acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk, D, n_split,
+                     CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid_m = num_m - 1 - pid % num_m  # heaviest (last, for causal) query tiles first
+    bh = pid // num_m
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    hk64 = (h // G).to(tl.int64)
+    Q_bh = Q[0] + b64 * Q[1] + h64 * Q[2]
+    K_bh = K[0] + b64 * K[1] + hk64 * K[2]
+    V_bh = V[0] + b64 * V[1] + hk64 * V[2]
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        q_mask = offs_m[:, None] < Lq
+    else:
+        q_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    q = tl.load(Q_bh + offs_m[:, None].to(tl.int64) * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
+    kv = (K_bh, V_bh, offs_n[:, None] * K[3] + offs_d[None, :], offs_n[:, None] * V[3] + offs_d[None, :], K[3],
+          V[3], D, qk_scale)
+    ctx = _tile_ctx(mask, b, b64, h64, Lq, Lk)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    if lists is not None:  # block map: the partial tiles (masked), then the full ones
+        lrow = b64 * lists.s_b + h64 * lists.s_h + pid_m
+        n1 = tl.load(lists.cnt_partial + lrow)
+        n2 = tl.load(lists.cnt_full + lrow)
+        lo1 = n1 * 0
+        hi1 = n1
+        lo2 = n2 * 0
+        hi2 = n2
+        if SPLIT:
+            per1 = tl.cdiv(n1, n_split)
+            lo1 = tl.minimum(split * per1, n1)
+            hi1 = tl.minimum(lo1 + per1, n1)
+            per2 = tl.cdiv(n2, n_split)
+            lo2 = tl.minimum(split * per2, n2)
+            hi2 = tl.minimum(lo2 + per2, n2)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo1, hi1, lists.idx_partial + lrow * lists.n,
+                                   offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+                                   True, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo2, hi2, lists.idx_full + lrow * lists.n,
+                                   offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+                                   False, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+    else:
+        A, F0, F1, Z = _key_tile_range(m0, ctx, mask, BLOCK_M, BLOCK_N, CAUSAL, ELEMWISE)
+        if SPLIT:
+            per = tl.cdiv(Z - A, n_split)
+            c0 = A + split * per
+            c1 = tl.minimum(c0 + per, Z)
+            A = tl.maximum(A, c0)
+            F0 = tl.minimum(tl.maximum(F0, c0), c1)
+            F1 = tl.minimum(tl.maximum(F1, c0), c1)
+            Z = tl.minimum(Z, c1)
+        # [A, F0) and [F1, Z): masked tiles; [F0, F1): tiles every query of this tile fully sees.
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, A, F0, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                   bh64, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F0, F1, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                   bh64, False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F1, Z, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                   bh64, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+
+    # Epilogue. l_i == 0 exactly when the row saw no visible key (the row maximum contributes exp2(0) = 1).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if drop is not None:
+        out = out * drop[2]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    row_ok = offs_m < Lq
+    split64 = split.to(tl.int64)
+    o_ptrs = O[0] + split64 * O[4] + b64 * O[1] + h64 * O[2] + offs_m[:, None].to(tl.int64) * O[3] + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O[0].dtype.element_ty), mask=q_mask)
+    tl.store(LSE[0] + split64 * LSE[1] + bh64 * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_combine_kernel(OP, LP, O, LSE, s_os, s_ls, s_ob, s_oh, s_om, H, Lq, D, n_split,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Merge the key splits: out = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    bh64 = bh.to(tl.int64)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    if EVEN_D:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (offs_d[None, :] < D)
+    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    lp = LP + bh64 * Lq + offs_m  # pointers advance by the split strides (64-bit pointer arithmetic)
+    for s in range(0, n_split):
+        ls = tl.load(lp, mask=row_ok, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, ls)
+        lp += s_ls
+    m_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lp = LP + bh64 * Lq + offs_m
+    op = OP + (bh64 * Lq + offs_m[:, None]) * D + offs_d[None, :]
+    for s in range(0, n_split):
+        ls = tl.load(lp, mask=row_ok, other=float("-inf"))
+        w = tl.exp(ls - m_use)
+        o = tl.load(op, mask=mask, other=0.0)
+        acc += w[:, None] * o
+        wsum += w
+        lp += s_ls
+        op += s_os
+    empty = wsum == 0.0
+    out = acc / tl.where(empty, 1.0, wsum)[:, None]
+    lse = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, wsum)))
+    tl.store(O + b64 * s_ob + h64 * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + bh64 * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, drop_thr, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(Lk, BLOCK_N)
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid_n = pid % num_n
+    pid_m = (pid // num_n) % num_m
+    bh64 = (pid // (num_n * num_m)).to(tl.int64)
+    keep = dropout_keep(seed, bh64, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N, Lq, Lk, drop_thr,
+                        BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(OUT + (bh64 * Lq + rows) * Lk + cols, keep.to(tl.int8), mask=(rows < Lq) & (cols < Lk))
+

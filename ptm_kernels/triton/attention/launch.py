@@ -1,0 +1,313 @@
+"""Attention launchers: argument checks and packing, config fallback, key splits (decoding), GQA group splits."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .. import _common as C
+from .._common import LOG2E, SUPPORTED_DTYPES, block_d
+from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _bwd_preprocess_kernel
+from .block_map import _map_usable, _tile_lists
+from .configs import _bwd_configs, _fwd_configs, _shrink
+from .forward import _attn_combine_kernel, _attn_fwd_kernel, _dropout_mask_kernel
+from .masks import MaskArgs, ScoreTensor, Segments, Toeplitz
+
+# Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV.
+_FORCE_SPLITS: Optional[int] = None
+_FORCE_GROUP_SPLITS: Optional[int] = None
+
+# per (direction, block_d, dtype, device, heavy): the index of the first config that fitted the device
+_FALLBACK: dict = {}
+
+
+# --------------------------------------------------------------------------------------- argument packing
+class TileLists(NamedTuple):
+    """A block map as per-row tile lists (see block_map._tile_lists), int32, broadcast B/H dims of size 1."""
+    cnt_partial: Tensor
+    idx_partial: Tensor
+    cnt_full: Tensor
+    idx_full: Tensor
+    s_b: int
+    s_h: int
+    n: int
+
+
+def _rows(t: Tensor) -> tuple:
+    """A [B, H, L, D] operand as a kernel argument: (ptr, stride_b, stride_h, stride_l)."""
+    return (t, t.stride(0), t.stride(1), t.stride(2))
+
+
+class _Masks:
+    """The mask parts and dropout of one call, as kernel arguments (masks.MaskArgs, None for absent parts)."""
+
+    def __init__(self, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths,
+                 q_segments, k_segments, dense_mask, bias, toeplitz, dropout_p, seed):
+        self.causal = bool(causal)
+        wl = int(window_left) if window_left is not None else -1
+        wr = int(window_right) if window_right is not None else -1
+        # A bound that no (query, key) pair can exceed is no bound (also keeps the index math in int32):
+        # i + Lk - Lq - j <= Lk - 1 and j - (i + Lk - Lq) <= Lq - 1 always; Lq + Lk stands for "unbounded".
+        has_wl = 0 <= wl < Lk - 1
+        has_wr = 0 <= wr < Lq - 1
+        window = (wl if has_wl else Lq + Lk, wr if has_wr else Lq + Lk) if has_wl or has_wr else None
+        segments = None
+        if q_segments is not None and k_segments is not None:
+            segments = Segments(q_segments, k_segments, q_segments.stride(0), q_segments.stride(1),
+                                k_segments.stride(0), k_segments.stride(1))
+        dense = None
+        if dense_mask is not None:
+            dm = dense_mask.expand(B, H, Lq, Lk)
+            dm = dm.view(torch.uint8) if dm.dtype == torch.bool else (dm != 0).view(torch.uint8)
+            dense = ScoreTensor(dm, *dm.stride())
+        bias_arg = None
+        if bias is not None:
+            bias = bias.expand(B, H, Lq, Lk)
+            bias_arg = ScoreTensor(bias, *bias.stride())
+        toep = None
+        if toeplitz is not None:
+            table = toeplitz.to(torch.float32).contiguous()
+            toep = Toeplitz(table, table.stride(0))
+        self.args = MaskArgs(
+            key_lengths=key_lengths.clamp(0, Lk).to(torch.int32).contiguous() if key_lengths is not None else None,
+            prefix_lengths=(prefix_lengths.clamp(0, Lk).to(torch.int32).contiguous()
+                            if self.causal and prefix_lengths is not None else None),
+            window=window, segments=segments, dense=dense, bias=bias_arg, toeplitz=toep)
+        p = float(dropout_p)
+        # (seed, threshold, scale) of _common.dropout_keep, or None
+        self.drop = (C.dropout_seed(seed), C.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1.0 else 0.0) \
+            if p > 0.0 else None
+
+    @property
+    def elementwise(self) -> bool:
+        return self.args.segments is not None or self.args.dense is not None
+
+    @property
+    def heavy(self) -> bool:
+        a = self.args
+        return a.bias is not None or a.toeplitz is not None or a.dense is not None or self.drop is not None
+
+    def flags(self) -> dict:
+        return dict(CAUSAL=self.causal, ELEMWISE=self.elementwise)
+
+
+def _lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose) -> Optional[TileLists]:
+    """The block map's tile lists at tile (bm, bn) (transposed: per key tile), or None without a map."""
+    if block_map is None:
+        return None
+    cnt_p, idx_p, cnt_f, idx_f = _tile_lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose)
+    return TileLists(cnt_p, idx_p, cnt_f, idx_f, cnt_p.stride(0) if cnt_p.shape[0] > 1 else 0,
+                     cnt_p.stride(1) if cnt_p.shape[1] > 1 else 0, idx_p.shape[-1])
+
+
+def _check(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"ptm_kernels.triton.attention: {name} has dtype {t.dtype}; "
+                             "supported: float32, float16, bfloat16")
+        if t.dim() != 4:
+            raise ValueError(f"ptm_kernels.triton.attention: {name} must be [B, H, L, D], got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError("ptm_kernels.triton.attention: q, k, v must share a dtype")
+    if q.shape[-1] > 256 or q.shape[-1] < 1:
+        raise ValueError(f"ptm_kernels.triton.attention: head dim {q.shape[-1]} not in [1, 256]")
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_right: int, key_lengths,
+                  prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
+                  block_m: int, block_n: int, dropout_p: float, seed: int):
+    """-> (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)."""
+    _check(q, k, v)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if B * H * Lq == 0:
+        return out, lse
+    if Lk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    mk = _Masks(B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
+                k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
+    use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
+    cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy)
+
+    def run(cfg):
+        BM, BN, warps, stages = cfg
+        BM, BN = _shrink(BM, Lq), _shrink(BN, Lk)
+        if BM <= 32:  # decoding-sized query tiles: fewer warps
+            warps = min(warps, 4)
+        return _fwd_launch(q, k, v, out, lse, float(scale), mk, block_map if use_map else None, block_m,
+                           block_n, BM, BN, warps, stages)
+
+    C.first_that_fits(_FALLBACK, ("fwd", block_d(D), q.dtype, str(q.device), mk.heavy), cfgs, run)
+    return out, lse
+
+
+def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn, BM, BN, warps, stages):
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    BD = block_d(D)
+    num_m = triton.cdiv(Lq, BM)
+    lists = _lists(block_map, map_bm, map_bn, BM, BN, Lq, Lk, transpose=False)
+
+    # Split the keys across programs when the query tiles alone cannot fill the device (decoding).
+    programs = num_m * B * H
+    n_kt = triton.cdiv(Lk, BN)
+    n_sms = C.num_sms(q.device)
+    if _FORCE_SPLITS is not None:
+        n_split = max(1, min(_FORCE_SPLITS, n_kt))
+    elif programs < n_sms and n_kt >= 4:
+        n_split = max(1, min(triton.cdiv(2 * n_sms, programs), n_kt // 2, 128))
+    else:
+        n_split = 1
+    split = n_split > 1
+    if split:
+        o_buf = torch.empty((n_split, B, H, Lq, D), dtype=torch.float32, device=q.device)
+        l_buf = torch.empty((n_split, B, H, Lq), dtype=torch.float32, device=q.device)
+        o_arg = (o_buf, o_buf.stride(1), o_buf.stride(2), o_buf.stride(3), o_buf.stride(0))
+        l_arg = (l_buf, l_buf.stride(0))
+    else:
+        o_buf, l_buf = out, lse
+        o_arg = (out, out.stride(0), out.stride(1), out.stride(2), 0)
+        l_arg = (lse, 0)
+
+    _attn_fwd_kernel[(programs, n_split)](
+        _rows(q), _rows(k), _rows(v), o_arg, l_arg, mk.args, lists, mk.drop, scale * LOG2E,
+        H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=C.precision(q.dtype, q.device),
+        UPCAST=C.upcast(q.dtype, q.device),
+        num_warps=warps, num_stages=stages,
+    )
+    if split:
+        BMC = _shrink(32 if BD <= 128 else 16, Lq)
+        _attn_combine_kernel[(triton.cdiv(Lq, BMC) * B * H,)](
+            o_buf, l_buf, out, lse, o_buf.stride(0), l_buf.stride(0),
+            out.stride(0), out.stride(1), out.stride(2), H, Lq, D, n_split,
+            BLOCK_M=BMC, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
+        )
+    return None
+
+
+def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:
+    """This backend's dropout keep-mask (bool [B, H, Lq, Lk]) for `seed`, as the kernels compute it."""
+    out = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
+    if out.numel() == 0:
+        return out.view(torch.bool)
+    BM, BN = 32, 64
+    grid = (triton.cdiv(Lq, BM) * triton.cdiv(Lk, BN) * B * H,)
+    _dropout_mask_kernel[grid](out, C.dropout_seed(seed), C.dropout_threshold(dropout_p), Lq, Lk, BLOCK_M=BM,
+                               BLOCK_N=BN, num_warps=4)
+    return out.view(torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------- backward
+def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_left: int, window_right: int,
+                  key_lengths, prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
+                  block_m: int, block_n: int, dropout_p: float, seed: int, bias_requires_grad: bool,
+                  toeplitz_requires_grad: bool):
+    """-> (dq, dk, dv, dbias, dtoeplitz); see reference_kernels.attention_bwd."""
+    _check(q, k, v)
+    q, k, v, dout, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout), _unit_last(out)
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    dev = q.device
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, Hk, Lk, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, Hk, Lk, D), dtype=v.dtype, device=dev)
+    dbias = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=dev) if bias_requires_grad else q.new_empty(0)
+    dtoep = (torch.zeros((H, Lq + Lk - 1), dtype=torch.float32, device=dev) if toeplitz_requires_grad
+             else q.new_empty(0))
+    if B * H == 0 or Lq == 0 or Lk == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, dbias, dtoep
+    lse = lse.to(torch.float32).contiguous()
+    mk = _Masks(B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
+                k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
+    use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
+    BD = block_d(D)
+
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    BMP = _shrink(64, Lq)
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, BMP) * B * H,)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), H, Lq, D,
+        BLOCK_M=BMP, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
+    )
+
+    def run(cfg):
+        if toeplitz_requires_grad:
+            dtoep.zero_()  # a retried config starts over (the dQ kernel accumulates into it)
+        _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, float(scale), mk,
+                    block_map if use_map else None, block_m, block_n, cfg, bias_requires_grad,
+                    toeplitz_requires_grad)
+
+    C.first_that_fits(_FALLBACK, ("bwd", BD, q.dtype, str(dev), mk.heavy), _bwd_configs(D, q.dtype, dev, mk.heavy), run)
+    return dq, dk, dv, dbias, dtoep
+
+
+def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: _Masks, block_map, map_bm, map_bn,
+                cfg, has_dbias, has_dtoep):
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    G = H // Hk
+    BD = block_d(D)
+    (BM1, BN1, w1, st1), (BM2, BN2, w2, st2) = cfg
+    BM1, BN1 = _shrink(BM1, Lq), _shrink(BN1, Lk)
+    BM2, BN2 = _shrink(BM2, Lq), _shrink(BN2, Lk)
+    if BN1 <= 32:  # tiny tiles (short sequences): fewer warps
+        w1 = min(w1, 4)
+    if BM2 <= 32:
+        w2 = min(w2, 4)
+    prec = C.precision(q.dtype, q.device)
+    flags = mk.flags()
+    Q, K, V, DO = _rows(q), _rows(k), _rows(v), _rows(dout)
+
+    # dK / dV: one program per (key tile, b, kv head, group split).
+    num_n = triton.cdiv(Lk, BN1)
+    base_programs = num_n * B * Hk
+    if _FORCE_GROUP_SPLITS is not None:
+        ns = _FORCE_GROUP_SPLITS
+    elif G > 1 and base_programs < C.num_sms(q.device):
+        ns = min(G, triton.cdiv(2 * C.num_sms(q.device), base_programs))
+    else:
+        ns = 1
+    while G % ns:
+        ns -= 1
+    if ns > 1:
+        dk_buf = torch.empty((B, Hk, ns, Lk, D), dtype=torch.float32, device=q.device)
+        dv_buf = torch.empty((B, Hk, ns, Lk, D), dtype=torch.float32, device=q.device)
+        dk_arg = (dk_buf, *dk_buf.stride()[:4])
+        dv_arg = (dv_buf, *dv_buf.stride()[:4])
+    else:
+        dk_buf, dv_buf = dk, dv
+        dk_arg = (dk, dk.stride(0), dk.stride(1), 0, dk.stride(2))
+        dv_arg = (dv, dv.stride(0), dv.stride(1), 0, dv.stride(2))
+    _attn_bwd_dkdv_kernel[(base_programs * ns,)](
+        Q, K, V, DO, lse, delta, dk_arg, dv_arg, mk.args,
+        _lists(block_map, map_bm, map_bn, BM1, BN1, Lq, Lk, transpose=True), mk.drop, scale * LOG2E, scale,
+        H, Hk, G, G // ns, ns, Lq, Lk, D, **flags, BLOCK_M=BM1, BLOCK_N=BN1, BLOCK_D=BD, EVEN_D=(D == BD),
+        PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w1, num_stages=st1,
+    )
+    if ns > 1:
+        dk.copy_(dk_buf.sum(2))
+        dv.copy_(dv_buf.sum(2))
+
+    # dQ (and dS for the bias / Toeplitz gradients): one program per (query tile, b, h).
+    _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM2) * B * H,)](
+        Q, K, V, DO, lse, delta, _rows(dq), dbias if has_dbias else None,
+        (dtoep, dtoep.stride(0)) if has_dtoep else None,
+        mk.args, _lists(block_map, map_bm, map_bn, BM2, BN2, Lq, Lk, transpose=False), mk.drop, scale * LOG2E,
+        scale, H, G, Lq, Lk, D, **flags, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BD, EVEN_D=(D == BD),
+        PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w2, num_stages=st2,
+    )

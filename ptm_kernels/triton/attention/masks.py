@@ -1,0 +1,203 @@
+"""Attention masks: their kernel arguments (one NamedTuple per part, None when absent, so each part's code is
+compiled only where the part is present) and, in device code, the visibility of a score tile (analytic parts,
+segment ids, dense mask), its additive bias / Toeplitz terms, and which key (query) tiles a query (key) tile
+must visit."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._common import analytic_visible
+
+
+class Segments(NamedTuple):
+    """Segment ids of the queries ([B, Lq]) and keys ([B, Lk]): visible where equal."""
+    q: Tensor
+    k: Tensor
+    s_qb: int
+    s_qm: int
+    s_kb: int
+    s_kn: int
+
+
+class ScoreTensor(NamedTuple):
+    """A [B, H, Lq, Lk] tensor read per score (dense bool mask as uint8, additive bias); stride 0 on broadcast
+    dims."""
+    ptr: Tensor
+    s_b: int
+    s_h: int
+    s_m: int
+    s_n: int
+
+
+class Toeplitz(NamedTuple):
+    """table[h, i - j + Lk - 1], float32 [H, Lq + Lk - 1]."""
+    ptr: Tensor
+    s_h: int
+
+
+class MaskArgs(NamedTuple):
+    """The mask parts of one attention call as kernel arguments (causal is the CAUSAL constexpr)."""
+    key_lengths: Optional[Tensor]  # int32 [B], clamped to [0, Lk]
+    prefix_lengths: Optional[Tensor]  # int32 [B] (with causal only)
+    window: Optional[tuple]  # (left, right); Lq + Lk stands for an unbounded side
+    segments: Optional[Segments]
+    dense: Optional[ScoreTensor]
+    bias: Optional[ScoreTensor]
+    toeplitz: Optional[Toeplitz]
+
+
+@triton.jit
+def _tile_ctx(mask, b, b64, h64, Lq, Lk):
+    """What the mask code needs of a program's (batch row, head): (b64, h64, Lq, Lk, klen, plen, wl, wr)."""
+    klen = Lk
+    plen = 0
+    wl = 0
+    wr = 0
+    if mask.key_lengths is not None:
+        klen = tl.load(mask.key_lengths + b).to(tl.int32)
+    if mask.prefix_lengths is not None:
+        plen = tl.load(mask.prefix_lengths + b).to(tl.int32)
+    if mask.window is not None:
+        wl, wr = mask.window
+    return b64, h64, Lq, Lk, klen, plen, wl, wr
+
+
+@triton.jit
+def _mod_scores(s, rows, cols, ctx, mask, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Add bias/Toeplitz (times log2 e) to base-2 scores s and, if MASK, set invisible entries to -inf.
+
+    rows (query indices) and cols (key indices) are broadcastable 2-D index blocks ([M, 1] x [1, N] in the
+    forward / dQ orientation, [1, M] x [N, 1] in the dK/dV one); ctx: _tile_ctx."""
+    b64, h64, Lq, Lk, klen, plen, wl, wr = ctx
+    row_ok = rows < Lq
+    col_ok = cols < Lk
+    if mask.bias is not None:
+        B = mask.bias
+        bias = tl.load(B.ptr + b64 * B.s_b + h64 * B.s_h + rows.to(tl.int64) * B.s_m + cols.to(tl.int64) * B.s_n,
+                       mask=row_ok & col_ok, other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    if mask.toeplitz is not None:
+        T = mask.toeplitz
+        t = tl.load(T.ptr + h64 * T.s_h + (rows - cols + (Lk - 1)), mask=row_ok & col_ok, other=0.0)
+        s += t.to(tl.float32) * 1.4426950408889634
+    if MASK:
+        qi = rows + (Lk - Lq)  # query index in key coordinates (bottom-right alignment)
+        vis = analytic_visible(row_ok & col_ok, qi, cols, klen, plen, wl, wr, CAUSAL,
+                               mask.prefix_lengths is not None, mask.window is not None,
+                               mask.key_lengths is not None)
+        if mask.segments is not None:
+            S = mask.segments
+            qs = tl.load(S.q + b64 * S.s_qb + rows * S.s_qm, mask=row_ok, other=0)
+            ks = tl.load(S.k + b64 * S.s_kb + cols * S.s_kn, mask=col_ok, other=0)
+            vis = vis & (qs == ks)
+        if mask.dense is not None:
+            M = mask.dense
+            dm = tl.load(M.ptr + b64 * M.s_b + h64 * M.s_h + rows.to(tl.int64) * M.s_m + cols.to(tl.int64) * M.s_n,
+                         mask=row_ok & col_ok, other=0)
+            vis = vis & (dm != 0)
+        s = tl.where(vis, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _key_tile_range(m0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    ELEMWISE: tl.constexpr):
+    """Key tiles a query tile [m0, m0 + BLOCK_M) must visit: [A, Z), of which [F0, F1) need no mask (and lie
+    inside [0, Lk))."""
+    _b64, _h64, Lq, Lk, klen, plen, wl, wr = ctx
+    off = Lk - Lq
+    m_last = tl.minimum(m0 + BLOCK_M, Lq) - 1  # last valid query row of the tile
+    lo = m0 * 0
+    hi = lo + Lk
+    full_lo = lo
+    full_hi = hi
+    if mask.key_lengths is not None:
+        hi = tl.minimum(hi, klen)
+        full_hi = tl.minimum(full_hi, klen)
+    if CAUSAL:
+        c_hi = m_last + off + 1
+        c_full = m0 + off + 1
+        if mask.prefix_lengths is not None:
+            c_hi = tl.maximum(c_hi, plen)
+            c_full = tl.maximum(c_full, plen)
+        hi = tl.minimum(hi, c_hi)
+        full_hi = tl.minimum(full_hi, c_full)
+    if mask.window is not None:
+        hi = tl.minimum(hi, m_last + off + wr + 1)
+        full_hi = tl.minimum(full_hi, m0 + off + wr + 1)
+        lo = tl.maximum(lo, m0 + off - wl)
+        full_lo = tl.maximum(full_lo, m_last + off - wl)
+    if ELEMWISE:
+        full_hi = full_hi * 0
+    lo = tl.maximum(lo, 0)
+    A = lo // BLOCK_N
+    Z = tl.where(hi > lo, tl.cdiv(tl.maximum(hi, 0), BLOCK_N), A)
+    F0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, 0), BLOCK_N), A), Z)
+    F1 = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N, F0), Z)
+    return A, F0, F1, Z
+
+@triton.jit
+def _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK: tl.constexpr, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr,
+              EVEN_D: tl.constexpr):
+    """The it-th key tile of a forward / dQ loop (tile index it, or the it-th entry of the list IDX when SPARSE):
+    -> (start_n, cols, kv_mask: the bounds mask of its K / V loads). A tile on the unmasked path (not MASK) lies
+    inside [0, Lk) (see _key_tile_range / _convert_map), so it needs no bounds mask (only the head dim's)."""
+    if SPARSE:
+        start_n = tl.load(IDX + it) * BLOCK_N
+    else:
+        start_n = it * BLOCK_N
+    start_n = tl.multiple_of(start_n, BLOCK_N)
+    cols = start_n + offs_n
+    if MASK:
+        if EVEN_D:
+            kv_mask = cols[:, None] < Lk
+        else:
+            kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
+    else:
+        kv_mask = offs_d[None, :] < D  # (unused when EVEN_D)
+    return start_n, cols, kv_mask
+
+
+@triton.jit
+def _query_tile_range(n0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                      ELEMWISE: tl.constexpr):
+    """Query tiles a key tile [n0, n0 + BLOCK_N) must visit: [A, Z), of which [F0, F1) need no mask (and lie
+    inside [0, Lq))."""
+    _b64, _h64, Lq, Lk, klen, plen, wl, wr = ctx
+    off = Lk - Lq
+    n_last = tl.minimum(n0 + BLOCK_N, Lk) - 1
+    lo = n0 * 0
+    hi = lo + Lq
+    full_lo = lo
+    full_hi = lo + (Lq // BLOCK_M) * BLOCK_M  # full tiles lie inside [0, Lq) (unmasked loads)
+    full_hi = tl.where(n0 + BLOCK_N <= Lk, full_hi, 0)
+    if mask.key_lengths is not None:
+        hi = tl.where(n0 < klen, hi, 0)
+        full_hi = tl.where(n0 + BLOCK_N <= klen, full_hi, 0)
+    if CAUSAL:
+        c_lo = n0 - off
+        c_full = n0 + BLOCK_N - 1 - off
+        if mask.prefix_lengths is not None:
+            c_lo = tl.where(n0 < plen, 0, c_lo)
+            c_full = tl.where(n0 + BLOCK_N <= plen, 0, c_full)
+        lo = tl.maximum(lo, c_lo)
+        full_lo = tl.maximum(full_lo, c_full)
+    if mask.window is not None:
+        lo = tl.maximum(lo, n0 - wr - off)
+        full_lo = tl.maximum(full_lo, n0 + BLOCK_N - 1 - wr - off)
+        hi = tl.minimum(hi, n_last + wl - off + 1)
+        full_hi = tl.minimum(full_hi, n0 + wl - off + 1)
+    if ELEMWISE:
+        full_hi = full_hi * 0
+    lo = tl.maximum(lo, 0)
+    A = lo // BLOCK_M
+    Z = tl.where(hi > lo, tl.cdiv(tl.maximum(hi, 0), BLOCK_M), A)
+    F0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, 0), BLOCK_M), A), Z)
+    F1 = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_M, F0), Z)
+    return A, F0, F1, Z
+

@@ -1,0 +1,57 @@
+"""The position term of relative attention in device code: the band form (consecutive rows: one dot against
+the band of r a tile pair uses, then a diagonal select) and the gather form (rows at arbitrary positions)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .._common import dot
+
+
+@triton.jit
+def _pos_gather(QV_row, R_bh, s_rt, base, offs_n, row_ok, col_ok, R, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
+                D: tl.constexpr):
+    """Position term for rows at arbitrary positions: row m, key n uses r[base_m + n], loaded per (row, key)
+    over D chunks and reduced in registers (float32). QV_row: pointers to qv[row, 0] ([BLOCK_M, 1])."""
+    t = base[:, None] + offs_n[None, :]  # int64 [BLOCK_M, BLOCK_N]
+    t_ok = (t >= 0) & (t < R) & row_ok[:, None] & col_ok[None, :]
+    dc = tl.arange(0, D_CHUNK)
+    pos = tl.zeros(t.shape, dtype=tl.float32)
+    for d0 in range(0, BLOCK_D, D_CHUNK):
+        dmask = (d0 + dc) < D
+        qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        r3 = tl.load(R_bh + t[:, :, None] * s_rt + (d0 + dc)[None, None, :],
+                     mask=t_ok[:, :, None] & dmask[None, None, :], other=0.0)
+        pos += tl.sum(qv_c.to(tl.float32)[:, None, :] * r3.to(tl.float32), axis=2)
+    return pos
+
+
+@triton.jit
+def _band_rows(R_bh, s_rt, t_band, R, offs_d, D: tl.constexpr):
+    """r[t_band] ([BAND, BLOCK_D], input dtype) and which rows exist; rows outside [0, R) read as 0, so the
+    position term of an invalid t is 0."""
+    band_ok = (t_band >= 0) & (t_band < R)
+    r_band = tl.load(R_bh + t_band[:, None] * s_rt + offs_d[None, :], mask=band_ok[:, None] & (offs_d < D)[None, :],
+                     other=0.0)
+    return r_band, band_ok
+
+
+@triton.jit
+def _pos_band(qv, r_band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Position term for consecutive rows: local row m, key n uses band row (BLOCK_M - 1 - m) + n. One dot
+    against the band (tensor cores), then the diagonal select."""
+    pb = dot(qv, tl.trans(r_band), None, PREC, UPCAST)  # [BLOCK_M, BAND]
+    idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
+    return tl.gather(pb, idx, axis=1)
+
+
+@triton.jit
+def _band_grad(g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
+    """The transpose of _pos_band's select: dpb[m, c] = g[m, c - (BLOCK_M - 1 - m)] where that key index is in
+    [0, BLOCK_N), else 0 ([BLOCK_M, BAND], float32)."""
+    n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
+    n_ok = (n >= 0) & (n < BLOCK_N)
+    return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
+
+
