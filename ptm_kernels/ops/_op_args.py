@@ -1,0 +1,135 @@
+"""The flat form of a custom op's arguments, derived from its parameter objects (ptm_kernels/kernel_params.py).
+
+A torch.library op takes tensors and scalars, not objects. `OpArgs` lists an op's arguments as named groups,
+e.g. `OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor), ("", AttentionParams))`, and flattens a dataclass
+group field by field (nested dataclasses recursively; the leaf names join the path with "_": `vis_causal`,
+`bias_toeplitz`, a stream group "c" gives `c_qu`, `c_vis_causal`). From that one description come the op's
+schema (`custom_op`), `flatten` / `unflatten`, the autograd plumbing (`save` / `saved`, `grads`) and the
+position of any argument (`index`). Everything is computed once, when the op is defined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+class _Fields:
+    """A dataclass's fields in order, with the nested dataclasses' own _Fields."""
+
+    def __init__(self, cls: type):
+        hints = typing.get_type_hints(cls)
+        self.cls = cls
+        self.fields: List[Tuple[str, Any, Optional[_Fields]]] = [
+            (f.name, hints[f.name], _Fields(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else None)
+            for f in dataclasses.fields(cls)]
+
+    def leaves(self, path: Tuple[str, ...]) -> List[Tuple[Tuple[str, ...], Any]]:
+        out = []
+        for name, hint, sub in self.fields:
+            out += [(path + (name,), hint)] if sub is None else sub.leaves(path + (name,))
+        return out
+
+    def flatten_into(self, obj, out: list) -> None:
+        for name, _, sub in self.fields:
+            value = getattr(obj, name)
+            if sub is None:
+                out.append(value)
+            else:
+                sub.flatten_into(value, out)
+
+    def build(self, it):
+        return self.cls(*[next(it) if sub is None else sub.build(it) for _, _, sub in self.fields])
+
+
+class OpArgs:
+    """The flat argument list of one custom op, from named groups: (name, Tensor or a scalar type) is one
+    argument, (name, a dataclass) all of its fields ("" as the name: the fields' own names)."""
+
+    def __init__(self, *groups: Tuple[str, Any]):
+        self._groups = [(name, _Fields(t) if dataclasses.is_dataclass(t) else None) for name, t in groups]
+        leaves: List[Tuple[Tuple[str, ...], Any]] = []
+        for (name, t), (_, fields) in zip(groups, self._groups):
+            prefix = (name,) if name else ()
+            leaves += [(prefix, t)] if fields is None else fields.leaves(prefix)
+        self.paths = [".".join(p) for p, _ in leaves]  # "q", "vis.causal", "c.qu", ...
+        self.types = [t for _, t in leaves]
+        self._index = {p: i for i, p in enumerate(self.paths)}
+        if len(self._index) != len(self.paths):
+            raise TypeError(f"OpArgs: two arguments have the same name in {self.paths}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index(self, path: str) -> int:
+        """The position of an argument in the flat list, by its path ("bias.dense", "c.seg")."""
+        return self._index[path]
+
+    def flatten(self, *values) -> tuple:
+        """One value per group (tensors, scalars, parameter objects) -> the op's flat arguments."""
+        out: list = []
+        for value, (_, fields) in zip(values, self._groups):
+            if fields is None:
+                out.append(value)
+            else:
+                fields.flatten_into(value, out)
+        return tuple(out)
+
+    def unflatten(self, args: Sequence) -> list:
+        """The op's flat arguments -> one value per group (the parameter objects rebuilt)."""
+        it = iter(args)
+        return [next(it) if fields is None else fields.build(it) for _, fields in self._groups]
+
+    def grads(self, by_path: Dict[str, Optional[Tensor]]) -> tuple:
+        """What an autograd formula returns: the given gradients at their arguments' places, None elsewhere."""
+        out: List[Optional[Tensor]] = [None] * len(self.paths)
+        for path, g in by_path.items():
+            out[self._index[path]] = g
+        return tuple(out)
+
+    def save(self, ctx, args: Sequence) -> None:
+        """Keep every argument for the backward: the tensors through save_for_backward, the rest on ctx."""
+        ctx.save_for_backward(*[a for a, t in zip(args, self.types) if _holds_tensor(t)])
+        ctx.op_scalars = [a for a, t in zip(args, self.types) if not _holds_tensor(t)]
+
+    def saved(self, ctx) -> list:
+        """The arguments kept by `save`, unflattened."""
+        tensors, scalars = iter(ctx.saved_tensors), iter(ctx.op_scalars)
+        return self.unflatten([next(tensors) if _holds_tensor(t) else next(scalars) for t in self.types])
+
+    def signature(self, returns) -> inspect.Signature:
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return inspect.Signature([inspect.Parameter(p.replace(".", "_"), kind, annotation=t)
+                                  for p, t in zip(self.paths, self.types)], return_annotation=returns)
+
+    def custom_op(self, name: str, returns) -> Callable:
+        """torch.library.custom_op(name) for `fn(*groups)`, which receives the unflattened arguments; the
+        schema is this argument list's."""
+
+        def define(fn: Callable):
+            def flat(*args):
+                return fn(*self.unflatten(args))
+
+            flat.__signature__ = self.signature(returns)
+            flat.__name__, flat.__qualname__, flat.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+            return torch.library.custom_op(name, flat, mutates_args=())
+
+        return define
+
+    def register_fake(self, op) -> Callable:
+        """op.register_fake for `fn(*groups)`."""
+
+        def define(fn: Callable):
+            op.register_fake(lambda *args: fn(*self.unflatten(args)))
+            return fn
+
+        return define
+
+
+def _holds_tensor(t) -> bool:
+    return t is Tensor or t == Optional[Tensor]
