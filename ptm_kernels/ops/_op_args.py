@@ -85,6 +85,10 @@ class OpArgs:
         it = iter(args)
         return [next(it) if fields is None else fields.build(it) for _, fields in self._groups]
 
+    def call(self, op, *values):
+        """Call the custom op with one value per group (flattened here)."""
+        return op(*self.flatten(*values))
+
     def grads(self, by_path: Dict[str, Optional[Tensor]]) -> tuple:
         """What an autograd formula returns: the given gradients at their arguments' places, None elsewhere."""
         out: List[Optional[Tensor]] = [None] * len(self.paths)
@@ -92,15 +96,19 @@ class OpArgs:
             out[self._index[path]] = g
         return tuple(out)
 
-    def save(self, ctx, args: Sequence) -> None:
-        """Keep every argument for the backward: the tensors through save_for_backward, the rest on ctx."""
-        ctx.save_for_backward(*[a for a, t in zip(args, self.types) if _holds_tensor(t)])
+    def save(self, ctx, args: Sequence, *outputs: Tensor) -> None:
+        """Keep every argument and the given outputs for the backward: the tensors through save_for_backward,
+        the rest on ctx."""
+        ctx.save_for_backward(*outputs, *[a for a, t in zip(args, self.types) if _holds_tensor(t)])
         ctx.op_scalars = [a for a, t in zip(args, self.types) if not _holds_tensor(t)]
+        ctx.op_outputs = len(outputs)
 
-    def saved(self, ctx) -> list:
-        """The arguments kept by `save`, unflattened."""
-        tensors, scalars = iter(ctx.saved_tensors), iter(ctx.op_scalars)
-        return self.unflatten([next(tensors) if _holds_tensor(t) else next(scalars) for t in self.types])
+    def saved(self, ctx) -> Tuple[tuple, list]:
+        """(the outputs, the arguments unflattened) kept by `save`."""
+        saved = ctx.saved_tensors
+        tensors, scalars = iter(saved[ctx.op_outputs:]), iter(ctx.op_scalars)
+        args = [next(tensors) if _holds_tensor(t) else next(scalars) for t in self.types]
+        return saved[:ctx.op_outputs], self.unflatten(args)
 
     def signature(self, returns) -> inspect.Signature:
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD

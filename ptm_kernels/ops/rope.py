@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks
+from .. import _checks
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, rotary_dim: int,
