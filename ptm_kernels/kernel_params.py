@@ -28,7 +28,7 @@ from typing import Optional
 
 from torch import Tensor
 
-__all__ = ["Visibility", "Bias", "Dropout", "AttentionParams", "RelativeParams", "RelativeStream"]
+__all__ = ["Visibility", "Bias", "Dropout", "AttentionParams", "RelativeParams", "RelativeStream", "made", "replaced"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity, never tensor ==
@@ -55,7 +55,7 @@ class Visibility:
         """The broadcast parts as views expanded to [B, H, ...] (stride 0, no copy): what the kernels take."""
         if self.dense_mask is None and self.block_map is None:
             return self
-        return dataclasses.replace(
+        return replaced(
             self, dense_mask=None if self.dense_mask is None else self.dense_mask.expand(B, H, Lq, Lk),
             block_map=None if self.block_map is None else self.block_map.expand(B, H, *self.block_map.shape[2:]))
 
@@ -117,5 +117,17 @@ class RelativeStream:
 
     def expanded(self, B: int, H: int, Lk: int) -> "RelativeStream":
         vis = self.vis.expanded(B, H, self.qu.shape[2], Lk)
-        return self if vis is self.vis else dataclasses.replace(self, vis=vis)
+        return self if vis is self.vis else replaced(self, vis=vis)
 
+
+def replaced(obj, **changes):
+    """dataclasses.replace(obj, **changes) without running __init__ again: the ops do this on every call, and a
+    frozen dataclass's __init__ costs about a microsecond (it checks nothing here)."""
+    return made(type(obj), {**obj.__dict__, **changes})
+
+
+def made(cls: type, fields: dict):
+    """An instance of the parameter object `cls` with these fields, without __init__ (see `replaced`)."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj

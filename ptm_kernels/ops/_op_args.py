@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..kernel_params import made
+
 
 class _Fields:
     """A dataclass's fields in order, with the nested dataclasses' own _Fields."""
@@ -35,16 +37,26 @@ class _Fields:
             out += [(path + (name,), hint)] if sub is None else sub.leaves(path + (name,))
         return out
 
-    def flatten_into(self, obj, out: list) -> None:
+    def getters(self, obj: str) -> List[str]:
+        """Python expressions reading every leaf of the object named `obj`, in order."""
+        out = []
         for name, _, sub in self.fields:
-            value = getattr(obj, name)
-            if sub is None:
-                out.append(value)
-            else:
-                sub.flatten_into(value, out)
+            out += [f"{obj}.{name}"] if sub is None else sub.getters(f"{obj}.{name}")
+        return out
 
-    def build(self, it):
-        return self.cls(*[next(it) if sub is None else sub.build(it) for _, _, sub in self.fields])
+    def builder(self, args: str, start: int, classes: Dict[str, type]) -> Tuple[str, int]:
+        """(a Python expression building the object from args[start:], the index after its leaves)."""
+        items = []
+        for name, _, sub in self.fields:
+            if sub is None:
+                items.append(f"{name!r}: {args}[{start}]")
+                start += 1
+            else:
+                expr, start = sub.builder(args, start, classes)
+                items.append(f"{name!r}: {expr}")
+        key = f"_C{len(classes)}"
+        classes[key] = self.cls
+        return f"_made({key}, {{{', '.join(items)}}})", start
 
 
 class OpArgs:
@@ -62,6 +74,7 @@ class OpArgs:
         self._index = {p: i for i, p in enumerate(self.paths)}
         if len(self._index) != len(self.paths):
             raise TypeError(f"OpArgs: two arguments have the same name in {self.paths}")
+        self._compile()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,18 +85,30 @@ class OpArgs:
 
     def flatten(self, *values) -> tuple:
         """One value per group (tensors, scalars, parameter objects) -> the op's flat arguments."""
-        out: list = []
-        for value, (_, fields) in zip(values, self._groups):
-            if fields is None:
-                out.append(value)
-            else:
-                fields.flatten_into(value, out)
-        return tuple(out)
+        return self._flatten(*values)
 
     def unflatten(self, args: Sequence) -> list:
         """The op's flat arguments -> one value per group (the parameter objects rebuilt)."""
-        it = iter(args)
-        return [next(it) if fields is None else fields.build(it) for _, fields in self._groups]
+        return self._unflatten(args)
+
+    def _compile(self) -> None:
+        """flatten and unflatten as two generated functions (one attribute read or one index per leaf): they
+        run on every op call."""
+        names = [f"g{i}" for i in range(len(self._groups))]
+        getters, builders, classes, start = [], [], {}, 0
+        for var, (_, fields) in zip(names, self._groups):
+            getters += [var] if fields is None else fields.getters(var)
+            if fields is None:
+                builders.append(f"a[{start}]")
+                start += 1
+            else:
+                expr, start = fields.builder("a", start, classes)
+                builders.append(expr)
+        source = (f"def flatten({', '.join(names)}):\n    return ({', '.join(getters)},)\n"
+                  f"def unflatten(a):\n    return [{', '.join(builders)}]\n")
+        scope = dict(classes, _made=made)  # unflatten rebuilds what flatten took apart: no __init__ needed
+        exec(compile(source, f"<OpArgs {self.paths[:3]}...>", "exec"), scope)
+        self._flatten, self._unflatten = scope["flatten"], scope["unflatten"]
 
     def call(self, op, *values):
         """Call the custom op with one value per group (flattened here)."""

@@ -9,7 +9,6 @@ shapes and are expanded (stride 0, no copy) inside the op, so the bias gradient 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Tuple, Union
 
@@ -19,7 +18,7 @@ from torch import Tensor
 from .. import _checks, backend, fallbacks
 from ..attention_mask import AttentionMask
 from ..dtypes import compute_dtype
-from ..kernel_params import AttentionParams, Bias, Dropout
+from ..kernel_params import AttentionParams, Bias, Dropout, replaced
 from ._op_args import OpArgs
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -87,10 +86,10 @@ def _expand(q: Tensor, k: Tensor, params: AttentionParams) -> AttentionParams:
     vis = params.vis.expanded(B, H, Lq, Lk)
     bias = params.bias
     if bias.dense is not None:
-        bias = dataclasses.replace(bias, dense=bias.dense.expand(B, H, Lq, Lk))
+        bias = replaced(bias, dense=bias.dense.expand(B, H, Lq, Lk))
     if vis is params.vis and bias is params.bias:
         return params
-    return AttentionParams(params.scale, vis, bias, params.dropout)
+    return replaced(params, vis=vis, bias=bias)
 
 
 def _unit_stride(t: Tensor) -> Tensor:
