@@ -16,7 +16,7 @@ PIP         := $(PY) -m pip
 TORCH       := torch==2.13.0
 TRITON      := triton==3.7.*
 DEV_DEPS    := ninja pybind11 "setuptools>=64" wheel build pytest pytest-benchmark numpy transformers expecttest accelerate matplotlib
-SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.inc csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 OUT         ?= out
 COMMIT      ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 

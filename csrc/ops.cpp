@@ -3,6 +3,7 @@
 // (ptm_kernels/ops/), so that the package imports and works without this extension.
 #include <torch/extension.h>
 
+#include "kernel_params_py.h"  // Python parameter objects -> C++ structs, for the attention kernels
 #include "cpu/attention.h"
 #include "cpu/kernels.h"
 #include "cpu/relative_attention.h"

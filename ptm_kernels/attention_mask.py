@@ -42,30 +42,19 @@ import dataclasses
 import functools
 import math
 import operator
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .ops import _checks
+from . import _checks
+from .dtypes import compute_dtype
+from .kernel_params import Visibility  # the kernels' form of a mask's visibility parts
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_CACHE_SIZE = 8  # entries per mask: a few shapes (e.g. train and eval lengths) per mask object
+_CACHE_SIZE = 12  # entries per mask: a few shapes (e.g. train and eval lengths) per mask object, 3 each
 
 Lengths = Union[Tensor, int, Sequence[int]]
-
-
-class Visibility(NamedTuple):
-    """The visibility arguments of the kernel interface (see reference_kernels.py), in its order."""
-
-    causal: bool
-    window_left: int  # -1 = unbounded
-    window_right: int
-    key_lengths: Optional[Tensor]  # int64 [B]
-    prefix_lengths: Optional[Tensor]  # int64 [B]
-    q_segments: Optional[Tensor]  # int64 [B, Lq]
-    k_segments: Optional[Tensor]  # int64 [B, Lk]
-    dense_mask: Optional[Tensor]  # bool, 4-D, broadcastable to [B, H, Lq, Lk] (the op expands it)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -246,14 +235,24 @@ class AttentionMask:
 
     # ------------------------------------------------------------------------------ kernel arguments
 
-    def visibility(self, B: int, H: int, Lq: int, Lk: int, device) -> Visibility:
-        """The kernel's visibility arguments for these shapes, checked (cached)."""
+    def visibility(self, B: int, H: int, Lq: int, Lk: int, device,
+                   tile: Optional[Tuple[int, int]] = None) -> Visibility:
+        """The kernel's Visibility for these shapes, checked (cached); with a (block_m, block_n) tile, it also
+        carries the block map at that tile."""
         current = self._current()
         if current is not self:
-            return current.visibility(B, H, Lq, Lk, device)
+            return current.visibility(B, H, Lq, Lk, device, tile)
         device = torch.device(device)
-        return self._cached(("visibility", B, H, Lq, Lk, device),
-                            lambda: self._visibility(B, H, Lq, Lk, device))
+        if tile is None:
+            return self._cached(("visibility", B, H, Lq, Lk, device),
+                                lambda: self._visibility(B, H, Lq, Lk, device))
+
+        def with_map():
+            vis = self.visibility(B, H, Lq, Lk, device)
+            block_map = self.block_map(B, H, Lq, Lk, *tile, device)
+            return vis if block_map is None else dataclasses.replace(vis, block_map=block_map, block_m=tile[0],
+                                                                    block_n=tile[1])
+        return self._cached(("visibility", B, H, Lq, Lk, device, tile), with_map)
 
     def _visibility(self, B, H, Lq, Lk, device) -> Visibility:
         full = (B, H, Lq, Lk)
@@ -285,7 +284,8 @@ class AttentionMask:
             q_seg = _per_batch("segments q_ids", self.q_ids, B, Lq, device)
             k_seg = q_seg if self.k_ids is None else _per_batch("segments k_ids", self.k_ids, B, Lk, device)
         return Visibility(causal, left, right, _batch_lengths("key_padding lengths", self.key_lengths, B, Lk, device),
-                          _batch_lengths("prefix_lm lengths", self.prefix_lengths, B, Lk, device), q_seg, k_seg, dense)
+                          _batch_lengths("prefix_lm lengths", self.prefix_lengths, B, Lk, device), q_seg, k_seg,
+                          dense)
 
     def scores(self, B: int, H: int, Lq: int, Lk: int, q: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(bias, toeplitz table) as the kernels take them: bias 4-D broadcastable in q's dtype or float32,
@@ -299,15 +299,14 @@ class AttentionMask:
             _check_broadcast("bias", bias, (B, H, Lq, Lk))
             _checks.same_device("q", q, bias=bias)
             if bias.dtype not in (q.dtype, torch.float32):  # strides kept: a broadcast bias stays small
-                bias = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+                bias = bias.to(compute_dtype(q))
         if self.toeplitz_table is not None:
             table = self.toeplitz_table
             if table.shape[0] not in (1, H) or table.shape[1] != Lq + Lk - 1:
                 raise ValueError(f"toeplitz table must have shape [{H} or 1, Lq + Lk - 1 = {Lq + Lk - 1}] for "
                                  f"H={H}, Lq={Lq}, Lk={Lk}, got {tuple(table.shape)}")
             _checks.same_device("q", q, **{"toeplitz table": table})
-            cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-            table = table.to(cd).expand(H, -1).contiguous()
+            table = table.to(compute_dtype(q)).expand(H, -1).contiguous()
         return bias, table
 
     # ------------------------------------------------------------------------------------- block map

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dtypes import compute_dtype
+
 
 def rms_norm(
     x: Tensor,
@@ -59,7 +61,7 @@ def layer_norm(
     if residual is not None:
         x = x + residual
     h = x
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x)
     xf = x.to(compute)
     mean = xf.mean(-1, keepdim=True)
     var = (xf - mean).pow(2).mean(-1, keepdim=True)
@@ -74,7 +76,7 @@ def layer_norm(
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """GELU computed in float32 (float64 for float64 input), rounded once."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x)
     xf = x.to(compute)
     if approximate == "none":
         y = 0.5 * xf * (1.0 + torch.erf(xf / math.sqrt(2.0)))
@@ -87,26 +89,26 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """gelu(x + bias), bias broadcast over the last dimension; the sum is not rounded before the GELU."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x)
     return gelu(x.to(compute) + bias.to(compute), approximate).to(x.dtype)
 
 
 def silu(x: Tensor) -> Tensor:
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x)
     xf = x.to(compute)
     return (xf * torch.sigmoid(xf)).to(x.dtype)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up (LLaMA's MLP), in float32, rounded once."""
-    compute = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(gate)
     g = gate.to(compute)
     return (g * torch.sigmoid(g) * up.to(compute)).to(gate.dtype)
 
 
 def geglu(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
     """gelu(gate) * up (T5 v1.1 uses the tanh approximation), in float32, rounded once."""
-    compute = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(gate)
     return (gelu(gate.to(compute), approximate) * up.to(compute)).to(gate.dtype)
 
 
@@ -133,7 +135,7 @@ def rope(
     """
     D = x.shape[-1]
     R = D if rotary_dim is None else rotary_dim
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x)
     pos = positions if positions.dim() == 2 else positions.unsqueeze(0)
     c = cos.to(compute)[pos].unsqueeze(1)  # [B|1, 1, L, R/2]
     s = sin.to(compute)[pos].unsqueeze(1)

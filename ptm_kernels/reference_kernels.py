@@ -21,16 +21,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_EMPTY = torch.empty(0)
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def empty_stats(x: Tensor) -> Tensor:
-    """The placeholder returned for a result that does not exist (custom ops cannot return None)."""
-    return x.new_empty(0)
+from .dtypes import compute_dtype as _compute_dtype
+from .kernel_params import AttentionParams
+# The mask parts and dropout of the attention kernels, shared with reference_relative.py (both are part of the
+# interface), and relative-position attention, which lives in its own file: this module is the whole backend.
+from .reference_common import attention_dropout_mask, attention_mask_dense, empty_stats
+from .reference_relative import (relative_attention_bwd, relative_attention_fwd, two_stream_attention_bwd,
+                                 two_stream_attention_fwd)
 
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -211,23 +208,25 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
 
 
 # ------------------------------------------------------------------------------------------- attention
-# The mask parts arrive already checked and expanded by ptm_kernels/attention_mask.py (AttentionMask):
-#   causal            bool: key j visible to query i iff j <= i + (Lk - Lq)          (bottom-right aligned)
+# attention_fwd(q, k, v, params) / attention_bwd(dout, q, k, v, out, lse, params) take an AttentionParams
+# (ptm_kernels/kernel_params.py): scale, vis (Visibility), bias (Bias), dropout (Dropout). Its parts arrive
+# already checked, and the broadcast ones expanded, by the op (ptm_kernels/ops/attention.py, AttentionMask):
+#   vis.causal        bool: key j visible to query i iff j <= i + (Lk - Lq)          (bottom-right aligned)
 #   window_left/right int, -1 = unbounded: visible iff (i + Lk - Lq) - j <= left and j - (i + Lk - Lq) <= right
 #   key_lengths       int64 [B] or None: visible iff j < key_lengths[b]
 #   prefix_lengths    int64 [B] or None: prefix-LM. Visible iff j < prefix_lengths[b] or j <= i + (Lk - Lq)
 #                     (bidirectional inside the prefix, causal after). Given together with causal=True.
 #   q_segments        int64 [B, Lq] and k_segments int64 [B, Lk], or None: visible iff the ids are equal
 #   dense_mask        bool, None or a view expanded to [B, H, Lq, Lk] (stride 0 on broadcast dims): True = visible
-#   bias              q's dtype or float32, None or a view expanded to [B, H, Lq, Lk]: added to the scaled scores
-#   toeplitz          float32 [H, Lq + Lk - 1] or None: adds table[h, i - j + Lk - 1] to the scaled scores
+#   bias.dense        q's dtype or float32, None or a view expanded to [B, H, Lq, Lk]: added to the scaled scores
+#   bias.toeplitz     float32 [H, Lq + Lk - 1] or None: adds table[h, i - j + Lk - 1] to the scaled scores
 #   block_map         int8 [B, H, ceil(Lq/block_m), ceil(Lk/block_n)] (stride 0 on broadcast dims) or None:
 #                     0 = no visible entry in the tile (skip it), 1 = some, 2 = every entry visible (no mask
 #                     work needed); computed from all the parts above at the tile size (block_m, block_n).
 #                     A tile that extends past Lq or Lk (ragged last row/column of tiles) is never 2; a 1
 #                     may still hide every entry (each part shows some, their AND none).
 #                     A kernel that uses other tile sizes must not rely on it (it stays correct without it).
-#   dropout_p, seed   in-kernel dropout of the probabilities (kept ones scaled by 1/(1-p)); each backend is
+#   dropout.p, .seed  in-kernel dropout of the probabilities (kept ones scaled by 1/(1-p)); each backend is
 #                     deterministic for a given seed and exposes attention_dropout_mask() to materialize its
 #                     keep-mask, so tests can replay it through the reference.
 # q [B, H, Lq, D], k/v [B, Hk, Lk, D] with H % Hk == 0 (head h reads kv head h // (H // Hk)); unit stride in
@@ -237,59 +236,21 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved
 # Results are contiguous tensors (the ops' fake implementations say so to torch.compile).
 
 
-def attention_mask_dense(B: int, H: int, Lq: int, Lk: int, device, causal: bool, window_left: int,
-                         window_right: int, key_lengths, prefix_lengths, q_segments, k_segments, dense_mask,
-                         rows: Optional[Tensor] = None):
-    """The visibility of every (b, h, i, j) as a bool [B, H, Lq, Lk] tensor (reference only: it is O(L^2)).
-
-    rows: int [B|1, Lq], each query row's index in key coordinates; default i + Lk - Lq (relative
-    attention's query stream passes the positions of its predicted tokens).
-    """
-    if rows is None:
-        rows = torch.arange(Lq, device=device).view(1, Lq) + (Lk - Lq)
-    i = rows.view(rows.shape[0], 1, Lq, 1)
-    j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
-    vis = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=device)
-    if causal:
-        causal_vis = j <= i
-        if prefix_lengths is not None:
-            causal_vis = causal_vis | (j < prefix_lengths.view(B, 1, 1, 1))
-        vis = vis & causal_vis
-    if window_left >= 0:
-        vis = vis & (i - j <= window_left)
-    if window_right >= 0:
-        vis = vis & (j - i <= window_right)
-    if key_lengths is not None:
-        vis = vis & (j < key_lengths.view(B, 1, 1, 1))
-    if q_segments is not None:
-        vis = vis & (q_segments.view(B, 1, Lq, 1) == k_segments.view(B, 1, 1, Lk))
-    if dense_mask is not None:
-        vis = vis & dense_mask
-    return vis
-
-
-def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:
-    """This backend's keep-mask (bool [B, H, Lq, Lk]) for `seed`."""
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.rand(B, H, Lq, Lk, generator=gen, device=device) >= dropout_p
-
-
-def _attention_probs(q, k, v, scale, causal, window_left, window_right, key_lengths, prefix_lengths,
-                     q_segments, k_segments, dense_mask, bias, toeplitz):
+def _attention_probs(q, k, v, p: AttentionParams):
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     cd = _compute_dtype(q)
     rep = H // max(k.shape[1], 1)  # H = Hk = 0: an empty problem
     kf = k.to(cd).repeat_interleave(rep, dim=1)
     vf = v.to(cd).repeat_interleave(rep, dim=1)
-    s = scale * (q.to(cd) @ kf.transpose(-1, -2))
+    s = p.scale * (q.to(cd) @ kf.transpose(-1, -2))
+    bias, toeplitz = p.bias.dense, p.bias.toeplitz
     if bias is not None:
         s = s + bias.to(cd)
     if toeplitz is not None:
         idx = torch.arange(Lq, device=q.device)[:, None] - torch.arange(Lk, device=q.device)[None, :] + Lk - 1
         s = s + toeplitz.to(cd)[:, idx].unsqueeze(0)
-    vis = attention_mask_dense(B, H, Lq, Lk, q.device, causal, window_left, window_right, key_lengths,
-                               prefix_lengths, q_segments, k_segments, dense_mask)
+    vis = attention_mask_dense(B, H, Lq, Lk, q.device, p.vis)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
     # A +inf score makes the row NaN, as torch's softmax does (exp(inf - inf)); torch.logsumexp would say +inf.
@@ -299,38 +260,33 @@ def _attention_probs(q, k, v, scale, causal, window_left, window_right, key_leng
     return p, lse, vf, kf, vis
 
 
-def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_right: int, key_lengths,
-                  prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
-                  block_m: int, block_n: int, dropout_p: float, seed: int):
+def attention_fwd(q, k, v, params: AttentionParams):
     """-> (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)."""
-    p, lse, vf, _, _ = _attention_probs(q, k, v, scale, causal, window_left, window_right, key_lengths,
-                                        prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz)
-    if dropout_p > 0:
+    p, lse, vf, _, _ = _attention_probs(q, k, v, params)
+    drop = params.dropout
+    if drop.p > 0:
         B, H, Lq, Lk = p.shape
-        keep = attention_dropout_mask(seed, dropout_p, B, H, Lq, Lk, q.device)
-        p = p * keep / (1.0 - dropout_p)
+        keep = attention_dropout_mask(drop.seed_value, drop.p, B, H, Lq, Lk, q.device)
+        p = p * keep / (1.0 - drop.p)
     out = (p @ vf).to(q.dtype)
     return out, (lse if lse.dtype == torch.float64 else lse.float())
 
 
-def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_left: int, window_right: int,
-                  key_lengths, prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
-                  block_m: int, block_n: int, dropout_p: float, seed: int, bias_requires_grad: bool,
-                  toeplitz_requires_grad: bool):
+def attention_bwd(dout, q, k, v, out, lse, params: AttentionParams):
     """-> (dq, dk, dv, dbias, dtoeplitz).
 
     dk, dv have k's shape [B, Hk, Lk, D] (summed over the heads sharing a kv head); dbias is float32
     [B, H, Lq, Lk] (the caller sums it down to the bias's own broadcast shape), dtoeplitz float32 like the
-    table; each is an empty tensor when not requested.
+    table; each is an empty tensor when not requested (params.bias's *_requires_grad).
     """
     cd = _compute_dtype(q)
-    p, lse_, vf, kf, _ = _attention_probs(q, k, v, scale, causal, window_left, window_right, key_lengths,
-                                          prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz)
+    p, lse_, vf, kf, _ = _attention_probs(q, k, v, params)
     B, H, Lq, Lk = p.shape
     Hk = k.shape[1]
+    scale, drop = params.scale, params.dropout
     do = dout.to(cd)
-    if dropout_p > 0:
-        keep = attention_dropout_mask(seed, dropout_p, B, H, Lq, Lk, q.device).to(cd) / (1.0 - dropout_p)
+    if drop.p > 0:
+        keep = attention_dropout_mask(drop.seed_value, drop.p, B, H, Lq, Lk, q.device).to(cd) / (1.0 - drop.p)
     else:
         keep = None
     pd = p * keep if keep is not None else p  # the probabilities that multiplied v
@@ -346,8 +302,8 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
     fold = lambda t: t.view(B, Hk, H // max(Hk, 1), Lk, t.shape[-1]).sum(2)  # heads sharing a kv head
     dk, dv = fold(dk).to(k.dtype), fold(dv).to(v.dtype)
     stat = (lambda t: t) if cd == torch.float64 else (lambda t: t.float())
-    dbias = stat(ds) if bias_requires_grad else empty_stats(q)
-    if toeplitz_requires_grad:
+    dbias = stat(ds) if params.bias.dense_requires_grad else empty_stats(q)
+    if params.bias.toeplitz_requires_grad:
         idx = (torch.arange(Lq, device=q.device)[:, None] - torch.arange(Lk, device=q.device)[None, :] + Lk - 1)
         dt = torch.zeros(H, Lq + Lk - 1, dtype=cd, device=q.device)
         dt.index_add_(1, idx.flatten(), ds.sum(0).reshape(H, -1))
@@ -355,20 +311,6 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
     else:
         dtoeplitz = empty_stats(q)
     return dq, dk, dv, dbias, dtoeplitz
-
-
-# ------------------------------------------------------------------------------ relative-position attention
-# Transformer-XL / XLNet attention lives in its own file (ptm_kernels/reference_relative.py); its kernel
-# functions are attributes of this module too, so that this module is the whole reference backend.
-_RELATIVE = ("relative_attention_fwd", "relative_attention_bwd", "two_stream_attention_fwd",
-             "two_stream_attention_bwd")
-
-
-def __getattr__(name):  # resolved on use: reference_relative imports this module
-    if name in _RELATIVE:
-        from . import reference_relative
-        return getattr(reference_relative, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------- cross-entropy

@@ -1,7 +1,11 @@
 """Relative-position attention (Transformer-XL / XLNet) in plain PyTorch: the kernel interface of the
 "reference" backend (re-exported by reference_kernels.py, so `backend.module("reference")` provides it).
 
-The public ops (ptm_kernels/ops/relative_attention.py) hand every backend already-prepared tensors:
+    relative_attention_fwd(k, v, r, params: RelativeParams, s: RelativeStream)
+    two_stream_attention_fwd(k, v, r, params, c: RelativeStream, g: RelativeStream)    (and the _bwd of each)
+
+The public ops (ptm_kernels/ops/relative_attention.py) hand every backend already-prepared tensors, grouped
+as in ptm_kernels/kernel_params.py (a stream's fields, then what the streams share in RelativeParams):
 
     qu   [B, H, Lr, D]  q + u        (content term:  qu_i . k_j)
     qv   [B, H, Lr, D]  q + v_bias   (position term: qv_i . r[t(i, j)])
@@ -27,21 +31,22 @@ stream), and the weighted sum of v. All math in float32 (float64 for float64 inp
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .reference_kernels import _compute_dtype, attention_dropout_mask, attention_mask_dense, empty_stats
+from .dtypes import compute_dtype as _compute_dtype
+from .kernel_params import Dropout, RelativeParams, RelativeStream, Visibility
+from .reference_common import attention_dropout_mask, attention_mask_dense, empty_stats
 
 
 def relative_visibility(B: int, H: int, Lr: int, Lk: int, q_len: int, positions: Optional[Tensor], device,
-                        causal: bool, window_left: int, window_right: int, key_lengths, prefix_lengths,
-                        q_segments, k_segments, dense_mask) -> Tensor:
+                        vis: Visibility) -> Tensor:
     """bool [B, H, Lr, Lk]: the mask's visibility with each row at its position (reference only: O(L^2))."""
     rows = _row_positions(Lr, positions, device) + (Lk - q_len)  # [B|1, Lr]
-    return attention_mask_dense(B, H, Lr, Lk, device, causal, window_left, window_right, key_lengths,
-                                prefix_lengths, q_segments, k_segments, dense_mask, rows=rows)
+    return attention_mask_dense(B, H, Lr, Lk, device, vis, rows=rows)
 
 
 def _row_positions(Lr: int, positions: Optional[Tensor], device) -> Tensor:
@@ -75,11 +80,12 @@ def _scores(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len):
     return s * scale, tc, valid, diff
 
 
-def _probs(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len, vis_args):
-    B, H, Lr, _ = qu.shape
+def _probs(k, r, p: RelativeParams, st: RelativeStream):
+    B, H, Lr, _ = st.qu.shape
     Lk = k.shape[2]
-    s, tc, valid, diff = _scores(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len)
-    vis = relative_visibility(B, H, Lr, Lk, q_len, positions, qu.device, *vis_args)
+    s, tc, valid, diff = _scores(st.qu, st.qv, k, r, st.seg, st.q_ids, p.k_ids, st.positions, p.scale, p.r_offset,
+                                 p.q_len)
+    vis = relative_visibility(B, H, Lr, Lk, p.q_len, st.positions, st.qu.device, st.vis)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # A +inf score makes the row NaN, as torch's softmax does (exp(inf - inf)); torch.logsumexp would say +inf.
@@ -89,23 +95,19 @@ def _probs(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len, v
     return p, lse, tc, valid, diff
 
 
-def relative_attention_fwd(k, v, r, k_ids, scale: float, r_offset: int, q_len: int, dropout_p: float, seed: int,
-                           qu, qv, seg, q_ids, positions, causal: bool, window_left: int, window_right: int,
-                           key_lengths, prefix_lengths, q_segments, k_segments, dense_mask):
+def relative_attention_fwd(k, v, r, p: RelativeParams, s: RelativeStream):
     """One stream -> (out [B, H, Lr, D] in qu's dtype, lse [B, H, Lr] float32)."""
-    vis_args = (causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments, dense_mask)
-    p, lse, _, _, _ = _probs(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len, vis_args)
-    if dropout_p > 0:
-        B, H, Lr, Lk = p.shape
-        p = p * attention_dropout_mask(seed, dropout_p, B, H, Lr, Lk, qu.device) / (1.0 - dropout_p)
-    out = (p @ v.to(p.dtype)).to(qu.dtype)
+    probs, lse, _, _, _ = _probs(k, r, p, s)
+    drop = p.dropout
+    if drop.p > 0:
+        B, H, Lr, Lk = probs.shape
+        keep = attention_dropout_mask(drop.seed_value, drop.p, B, H, Lr, Lk, s.qu.device)
+        probs = probs * keep / (1.0 - drop.p)
+    out = (probs @ v.to(probs.dtype)).to(s.qu.dtype)
     return out, (lse if lse.dtype == torch.float64 else lse.float())
 
 
-def relative_attention_bwd(dout, out, lse, k, v, r, k_ids, scale: float, r_offset: int, q_len: int,
-                           dropout_p: float, seed: int, qu, qv, seg, q_ids, positions, causal: bool,
-                           window_left: int, window_right: int, key_lengths, prefix_lengths, q_segments,
-                           k_segments, dense_mask):
+def relative_attention_bwd(dout, out, lse, k, v, r, params: RelativeParams, s: RelativeStream):
     """One stream -> (dqu, dqv, dk, dv, dr, dseg).
 
     With P the probabilities, Pd = P * keep / (1 - p) (dropout), dP = dO V^T * keep / (1 - p),
@@ -116,15 +118,15 @@ def relative_attention_bwd(dout, out, lse, k, v, r, k_ids, scale: float, r_offse
     dqu, dqv in qu's dtype; dk, dv in k's dtype; dr float32 [B, H, R, D]; dseg float32 [B, H, Lr, 2] (empty
     without seg).
     """
+    qu, qv, seg, scale, drop = s.qu, s.qv, s.seg, params.scale, params.dropout
     cd = _compute_dtype(qu)
-    vis_args = (causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments, dense_mask)
-    p, _, tc, valid, diff = _probs(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len, vis_args)
+    p, _, tc, valid, diff = _probs(k, r, params, s)
     B, H, Lr, Lk = p.shape
     R = r.shape[2]
     do = dout.to(cd)
     keep = None
-    if dropout_p > 0:
-        keep = attention_dropout_mask(seed, dropout_p, B, H, Lr, Lk, qu.device).to(cd) / (1.0 - dropout_p)
+    if drop.p > 0:
+        keep = attention_dropout_mask(drop.seed_value, drop.p, B, H, Lr, Lk, qu.device).to(cd) / (1.0 - drop.p)
     pd = p * keep if keep is not None else p
     dv = pd.transpose(-1, -2) @ do
     dp = do @ v.to(cd).transpose(-1, -2)
@@ -151,32 +153,25 @@ def relative_attention_bwd(dout, out, lse, k, v, r, k_ids, scale: float, r_offse
 # stream's dropout uses seed + 1. A backend may fuse them into one launch; here they simply run one after the
 # other. dk, dv, dr are summed over the streams.
 
-def two_stream_attention_fwd(k, v, r, k_ids, scale: float, r_offset: int, q_len: int, dropout_p: float, seed: int,
-                             qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c: bool, wl_c: int, wr_c: int,
-                             kl_c, pl_c, qs_c, ks_c, dense_c,
-                             qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g: bool, wl_g: int, wr_g: int,
-                             kl_g, pl_g, qs_g, ks_g, dense_g):
+def _query_stream(p: RelativeParams) -> RelativeParams:
+    """The shared parameters as the query stream draws its dropout: seed + 1."""
+    if p.dropout.seed is None:
+        return p
+    return dataclasses.replace(p, dropout=Dropout(p.dropout.p, p.dropout.seed + 1))
+
+
+def two_stream_attention_fwd(k, v, r, p: RelativeParams, c: RelativeStream, g: RelativeStream):
     """-> (out_c, lse_c, out_g, lse_g)."""
-    shared = (k, v, r, k_ids, scale, r_offset, q_len, dropout_p)
-    oc, lc = relative_attention_fwd(*shared, seed, qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c,
-                                    kl_c, pl_c, qs_c, ks_c, dense_c)
-    og, lg = relative_attention_fwd(*shared, seed + 1, qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g, wl_g,
-                                    wr_g, kl_g, pl_g, qs_g, ks_g, dense_g)
+    oc, lc = relative_attention_fwd(k, v, r, p, c)
+    og, lg = relative_attention_fwd(k, v, r, _query_stream(p), g)
     return oc, lc, og, lg
 
 
-def two_stream_attention_bwd(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, k_ids, scale: float,
-                             r_offset: int, q_len: int, dropout_p: float, seed: int,
-                             qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c: bool, wl_c: int, wr_c: int,
-                             kl_c, pl_c, qs_c, ks_c, dense_c,
-                             qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g: bool, wl_g: int, wr_g: int,
-                             kl_g, pl_g, qs_g, ks_g, dense_g):
+def two_stream_attention_bwd(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, p: RelativeParams,
+                             c: RelativeStream, g: RelativeStream):
     """-> (dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr); dk, dv, dr summed over both streams."""
-    shared = (k, v, r, k_ids, scale, r_offset, q_len, dropout_p)
-    c = relative_attention_bwd(dout_c, out_c, lse_c, *shared, seed, qu_c, qv_c, seg_c, q_ids_c, positions_c,
-                               causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c, dense_c)
-    g = relative_attention_bwd(dout_g, out_g, lse_g, *shared, seed + 1, qu_g, qv_g, seg_g, q_ids_g, positions_g,
-                               causal_g, wl_g, wr_g, kl_g, pl_g, qs_g, ks_g, dense_g)
-    dk = (c[2].to(_compute_dtype(k)) + g[2].to(_compute_dtype(k))).to(k.dtype)
-    dv = (c[3].to(_compute_dtype(v)) + g[3].to(_compute_dtype(v))).to(v.dtype)
-    return c[0], c[1], c[5], g[0], g[1], g[5], dk, dv, c[4] + g[4]
+    dqu_c, dqv_c, dk_c, dv_c, dr_c, dseg_c = relative_attention_bwd(dout_c, out_c, lse_c, k, v, r, p, c)
+    dqu_g, dqv_g, dk_g, dv_g, dr_g, dseg_g = relative_attention_bwd(dout_g, out_g, lse_g, k, v, r, _query_stream(p), g)
+    dk = (dk_c.to(_compute_dtype(k)) + dk_g.to(_compute_dtype(k))).to(k.dtype)
+    dv = (dv_c.to(_compute_dtype(v)) + dv_g.to(_compute_dtype(v))).to(v.dtype)
+    return dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr_c + dr_g

@@ -13,30 +13,20 @@
 #include <optional>
 #include <tuple>
 
-namespace ptm::cpu {
+#include "kernel_params.h"
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+namespace ptm::cpu {
 
 constexpr int64_t kAttentionBlockM = 64;
 constexpr int64_t kAttentionBlockN = 64;
 
 // -> (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)
-std::tuple<Tensor, Tensor> attention_fwd(
-    const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal, int64_t window_left,
-    int64_t window_right, const OptTensor& key_lengths, const OptTensor& prefix_lengths,
-    const OptTensor& q_segments, const OptTensor& k_segments, const OptTensor& dense_mask, const OptTensor& bias,
-    const OptTensor& toeplitz, const OptTensor& block_map, int64_t block_m, int64_t block_n, double dropout_p,
-    int64_t seed);
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionParams& p);
 
 // -> (dq, dk, dv, dbias float32 [B, H, Lq, Lk] or empty, dtoeplitz float32 [H, Lq + Lk - 1] or empty)
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-    double scale, bool causal, int64_t window_left, int64_t window_right, const OptTensor& key_lengths,
-    const OptTensor& prefix_lengths, const OptTensor& q_segments, const OptTensor& k_segments,
-    const OptTensor& dense_mask, const OptTensor& bias, const OptTensor& toeplitz, const OptTensor& block_map,
-    int64_t block_m, int64_t block_n, double dropout_p, int64_t seed, bool bias_requires_grad,
-    bool toeplitz_requires_grad);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                                 const AttentionParams& p);
 
 // This backend's dropout keep-mask, bool [B, H, Lq, Lk] (True = kept), for `seed`.
 Tensor attention_dropout_mask(int64_t seed, double dropout_p, int64_t B, int64_t H, int64_t Lq, int64_t Lk,

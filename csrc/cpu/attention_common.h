@@ -160,14 +160,15 @@ inline uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-struct Dropout {
+struct DropoutRng {
   bool on = false;
   uint64_t seed_key = 0;
   uint32_t threshold = 0;  // keep iff bits >= threshold
   float keep_scale = 1.f;  // 1 / (1 - p)
 
-  Dropout() = default;
-  Dropout(double p, int64_t seed) {
+  DropoutRng() = default;
+  explicit DropoutRng(const Dropout& d) : DropoutRng(d.p, d.seed) {}
+  DropoutRng(double p, int64_t seed) {
     on = p > 0;
     seed_key = splitmix64(static_cast<uint64_t>(seed));
     threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
@@ -187,11 +188,12 @@ struct RowSpan {
   int64_t lo_min, lo_max, hi_min, hi_max;
 };
 
-// The visibility parts of a mask over Lq query rows and Lk keys (reference_kernels.attention_mask_dense). The
+// The visibility parts of a mask (a Visibility) over Lq query rows and Lk keys, ready to evaluate per row and per
+// tile (reference_kernels.attention_mask_dense). The
 // analytic parts (causal, window, prefix-LM) are evaluated at a row's position in key coordinates, which the
 // caller gives: i + Lk - Lq for attention (bottom-right aligned), the row's own position for relative attention.
 // Segment ids and the dense mask are indexed by the row i itself.
-struct Visibility {
+struct VisibleKeys {
   int64_t Lq = 0, Lk = 0, nqt = 0, nkt = 0;
   bool causal = false;
   int64_t window_left = -1, window_right = -1;
@@ -293,32 +295,31 @@ inline std::vector<int64_t> segment_ranges(const int64_t* seg, int64_t B, int64_
   return r;
 }
 
-// `op` names the kernel in errors.
-inline Visibility make_visibility(const char* op, int64_t B, int64_t H, int64_t Lq, int64_t Lk, bool causal,
-                                  int64_t window_left, int64_t window_right, const OptTensor& key_lengths,
-                                  const OptTensor& prefix_lengths, const OptTensor& q_segments,
-                                  const OptTensor& k_segments, const OptTensor& dense_mask) {
-  Visibility V;
+// `op` names the kernel in errors. The block map is the caller's (it knows its tile).
+inline VisibleKeys make_visible_keys(const char* op, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
+                                     const Visibility& vis) {
+  VisibleKeys V;
   V.Lq = Lq;
   V.Lk = Lk;
   V.nqt = ceil_div(Lq, kTileM);
   V.nkt = ceil_div(Lk, kTileN);
-  V.causal = causal;
-  V.window_left = window_left;
-  V.window_right = window_right;
-  V.key_lengths = long_ptr(key_lengths, V.keep_alive);
-  V.prefix_lengths = long_ptr(prefix_lengths, V.keep_alive);
-  V.q_segments = long_ptr(q_segments, V.keep_alive);
-  V.k_segments = long_ptr(k_segments, V.keep_alive);
+  V.causal = vis.causal;
+  V.window_left = vis.window_left;
+  V.window_right = vis.window_right;
+  V.key_lengths = long_ptr(vis.key_lengths, V.keep_alive);
+  V.prefix_lengths = long_ptr(vis.prefix_lengths, V.keep_alive);
+  V.q_segments = long_ptr(vis.q_segments, V.keep_alive);
+  V.k_segments = long_ptr(vis.k_segments, V.keep_alive);
   TORCH_CHECK(!V.q_segments == !V.k_segments, op, ": q_segments and k_segments come together");
   if (V.q_segments) {
     V.q_seg_range = segment_ranges(V.q_segments, B, Lq, kTileM);
     V.k_seg_range = segment_ranges(V.k_segments, B, Lk, kTileN);
   }
-  if (given(dense_mask)) {
-    TORCH_CHECK(dense_mask->sizes() == at::IntArrayRef({B, H, Lq, Lk}) && dense_mask->scalar_type() == at::kBool,
-                op, ": dense_mask must be a bool [B, H, Lq, Lk] view");
-    V.keep_alive.push_back(score_matrix_tensor(*dense_mask, at::kBool));
+  if (given(vis.dense_mask)) {
+    const Tensor& dense = *vis.dense_mask;
+    TORCH_CHECK(dense.sizes() == at::IntArrayRef({B, H, Lq, Lk}) && dense.scalar_type() == at::kBool, op,
+                ": dense_mask must be a bool [B, H, Lq, Lk] view");
+    V.keep_alive.push_back(score_matrix_tensor(dense, at::kBool));
     V.dense = score_matrix<bool>(V.keep_alive.back());
   }
   return V;

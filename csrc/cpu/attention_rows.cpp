@@ -51,7 +51,7 @@ inline float fast_exp(float x) {
 }
 
 // The bits of dropout's keep(row, j): two rounds of murmur3's 32-bit finaliser over the column, keyed per row
-// (k1, k2: Dropout::row_keys in attention_common.h).
+// (k1, k2: DropoutRng::row_keys in attention_common.h).
 inline uint32_t fmix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x85EBCA6Bu;

@@ -34,7 +34,7 @@ void segment_sums_row(const float* ds, int64_t n, const int64_t* k_ids, int64_t 
 // dS = P * (dP - delta), written over dp
 void ds_row(const float* p, float* dp, int64_t n, float delta);
 
-// Dropout. keep(row, j) = hash(row keys k1, k2, column j) >= threshold (see Dropout in attention_common.h).
+// Dropout. keep(row, j) = hash(row keys k1, k2, column j) >= threshold (see DropoutRng in attention_common.h).
 // p[j] *= keep(j0 + j) / (1 - p)
 void dropout_row(float* p, int64_t n, uint32_t k1, uint32_t k2, uint32_t j0, uint32_t threshold,
                  float keep_scale);

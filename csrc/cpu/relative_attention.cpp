@@ -59,8 +59,7 @@ struct Shared {
   const int64_t* k_ids = nullptr;  // [B, Lk]
   std::vector<Tensor> keep_alive;
 
-  Shared(const Tensor& k, const Tensor& v, const Tensor& r, const OptTensor& k_ids_, double scale_,
-         int64_t r_offset_, int64_t q_len_) {
+  Shared(const Tensor& k, const Tensor& v, const Tensor& r, const RelativeParams& p) {
     check_heads(k, "k");
     check_heads(v, "v");
     check_heads(r, "r");
@@ -71,30 +70,14 @@ struct Shared {
     R = r.size(2);
     TORCH_CHECK(v.sizes() == k.sizes(), "relative_attention: v must have k's shape");
     TORCH_CHECK(r.size(0) == B && r.size(1) == H && r.size(3) == D, "relative_attention: r must be [B, H, R, D]");
-    r_offset = r_offset_;
-    q_len = q_len_;
-    scale = static_cast<float>(scale_);
+    r_offset = p.r_offset;
+    q_len = p.q_len;
+    scale = static_cast<float>(p.scale);
     kf = as_float_rows(k);
     vf = as_float_rows(v);
     rf = as_float_rows(r);
-    k_ids = long_ptr(k_ids_, keep_alive);
+    k_ids = long_ptr(p.k_ids, keep_alive);
   }
-};
-
-// One stream's arguments, in the order of the kernel interface.
-struct StreamArgs {
-  const Tensor& qu;
-  const Tensor& qv;
-  const OptTensor& seg;
-  const OptTensor& q_ids;
-  const OptTensor& positions;
-  bool causal;
-  int64_t window_left, window_right;
-  const OptTensor& key_lengths;
-  const OptTensor& prefix_lengths;
-  const OptTensor& q_segments;
-  const OptTensor& k_segments;
-  const OptTensor& dense_mask;
 };
 
 struct Stream {
@@ -104,11 +87,11 @@ struct Stream {
   const int64_t* q_ids = nullptr;      // [B, Lr]
   const int64_t* positions = nullptr;  // [B, Lr], or rows at 0, 1, ...
   int64_t pos_shift;                   // Lk - q_len: a position in key coordinates
-  Visibility vis;
-  Dropout dropout;
+  VisibleKeys vis;
+  DropoutRng dropout;
   std::vector<Tensor> keep_alive;
 
-  Stream(const Shared& S, const StreamArgs& a, double dropout_p, int64_t seed) {
+  Stream(const Shared& S, const RelativeStream& a, const Dropout& drop) {
     check_heads(a.qu, "qu");
     TORCH_CHECK(a.qu.size(0) == S.B && a.qu.size(1) == S.H && a.qu.size(3) == S.D,
                 "relative_attention: qu must be [B, H, Lr, D] with k's B, H and D");
@@ -130,9 +113,8 @@ struct Stream {
       TORCH_CHECK(a.positions->numel() == S.B * Lr, "relative_attention: positions must be [B, Lr]");
     positions = long_ptr(a.positions, keep_alive);
     pos_shift = S.Lk - S.q_len;
-    vis = make_visibility("relative_attention", S.B, S.H, Lr, S.Lk, a.causal, a.window_left, a.window_right,
-                          a.key_lengths, a.prefix_lengths, a.q_segments, a.k_segments, a.dense_mask);
-    dropout = Dropout(dropout_p, seed);
+    vis = make_visible_keys("relative_attention", S.B, S.H, Lr, S.Lk, a.vis);
+    dropout = DropoutRng(drop);
   }
 
   // Row i of batch row b in key coordinates.
@@ -453,77 +435,52 @@ Tensor dseg_or_empty(const StreamGrads& G, const Tensor& qu) {
 }  // namespace
 
 // ------------------------------------------------------------------------------------------ entry points
-std::tuple<Tensor, Tensor> relative_attention_fwd(
-    const Tensor& k, const Tensor& v, const Tensor& r, const OptTensor& k_ids, double scale, int64_t r_offset,
-    int64_t q_len, double dropout_p, int64_t seed, const Tensor& qu, const Tensor& qv, const OptTensor& seg,
-    const OptTensor& q_ids, const OptTensor& positions, bool causal, int64_t window_left, int64_t window_right,
-    const OptTensor& key_lengths, const OptTensor& prefix_lengths, const OptTensor& q_segments,
-    const OptTensor& k_segments, const OptTensor& dense_mask) {
-  const Shared S(k, v, r, k_ids, scale, r_offset, q_len);
-  const Stream T(S, {qu, qv, seg, q_ids, positions, causal, window_left, window_right, key_lengths,
-                     prefix_lengths, q_segments, k_segments, dense_mask},
-                 dropout_p, seed);
+namespace {
+// The query stream of two-stream attention draws its dropout with seed + 1.
+Dropout query_stream_dropout(const Dropout& d) { return {d.p, d.seed + 1}; }
+}  // namespace
+
+std::tuple<Tensor, Tensor> relative_attention_fwd(const Tensor& k, const Tensor& v, const Tensor& r,
+                                                  const RelativeParams& p, const RelativeStream& s) {
+  const Shared S(k, v, r, p);
+  const Stream T(S, s, p.dropout);
   const auto outs = forward(S, {&T});
-  return {outs[0].out.to(qu.scalar_type()), outs[0].lse};
+  return {outs[0].out.to(s.qu.scalar_type()), outs[0].lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
     const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& k, const Tensor& v, const Tensor& r,
-    const OptTensor& k_ids, double scale, int64_t r_offset, int64_t q_len, double dropout_p, int64_t seed,
-    const Tensor& qu, const Tensor& qv, const OptTensor& seg, const OptTensor& q_ids, const OptTensor& positions,
-    bool causal, int64_t window_left, int64_t window_right, const OptTensor& key_lengths,
-    const OptTensor& prefix_lengths, const OptTensor& q_segments, const OptTensor& k_segments,
-    const OptTensor& dense_mask) {
-  const Shared S(k, v, r, k_ids, scale, r_offset, q_len);
-  const Stream T(S, {qu, qv, seg, q_ids, positions, causal, window_left, window_right, key_lengths,
-                     prefix_lengths, q_segments, k_segments, dense_mask},
-                 dropout_p, seed);
+    const RelativeParams& p, const RelativeStream& s) {
+  const Shared S(k, v, r, p);
+  const Stream T(S, s, p.dropout);
   const std::vector<StreamGrads> grads{stream_grads(S, T, dout, out, lse)};
   const SharedGrads SG = backward(S, {&T}, grads);
   const StreamGrads& G = grads[0];
-  return {G.dqu.to(qu.scalar_type()), G.dqv.to(qv.scalar_type()), SG.dk.to(k.scalar_type()),
-          SG.dv.to(v.scalar_type()), SG.dr, dseg_or_empty(G, qu)};
+  return {G.dqu.to(s.qu.scalar_type()), G.dqv.to(s.qv.scalar_type()), SG.dk.to(k.scalar_type()),
+          SG.dv.to(v.scalar_type()), SG.dr, dseg_or_empty(G, s.qu)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd(
-    const Tensor& k, const Tensor& v, const Tensor& r, const OptTensor& k_ids, double scale, int64_t r_offset,
-    int64_t q_len, double dropout_p, int64_t seed,
-    const Tensor& qu_c, const Tensor& qv_c, const OptTensor& seg_c, const OptTensor& q_ids_c,
-    const OptTensor& positions_c, bool causal_c, int64_t wl_c, int64_t wr_c, const OptTensor& kl_c,
-    const OptTensor& pl_c, const OptTensor& qs_c, const OptTensor& ks_c, const OptTensor& dense_c,
-    const Tensor& qu_g, const Tensor& qv_g, const OptTensor& seg_g, const OptTensor& q_ids_g,
-    const OptTensor& positions_g, bool causal_g, int64_t wl_g, int64_t wr_g, const OptTensor& kl_g,
-    const OptTensor& pl_g, const OptTensor& qs_g, const OptTensor& ks_g, const OptTensor& dense_g) {
-  const Shared S(k, v, r, k_ids, scale, r_offset, q_len);
-  const Stream C(S, {qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c, dense_c},
-                 dropout_p, seed);
-  const Stream G(S, {qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g, wl_g, wr_g, kl_g, pl_g, qs_g, ks_g, dense_g},
-                 dropout_p, seed + 1);
+std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd(const Tensor& k, const Tensor& v, const Tensor& r,
+                                                                    const RelativeParams& p, const RelativeStream& c,
+                                                                    const RelativeStream& g) {
+  const Shared S(k, v, r, p);
+  const Stream C(S, c, p.dropout), G(S, g, query_stream_dropout(p.dropout));
   const auto outs = forward(S, {&C, &G});
-  return {outs[0].out.to(qu_c.scalar_type()), outs[0].lse, outs[1].out.to(qu_g.scalar_type()), outs[1].lse};
+  return {outs[0].out.to(c.qu.scalar_type()), outs[0].lse, outs[1].out.to(g.qu.scalar_type()), outs[1].lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> two_stream_attention_bwd(
     const Tensor& dout_c, const Tensor& out_c, const Tensor& lse_c, const Tensor& dout_g, const Tensor& out_g,
-    const Tensor& lse_g, const Tensor& k, const Tensor& v, const Tensor& r, const OptTensor& k_ids, double scale,
-    int64_t r_offset, int64_t q_len, double dropout_p, int64_t seed,
-    const Tensor& qu_c, const Tensor& qv_c, const OptTensor& seg_c, const OptTensor& q_ids_c,
-    const OptTensor& positions_c, bool causal_c, int64_t wl_c, int64_t wr_c, const OptTensor& kl_c,
-    const OptTensor& pl_c, const OptTensor& qs_c, const OptTensor& ks_c, const OptTensor& dense_c,
-    const Tensor& qu_g, const Tensor& qv_g, const OptTensor& seg_g, const OptTensor& q_ids_g,
-    const OptTensor& positions_g, bool causal_g, int64_t wl_g, int64_t wr_g, const OptTensor& kl_g,
-    const OptTensor& pl_g, const OptTensor& qs_g, const OptTensor& ks_g, const OptTensor& dense_g) {
-  const Shared S(k, v, r, k_ids, scale, r_offset, q_len);
-  const Stream C(S, {qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c, dense_c},
-                 dropout_p, seed);
-  const Stream G(S, {qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g, wl_g, wr_g, kl_g, pl_g, qs_g, ks_g, dense_g},
-                 dropout_p, seed + 1);
+    const Tensor& lse_g, const Tensor& k, const Tensor& v, const Tensor& r, const RelativeParams& p,
+    const RelativeStream& c, const RelativeStream& g) {
+  const Shared S(k, v, r, p);
+  const Stream C(S, c, p.dropout), G(S, g, query_stream_dropout(p.dropout));
   const std::vector<StreamGrads> grads{stream_grads(S, C, dout_c, out_c, lse_c),
                                        stream_grads(S, G, dout_g, out_g, lse_g)};
   const SharedGrads SG = backward(S, {&C, &G}, grads);
   const StreamGrads &gc = grads[0], &gg = grads[1];
-  return {gc.dqu.to(qu_c.scalar_type()), gc.dqv.to(qv_c.scalar_type()), dseg_or_empty(gc, qu_c),
-          gg.dqu.to(qu_g.scalar_type()), gg.dqv.to(qv_g.scalar_type()), dseg_or_empty(gg, qu_g),
+  return {gc.dqu.to(c.qu.scalar_type()), gc.dqv.to(c.qv.scalar_type()), dseg_or_empty(gc, c.qu),
+          gg.dqu.to(g.qu.scalar_type()), gg.dqv.to(g.qv.scalar_type()), dseg_or_empty(gg, g.qu),
           SG.dk.to(k.scalar_type()),     SG.dv.to(v.scalar_type()),     SG.dr};
 }
 

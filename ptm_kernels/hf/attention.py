@@ -253,7 +253,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and value.shape[-1] == D):
         B, H, Lk = query.shape[0], query.shape[1], key.shape[2]
         vis = mask.visibility(B, H, Lq, Lk, query.device)
-        dense = attention_mask_dense(B, H, Lq, Lk, query.device, *vis)
+        dense = attention_mask_dense(B, H, Lq, Lk, query.device, vis)
         bias, table = mask.scores(B, H, Lq, Lk, query)
         if bias is not None or table is not None:
             raise ValueError(f"attn_implementation='ptm': head dim {D} (value {value.shape[-1]}) is outside the "

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks, _fast_path
+from .. import _checks
+from ..dtypes import compute_dtype
+from . import _fast_path
 
 _APPROXIMATE_TO_ACT = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -36,7 +38,7 @@ def _activation_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: str
 def _(dy, x, bias, act):
     if bias is None:  # an absent gradient is an empty tensor of x's dtype (reference_kernels.empty_stats)
         return torch.empty_like(x), x.new_empty(0)
-    return torch.empty_like(x), x.new_empty(bias.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.empty_like(x), x.new_empty(bias.shape[0], dtype=compute_dtype(x))
 
 
 def _activation_setup(ctx, inputs, output):

@@ -1,9 +1,9 @@
 """Fused attention with arbitrary masks: `ptm::attention` and `ptm::attention_backward`.
 
 `attention(q, k, v, mask)` takes an `AttentionMask` (ptm_kernels/attention_mask.py); `scaled_dot_product_attention`
-is a drop-in for torch's, turning its attn_mask/is_causal into one. Both end in one torch.library op whose
-arguments are the kernel interface of reference_kernels.py, flattened (custom ops take tensors, not objects);
-the op calls the backend chosen by `ptm_kernels.backend`. Broadcast masks and biases travel in their own
+is a drop-in for torch's, turning its attn_mask/is_causal into one. Both end in one torch.library op that takes
+q, k, v and an AttentionParams (ptm_kernels/kernel_params.py), flattened by ops/_op_args.py (custom ops take
+tensors, not objects); the op hands them to the backend chosen by `ptm_kernels.backend`. Broadcast masks and biases travel in their own
 shapes and are expanded (stride 0, no copy) inside the op, so the bias gradient comes back in the bias's shape.
 """
 
@@ -15,98 +15,81 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import backend, fallbacks
+from .. import _checks, backend, fallbacks
 from ..attention_mask import AttentionMask
-from . import _checks
+from ..dtypes import compute_dtype
+from ..kernel_params import AttentionParams, Bias, Dropout, replaced
+from ._op_args import OpArgs
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-_BIAS, _TOEPLITZ = 12, 13  # positions of bias and toeplitz among ptm::attention's inputs
+
+# The ops' flat arguments, derived from the parameter objects (ops/_op_args.py): ptm::attention takes q, k, v and
+# an AttentionParams; its backward the same after dout, and out and lse from the forward.
+ARGS = OpArgs(("q", Tensor), ("k", Tensor), ("v", Tensor), ("", AttentionParams))
+BACKWARD_ARGS = OpArgs(("dout", Tensor), ("q", Tensor), ("k", Tensor), ("v", Tensor), ("out", Tensor), ("lse", Tensor),
+                       ("", AttentionParams))
 
 # ------------------------------------------------------------------------------------------ the ops
 
 
-@torch.library.custom_op("ptm::attention", mutates_args=())
-def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int, window_right: int,
-               key_lengths: Optional[Tensor], prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
-               k_segments: Optional[Tensor], dense_mask: Optional[Tensor], bias: Optional[Tensor],
-               toeplitz: Optional[Tensor], block_map: Optional[Tensor], block_m: int, block_n: int,
-               dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    dense_mask, bias, block_map = _expand(q, k, dense_mask, bias, block_map)
-    return tuple(backend.kernels("attention", q, k).attention_fwd(
-        q, k, v, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments,
-        dense_mask, bias, toeplitz, block_map, block_m, block_n, dropout_p, _seed_int(seed)))
+@ARGS.custom_op("ptm::attention", returns=Tuple[Tensor, Tensor])
+def _attention(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Tuple[Tensor, Tensor]:
+    return tuple(backend.kernels("attention", q, k).attention_fwd(q, k, v, _expand(q, k, params)))
 
 
-@_attention.register_fake
-def _(q, k, v, *args):
+@ARGS.register_fake(_attention)
+def _(q, k, v, params):
     B, H, Lq, D = q.shape
-    return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=_stat_dtype(q))
+    return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=compute_dtype(q))
 
 
-@torch.library.custom_op("ptm::attention_backward", mutates_args=())
-def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                        causal: bool, window_left: int, window_right: int, key_lengths: Optional[Tensor],
-                        prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
-                        k_segments: Optional[Tensor], dense_mask: Optional[Tensor], bias: Optional[Tensor],
-                        toeplitz: Optional[Tensor], block_map: Optional[Tensor], block_m: int, block_n: int,
-                        dropout_p: float, seed: Optional[Tensor], bias_requires_grad: bool,
-                        toeplitz_requires_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    full_dense, full_bias, full_map = _expand(q, k, dense_mask, bias, block_map)
+@BACKWARD_ARGS.custom_op("ptm::attention_backward", returns=Tuple[Tensor, Tensor, Tensor, Tensor, Tensor])
+def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        params: AttentionParams) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dbias, dtoeplitz = backend.kernels("attention", q, k).attention_bwd(
-        dout, q, k, v, out, lse, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
-        k_segments, full_dense, full_bias, toeplitz, full_map, block_m, block_n, dropout_p, _seed_int(seed),
-        bias_requires_grad, toeplitz_requires_grad)
-    if bias_requires_grad:  # the kernel gives [B, H, Lq, Lk] float32: sum over the bias's broadcast dims
-        dbias = dbias.sum_to_size(bias.shape).to(bias.dtype)
+        dout, q, k, v, out, lse, _expand(q, k, params))
+    bias = params.bias
+    if bias.dense_requires_grad:  # the kernel gives [B, H, Lq, Lk] float32: sum over the bias's broadcast dims
+        dbias = dbias.sum_to_size(bias.dense.shape).to(bias.dense.dtype)
     return dq, dk, dv, dbias, dtoeplitz
 
 
-@_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
-      k_segments, dense_mask, bias, toeplitz, block_map, block_m, block_n, dropout_p, seed, bias_requires_grad,
-      toeplitz_requires_grad):
-    dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
-    dtoeplitz = toeplitz.new_empty(toeplitz.shape) if toeplitz_requires_grad else q.new_empty(0)
+@BACKWARD_ARGS.register_fake(_attention_backward)
+def _(dout, q, k, v, out, lse, params):
+    bias = params.bias
+    dbias = bias.dense.new_empty(bias.dense.shape) if bias.dense_requires_grad else q.new_empty(0)
+    dtoeplitz = bias.toeplitz.new_empty(bias.toeplitz.shape) if bias.toeplitz_requires_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dtoeplitz
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, scale, causal, wl, wr, kl, pl, qs, ks, dense, bias, toeplitz, bmap, bm, bn, p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.args = (scale, causal, wl, wr)
-    ctx.tile_dropout = (bm, bn, p)
-    ctx.save_for_backward(q, k, v, out, lse, kl, pl, qs, ks, dense, bias, toeplitz, bmap, seed)
+    ARGS.save(ctx, inputs, out, lse)
 
 
 def _attention_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, kl, pl, qs, ks, dense, bias, toeplitz, bmap, seed = ctx.saved_tensors
-    need_bias, need_table = ctx.needs_input_grad[_BIAS], ctx.needs_input_grad[_TOEPLITZ]
-    bm, bn, p = ctx.tile_dropout
-    dq, dk, dv, dbias, dtable = _attention_backward(
-        _unit_stride(dout), q, k, v, out, lse, *ctx.args, kl, pl, qs, ks, dense, bias, toeplitz, bmap, bm, bn, p,
-        seed, need_bias, need_table)
-    return (dq, dk, dv) + (None,) * 9 + (dbias if need_bias else None, dtable if need_table else None) + (None,) * 5
+    (out, lse), (q, k, v, params) = ARGS.saved(ctx)
+    dq, dk, dv, dbias, dtable = BACKWARD_ARGS.call(_attention_backward, _unit_stride(dout), q, k, v, out, lse, params)
+    bias = params.bias
+    return ARGS.grads({"q": dq, "k": dk, "v": dv, "bias.dense": dbias if bias.dense_requires_grad else None,
+                       "bias.toeplitz": dtable if bias.toeplitz_requires_grad else None})
 
 
 _attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
-def _expand(q, k, dense_mask, bias, block_map):
+def _expand(q: Tensor, k: Tensor, params: AttentionParams) -> AttentionParams:
     """Broadcast parts as the kernels take them: views expanded to [B, H, ...] with stride 0, no copy."""
     B, H, Lq, _ = q.shape
-    full = (B, H, Lq, k.shape[2])
-    return (None if dense_mask is None else dense_mask.expand(full),
-            None if bias is None else bias.expand(full),
-            None if block_map is None else block_map.expand(B, H, *block_map.shape[2:]))
-
-
-def _seed_int(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    Lk = k.shape[2]
+    vis = params.vis.expanded(B, H, Lq, Lk)
+    bias = params.bias
+    if bias.dense is not None:
+        bias = replaced(bias, dense=bias.dense.expand(B, H, Lq, Lk))
+    if vis is params.vis and bias is params.bias:
+        return params
+    return replaced(params, vis=vis, bias=bias)
 
 
 def _unit_stride(t: Tensor) -> Tensor:
@@ -167,17 +150,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask] = N
 
 def op_args(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, dropout_p: float, seed=None,
             generator=None) -> tuple:
-    """The arguments of ptm::attention for checked inputs: the mask resolved for these shapes, the block map
-    at the tile of the backend that will run (None when it takes none), the dropout seed."""
+    """The flat arguments of ptm::attention for checked inputs (see `attention_params`)."""
+    return ARGS.flatten(_unit_stride(q), _unit_stride(k), _unit_stride(v),
+                        attention_params(q, k, mask, scale, dropout_p, seed, generator))
+
+
+def attention_params(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, dropout_p: float, seed=None,
+                     generator=None) -> AttentionParams:
+    """The mask resolved for these shapes, with the block map at the tile of the backend that will run (none
+    when it takes none), the biases (a gradient for each that requires one), the dropout seed."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    vis = mask.visibility(B, H, Lq, Lk, q.device)
-    bias, table = mask.scores(B, H, Lq, Lk, q)
     empty = q.numel() == 0 or k.numel() == 0  # runs on the reference, which takes no block map
     tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility and not empty else None
-    block_map = mask.block_map(B, H, Lq, Lk, *tile, q.device) if tile is not None else None
-    return (_unit_stride(q), _unit_stride(k), _unit_stride(v), scale, *vis, bias, table, block_map,
-            *(tile or (0, 0)), float(dropout_p), _seed(dropout_p, seed, generator))
+    bias, table = mask.scores(B, H, Lq, Lk, q)
+    return AttentionParams(
+        scale, mask.visibility(B, H, Lq, Lk, q.device, tile),
+        Bias(bias, table, bias is not None and bias.requires_grad, table is not None and table.requires_grad),
+        Dropout(float(dropout_p), _seed(dropout_p, seed, generator)))
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

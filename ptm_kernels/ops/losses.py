@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks
+from .. import _checks
+from ..dtypes import compute_dtype as _loss_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -59,10 +60,6 @@ def _check_labels_in_range(labels: Tensor, num_classes: int, ignore_index: int) 
         first = labels[bad][0].item()
         raise IndexError(f"labels: target {first} is out of bounds: expected values in [0, {num_classes}) "
                          f"or ignore_index={ignore_index}")
-
-
-def _loss_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------- cross_entropy

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks, _fast_path
+from .. import _checks
+from ..dtypes import compute_dtype as _stat_dtype
+from . import _fast_path
 
 # ------------------------------------------------------------------------------------------- RMSNorm
 
@@ -173,10 +175,6 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     if residual is not None:
         return y, h.view(x.shape)
     return y
-
-
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _param_grad(h: Tensor, present: bool) -> Tensor:

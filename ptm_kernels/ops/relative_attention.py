@@ -39,7 +39,8 @@ parts are refused (the position term is the bias). A row that sees no key gives 
 Implementation: q + u and q + v_bias are formed here (in q's dtype, as the eager models do) and the segment
 term is reduced to two numbers per row, (q_i + s_bias)·seg_embed[0|1] (float32, [B, H, Lq, 2]), before the op:
 autograd carries their gradients to q, u, v_bias, s_bias and seg_embed. The op takes them, k, v, r, the ids and
-the mask's visibility arguments (kernel interface: ptm_kernels/reference_relative.py).
+the mask's visibility, as a RelativeParams and one RelativeStream per stream (ptm_kernels/kernel_params.py;
+kernel interface: ptm_kernels/reference_relative.py).
 """
 
 from __future__ import annotations
@@ -50,197 +51,136 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import backend
+from .. import _checks, backend
 from ..attention_mask import AttentionMask
-from . import _checks
-from .attention import _scale, _seed, _seed_int, _stat_dtype, _unit_stride
+from ..dtypes import compute_dtype
+from ..kernel_params import Dropout, RelativeParams, RelativeStream
+from ._op_args import OpArgs
+from .attention import _scale, _seed, _unit_stride
 
 MAX_HEAD_DIM = 256
 _OP = "relative_attention"
 
+# The ops' flat arguments, derived from the parameter objects (ops/_op_args.py): k, v, r, the RelativeParams the
+# streams share, then each stream's RelativeStream (two-stream: the content stream c, then the query stream g).
+ARGS = OpArgs(("k", Tensor), ("v", Tensor), ("r", Tensor), ("", RelativeParams), ("s", RelativeStream))
+BACKWARD_ARGS = OpArgs(("dout", Tensor), ("out", Tensor), ("lse", Tensor), ("k", Tensor), ("v", Tensor),
+                       ("r", Tensor), ("", RelativeParams), ("s", RelativeStream))
+TWO_STREAM_ARGS = OpArgs(("k", Tensor), ("v", Tensor), ("r", Tensor), ("", RelativeParams), ("c", RelativeStream),
+                         ("g", RelativeStream))
+TWO_STREAM_BACKWARD_ARGS = OpArgs(
+    ("dout_c", Tensor), ("out_c", Tensor), ("lse_c", Tensor), ("dout_g", Tensor), ("out_g", Tensor),
+    ("lse_g", Tensor), ("k", Tensor), ("v", Tensor), ("r", Tensor), ("", RelativeParams), ("c", RelativeStream),
+    ("g", RelativeStream))
+
 # ------------------------------------------------------------------------------------------ the ops
 
 
-def _expand_r(r: Tensor, B: int) -> Tensor:
-    return r.expand(B, *r.shape[1:])
+def _expand(k: Tensor, r: Tensor, *streams: RelativeStream):
+    """r and the streams' broadcast parts as the kernels take them: views expanded to [B, H, ...], no copy."""
+    B, H, Lk = k.shape[0], k.shape[1], k.shape[2]
+    return (r.expand(B, *r.shape[1:]),) + tuple(s.expanded(B, H, Lk) for s in streams)
 
 
-def _expand_dense(dense: Optional[Tensor], B: int, H: int, Lr: int, Lk: int) -> Optional[Tensor]:
-    return None if dense is None else dense.expand(B, H, Lr, Lk)
+def _stream_fake(s: RelativeStream, v: Tensor):
+    B, H, Lr, _ = s.qu.shape
+    return s.qu.new_empty(B, H, Lr, v.shape[-1]), s.qu.new_empty(B, H, Lr, dtype=compute_dtype(s.qu))
 
 
-@torch.library.custom_op("ptm::relative_attention", mutates_args=())
-def _relative_attention(k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor], scale: float, r_offset: int,
-                        q_len: int, dropout_p: float, seed: Optional[Tensor], qu: Tensor, qv: Tensor,
-                        seg: Optional[Tensor], q_ids: Optional[Tensor], positions: Optional[Tensor], causal: bool,
-                        window_left: int, window_right: int, key_lengths: Optional[Tensor],
-                        prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
-                        k_segments: Optional[Tensor], dense_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    B, H, Lr, _ = qu.shape
-    out, lse = backend.kernels(_OP, qu, k).relative_attention_fwd(
-        k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed), qu, qv, seg, q_ids,
-        positions, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments, k_segments,
-        _expand_dense(dense_mask, B, H, Lr, k.shape[2]))
+def _stream_grads(name: str, s: RelativeStream, dqu, dqv, dseg) -> dict:
+    return {f"{name}.qu": dqu, f"{name}.qv": dqv, f"{name}.seg": dseg if s.seg is not None else None}
+
+
+@ARGS.custom_op("ptm::relative_attention", returns=Tuple[Tensor, Tensor])
+def _relative_attention(k: Tensor, v: Tensor, r: Tensor, params: RelativeParams, s: RelativeStream):
+    r, s = _expand(k, r, s)
+    out, lse = backend.kernels(_OP, s.qu, k).relative_attention_fwd(k, v, r, params, s)
     return out, lse
 
 
-@_relative_attention.register_fake
-def _(k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, qu, *args):
-    B, H, Lr, D = qu.shape
-    return qu.new_empty(B, H, Lr, v.shape[-1]), qu.new_empty(B, H, Lr, dtype=_stat_dtype(qu))
+@ARGS.register_fake(_relative_attention)
+def _(k, v, r, params, s):
+    return _stream_fake(s, v)
 
 
-@torch.library.custom_op("ptm::relative_attention_backward", mutates_args=())
+@BACKWARD_ARGS.custom_op("ptm::relative_attention_backward", returns=Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
 def _relative_attention_backward(dout: Tensor, out: Tensor, lse: Tensor, k: Tensor, v: Tensor, r: Tensor,
-                                 k_ids: Optional[Tensor], scale: float, r_offset: int, q_len: int,
-                                 dropout_p: float, seed: Optional[Tensor], qu: Tensor, qv: Tensor,
-                                 seg: Optional[Tensor], q_ids: Optional[Tensor], positions: Optional[Tensor],
-                                 causal: bool, window_left: int, window_right: int, key_lengths: Optional[Tensor],
-                                 prefix_lengths: Optional[Tensor], q_segments: Optional[Tensor],
-                                 k_segments: Optional[Tensor], dense_mask: Optional[Tensor]
-                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    B, H, Lr, _ = qu.shape
-    dqu, dqv, dk, dv, dr, dseg = backend.kernels(_OP, qu, k).relative_attention_bwd(
-        dout, out, lse, k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed), qu, qv,
-        seg, q_ids, positions, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
-        k_segments, _expand_dense(dense_mask, B, H, Lr, k.shape[2]))
+                                 params: RelativeParams, s: RelativeStream):
+    r_full, s = _expand(k, r, s)
+    dqu, dqv, dk, dv, dr, dseg = backend.kernels(_OP, s.qu, k).relative_attention_bwd(
+        dout, out, lse, k, v, r_full, params, s)
     return dqu, dqv, dk, dv, dr.sum_to_size(r.shape).to(r.dtype), dseg
 
 
-@_relative_attention_backward.register_fake
-def _(dout, out, lse, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, qu, qv, seg, *args):
-    dseg = seg.new_empty(seg.shape) if seg is not None else qu.new_empty(0)
-    return (qu.new_empty(qu.shape), qv.new_empty(qv.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+@BACKWARD_ARGS.register_fake(_relative_attention_backward)
+def _(dout, out, lse, k, v, r, params, s):
+    dseg = s.seg.new_empty(s.seg.shape) if s.seg is not None else s.qu.new_empty(0)
+    return (s.qu.new_empty(s.qu.shape), s.qv.new_empty(s.qv.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             r.new_empty(r.shape), dseg)
 
 
 def _rel_setup(ctx, inputs, output):
-    (k, v, r, k_ids, scale, r_offset, q_len, p, seed, qu, qv, seg, q_ids, positions, causal, wl, wr, kl, pl, qs,
-     ks, dense) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.consts = (scale, r_offset, q_len, p)
-    ctx.flags = (causal, wl, wr)
-    ctx.save_for_backward(out, lse, k, v, r, k_ids, seed, qu, qv, seg, q_ids, positions, kl, pl, qs, ks, dense)
+    ARGS.save(ctx, inputs, out, lse)
 
 
 def _rel_grad(ctx, dout, _dlse):
-    out, lse, k, v, r, k_ids, seed, qu, qv, seg, q_ids, positions, kl, pl, qs, ks, dense = ctx.saved_tensors
-    scale, r_offset, q_len, p = ctx.consts
-    causal, wl, wr = ctx.flags
-    dqu, dqv, dk, dv, dr, dseg = _relative_attention_backward(
-        _unit_stride(dout), out, lse, k, v, r, k_ids, scale, r_offset, q_len, p, seed, qu, qv, seg, q_ids,
-        positions, causal, wl, wr, kl, pl, qs, ks, dense)
-    return (dk, dv, dr, None, None, None, None, None, None, dqu, dqv, dseg if seg is not None else None) \
-        + (None,) * 10
+    (out, lse), (k, v, r, params, s) = ARGS.saved(ctx)
+    dqu, dqv, dk, dv, dr, dseg = BACKWARD_ARGS.call(_relative_attention_backward, _unit_stride(dout), out, lse, k, v, r,
+                                                    params, s)
+    return ARGS.grads({"k": dk, "v": dv, "r": dr, **_stream_grads("s", s, dqu, dqv, dseg)})
 
 
 _relative_attention.register_autograd(_rel_grad, setup_context=_rel_setup)
 
 
-@torch.library.custom_op("ptm::two_stream_attention", mutates_args=())
-def _two_stream(k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor], scale: float, r_offset: int, q_len: int,
-                dropout_p: float, seed: Optional[Tensor],
-                qu_c: Tensor, qv_c: Tensor, seg_c: Optional[Tensor], q_ids_c: Optional[Tensor],
-                positions_c: Optional[Tensor], causal_c: bool, wl_c: int, wr_c: int, kl_c: Optional[Tensor],
-                pl_c: Optional[Tensor], qs_c: Optional[Tensor], ks_c: Optional[Tensor], dense_c: Optional[Tensor],
-                qu_g: Tensor, qv_g: Tensor, seg_g: Optional[Tensor], q_ids_g: Optional[Tensor],
-                positions_g: Optional[Tensor], causal_g: bool, wl_g: int, wr_g: int, kl_g: Optional[Tensor],
-                pl_g: Optional[Tensor], qs_g: Optional[Tensor], ks_g: Optional[Tensor], dense_g: Optional[Tensor]
-                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    B, H, Lc, _ = qu_c.shape
-    Lg, Lk = qu_g.shape[2], k.shape[2]
-    oc, lc, og, lg = backend.kernels(_OP, qu_c, k).two_stream_attention_fwd(
-        k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len, dropout_p, _seed_int(seed),
-        qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c,
-        _expand_dense(dense_c, B, H, Lc, Lk),
-        qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g, wl_g, wr_g, kl_g, pl_g, qs_g, ks_g,
-        _expand_dense(dense_g, B, H, Lg, Lk))
+@TWO_STREAM_ARGS.custom_op("ptm::two_stream_attention", returns=Tuple[Tensor, Tensor, Tensor, Tensor])
+def _two_stream(k: Tensor, v: Tensor, r: Tensor, params: RelativeParams, c: RelativeStream, g: RelativeStream):
+    r, c, g = _expand(k, r, c, g)
+    oc, lc, og, lg = backend.kernels(_OP, c.qu, k).two_stream_attention_fwd(k, v, r, params, c, g)
     return oc, lc, og, lg
 
 
-@_two_stream.register_fake
-def _(k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed, qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c,
-      wl_c, wr_c, kl_c, pl_c, qs_c, ks_c, dense_c, qu_g, *args):
-    sd = _stat_dtype(qu_c)
-    B, H, Lc, _ = qu_c.shape
-    Lg = qu_g.shape[2]
-    Dv = v.shape[-1]
-    return (qu_c.new_empty(B, H, Lc, Dv), qu_c.new_empty(B, H, Lc, dtype=sd), qu_g.new_empty(B, H, Lg, Dv),
-            qu_g.new_empty(B, H, Lg, dtype=sd))
+@TWO_STREAM_ARGS.register_fake(_two_stream)
+def _(k, v, r, params, c, g):
+    return _stream_fake(c, v) + _stream_fake(g, v)
 
 
-@torch.library.custom_op("ptm::two_stream_attention_backward", mutates_args=())
-def _two_stream_backward(dout_c: Tensor, out_c: Tensor, lse_c: Tensor, dout_g: Tensor, out_g: Tensor,
-                         lse_g: Tensor, k: Tensor, v: Tensor, r: Tensor, k_ids: Optional[Tensor], scale: float,
-                         r_offset: int, q_len: int, dropout_p: float, seed: Optional[Tensor],
-                         qu_c: Tensor, qv_c: Tensor, seg_c: Optional[Tensor], q_ids_c: Optional[Tensor],
-                         positions_c: Optional[Tensor], causal_c: bool, wl_c: int, wr_c: int,
-                         kl_c: Optional[Tensor], pl_c: Optional[Tensor], qs_c: Optional[Tensor],
-                         ks_c: Optional[Tensor], dense_c: Optional[Tensor],
-                         qu_g: Tensor, qv_g: Tensor, seg_g: Optional[Tensor], q_ids_g: Optional[Tensor],
-                         positions_g: Optional[Tensor], causal_g: bool, wl_g: int, wr_g: int,
-                         kl_g: Optional[Tensor], pl_g: Optional[Tensor], qs_g: Optional[Tensor],
-                         ks_g: Optional[Tensor], dense_g: Optional[Tensor]
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    B, H, Lc, _ = qu_c.shape
-    Lg, Lk = qu_g.shape[2], k.shape[2]
-    res = backend.kernels(_OP, qu_c, k).two_stream_attention_bwd(
-        dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, _expand_r(r, B), k_ids, scale, r_offset, q_len,
-        dropout_p, _seed_int(seed),
-        qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c,
-        _expand_dense(dense_c, B, H, Lc, Lk),
-        qu_g, qv_g, seg_g, q_ids_g, positions_g, causal_g, wl_g, wr_g, kl_g, pl_g, qs_g, ks_g,
-        _expand_dense(dense_g, B, H, Lg, Lk))
-    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = res
+@TWO_STREAM_BACKWARD_ARGS.custom_op("ptm::two_stream_attention_backward",
+                                    returns=Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
+def _two_stream_backward(dout_c: Tensor, out_c: Tensor, lse_c: Tensor, dout_g: Tensor, out_g: Tensor, lse_g: Tensor,
+                         k: Tensor, v: Tensor, r: Tensor, params: RelativeParams, c: RelativeStream,
+                         g: RelativeStream):
+    r_full, c, g = _expand(k, r, c, g)
+    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = backend.kernels(_OP, c.qu, k).two_stream_attention_bwd(
+        dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r_full, params, c, g)
     return dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr.sum_to_size(r.shape).to(r.dtype)
 
 
-@_two_stream_backward.register_fake
-def _(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, k_ids, scale, r_offset, q_len, dropout_p, seed,
-      qu_c, qv_c, seg_c, q_ids_c, positions_c, causal_c, wl_c, wr_c, kl_c, pl_c, qs_c, ks_c, dense_c,
-      qu_g, qv_g, seg_g, *args):
-    e = qu_c.new_empty(0)
-    return (qu_c.new_empty(qu_c.shape), qv_c.new_empty(qv_c.shape),
-            seg_c.new_empty(seg_c.shape) if seg_c is not None else e,
-            qu_g.new_empty(qu_g.shape), qv_g.new_empty(qv_g.shape),
-            seg_g.new_empty(seg_g.shape) if seg_g is not None else e,
-            k.new_empty(k.shape), v.new_empty(v.shape), r.new_empty(r.shape))
+@TWO_STREAM_BACKWARD_ARGS.register_fake(_two_stream_backward)
+def _(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, params, c, g):
+    e = c.qu.new_empty(0)
 
+    def stream(s):
+        return (s.qu.new_empty(s.qu.shape), s.qv.new_empty(s.qv.shape),
+                s.seg.new_empty(s.seg.shape) if s.seg is not None else e)
 
-_N_SHARED, _N_STREAM = 9, 13
+    return stream(c) + stream(g) + (k.new_empty(k.shape), v.new_empty(v.shape), r.new_empty(r.shape))
 
 
 def _ts_setup(ctx, inputs, output):
-    shared, c, g = inputs[:_N_SHARED], inputs[_N_SHARED:_N_SHARED + _N_STREAM], inputs[_N_SHARED + _N_STREAM:]
-    k, v, r, k_ids, scale, r_offset, q_len, p, seed = shared
     oc, lc, og, lg = output
     ctx.mark_non_differentiable(lc, lg)
-    ctx.consts = (scale, r_offset, q_len, p)
-    ctx.flags = (c[5:8], g[5:8])
-    ctx.has_seg = (c[2] is not None, g[2] is not None)
-    tensors = [oc, lc, og, lg, k, v, r, k_ids, seed]
-    for s in (c, g):
-        tensors += [s[0], s[1], s[2], s[3], s[4], s[8], s[9], s[10], s[11], s[12]]
-    ctx.save_for_backward(*tensors)
+    TWO_STREAM_ARGS.save(ctx, inputs, oc, lc, og, lg)
 
 
 def _ts_grad(ctx, dout_c, _dlc, dout_g, _dlg):
-    t = ctx.saved_tensors
-    oc, lc, og, lg, k, v, r, k_ids, seed = t[:9]
-    scale, r_offset, q_len, p = ctx.consts
-
-    def stream(i, flags):
-        qu, qv, seg, q_ids, pos, kl, pl, qs, ks, dense = t[9 + 10 * i: 19 + 10 * i]
-        return (qu, qv, seg, q_ids, pos, *flags, kl, pl, qs, ks, dense)
-
-    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = _two_stream_backward(
-        _unit_stride(dout_c), oc, lc, _unit_stride(dout_g), og, lg, k, v, r, k_ids, scale, r_offset, q_len, p, seed,
-        *stream(0, ctx.flags[0]), *stream(1, ctx.flags[1]))
-    rest = (None,) * 10
-    return ((dk, dv, dr) + (None,) * 6
-            + (dqu_c, dqv_c, dseg_c if ctx.has_seg[0] else None) + rest
-            + (dqu_g, dqv_g, dseg_g if ctx.has_seg[1] else None) + rest)
+    (oc, lc, og, lg), (k, v, r, params, c, g) = TWO_STREAM_ARGS.saved(ctx)
+    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = TWO_STREAM_BACKWARD_ARGS.call(
+        _two_stream_backward, _unit_stride(dout_c), oc, lc, _unit_stride(dout_g), og, lg, k, v, r, params, c, g)
+    return TWO_STREAM_ARGS.grads({"k": dk, "v": dv, "r": dr, **_stream_grads("c", c, dqu_c, dqv_c, dseg_c),
+                                  **_stream_grads("g", g, dqu_g, dqv_g, dseg_g)})
 
 
 _two_stream.register_autograd(_ts_grad, setup_context=_ts_setup)
@@ -272,7 +212,7 @@ def relative_attention(q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Optional[T
     shared, seg_fn = _shared(q, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed, s_bias,
                              dropout_p, seed, generator)
     stream = _stream("mask", q, u, v_bias, seg_fn, None, mask, k.shape[2], Lq)
-    out, lse = _relative_attention(*shared, *stream)
+    out, lse = ARGS.call(_relative_attention, *shared, stream)
     return (out, lse) if return_lse else out
 
 
@@ -325,7 +265,7 @@ def two_stream_attention(q_content: Tensor, q_query: Tensor, k: Tensor, v: Tenso
                              dropout_p, seed, generator)
     sc = _stream("content_mask", q_content, u, v_bias, seg_fn, None, content_mask, Lk, Lq)
     sg = _stream("query_mask", q_query, u, v_bias, seg_fn, query_positions, query_mask, Lk, Lq)
-    oc, _, og, _ = _two_stream(*shared, *sc, *sg)
+    oc, _, og, _ = TWO_STREAM_ARGS.call(_two_stream, *shared, sc, sg)
     return oc, og
 
 
@@ -334,7 +274,8 @@ def two_stream_attention(q_content: Tensor, q_query: Tensor, k: Tensor, v: Tenso
 
 def _shared(q, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed, s_bias, dropout_p, seed,
             generator):
-    """The op arguments shared by the streams, and a function giving one stream's segment arguments."""
+    """(k, v, r, RelativeParams): the op arguments the streams share, and a function giving one stream's segment
+    arguments."""
     B, H, Lq, D = q.shape
     Lk, R = k.shape[2], r.shape[-2]
     scale = _scale(scale, D)
@@ -354,8 +295,8 @@ def _shared(q, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed
     r4 = r if r.dim() == 4 else r.unsqueeze(0)
     seg_fn = _segments(q, Lk, segment_ids, key_segment_ids, seg_embed, s_bias)
     k_ids = seg_fn.k_ids if seg_fn is not None else None
-    return (_unit_stride(k), _unit_stride(v), _unit_stride(r4), k_ids, scale, int(r_offset), Lq, float(dropout_p),
-            _seed(dropout_p, seed, generator)), seg_fn
+    params = RelativeParams(k_ids, scale, int(r_offset), Lq, Dropout(float(dropout_p), _seed(dropout_p, seed, generator)))
+    return (_unit_stride(k), _unit_stride(v), _unit_stride(r4), params), seg_fn
 
 
 class _Segments:
@@ -364,7 +305,7 @@ class _Segments:
 
     def __call__(self, q, positions):
         """(seg [B, H, Lr, 2] float32, q_ids of the rows [B, Lr])."""
-        cd = _stat_dtype(q)
+        cd = compute_dtype(q)
         qs = q.to(cd) if self.s_bias is None else q.to(cd) + self.s_bias.to(cd)[None, :, None, :]
         seg = torch.einsum("bhid,shd->bhis", qs, self.seg_embed.to(cd))
         ids = self.q_ids if positions is None else self.q_ids.gather(1, positions)
@@ -406,7 +347,7 @@ def _segments(q, Lk, segment_ids, key_segment_ids, seg_embed, s_bias) -> Optiona
     return _Segments(q_ids, k_ids, seg_embed, s_bias)
 
 
-def _stream(mask_name, q, u, v_bias, seg_fn, positions, mask, Lk, Lq):
+def _stream(mask_name, q, u, v_bias, seg_fn, positions, mask, Lk, Lq) -> RelativeStream:
     """One stream's op arguments: q + u, q + v_bias, segment term, ids, positions, visibility."""
     B, H, Lr, D = q.shape
     qu = q if u is None else (q + u[None, :, None, :]).to(q.dtype)
@@ -421,8 +362,8 @@ def _stream(mask_name, q, u, v_bias, seg_fn, positions, mask, Lk, Lq):
         raise ValueError(f"{mask_name}: relative attention takes visibility parts only (causal, sliding_window, "
                          f"key_padding, prefix_lm, segments, dense); additive bias and Toeplitz parts are not "
                          f"supported (the position term r is the relative bias)")
-    vis = mask.visibility(B, H, Lr, Lk, q.device)
-    return (_unit_stride(qu), _unit_stride(qv), seg, q_ids, positions, *vis)
+    return RelativeStream(_unit_stride(qu), _unit_stride(qv), seg, q_ids, positions,
+                          mask.visibility(B, H, Lr, Lk, q.device))
 
 
 def _check_common(q, k, v, r, u, v_bias):

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from . import _checks, _fast_path
+from .. import _checks
+from . import _fast_path
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, rotary_dim: int,

@@ -206,7 +206,7 @@ def test_head_dim_outside_kernel_falls_back_to_sdpa_counted():
 
 def _dense(mask, B, Lq, Lk):
     from ptm_kernels.reference_kernels import attention_mask_dense
-    return attention_mask_dense(B, 1, Lq, Lk, "cpu", *mask.visibility(B, 1, Lq, Lk, "cpu"))[:, 0]
+    return attention_mask_dense(B, 1, Lq, Lk, "cpu", mask.visibility(B, 1, Lq, Lk, "cpu"))[:, 0]
 
 
 def test_whole_model_compiles_fullgraph_with_padding():

@@ -6,6 +6,7 @@ PTM_TEST_SEED=random; printed, rerun one with PTM_TEST_SEED=<seed>). The Triton 
 gets fewer and smaller cases.
 """
 
+import dataclasses
 import math
 import random
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import ptm_kernels as pk
 from ptm_kernels import AttentionMask, backend, reference_kernels
 from ptm_kernels.attention_mask import alibi_slopes, alibi_table, t5_bucket, t5_relative_table
-from ptm_kernels.ops.attention import _sdpa_mask, op_args
+from ptm_kernels.ops.attention import ARGS, BACKWARD_ARGS, _sdpa_mask, op_args
 
 from ..compare import assert_close, reduced_slack_scale
 from ..conftest import DEVICE, backend_params
@@ -552,11 +553,9 @@ def test_op_hands_the_kernel_a_sound_block_map(monkeypatch, rng):
 
     def checked(fn):
         def run(*args):
-            q, k = args[0], args[1]
-            if fn.__name__ == "attention_bwd":
-                q, k = args[1], args[2]
+            q, k = args[1:3] if fn.__name__ == "attention_bwd" else args[:2]
             B, H, Lq, _ = q.shape
-            bmap = next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int8)
+            bmap = args[-1].vis.block_map  # the AttentionParams
             want = tile_states(visible(spec, B, H, Lq, k.shape[2]), 16, 32)
             assert bmap.shape == want.shape and torch.equal(bmap == 2, want == 2)
             assert not ((bmap == 0) & (want != 0)).any()
@@ -723,9 +722,12 @@ def test_opcheck(impl, case, rng):
         args = op_args(q, k, v, mask, 0.25, p, seed=7 if p else None)
         torch.library.opcheck(torch.ops.ptm.attention.default, args)
         out, lse = torch.ops.ptm.attention(*args)
-        bwd_args = (torch.randn_like(out), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
-                    out.detach(), lse, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]],
-                    args[12] is not None, args[13] is not None)
+        q, k, v, params = ARGS.unflatten([a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        bias = params.bias  # the backward op with every gradient the biases can have
+        wants = dataclasses.replace(bias, dense_requires_grad=bias.dense is not None,
+                                    toeplitz_requires_grad=bias.toeplitz is not None)
+        bwd_args = BACKWARD_ARGS.flatten(torch.randn_like(out), q, k, v, out.detach(), lse,
+                                         dataclasses.replace(params, bias=wants))
         torch.library.opcheck(torch.ops.ptm.attention_backward.default, bwd_args)
 
 

@@ -319,7 +319,7 @@ def test_transformer_xl(impl, dtype, variant, rng):
         if (masked.all(-1)).any():
             pytest.skip("this same_length configuration masks whole rows (eager gives NaN there)")
     assert torch.equal(reference_relative.relative_visibility(
-        1, 1, Lq, Lk, Lq, None, DEVICE, *mask.visibility(1, 1, Lq, Lk, DEVICE))[0, 0], ~masked)
+        1, 1, Lq, Lk, Lq, None, DEVICE, mask.visibility(1, 1, Lq, Lk, DEVICE))[0, 0], ~masked)
     scale = 1 / math.sqrt(D)
     q, k, v = (randn(B, H, L, D, dtype=torch.float64) for L in (Lq, Lk, Lk))
     u, vb = randn(H, D, dtype=torch.float64, scale=0.5), randn(H, D, dtype=torch.float64, scale=0.5)
@@ -459,24 +459,25 @@ def _op_args(rng, Lg):
     sc = ra._stream("m", q, u, vb, seg_fn, None, AttentionMask.causal(), Lk, Lq)
     dense = AttentionMask.dense(torch.rand(B, 1, Lg, Lk, device=DEVICE) > 0.3)
     sg = ra._stream("m", qg, u, vb, seg_fn, pos, dense, Lk, Lq)
-    return shared, sc, sg
+    return ra, shared, sc, sg
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_opcheck(impl, rng):
-    shared, sc, sg = _op_args(rng, 4)
+    ra, shared, sc, sg = _op_args(rng, 4)  # shared: (k, v, r, RelativeParams); sc, sg: RelativeStream
     ops = torch.ops.ptm
+    one, two = ra.ARGS.flatten(*shared, sc), ra.TWO_STREAM_ARGS.flatten(*shared, sc, sg)
     with backend.use(relative_attention=impl):
-        torch.library.opcheck(ops.relative_attention.default, (*shared, *sc))
-        torch.library.opcheck(ops.two_stream_attention.default, (*shared, *sc, *sg))
-        out = ops.relative_attention.default(*shared, *sc)
+        torch.library.opcheck(ops.relative_attention.default, one)
+        torch.library.opcheck(ops.two_stream_attention.default, two)
+        out = ops.relative_attention.default(*one)
         det = lambda ts: [t.detach() if isinstance(t, torch.Tensor) else t for t in ts]
         torch.library.opcheck(ops.relative_attention_backward.default,
-                              (torch.randn_like(out[0]), out[0].detach(), out[1], *det(shared), *det(sc)))
-        oc, lc, og, lg = ops.two_stream_attention.default(*shared, *sc, *sg)
+                              (torch.randn_like(out[0]), out[0].detach(), out[1], *det(one)))
+        oc, lc, og, lg = ops.two_stream_attention.default(*two)
         torch.library.opcheck(ops.two_stream_attention_backward.default,
                               (torch.randn_like(oc), oc.detach(), lc, torch.randn_like(og), og.detach(), lg,
-                               *det(shared), *det(sc), *det(sg)))
+                               *det(two)))
 
 
 def test_torch_compile_fullgraph(rng):
