@@ -369,7 +369,8 @@ def beam_search(runner, processor: LogitsProcessor, prompt: Tensor, cfg: Generat
     def gather(t: Tensor, idx: Tensor) -> Tensor:  # t [B, n, ...], idx [B, m] -> [B, m, ...]
         return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
 
-    running = torch.full((B, K, max_length), pad, dtype=torch.long, device=dev)
+    fill = (pad or eos[0]) if eos else pad  # what transformers fills finished hypotheses with (pad 0 -> eos)
+    running = torch.full((B, K, max_length), fill, dtype=torch.long, device=dev)
     running[:, :, :P] = prompt.view(B, K, P)
     sequences = running.clone()
     running_scores = torch.zeros(B, K, device=dev)
