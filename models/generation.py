@@ -56,7 +56,8 @@ class GenerationConfig:
     forced_eos_token_id: EosIds = None
     stopping_criteria: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()
     use_cache: bool = True
-    compile: bool = False  # torch.compile the decode step (decoder-only)
+    compile: Union[bool, str] = False  # torch.compile the decode step (decoder-only); a str: its mode
+    # ("reduce-overhead": CUDA graphs on a GPU)
 
     def __post_init__(self):
         if self.max_new_tokens < 0 or self.min_new_tokens < 0:
@@ -204,6 +205,15 @@ def left_pad(input_ids: Tensor, attention_mask: Tensor):
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
+def _compiled_step(model, mode):
+    """model.decode_step through torch.compile (one graph, static shapes), kept on the model per mode."""
+    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
+    mode = None if mode is True else mode
+    if mode not in steps:
+        steps[mode] = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return steps[mode]
+
+
 class _DecoderOnly:
     """Next-token logits of a DecoderLM: prefill once, then static decode steps (or recompute, no cache)."""
 
@@ -215,9 +225,7 @@ class _DecoderOnly:
         self.mask[:, :P] = prompt_mask
         self.positions = (self.mask.long().cumsum(-1) - 1).clamp(min=0)  # each row counts its own tokens
         self.cache = model.new_cache(rows, total) if cfg.use_cache else None
-        self.step = model.decode_step
-        if cfg.compile:
-            self.step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+        self.step = _compiled_step(model, cfg.compile) if cfg.compile else model.decode_step
         # the decode step's inputs, updated in place (the compiled graph is reused as it is)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=dev)
