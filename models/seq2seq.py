@@ -20,22 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 
-from .blocks import MLP, Attention, Block, finish
+from .blocks import MLP, Attention, finish
 from .convert import HFTwin
 from .encoder import padding_mask
 from .kv_cache import KVCache
 
-# the blocks live in models.blocks; the old names stay as aliases
-SelfAttention = CrossAttention = Attention
-EncoderLayer = DecoderLayer = Block
+# the blocks live in models.blocks; the old constructors stay (their layers are now Blocks: forward(x,
+# residual, mask, ...) -> (x, residual), so the old EncoderLayer / DecoderLayer are gone rather than aliased)
+
+
+def SelfAttention(d_model: int, heads: int, head_dim: int, bias: bool = True, scale: Optional[float] = None,
+                  dropout: float = 0.0) -> Attention:
+    return Attention(d_model, heads, head_dim=head_dim, qkv_bias=bias, out_bias=bias, scale=scale, dropout=dropout)
+
+
+def CrossAttention(d_model: int, heads: int, head_dim: int, bias: bool = True, scale: Optional[float] = None,
+                   dropout: float = 0.0) -> Attention:
+    return Attention(d_model, heads, head_dim=head_dim, cross=True, qkv_bias=bias, out_bias=bias, scale=scale,
+                     dropout=dropout)
 
 
 def FeedForward(d_model: int, d_ff: int, act: str, bias: bool = True, gated: bool = False,
                 dropout: float = 0.0) -> MLP:
-    """The one MLP (kept for the old name): fc, fc_bias (fused into the activation), gate, proj."""
+    """The one MLP: fc, fc_bias (fused into the activation), gate, proj."""
     return MLP(d_model, d_ff, act, gated=gated, bias=bias, dropout=dropout)
 
 
