@@ -115,3 +115,62 @@ def test_decoder_greedy_decode(benchmark, name, impl, B):
     case = f"{name}-{_layers(name)}l prompt{PROMPT}+{NEW}"
     measure(benchmark, gen, group=f"{name}-decode", case=case, impl=impl, passes=f"decode-b{B}", rounds=ROUNDS)
     record_tokens_per_s(benchmark, B * NEW)
+
+
+# ------------------------------------------------------------------------ generate: ours against transformers'
+#
+# The issue-15 setup: hidden 512, a PROMPT-token prompt and GEN_NEW new tokens, batch 1 and 16, greedy, the
+# same weights. impl "ptm": models.generation (prefill, then the static decode step, eager); "ptm-compiled": the
+# decode step through torch.compile (default mode on a CPU, "reduce-overhead", i.e. CUDA graphs, on a GPU);
+# "eager" / "sdpa": transformers' generate with that attention (its fastest CPU setting is one of the two).
+# Every impl must give the reference's tokens. passes "generate-bB" times the whole call, "prefill-bB" a call
+# with one new token (the prompt's forward, the LM head, the first token).
+
+GEN_NEW = 64
+GEN_IMPLS = ["ptm", "ptm-compiled", "eager", "sdpa"]
+
+
+def _gen_gpt2_config():
+    return transformers.GPT2Config(vocab_size=8000, n_positions=1024, n_embd=512, n_layer=2, n_head=8,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                   eos_token_id=None)
+
+
+def _gen_llama_config():
+    return transformers.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+GEN_MODELS = {"gpt2": (_gen_gpt2_config, transformers.GPT2LMHeadModel, gpt2.GPT2),
+              "llama": (_gen_llama_config, transformers.LlamaForCausalLM, llama.Llama)}
+
+
+def _generate_fn(model, impl, prompt, new):
+    if impl.startswith("ptm"):
+        compile_mode = False if impl == "ptm" else ("reduce-overhead" if GPU else True)
+        return lambda: model.generate(prompt, new, compile=compile_mode)
+    mask = torch.ones_like(prompt)
+    return lambda: model.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+@pytest.mark.parametrize("passes", ["generate", "prefill"])
+@pytest.mark.parametrize("B", DECODE_BATCHES, ids=[f"b{B}" for B in DECODE_BATCHES])
+@pytest.mark.parametrize("impl", GEN_IMPLS)
+@pytest.mark.parametrize("name", list(GEN_MODELS))
+def test_decoder_generate(benchmark, name, impl, B, passes):
+    make_config, hf_class, ours = GEN_MODELS[name]
+    model, reference = twin_models(hf_class, make_config, ours, impl, perturbed=("ln", "norm"))
+    model.eval(), reference.eval()
+    prompt = random_ids(B, PROMPT, 1, 8000, seed=1)
+    new = GEN_NEW if passes == "generate" else 1
+    want = _generate_fn(reference, "eager", prompt, new)()
+    del reference
+    gen = _generate_fn(model, impl, prompt, new)
+    got = gen()
+    assert torch.equal(got, want), f"{name} {impl}: tokens differ from transformers'"
+    case = f"{name}-h512-2l prompt{PROMPT}+{new}"
+    measure(benchmark, gen, group=f"{name}-generate", case=case, impl=impl, passes=f"{passes}-b{B}",
+            rounds=ROUNDS)
+    record_tokens_per_s(benchmark, B * new)

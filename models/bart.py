@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from ptm_kernels.nn import LayerNorm
 
 from . import activations
 from .convert import refuse_unless
-from .seq2seq import CrossAttention, DecoderLayer, EncoderDecoderLM, EncoderLayer, FeedForward, SelfAttention
+from .blocks import MLP, Attention, Block, finish
+from .seq2seq import EncoderDecoderLM
 
 
 @dataclass
@@ -84,11 +86,11 @@ class TransformerSeq2Seq(EncoderDecoderLM):
         def norm():
             return LayerNorm(d, eps=eps)
 
-        def ffn(dim):
-            return FeedForward(d, dim, c.activation_function, bias=True, dropout=c.activation_dropout)
+        def mlp(dim):
+            return MLP(d, dim, c.activation_function, dropout=c.activation_dropout)
 
-        def attn(cls, heads):
-            return cls(d, heads, d // heads, bias=True, dropout=c.attention_dropout)
+        def attn(heads, cross=False):
+            return Attention(d, heads, cross=cross, dropout=c.attention_dropout)
 
         self.shared = nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id)
         self.embed_scale = math.sqrt(d) if c.scale_embedding else 1.0
@@ -101,11 +103,11 @@ class TransformerSeq2Seq(EncoderDecoderLM):
         if self.embed_norm:
             self.encoder_embed_norm, self.decoder_embed_norm = norm(), norm()
         self.encoder_layers = nn.ModuleList(
-            EncoderLayer(attn(SelfAttention, c.encoder_attention_heads), ffn(c.encoder_ffn_dim), norm(), norm(),
-                         self.pre_norm, c.dropout) for _ in range(c.encoder_layers))
+            Block(attn(c.encoder_attention_heads), mlp(c.encoder_ffn_dim), norm(), norm(), self.pre_norm, c.dropout)
+            for _ in range(c.encoder_layers))
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(attn(SelfAttention, c.decoder_attention_heads), attn(CrossAttention, c.decoder_attention_heads),
-                         ffn(c.decoder_ffn_dim), norm(), norm(), norm(), self.pre_norm, c.dropout)
+            Block(attn(c.decoder_attention_heads), mlp(c.decoder_ffn_dim), norm(), norm(), self.pre_norm, c.dropout,
+                  cross_attn=attn(c.decoder_attention_heads, cross=True), norm3=norm())
             for _ in range(c.decoder_layers))
         if self.final_norm:
             self.encoder_norm, self.decoder_norm = norm(), norm()
@@ -131,11 +133,11 @@ class TransformerSeq2Seq(EncoderDecoderLM):
     def embed_target(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         return self._embed(input_ids, position_ids, "decoder")
 
-    def finish_source(self, x: Tensor) -> Tensor:
-        return self.encoder_norm(x) if self.final_norm else x
+    def finish_source(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return finish(x, residual, self.encoder_norm if self.final_norm else None)
 
-    def finish_target(self, x: Tensor) -> Tensor:
-        return self.decoder_norm(x) if self.final_norm else x
+    def finish_target(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return finish(x, residual, self.decoder_norm if self.final_norm else None)
 
     def project(self, h: Tensor) -> Tensor:
         return self.lm_head(h) + self.final_logits_bias
@@ -188,11 +190,12 @@ class TransformerSeq2Seq(EncoderDecoderLM):
             norms = (self.hf_layer_norms[0], self.hf_layer_norms[2]) if side == "encoder" else self.hf_layer_norms
             for i in range(len(layers)):
                 a, b = f"{side}_layers.{i}", f"model.{side}.layers.{i}"
-                m += attn(f"{a}.self_attn", f"{b}.self_attn")
+                m += attn(f"{a}.attn", f"{b}.self_attn")
                 if side == "decoder":
                     m += attn(f"{a}.cross_attn", f"{b}.encoder_attn", cross=True)
+                m += [(f"{a}.mlp.fc.weight", f"{b}.fc1.weight"), (f"{a}.mlp.fc_bias", f"{b}.fc1.bias")]
                 for p in ("weight", "bias"):
-                    m += [(f"{a}.ffn.fc1.{p}", f"{b}.fc1.{p}"), (f"{a}.ffn.fc2.{p}", f"{b}.fc2.{p}")]
+                    m += [(f"{a}.mlp.proj.{p}", f"{b}.fc2.{p}")]
                     m += [(f"{a}.norm{j + 1}.{p}", f"{b}.{n}.{p}") for j, n in enumerate(norms)]
         return m
 

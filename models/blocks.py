@@ -90,11 +90,6 @@ class Attention(nn.Module):
         self.rotary = rotary  # a RotaryEmbedding shared by the layers (its buffers are not in the state dict)
         self.position_bias = position_bias
 
-    # backwards-compatible names of the old per-family classes
-    @property
-    def heads(self) -> int:
-        return self.num_heads
-
     def project_kv(self, context: Tensor) -> Tuple[Tensor, Tensor]:
         """Cross-attention keys and values [B, Hk, S, D] of the context [B, S, kv_size]."""
         B, S, _ = context.shape

@@ -13,12 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ptm_kernels.nn import RMSNorm, RotaryEmbedding
+from ptm_kernels.nn import RMSNorm
+from ptm_kernels.ops.rope import ROPE_TYPES
 
 from . import activations
 from .convert import config_kwargs
 from .blocks import MLP, Attention, Block
 from .decoder_blocks import DecoderLM
+from .rotary import Rotary
 
 # model_type -> (transformers config class, model class)
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -37,6 +39,8 @@ class LlamaConfig:
     hidden_act: str = "silu"  # transformers' name (models.activations): silu makes the MLP a SwiGLU
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    # transformers' rope scaling (rope_type linear, dynamic, llama3 or yarn, and that type's keys); None: plain
+    rope_scaling: Optional[dict] = None
     rms_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
     tie_word_embeddings: bool = False
@@ -53,15 +57,18 @@ class LlamaConfig:
         model_type = getattr(hf_config, "model_type", "llama")
         if model_type not in HF_CLASSES:
             raise NotImplementedError(f"LLaMA from a {model_type!r} config (only {sorted(HF_CLASSES)})")
-        rope = getattr(hf_config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"LLaMA with config field rope_parameters rope_type={rope['rope_type']!r} "
-                                      "(only the default rotary)")
-        if set(rope) - {"rope_type", "rope_theta"}:
-            raise NotImplementedError(f"LLaMA with config field rope_parameters {rope} (only rope_theta)")
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        kind = rope.get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise NotImplementedError(f"LLaMA with config field rope_parameters rope_type={kind!r} "
+                                      f"(supported: {ROPE_TYPES})")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise NotImplementedError(f"LLaMA with config field rope_parameters partial_rotary_factor="
+                                      f"{rope['partial_rotary_factor']} (LLaMA rotates the whole head)")
         activations.check(hf_config.hidden_act, "hidden_act")
         kw = config_kwargs(cls, hf_config)
-        kw["rope_theta"] = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        kw["rope_theta"] = rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        kw["rope_scaling"] = rope if kind != "default" else None
         kw["model_type"] = model_type
         n = hf_config.num_hidden_layers
         if model_type == "llama":
@@ -78,7 +85,8 @@ class LlamaConfig:
         import transformers
 
         kw = dataclasses.asdict(self)
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
+        kw["rope_parameters"] = {"rope_type": "default", **(kw.pop("rope_scaling") or {}),
+                                 "rope_theta": kw.pop("rope_theta")}
         # explicit: transformers' defaults for None differ between the three (Mistral: 8 key/value heads)
         kw["head_dim"] = self.head_dim or self.hidden_size // self.num_attention_heads
         kw["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
@@ -113,7 +121,8 @@ class Llama(DecoderLM):
         c = self.config = config
         d = c.hidden_size
         head_dim = c.head_dim or d // c.num_attention_heads
-        rotary = RotaryEmbedding(head_dim, c.max_position_embeddings, c.rope_theta)  # shared by the layers
+        rotary = Rotary(head_dim, c.max_position_embeddings,  # shared by the layers
+                        {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta})
         blocks = [Block(
             Attention(d, c.num_attention_heads, c.num_key_value_heads, head_dim, qkv_bias=c.qkv_bias,
                       out_bias=c.out_bias, dropout=c.attention_dropout, rotary=rotary),

@@ -27,7 +27,8 @@ from ptm_kernels.attention_mask import t5_relative_table
 from ptm_kernels.nn import RMSNorm
 
 from . import activations
-from .seq2seq import CrossAttention, DecoderLayer, EncoderDecoderLM, EncoderLayer, FeedForward, SelfAttention
+from .blocks import MLP, Attention, Block, finish
+from .seq2seq import EncoderDecoderLM
 
 
 @dataclass
@@ -73,21 +74,21 @@ class T5(EncoderDecoderLM):
         def norm():
             return RMSNorm(c.d_model, eps=c.layer_norm_epsilon, cast="t5")
 
-        def ffn():
-            return FeedForward(c.d_model, c.d_ff, c.act, bias=False, gated=c.gated, dropout=p)
+        def mlp():
+            return MLP(c.d_model, c.d_ff, c.act, gated=c.gated, bias=False, dropout=p)
 
-        def attn(cls):
-            return cls(c.d_model, H, D, bias=False, scale=1.0, dropout=p)
+        def attn(cross=False):  # unscaled scores, no biases
+            return Attention(c.d_model, H, head_dim=D, cross=cross, qkv_bias=False, out_bias=False, scale=1.0,
+                             dropout=p)
 
         self.shared = nn.Embedding(c.vocab_size, c.d_model)
         self.encoder_bias = nn.Embedding(c.relative_attention_num_buckets, H)  # relative position buckets
         self.decoder_bias = nn.Embedding(c.relative_attention_num_buckets, H)
         self.encoder_layers = nn.ModuleList(
-            EncoderLayer(attn(SelfAttention), ffn(), norm(), norm(), pre_norm=True, dropout=p)
-            for _ in range(c.num_layers))
+            Block(attn(), mlp(), norm(), norm(), pre_norm=True, resid_dropout=p) for _ in range(c.num_layers))
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(attn(SelfAttention), attn(CrossAttention), ffn(), norm(), norm(), norm(), pre_norm=True,
-                         dropout=p)
+            Block(attn(), mlp(), norm(), norm(), pre_norm=True, resid_dropout=p, cross_attn=attn(cross=True),
+                  norm3=norm())
             for _ in range(c.num_decoder_layers or c.num_layers))
         self.encoder_norm, self.decoder_norm = norm(), norm()
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -114,11 +115,11 @@ class T5(EncoderDecoderLM):
     def target_mask(self, mask: AttentionMask, Lq: int, Lk: int) -> AttentionMask:
         return mask & self._relative_bias(self.decoder_bias.weight, Lq, Lk, bidirectional=False)
 
-    def finish_source(self, x: Tensor) -> Tensor:
-        return F.dropout(self.encoder_norm(x), self.config.dropout_rate, self.training)
+    def finish_source(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return F.dropout(finish(x, residual, self.encoder_norm), self.config.dropout_rate, self.training)
 
-    def finish_target(self, x: Tensor) -> Tensor:
-        return F.dropout(self.decoder_norm(x), self.config.dropout_rate, self.training)
+    def finish_target(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return F.dropout(finish(x, residual, self.decoder_norm), self.config.dropout_rate, self.training)
 
     def project(self, h: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
@@ -178,17 +179,17 @@ class T5(EncoderDecoderLM):
 
         def ffn(ours, theirs):
             if c.gated:
-                return [(f"{ours}.gate.weight", f"{theirs}.wi_0.weight"), (f"{ours}.fc1.weight", f"{theirs}.wi_1.weight"),
-                        (f"{ours}.fc2.weight", f"{theirs}.wo.weight")]
-            return [(f"{ours}.fc1.weight", f"{theirs}.wi.weight"), (f"{ours}.fc2.weight", f"{theirs}.wo.weight")]
+                return [(f"{ours}.gate.weight", f"{theirs}.wi_0.weight"), (f"{ours}.fc.weight", f"{theirs}.wi_1.weight"),
+                        (f"{ours}.proj.weight", f"{theirs}.wo.weight")]
+            return [(f"{ours}.fc.weight", f"{theirs}.wi.weight"), (f"{ours}.proj.weight", f"{theirs}.wo.weight")]
 
         for i in range(len(self.encoder_layers)):
             a, b = f"encoder_layers.{i}", f"encoder.block.{i}.layer"
-            m += attn(f"{a}.self_attn", f"{b}.0.SelfAttention") + ffn(f"{a}.ffn", f"{b}.1.DenseReluDense")
+            m += attn(f"{a}.attn", f"{b}.0.SelfAttention") + ffn(f"{a}.mlp", f"{b}.1.DenseReluDense")
             m += [(f"{a}.norm1.weight", f"{b}.0.layer_norm.weight"), (f"{a}.norm2.weight", f"{b}.1.layer_norm.weight")]
         for i in range(len(self.decoder_layers)):
             a, b = f"decoder_layers.{i}", f"decoder.block.{i}.layer"
-            m += attn(f"{a}.self_attn", f"{b}.0.SelfAttention") + ffn(f"{a}.ffn", f"{b}.2.DenseReluDense")
+            m += attn(f"{a}.attn", f"{b}.0.SelfAttention") + ffn(f"{a}.mlp", f"{b}.2.DenseReluDense")
             m += [(f"{a}.cross_attn.q.weight", f"{b}.1.EncDecAttention.q.weight"),
                   (f"{a}.cross_attn.kv.weight", (f"{b}.1.EncDecAttention.k.weight", f"{b}.1.EncDecAttention.v.weight")),
                   (f"{a}.cross_attn.out.weight", f"{b}.1.EncDecAttention.o.weight")]

@@ -7,6 +7,7 @@ the angle (rotations are orthogonal), so it runs the same kernel.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -122,3 +123,90 @@ def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, *, position_i
     q_out, k_out = _fast_path.call(_rope, unit_stride(q), unit_stride(k), cos32, sin32, positions, bool(interleaved),
                                    R, False)
     return (q_out, k_out) if k is not None else q_out
+
+
+# ------------------------------------------------------------------------------------- scaled frequencies
+#
+# transformers' rope_type variants (modeling_rope_utils.py), as the inverse frequencies [rotary_dim // 2] and the
+# factor it multiplies cos and sin by ("attention_factor"). Computed in float32 as transformers does, so that the
+# angles match its to the last bit. The cos/sin of given positions come from `rope_cos_sin_at`; pass them to
+# `rope` with position_ids = arange(positions.numel()).view(positions.shape).
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def _default_inv_freq(rotary_dim: int, base) -> Tensor:
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+
+
+def rope_frequencies(rotary_dim: int, rope_parameters: dict, max_position_embeddings: int,
+                     seq_len: Optional[Tensor] = None) -> Tuple[Tensor, float]:
+    """(inv_freq float32 [rotary_dim // 2], attention_factor) of a transformers `rope_parameters` dict
+    (rope_type, rope_theta, and the type's own keys). "dynamic" (NTK) depends on the sequence: seq_len, a 0-dim
+    tensor (max position + 1 of the call), raises the base once it exceeds max_position_embeddings."""
+    kind = rope_parameters.get("rope_type", "default")
+    base = rope_parameters.get("rope_theta", 10000.0)
+    if kind not in ROPE_TYPES:
+        raise NotImplementedError(f"rope_type {kind!r} (supported: {ROPE_TYPES})")
+    if kind == "default":
+        return _default_inv_freq(rotary_dim, base), 1.0
+    factor = rope_parameters.get("factor")
+    if kind == "linear":
+        return _default_inv_freq(rotary_dim, base) / factor, 1.0
+    if kind == "dynamic":
+        if seq_len is None:
+            return _default_inv_freq(rotary_dim, base * 1.0), 1.0
+        seq = torch.maximum(seq_len, torch.tensor(max_position_embeddings, dtype=seq_len.dtype, device=seq_len.device))
+        base = base * ((factor * seq / max_position_embeddings) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+        return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=seq.device).float()
+                               / rotary_dim)), 1.0
+    original = rope_parameters.get("original_max_position_embeddings", max_position_embeddings)
+    if kind == "llama3":
+        inv_freq = _default_inv_freq(rotary_dim, base)
+        low, high = rope_parameters["low_freq_factor"], rope_parameters["high_freq_factor"]
+        low_wavelen, high_wavelen = original / low, original / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long wavelengths: interpolated
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolation for long wavelengths, extrapolation for short ones, a linear ramp between
+    if factor is None:
+        factor = max_position_embeddings / original
+    attention_factor = rope_parameters.get("attention_factor")
+    mscale, mscale_all_dim = rope_parameters.get("mscale"), rope_parameters.get("mscale_all_dim")
+
+    def get_mscale(scale, m=1):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        attention_factor = (float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+                            if mscale and mscale_all_dim else get_mscale(factor))
+    beta_fast = rope_parameters.get("beta_fast") or 32
+    beta_slow = rope_parameters.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (rotary_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope_parameters.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin_at(inv_freq: Tensor, positions: Tensor, attention_factor: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """cos and sin [positions.numel(), len(inv_freq)] (float32) of the angles position * inv_freq, times
+    attention_factor: the table `rope` reads at position_ids = arange(positions.numel()).view(positions.shape)."""
+    angles = positions.reshape(-1, 1).float() * inv_freq.to(positions.device)
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin

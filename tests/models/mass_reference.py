@@ -79,7 +79,7 @@ def params_from(model):
         long = "encoder" if side == "enc" else "decoder"
         for i in range(n):
             a, e = f"{long}_layers.{i}", f"{side}.{i}."
-            attn = [("attn.", "self_attn")] if side == "enc" else [("self.", "self_attn"), ("cross.", "cross_attn")]
+            attn = [("attn.", "attn")] if side == "enc" else [("self.", "attn"), ("cross.", "cross_attn")]
             for w in ("weight", "bias"):
                 for ref, ours in attn:
                     if ours == "cross_attn":
@@ -90,8 +90,8 @@ def params_from(model):
                         for nm, t in split(f"{a}.{ours}", "qkv", "qkv", w):
                             p[f"{e}{ref}{nm}.{w}"] = t
                     p[f"{e}{ref}o.{w}"] = s[f"{a}.{ours}.out.{w}"]
-                p[f"{e}fc1.{w}"] = s[f"{a}.ffn.fc1.{w}"]
-                p[f"{e}fc2.{w}"] = s[f"{a}.ffn.fc2.{w}"]
+                p[f"{e}fc1.{w}"] = s[f"{a}.mlp.fc.weight" if w == "weight" else f"{a}.mlp.fc_bias"]
+                p[f"{e}fc2.{w}"] = s[f"{a}.mlp.proj.{w}"]
                 for j in range(2 if side == "enc" else 3):
                     p[f"{e}ln{j + 1}.{w}"] = s[f"{a}.norm{j + 1}.{w}"]
     return p

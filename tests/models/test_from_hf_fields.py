@@ -76,11 +76,16 @@ LLAMA_HONOURED = {
     "vocab_size": [120], "hidden_size": [64], "intermediate_size": [48], "num_hidden_layers": [3],
     "num_attention_heads": [1], "num_key_value_heads": [2], "head_dim": [32],
     "hidden_act": ["gelu", "gelu_pytorch_tanh", "relu"], "max_position_embeddings": [40], "rms_norm_eps": [1e-2],
-    "rope_parameters": [{"rope_type": "default", "rope_theta": 50.0}], "tie_word_embeddings": [True],
+    "rope_parameters": [{"rope_type": "default", "rope_theta": 50.0},
+                        {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+                        {"rope_type": "llama3", "rope_theta": 50.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8}],
+    "tie_word_embeddings": [True],
     "pad_token_id": [3],
 }
-LLAMA_REFUSED = {"hidden_act": ["mish"], "rope_parameters": [{"rope_type": "linear", "rope_theta": 1e4,
-                                                              "factor": 2.0}]}
+LLAMA_REFUSED = {"hidden_act": ["mish"], "rope_parameters": [{"rope_type": "longrope", "rope_theta": 1e4,
+                                                              "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                                              "original_max_position_embeddings": 16}]}
 S2S_BASE = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                 decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=32,
                 forced_eos_token_id=None)

@@ -1,0 +1,105 @@
+"""models.blocks against plain-PyTorch statements of the same math (float32, fresh seeded inputs).
+
+Attention: self and cross, GQA, the fused path (AttentionMask) = the additive-bias decode path = a plain
+softmax(q k^T) v; the position-bias hook = the same bias given in the mask. MLP: plain and gated, with and
+without biases, for several activations. Block: pre- and post-norm, with cross-attention, = the sub-layers
+composed by hand.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptm_kernels import AttentionMask
+from ptm_kernels.nn import LayerNorm
+
+from ._import import model_module
+
+blocks = model_module("blocks")
+TOL = 1e-5
+
+
+def _reference_attention(q, k, v, bias, scale):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    return torch.softmax(q @ k.transpose(-1, -2) * scale + bias, -1) @ v
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("Lq", [1, 5])
+def test_attention_paths_agree(kv_heads, Lq):
+    torch.manual_seed(0)
+    B, d, H, Lk = 2, 64, 4, 7
+    attn = blocks.Attention(d, H, kv_heads, cross=True, kv_size=24).eval()
+    x, ctx = torch.randn(B, Lq, d), torch.randn(B, Lk, 24)
+    keep = torch.ones(B, Lk, dtype=torch.bool)
+    keep[1, 4:] = False  # key padding
+    bias = torch.zeros(B, 1, 1, Lk).masked_fill(~keep[:, None, None], float("-inf"))
+    kv = attn.project_kv(ctx)
+    with torch.no_grad():
+        fused = attn(x, AttentionMask.key_padding(mask=keep), kv=kv)
+        plain = attn(x, bias.expand(B, 1, Lq, Lk), kv=kv)
+        q = attn.q(x).view(B, Lq, H, -1).transpose(1, 2)
+        want = attn.out(_reference_attention(q, *kv, bias, (d // H) ** -0.5).transpose(1, 2).reshape(B, Lq, d))
+    assert (fused - want).abs().max().item() <= TOL
+    assert (plain - want).abs().max().item() <= TOL
+
+
+def test_self_attention_with_cache_and_position_bias_hook():
+    torch.manual_seed(1)
+    B, L, d, H = 2, 6, 64, 4
+    table = torch.randn(H, 2 * L - 1)
+    hooked = blocks.Attention(d, H, 2, position_bias=lambda Lq, Lk: AttentionMask.toeplitz(table)).eval()
+    plain = blocks.Attention(d, H, 2).eval()
+    plain.load_state_dict(hooked.state_dict())
+    x = torch.randn(B, L, d)
+    with torch.no_grad():
+        a = hooked(x, AttentionMask.causal())
+        b = plain(x, AttentionMask.causal() & AttentionMask.toeplitz(table))
+        ref = blocks.Attention(d, H, 2).eval()
+        ref.load_state_dict(hooked.state_dict())
+        q, k, v = ref.qkv(x).view(B, L, 8, -1).transpose(1, 2).split([4, 2, 2], 1)
+        rel = torch.arange(L)[:, None] - torch.arange(L)[None, :] + L - 1
+        bias = table[:, rel].masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        want = ref.out(_reference_attention(q, k, v, bias, 16 ** -0.5).transpose(1, 2).reshape(B, L, d))
+    assert (a - b).abs().max().item() <= TOL and (a - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
+def test_mlp(gated, bias, act):
+    torch.manual_seed(2)
+    mlp = blocks.MLP(16, 24, act, gated=gated, bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            mlp.fc_bias.normal_()
+    x = torch.randn(3, 5, 16)
+    fn = {"gelu": F.gelu, "gelu_new": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu, "silu": F.silu}[act]
+    up = x @ mlp.fc.weight.t() + (mlp.fc_bias if bias else 0)
+    h = fn(mlp.gate(x)) * up if gated else fn(up)
+    with torch.no_grad():
+        assert (mlp(x) - mlp.proj(h)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre", "post"])
+def test_block_with_cross_attention(pre_norm):
+    torch.manual_seed(3)
+    d = 64
+    blk = blocks.Block(blocks.Attention(d, 4), blocks.MLP(d, 48, "gelu"), LayerNorm(d), LayerNorm(d), pre_norm,
+                       cross_attn=blocks.Attention(d, 4, cross=True), norm3=LayerNorm(d)).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, ctx = torch.randn(2, 5, d), torch.randn(2, 7, d)
+    mask, cross = AttentionMask.causal(), AttentionMask()
+    with torch.no_grad():
+        kv = blk.cross_attn.project_kv(ctx)
+        y, residual = blk(x, None, mask, cross_kv=kv, cross_mask=cross)
+        got = blocks.finish(y, residual)
+        ln = [lambda t, n=n: F.layer_norm(t, (d,), n.weight, n.bias, 1e-5) for n in (blk.norm1, blk.norm2, blk.norm3)]
+        subs = [lambda t: blk.attn(t, mask), lambda t: blk.cross_attn(t, cross, kv=kv), blk.mlp]
+        want = x
+        for norm, sub in zip(ln, subs):
+            want = want + sub(norm(want)) if pre_norm else norm(want + sub(want))
+    assert (got - want).abs().max().item() <= 1e-4  # three sub-layers of float32 rounding, fused vs unfused
