@@ -202,6 +202,8 @@ def render(triton_results: dict, cuda: list) -> str:
                                  and "decode" not in r["case"] and r.get("mma") != "none"}),
                     ("decode (16-row tiles)", {r["mma"] for r in launched if r["case"].startswith("attention_fwd")
                                                and "decode" in r["case"] and r.get("mma") != "none"})))
+            + ". Relative attention (16-bit): " + ", ".join(sorted(
+                {r["mma"] for r in launched if r["kernel"].startswith("_rel") and "fp32" not in r["case"]}))
             + ". TMA (UTMALDG) in any Triton kernel: " + ("yes" if any(r.get("utmaldg") for r in launched)
                                                           else "no") + ".",
             "- Dropout (SASS loop instructions with / without dropout, same config): "
