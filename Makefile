@@ -6,6 +6,7 @@
 #   make check-cuda-build   the same with CUDA on, in .venv-cuda (a CUDA build of torch; .venv is untouched)
 # and one for a GPU machine that brings its own python3/torch/triton and has no package registry:
 #   make gpu-check OUT=dir
+# and, without a GPU, `make sm90-report`: the sm_90 compile figures of every kernel (benchmarks/results/sm90-static.md)
 #
 # torch is pinned here (the CPU wheel on this kind of machine); the package itself asks for torch>=2.5.
 
@@ -20,7 +21,7 @@ SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc
 OUT         ?= out
 COMMIT      ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
-.PHONY: setup build test bench gpu-check info clean check-sdist check-cuda-build
+.PHONY: setup build test bench gpu-check info clean check-sdist check-cuda-build sm90-report
 
 setup: $(VENV)/.deps
 
@@ -50,6 +51,11 @@ bench: build
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,rounds \
 		--benchmark-json=benchmarks/results/last-run.json
 	$(PY) -m benchmarks.report benchmarks/results/last-run.json
+
+# What ptxas makes of every kernel config the launchers choose on sm_90 (registers, spills, shared memory,
+# occupancy, MMA kind, TMA), beside the Triton tutorial's attention; no GPU needed (a few minutes on 2 cores).
+sm90-report: setup
+	$(PY) -m tests.compile.sm90_report --out benchmarks/results/sm90-static.md
 
 # On an H100/H200 lent for a few minutes: its own python3 (torch, triton, nvcc, ninja), no registry. One call
 # gets 10 minutes, so each step is time-boxed and writes its log as it goes: the op tests and benchmarks (the

@@ -5,7 +5,10 @@ longer rows are read again for each pass over them, in chunks of BLOCK elements.
 
 Backward: each program takes a contiguous chunk of rows, writes dh for them, and sums dweight/dbias over
 its rows into a float32 row of a [programs, C] buffer, which torch then sums (Liger-Kernel's approach;
-no atomics, so the result is deterministic).
+no atomics, so the result is deterministic). Several rows are in flight per SM: a few programs per SM
+(about 32 resident warps, see _bwd_programs), and the one-pass row loop is software-pipelined
+(tl.range(..., num_stages=ROW_STAGES)) so that the next row's dy / h loads are issued asynchronously
+(cp.async on sm_80+) while the current row is reduced.
 
 The interface (arguments, results, dtypes, rounding) is `ptm_kernels.reference_kernels`.
 """
@@ -20,6 +23,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import cast_to, check_dtype, num_programs, row_block, split_rows
+
+# Backward: resident warps per SM to aim for with several programs per SM (each program reduces whole rows
+# in turn, so more programs = more rows in flight); and the pipeline depth of the one-pass row loop.
+_BWD_WARPS_PER_SM = 32
+ROW_STAGES = tl.constexpr(2)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -104,7 +112,7 @@ def _rms_norm_bwd_kernel(
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         base = row_start.to(tl.int64) * C  # int64, advanced by C per row: row * C may pass 2**31
-        for row in range(row_start, row_end):
+        for row in tl.range(row_start, row_end, num_stages=ROW_STAGES):
             offs = base + cols
             base += C
             rstd = tl.load(RSTD + row)
@@ -220,7 +228,7 @@ def _layer_norm_bwd_kernel(
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK], dtype=tl.float32)
         base = row_start.to(tl.int64) * C  # int64, advanced by C per row
-        for row in range(row_start, row_end):
+        for row in tl.range(row_start, row_end, num_stages=ROW_STAGES):
             offs = base + cols
             base += C
             mean = tl.load(MEAN + row)
@@ -318,6 +326,12 @@ def _sum_partials(partial: Tensor, needed: bool, C: int, like: Tensor) -> Tensor
     return partial.sum(0)
 
 
+def _bwd_programs(N: int, num_warps: int, device: torch.device):
+    """-> (programs, rows_per_program) for a backward kernel: enough programs for ~32 warps per SM."""
+    per_sm = max(1, _BWD_WARPS_PER_SM // num_warps)
+    return split_rows(N, per_sm * num_programs(device)) if N > 0 else (0, 1)
+
+
 def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
                  round_normed: bool):
     """-> (y, h, rstd); see `reference_kernels.rms_norm_fwd`."""
@@ -349,10 +363,10 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor, 
     N, C = h.shape
     dh = torch.empty_like(h)
     has_weight = weight is not None
-    programs, rows_per_program = split_rows(N, num_programs(h.device)) if N > 0 else (0, 1)
+    BLOCK, ONE_PASS, num_warps = row_block(C, backward=True)
+    programs, rows_per_program = _bwd_programs(N, num_warps, h.device)
     dw_partial = _partials(programs, C, has_weight, h)
     if N > 0:
-        BLOCK, ONE_PASS, num_warps = row_block(C, backward=True)
         _rms_norm_bwd_kernel[(programs,)](
             dh, dw_partial if has_weight else h, dy, h,
             weight.contiguous() if has_weight else h,
@@ -398,11 +412,11 @@ def layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor
     N, C = h.shape
     dh = torch.empty_like(h)
     has_weight, has_bias = weight is not None, bool(has_bias)
-    programs, rows_per_program = split_rows(N, num_programs(h.device)) if N > 0 else (0, 1)
+    BLOCK, ONE_PASS, num_warps = row_block(C, backward=True)
+    programs, rows_per_program = _bwd_programs(N, num_warps, h.device)
     dw_partial = _partials(programs, C, has_weight, h)
     db_partial = _partials(programs, C, has_bias, h)
     if N > 0:
-        BLOCK, ONE_PASS, num_warps = row_block(C, backward=True)
         _layer_norm_bwd_kernel[(programs,)](
             dh, dw_partial if has_weight else h, db_partial if has_bias else h, dy, h,
             weight.contiguous() if has_weight else h,

@@ -4,32 +4,15 @@ The .cu files include only CUDA headers and csrc/cuda/launchers.h, so this runs 
 GPU or not, and catches build breaks that the CPU-only extension build would never see.
 """
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+from .sm90_records import CUDA_DIR, SM90A, find_nvcc
+
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-ARCHS = {
-    "sm_80": ["-arch=sm_80"],
-    "sm_90a": ["-gencode", "arch=compute_90a,code=sm_90a"],
-}
-
-
-def _find_nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
-        return os.path.join(home, "bin", "nvcc")
-    return None
-
-
-NVCC = _find_nvcc()
+ARCHS = {"sm_80": ["-arch=sm_80"], "sm_90a": SM90A}
+NVCC = find_nvcc()
 
 
 def test_sources_found():

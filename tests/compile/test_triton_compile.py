@@ -35,20 +35,18 @@ Covered (float32, float16, bfloat16 unless said):
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from . import sm90_records
+
 HELPER = Path(__file__).with_name("triton_sm90.py")
-REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ["attention-bf16", "relative_attention-fp32", "relative_attention-bf16", "attention-fp32",
             "attention-fp16", "relative_attention-fp16", "norms", "activations", "rope", "losses"]  # longest first
-TIMEOUT_S = 900
 
 
 def _nvidia_backend_reason():
@@ -72,19 +70,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(SKIP_REASON is not None, reas
 
 
 def _run_family(family: str, cache_dir: str) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_CACHE_DIR"] = cache_dir  # a fresh cache: every kernel is compiled by this run's code
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    try:
-        p = subprocess.run([sys.executable, str(HELPER), family], capture_output=True, text=True, env=env,
-                           cwd=str(REPO), timeout=TIMEOUT_S)
-        out, err, rc = p.stdout, p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err, rc = f"timed out after {TIMEOUT_S} s", -1
-    records = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    return dict(records=records, rc=rc, stderr=err)
+    # shared with test_sm90_properties.py: each family is compiled once per pytest process
+    return sm90_records.run_family(family, cache_dir)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ import ptm_kernels.triton.losses as LOSSES  # noqa: E402
 import ptm_kernels.triton.norms as NORMS  # noqa: E402
 import ptm_kernels.triton.relative_attention as REL  # noqa: E402
 import ptm_kernels.triton.rope as ROPE  # noqa: E402
+import sm90_artefacts  # noqa: E402  (beside this file: registers, spills, MMA kind, TMA from the cubin)
 
 CAPABILITY = (9, 0)
 NUM_SMS = 132  # H100 SXM
@@ -77,12 +78,7 @@ class CompilingKernel:
         const = {a: _brief(v) for a, v in kwargs.items() if a[:1].isupper() or a.startswith("num_")}
         t0 = time.time()
         try:
-            binder = create_function_from_signature(k.signature, k.params, BACKEND)
-            bound_args, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = k._pack_args(BACKEND, dict(kwargs), bound_args, specialization,
-                                                                 options)
-            compiled = triton_compile(ASTSource(k, signature, constexprs, attrs), target=TARGET,
-                                      options=options.__dict__)
+            compiled, options = self.compile(args, kwargs)
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             cause = e.__cause__ or e.__context__
@@ -94,10 +90,36 @@ class CompilingKernel:
             raise CompileFailed(name) from e
         shared = int(compiled.metadata.shared)
         status = "ok" if shared <= SMEM_LIMIT else "out_of_resources"
+        try:
+            figures = sm90_artefacts.describe_triton(compiled)
+        except Exception as e:  # cuobjdump missing or unreadable: the compile result still stands
+            figures = dict(figures_error=f"{type(e).__name__}: {e}")
         emit(case=_case, kernel=name, config=const, status=status, shared=shared,
-             num_stages=options.num_stages, num_warps=options.num_warps, seconds=round(time.time() - t0, 2))
+             num_stages=options.num_stages, num_warps=options.num_warps, seconds=round(time.time() - t0, 2),
+             **figures)
         if status != "ok":
             raise OutOfResources(shared, SMEM_LIMIT, "shared memory")
+        if os.environ.get("PTM_SM90_DROPOUT_TWINS"):
+            self.dropout_twin(name, const, args, kwargs)
+
+    def compile(self, args, kwargs):
+        k = self.kernel
+        binder = create_function_from_signature(k.signature, k.params, BACKEND)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = k._pack_args(BACKEND, dict(kwargs), bound_args, specialization,
+                                                             options)
+        return triton_compile(ASTSource(k, signature, constexprs, attrs), target=TARGET,
+                              options=options.__dict__), options
+
+    def dropout_twin(self, name, const, args, kwargs):
+        """A launch with dropout compiled again with its dropout constexpr(s) off, all else equal: the pair
+        gives the dropout instruction ratio (status "dropout_twin"; tests/compile/sm90_report.py)."""
+        off = {a: False for a, v in kwargs.items() if "DROPOUT" in a and v is True}
+        if off:
+            compiled, options = self.compile(args, {**kwargs, **off})
+            emit(case=_case, kernel=name, config={**const, **off}, status="dropout_twin",
+                 shared=int(compiled.metadata.shared), num_stages=options.num_stages, num_warps=options.num_warps,
+                 **sm90_artefacts.describe_triton(compiled))
 
 
 class CompileFailed(Exception):

@@ -1,0 +1,145 @@
+"""The Hopper path's properties, read from the sm_90 compile artefacts (issue 14; no GPU needed).
+
+Every kernel config the launchers choose on an H100 (the tests/compile harness: bf16 / fp16 / fp32, D = 64 and
+128, each mask family, dropout on and off, forward / backward / decode) and every csrc/cuda kernel is compiled
+for sm_90a; sm90_artefacts reads registers, spill bytes, MMA and TMA instructions from the cubin. The records
+are shared with test_triton_compile.py (each family is compiled once per pytest process).
+
+1. Spill bytes: zero for every CUDA kernel and every Triton kernel outside (relative) attention. The attention
+   and relative-attention kernels still spill in some configs (being rewritten, issue 14 items 2 and 6): each
+   family is held to today's measured figures (SPILL_BUDGET), so a regression fails; the target is zero.
+2. MMA: the attention forward of 16-bit inputs runs on wgmma (HGMMA) with 16-bit operands, no mma.sync, no
+   tf32.
+3. Dropout: SASS instructions inside the loops with dropout / without it (the same launch compiled twice,
+   status "dropout_twin"), per kernel, within DROPOUT_RATIO_BUDGET: today's ratio; the target is 1.5.
+4. Norm backward: its one-pass row loop prefetches the next row asynchronously (cp.async = LDGSTS).
+5. TMA (UTMALDG in the attention forward's SASS): reported in benchmarks/results/sm90-static.md only; no
+   kernel uses tensor descriptors yet.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from . import sm90_records as R
+from .test_triton_compile import SKIP_REASON
+
+pytestmark = [pytest.mark.slow]
+
+ATTENTION = ["attention-bf16", "attention-fp16", "attention-fp32"]
+RELATIVE = ["relative_attention-bf16", "relative_attention-fp16", "relative_attention-fp32"]
+OTHERS = ["norms", "activations", "rope", "losses"]
+
+# Pending (issue 14, items 1, 2, 6): today's figures over a family's launched configs (triton 3.7.1, measured
+# with this test's records, see benchmarks/results/sm90-static.md): the largest spill stores and loads (bytes)
+# and how many launched compiles spill at all. A family above any of them fails; lower them as the kernels
+# improve (the target is zero). Per family, not per kernel name, so that renamed kernels keep their budget.
+SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
+    "attention-bf16": (92, 112, 6),  # dK/dV D = 128 with every mask + dbias/dtoeplitz; the heavy forward
+    "attention-fp16": (92, 112, 5),
+    "attention-fp32": (1348, 1264, 13),  # tf32x3 dots: three products per dot
+    "relative_attention-bf16": (884, 840, 6),  # the band backward at 255 registers
+    "relative_attention-fp16": (696, 652, 6),
+    "relative_attention-fp32": (2816, 2292, 13),
+}
+
+# Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family
+# (a full 10-round Philox per score element, 1 of its 4 outputs used). Target: 1.5.
+DROPOUT_RATIO_TARGET = 1.5
+DROPOUT_RATIO_BUDGET = {
+    "attention-bf16": 2.77,  # the forward with every mask at D = 64: 6070 / 2193 loop instructions
+    "attention-fp16": 2.77,
+    "attention-fp32": 2.04,
+    "relative_attention-bf16": 2.02,
+    "relative_attention-fp16": 2.06,
+    "relative_attention-fp32": 1.57,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled(request):
+    """Compile the families the selected tests read, in parallel (then memoised in sm90_records)."""
+    wanted = {"norms"} if any(i.name == "test_norm_backward_prefetches_rows" for i in request.session.items) else set()
+    wanted |= {i.callspec.params["family"] for i in request.session.items
+               if i.module is request.module and "family" in getattr(getattr(i, "callspec", None), "params", {})}
+    families = [f for f in OTHERS + ATTENTION + RELATIVE if f in wanted]
+    if SKIP_REASON is None:
+        R.run_families(families)
+
+
+def _records(family: str) -> list:
+    res = R.run_family(family)
+    if res["rc"] != 0:
+        pytest.fail(f"triton_sm90.py {family} exited with {res['rc']}:\n{res['stderr'][-4000:]}", pytrace=False)
+    recs = R.launched(res["records"])
+    assert recs, f"{family}: no launched compile recorded"
+    missing = [r["kernel"] for r in recs if "regs" not in r]
+    assert not missing, f"{family}: no cubin figures for {missing[:5]}: {recs[0].get('figures_error')}"
+    return recs
+
+
+def _where(r: dict) -> str:
+    return f"{r['kernel']} in '{r['case']}' (warps {r['num_warps']}, stages {r['num_stages']})"
+
+
+triton_only = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+
+@triton_only
+@pytest.mark.parametrize("family", OTHERS + ATTENTION + RELATIVE)
+def test_triton_spills(family):
+    budget_st, budget_ld, budget_n = SPILL_BUDGET.get(family, (0, 0, 0))
+    spilling = [r for r in _records(family) if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    listing = "\n".join(f"{_where(r)}: {r['spill_store_bytes']} B stored / {r['spill_load_bytes']} B loaded, "
+                        f"{r['regs']} registers" for r in spilling)
+    over = [r for r in spilling if r["spill_store_bytes"] > budget_st or r["spill_load_bytes"] > budget_ld]
+    assert not over and len(spilling) <= budget_n, (
+        f"{family}: {len(spilling)} spilling compiles, budget {budget_n} compiles of at most {budget_st} B "
+        f"stored / {budget_ld} B loaded:\n{listing}")
+    if spilling:
+        print(f"{family} (pending, budget {SPILL_BUDGET[family]}):\n{listing}")
+
+
+@pytest.mark.skipif(R.find_nvcc() is None, reason="nvcc not found (not on PATH, nor $CUDA_HOME/bin/nvcc)")
+@pytest.mark.parametrize("source", sorted(R.CUDA_DIR.glob("*.cu")), ids=lambda p: p.name)
+def test_cuda_kernels_do_not_spill(source):
+    recs = R.cuda_records(source)
+    assert recs, f"no kernel found in the sm_90a cubin of {source.name}"
+    spills = [f"{r['kernel']}: {r['spill_store_bytes']} / {r['spill_load_bytes']} B, {r['regs']} registers"
+              for r in recs if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    assert not spills, f"{source.name} spills on sm_90a:\n" + "\n".join(spills)
+
+
+@triton_only
+@pytest.mark.parametrize("family", ["attention-bf16", "attention-fp16"])
+def test_attention_forward_runs_on_wgmma(family):
+    dtype = family.split("-")[1].replace("fp16", "f16")
+    forwards = [r for r in _records(family) if r["case"].startswith("attention_fwd") and "decode" not in r["case"]
+                and "combine" not in r["kernel"]]
+    assert forwards, f"{family}: no attention forward compiled"
+    bad = [f"{_where(r)}: {r['mma']}" for r in forwards if r["mma"] != f"wgmma({dtype})"]
+    assert not bad, f"{family}: forward kernels not on wgmma with {dtype} operands alone:\n" + "\n".join(bad)
+    print(f"{family}: TMA (UTMALDG) in {sum(bool(r['utmaldg']) for r in forwards)} of {len(forwards)} forwards")
+
+
+@triton_only
+@pytest.mark.parametrize("family", ATTENTION + RELATIVE)
+def test_dropout_instruction_ratio(family):
+    from .sm90_report import dropout_pairs, loop_ratio
+
+    pairs = dropout_pairs(R.run_family(family)["records"])
+    assert pairs, f"{family}: no launch with dropout was compiled with a dropout-off twin"
+    budget = DROPOUT_RATIO_BUDGET[family]
+    ratios = {_where(on): loop_ratio(on, off) for on, off in pairs}
+    print(f"{family}: dropout / no-dropout SASS loop instructions " +
+          ", ".join(f"{k}: {v:.2f}" for k, v in ratios.items()) + f" (target {DROPOUT_RATIO_TARGET})")
+    over = {k: v for k, v in ratios.items() if v > budget}
+    assert not over, f"{family}: dropout ratio above {budget}: {over}"
+
+
+@triton_only
+def test_norm_backward_prefetches_rows():
+    bwd = [r for r in _records("norms") if "_bwd" in r["kernel"] and r["config"].get("ONE_PASS")]
+    assert bwd, "no one-pass norm backward compiled"
+    sync = [_where(r) for r in bwd if not r["opcodes"].get("LDGSTS")]
+    assert not sync, "norm backward row loops without cp.async prefetch:\n" + "\n".join(sync)
