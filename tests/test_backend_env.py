@@ -29,9 +29,10 @@ def test_attention_tile_follows_the_backend(monkeypatch):
     from ptm_kernels.ops.attention import attention_params
 
     q, k = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 70, 32)
+    mask = AttentionMask.causal() & AttentionMask.dense(torch.rand(1, 1, 40, 70) < 0.7)  # every backend maps it
 
     def tile():
-        vis = attention_params(q, k, AttentionMask.causal(), 1.0, 0.0).vis
+        vis = attention_params(q, k, mask, 1.0, 0.0).vis
         return (vis.block_m, vis.block_n) if vis.block_map is not None else None
 
     monkeypatch.delenv("PTM_KERNELS_BACKEND", raising=False)

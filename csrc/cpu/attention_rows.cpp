@@ -120,6 +120,25 @@ PTM_SIMD void add_row(float* dst, const float* src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
 }
 
+PTM_SIMD void dot_rows(float* s, const float* q, const float* k, int64_t n, int64_t ld, int64_t D) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = k + j * ld;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += q[d] * kj[d];
+    s[j] = acc;
+  }
+}
+
+PTM_SIMD void axpy_rows(float* o, const float* p, const float* v, int64_t n, int64_t ld, int64_t D) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    const float* vj = v + j * ld;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
+  }
+}
+
 PTM_SIMD void mask_segments_row(float* s, int64_t n, const int64_t* k_seg, int64_t q_seg) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] = k_seg[j] == q_seg ? s[j] : kNegInf;  // a select: a hidden NaN is hidden

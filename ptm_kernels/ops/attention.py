@@ -98,8 +98,9 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 
 @torch.compiler.assume_constant_result
-def _tile(device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[Tuple[int, int]]:
-    """The (block_m, block_n) of the backend that will run, or None when it takes no block map.
+def _tile(device_type: str, dtype: torch.dtype, head_dim: int, dense: bool) -> Optional[Tuple[int, int]]:
+    """The (block_m, block_n) of the backend that will run, or None when it takes no block map: none at all,
+    or none without a `dense` mask part (`attention_block_map_dense_only`: it classifies the other parts itself).
 
     A constant under torch.compile: the backend is chosen when the graph is traced (a kernel handed a block
     map of another tile size ignores it, so a later override stays correct).
@@ -108,7 +109,9 @@ def _tile(device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[Tuple
     # function's answer is cached, keyed on the function itself, so a replaced one is asked again.
     mod = backend.module(backend.choice("attention", device_type, dtype))
     tile = getattr(mod, "attention_tile", None)
-    return None if tile is None else _tile_of(tile, device_type, dtype, head_dim)
+    if tile is None or (not dense and getattr(mod, "attention_block_map_dense_only", False)):
+        return None
+    return _tile_of(tile, device_type, dtype, head_dim)
 
 
 @functools.lru_cache(maxsize=64)
@@ -171,10 +174,13 @@ def attention_params(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, dr
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     empty = q.numel() == 0 or k.numel() == 0  # runs on the reference, which takes no block map
-    tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility and not empty else None
+    vis = mask.visibility(B, H, Lq, Lk, q.device)
+    tile = _tile(q.device.type, q.dtype, D, vis.dense_mask is not None) if mask.has_visibility and not empty else None
+    if tile is not None:
+        vis = mask.visibility(B, H, Lq, Lk, q.device, tile)
     bias, table = mask.scores(B, H, Lq, Lk, q)
     return AttentionParams(
-        scale, mask.visibility(B, H, Lq, Lk, q.device, tile),
+        scale, vis,
         Bias(bias, table, bias is not None and bias.requires_grad, table is not None and table.requires_grad),
         Dropout(float(dropout_p), _seed(dropout_p, seed, generator)))
 
