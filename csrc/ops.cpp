@@ -40,6 +40,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("attention_tile", [](int64_t, pybind11::object, pybind11::object) {
     return std::make_tuple(ptm::cpu::kAttentionBlockM, ptm::cpu::kAttentionBlockN);
   });
+  // The CPU attention classifies tiles for the analytic parts and segment ids itself: a block map only adds
+  // the dense mask's knowledge, so the Python layer builds none without one (ops/attention.py, _tile).
+  cpu.attr("attention_block_map_dense_only") = true;
   // Kernels that only exist on some devices are bound below their submodule.
 #ifdef PTM_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels (torch-free .cu launchers)");

@@ -108,7 +108,8 @@ def module(name: str) -> Optional[ModuleType]:
 
 def supports(name: str, op: str, device_type: str) -> bool:
     """Whether backend `name` can run family `op` on `device_type` in this installation."""
-    return _supports(name, op, device_type, triton_interpreted())
+    # TRITON_INTERPRET matters only to Triton on CPU tensors: not read (an os.environ lookup) for the others
+    return _supports(name, op, device_type, name == "triton" and device_type == "cpu" and triton_interpreted())
 
 
 # The answer depends only on the installation and TRITON_INTERPRET: computed once per combination, since the
@@ -140,17 +141,21 @@ def default(op: str, device_type: str) -> str:
 
 
 def select(op: str, device: torch.device) -> str:
+    return _select(op, device.type)
+
+
+def _select(op: str, device_type: str) -> str:
     choice = _overrides()
     name = choice.get(op, choice.get("*"))
     if name is None:
-        return default(op, device.type)
-    if not supports(name, op, device.type):
+        return default(op, device_type)
+    if not supports(name, op, device_type):
         why = {
             "triton": "needs a CUDA tensor, or TRITON_INTERPRET=1 set before ptm_kernels is imported",
             "cpu": "needs CPU tensors and the C++ extension (ptm_kernels._C)",
             "cuda": "needs CUDA tensors and the extension built with CUDA",
         }.get(name, "")
-        raise RuntimeError(f"ptm_kernels: backend {name!r} cannot run {op} on {device.type} tensors "
+        raise RuntimeError(f"ptm_kernels: backend {name!r} cannot run {op} on {device_type} tensors "
                            f"in this installation ({why}); see `python -m ptm_kernels.info`")
     return name
 
@@ -162,6 +167,11 @@ def kernels(op: str, x: torch.Tensor, *others: torch.Tensor) -> ModuleType:
     So does a problem where x or one of `others` has no element: plain PyTorch gives torch's empty (or, for
     attention with no key, zero) results, where the kernels' launch grids and loops assume some work.
     """
-    if x.dtype == torch.float64 or x.numel() == 0 or any(t.numel() == 0 for t in others):
+    if x.numel() == 0 or any(t.numel() == 0 for t in others):
         return module("reference")
-    return module(select(op, x.device))
+    return module(choice(op, x.device.type, x.dtype))
+
+
+def choice(op: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend that `kernels` picks for nonempty inputs of this device type and dtype (no tensor needed)."""
+    return "reference" if dtype == torch.float64 else _select(op, device_type)

@@ -37,6 +37,7 @@ using namespace attn;  // NOLINT: the shared attention machinery (attention_comm
 constexpr int64_t kGroupTiles = 4;   // forward: query tiles per work item, sharing GEMMs when they can
 constexpr int64_t kMaxChunkN = 256;  // forward: keys per GEMM (a run of visible key tiles)
 constexpr int64_t kMaxChunkM = 256;  // backward: query rows per GEMM (a run of visible query tiles)
+constexpr int64_t kSmallRows = 4;    // forward: up to this many query rows (decode) use loops, not GEMMs
 
 // ------------------------------------------------------------------------------------------- the problem
 struct Problem {
@@ -147,12 +148,14 @@ struct ForwardWorkspace {
   std::vector<float> s, o, m, l;
   std::vector<int8_t> status;  // [kGroupTiles, nkt]: the key tiles' statuses of each query tile of a group
   ColumnRuns partial;
+  // Sized to the problem, not the largest tile group: zeroing 256 KiB would cost more than a decode step.
   explicit ForwardWorkspace(const Problem& P)
-      : s(kGroupTiles * kTileM * kMaxChunkN),
-        o(kGroupTiles * kTileM * P.D),
-        m(kGroupTiles * kTileM),
-        l(kGroupTiles * kTileM),
+      : s(max_rows(P) * std::min(kMaxChunkN, P.Lk)),
+        o(max_rows(P) * P.D),
+        m(max_rows(P)),
+        l(max_rows(P)),
         status(kGroupTiles * P.nkt) {}
+  static int64_t max_rows(const Problem& P) { return std::min(kGroupTiles * kTileM, P.Lq); }
 };
 
 // Query rows [i0, i0 + rows) of head (b, h), whose key tiles in [kt_begin, kt_end) all have the statuses
@@ -167,12 +170,18 @@ void forward_rows(const Problem& P, const Heads& Q, const Heads& K, const Heads&
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.f);
 
-  const Tensor q_rows = mat(Q.row(b, h, i0), rows, D, Q.sl);
-  const Tensor o_rows = mat(o, rows, D, D);
+  // A few rows (decode): plain loops, since at::mm's dispatch and the views cost more than the math.
+  const bool small = rows <= kSmallRows;
+  const Tensor q_rows = small ? Tensor() : mat(Q.row(b, h, i0), rows, D, Q.sl);
+  const Tensor o_rows = small ? Tensor() : mat(o, rows, D, D);
   // One GEMM per run of visible key tiles.
   for_each_key_run(status, kt_begin, kt_end, P.Lk, kMaxChunkN, ws.partial, [&](int64_t c0, int64_t c1) {
     const int64_t n = c1 - c0;
-    gemm(mat(s, rows, n, n), q_rows, mat_t(K.row(b, kv, c0), n, D, K.sl));
+    if (small) {
+      for (int64_t r = 0; r < rows; ++r) dot_rows(s + r * n, Q.row(b, h, i0 + r), K.row(b, kv, c0), n, K.sl, D);
+    } else {
+      gemm(mat(s, rows, n, n), q_rows, mat_t(K.row(b, kv, c0), n, D, K.sl));
+    }
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = s + r * n;
       const float a = P.score_row(sr, b, h, i0 + r, c0, c1, ws.partial);
@@ -182,7 +191,11 @@ void forward_rows(const Problem& P, const Heads& Q, const Heads& K, const Heads&
         dropout_row(sr, n, k1, k2, static_cast<uint32_t>(c0), P.dropout.threshold, P.dropout.keep_scale);
       }
     }
-    gemm_acc(o_rows, mat(s, rows, n, n), mat(V.row(b, kv, c0), n, D, V.sl));
+    if (small) {
+      for (int64_t r = 0; r < rows; ++r) axpy_rows(o + r * D, s + r * n, V.row(b, kv, c0), n, V.sl, D);
+    } else {
+      gemm_acc(o_rows, mat(s, rows, n, n), mat(V.row(b, kv, c0), n, D, V.sl));
+    }
   });
 
   for (int64_t r = 0; r < rows; ++r)

@@ -120,6 +120,50 @@ PTM_SIMD void add_row(float* dst, const float* src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
 }
 
+// Four keys (value rows) per pass: q (o) is loaded once for four of them.
+PTM_SIMD void dot_rows(float* s, const float* q, const float* k, int64_t n, int64_t ld, int64_t D) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t d = 0; d < D; ++d) {
+      const float x = q[d];
+      a0 += x * k0[d];
+      a1 += x * k1[d];
+      a2 += x * k2[d];
+      a3 += x * k3[d];
+    }
+    s[j] = a0;
+    s[j + 1] = a1;
+    s[j + 2] = a2;
+    s[j + 3] = a3;
+  }
+  for (; j < n; ++j) {
+    const float* kj = k + j * ld;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += q[d] * kj[d];
+    s[j] = acc;
+  }
+}
+
+PTM_SIMD void axpy_rows(float* o, const float* p, const float* v, int64_t n, int64_t ld, int64_t D) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float p0 = p[j], p1 = p[j + 1], p2 = p[j + 2], p3 = p[j + 3];
+    const float *v0 = v + j * ld, *v1 = v0 + ld, *v2 = v1 + ld, *v3 = v2 + ld;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+  }
+  for (; j < n; ++j) {
+    const float pj = p[j];
+    const float* vj = v + j * ld;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
+  }
+}
+
 PTM_SIMD void mask_segments_row(float* s, int64_t n, const int64_t* k_seg, int64_t q_seg) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] = k_seg[j] == q_seg ? s[j] : kNegInf;  // a select: a hidden NaN is hidden

@@ -21,6 +21,12 @@ void exp_row(float* s, int64_t n, float a, float m);
 void scale_row(float* x, int64_t n, float a);
 void add_row(float* dst, const float* src, int64_t n);
 
+// The products of a few query rows, for decode (at::mm's dispatch costs more than the math there):
+// s[j] = q . k_j over the n keys k_j = k + j * ld (D floats each);
+void dot_rows(float* s, const float* q, const float* k, int64_t n, int64_t ld, int64_t D);
+// o += sum_j p[j] * v_j over the n rows v_j = v + j * ld (D floats each).
+void axpy_rows(float* o, const float* p, const float* v, int64_t n, int64_t ld, int64_t D);
+
 // -inf where the key's segment differs from the query's (whatever the score was, NaN included).
 void mask_segments_row(float* s, int64_t n, const int64_t* k_seg, int64_t q_seg);
 // -inf where visible[j] is false, NaN scores included (visible: the bytes of a bool array).

@@ -1,4 +1,5 @@
-"""A fast path past torch.library's dispatcher for the small ops (norms, RoPE, activations, losses).
+"""A fast path past torch.library's dispatcher for the ops (norms, RoPE, activations, losses; the attention ops
+through OpArgs.call in ops/_op_args.py).
 
 A Python `torch.library.custom_op` call costs about 15 µs before the kernel starts (autograd wrapper, a
 dynamo-disabled frame, the redispatch): more than the kernel itself on one decode row (RMSNorm of one row:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..kernel_params import made
+from . import _fast_path
 
 
 class _Fields:
@@ -111,8 +112,10 @@ class OpArgs:
         self._flatten, self._unflatten = scope["flatten"], scope["unflatten"]
 
     def call(self, op, *values):
-        """Call the custom op with one value per group (flattened here)."""
-        return op(*self.flatten(*values))
+        """Call the custom op with one value per group (flattened here): through torch.library, or straight to
+        the op's own function with these values when the dispatcher has nothing to do (ops/_fast_path.py)."""
+        args = self.flatten(*values)
+        return op.grouped(*values) if _fast_path.skips_dispatch(args) else op(*args)
 
     def grads(self, by_path: Dict[str, Optional[Tensor]]) -> tuple:
         """What an autograd formula returns: the given gradients at their arguments' places, None elsewhere."""
@@ -150,7 +153,9 @@ class OpArgs:
 
             flat.__signature__ = self.signature(returns)
             flat.__name__, flat.__qualname__, flat.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-            return torch.library.custom_op(name, flat, mutates_args=())
+            op = torch.library.custom_op(name, flat, mutates_args=())
+            op.kernel, op.grouped = flat, fn  # for the fast path: `_fast_path.call(op, *args)` and `call`
+            return op
 
         return define
 

@@ -9,6 +9,7 @@ shapes and are expanded (stride 0, no copy) inside the op, so the bias gradient 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple, Union
 
@@ -97,15 +98,25 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 
 @torch.compiler.assume_constant_result
-def _tile(device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[Tuple[int, int]]:
-    """The (block_m, block_n) of the backend that will run, or None when it takes no block map.
+def _tile(device_type: str, dtype: torch.dtype, head_dim: int, dense: bool) -> Optional[Tuple[int, int]]:
+    """The (block_m, block_n) of the backend that will run, or None when it takes no block map: none at all,
+    or none without a `dense` mask part (`attention_block_map_dense_only`: it classifies the other parts itself).
 
     A constant under torch.compile: the backend is chosen when the graph is traced (a kernel handed a block
     map of another tile size ignores it, so a later override stays correct).
     """
-    mod = backend.kernels("attention", torch.empty(1, dtype=dtype, device=device_type))  # 1: empty runs elsewhere
+    # The backend is chosen on every call (an override or PTM_KERNELS_BACKEND may have changed); its tile
+    # function's answer is cached, keyed on the function itself, so a replaced one is asked again.
+    mod = backend.module(backend.choice("attention", device_type, dtype))
     tile = getattr(mod, "attention_tile", None)
-    return None if tile is None else tuple(int(b) for b in tile(head_dim, dtype, torch.device(device_type)))
+    if tile is None or (not dense and getattr(mod, "attention_block_map_dense_only", False)):
+        return None
+    return _tile_of(tile, device_type, dtype, head_dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_of(tile, device_type: str, dtype: torch.dtype, head_dim: int) -> Tuple[int, int]:
+    return tuple(int(b) for b in tile(head_dim, dtype, torch.device(device_type)))
 
 
 # -------------------------------------------------------------------------------------- public API
@@ -144,7 +155,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask] = N
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
-    out, lse = _attention(*op_args(q, k, v, mask, scale, dropout_p, seed, generator))
+    params = attention_params(q, k, mask, scale, dropout_p, seed, generator)
+    out, lse = ARGS.call(_attention, _unit_stride(q), _unit_stride(k), _unit_stride(v), params)
     return (out, lse) if return_lse else out
 
 
@@ -162,10 +174,13 @@ def attention_params(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, dr
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     empty = q.numel() == 0 or k.numel() == 0  # runs on the reference, which takes no block map
-    tile = _tile(q.device.type, q.dtype, D) if mask.has_visibility and not empty else None
+    vis = mask.visibility(B, H, Lq, Lk, q.device)
+    tile = _tile(q.device.type, q.dtype, D, vis.dense_mask is not None) if mask.has_visibility and not empty else None
+    if tile is not None:
+        vis = mask.visibility(B, H, Lq, Lk, q.device, tile)
     bias, table = mask.scores(B, H, Lq, Lk, q)
     return AttentionParams(
-        scale, mask.visibility(B, H, Lq, Lk, q.device, tile),
+        scale, vis,
         Bias(bias, table, bias is not None and bias.requires_grad, table is not None and table.requires_grad),
         Dropout(float(dropout_p), _seed(dropout_p, seed, generator)))
 

@@ -321,6 +321,41 @@ def test_gqa_and_unequal_lengths(impl, heads, rng):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("Lq", [1, 2, 4, 5])
+def test_decode_rows_every_part(impl, Lq, rng):
+    """A few query rows against a long cache (the C++ kernel's loop path for <= 4 rows, its GEMMs from 5): every
+    mask part composed at random, GQA, forward, lse and gradients."""
+    for case in range(n_cases(impl, 3)):
+        B, H, Hk, Lk = 2, 6, 2, rng.py.choice([70, 300])
+        layout = rng.py.choice(["contiguous", "bshd"])
+        check_case(impl, rng, (B, H, Hk, Lq, Lk, 64), random_spec(rng, B, H, Lq, Lk), layout=layout,
+                   what=f"decode case {case}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("place", ["q", "k_seen", "v_seen", "k_hidden", "v_hidden"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_decode_rows_special_values(impl, place, value, rng):
+    """One decode row with a NaN/inf in q, or in k or v at a key the row sees or one past its key length: the
+    same NaN/inf/finite pattern and values as the reference kernels (the spec, checked against torch's SDPA in
+    test_nonfinite.py; a seen NaN poisons the row, a hidden k is skipped, a hidden v row still meets p = 0)."""
+    B, H, Hk, Lk, D, n = 2, 4, 2, 70, 32, 50  # batch 0 sees the first n keys
+    q, k, v = rng.randn(B, H, 1, D), rng.randn(B, Hk, Lk, D), rng.randn(B, Hk, Lk, D)
+    target, at = {"q": (q, (0, 1, 0, 3)), "k_seen": (k, (0, 0, 7, 5)), "v_seen": (v, (0, 1, 7, 2)),
+                  "k_hidden": (k, (0, 0, 60, 5)), "v_hidden": (v, (0, 1, 60, 2))}[place]
+    target[at] = value
+    mask = AttentionMask.key_padding(lengths=torch.tensor([n, Lk], device=DEVICE))
+    with backend.use(attention=impl):
+        out = pk.attention(q, k, v, mask)
+    with backend.use(attention="reference"):
+        want = pk.attention(q, k, v, mask)
+    assert out[1].isfinite().all()  # batch 1 holds no special value
+    if math.isnan(value):
+        assert (place == "k_hidden") == bool(out.isfinite().all())
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_head_dims_and_scale(impl, rng):
     dims = [16, 64, 256] if interpreted(impl) else [16, 32, 80, 96, 128, 256]
     for D in dims:
@@ -545,6 +580,23 @@ def test_block_map_is_cached_and_never_quadratic():
     assert bmap[1, 0, -1].max() == 0  # past the key length
     assert bmap[0, 0, 500, 200] == 0  # outside the window of 4096 keys (32 tiles)
     assert bmap[0, 0, 300, 250] == 0  # another document
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_map_only_where_the_backend_uses_it(impl, rng):
+    """A backend with `attention_block_map_dense_only` (the C++ CPU one) classifies the analytic parts itself:
+    it gets no block map without a dense part (building one costs more than a decode step), and one with."""
+    q, k = rng.randn(2, 2, 3, 32), rng.randn(2, 2, 70, 32)
+    analytic = AttentionMask.causal() & AttentionMask.key_padding(lengths=torch.tensor([70, 33], device=DEVICE))
+    dense = analytic & AttentionMask.dense(torch.rand(2, 1, 3, 70, device=DEVICE) < 0.7)
+    mod = backend.module(impl)
+    tiled = getattr(mod, "attention_tile", None) is not None
+    dense_only = getattr(mod, "attention_block_map_dense_only", False)
+    assert (impl == "cpu") == dense_only
+    with backend.use(attention=impl):
+        maps = [op_args(q, k, k, m, 1.0, 0.0)[ARGS.index("vis.block_map")] for m in (analytic, dense)]
+    assert (maps[0] is not None) == (tiled and not dense_only)
+    assert (maps[1] is not None) == tiled
 
 
 def test_op_hands_the_kernel_a_sound_block_map(monkeypatch, rng):

@@ -6,6 +6,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ptm_kernels as pk
+from ptm_kernels import AttentionMask
 from ptm_kernels.ops import _fast_path
 
 from ..conftest import DEVICE
@@ -32,7 +33,20 @@ CASES = {
     "swiglu": ("ptm::gated_activation", lambda x, r, up, w, b, cos, sin: pk.swiglu(x, up)),
     "rope": ("ptm::rope", lambda x, r, up, w, b, cos, sin: pk.rope(x.view(2, 5, 1, C).transpose(1, 2),
                                                                    r.view(2, 5, 1, C).transpose(1, 2), cos, sin)),
+    # attention: heads of 16 from the channels; relative attention's r is one position per key
+    "attention": ("ptm::attention", lambda x, r, up, w, b, cos, sin: pk.attention(
+        _heads(x), _heads(r), _heads(up), AttentionMask.causal(), return_lse=True)),
+    "attention_gqa_decode": ("ptm::attention", lambda x, r, up, w, b, cos, sin: pk.attention(
+        _heads(x)[:, :, -1:], _heads(r)[:, :1], _heads(up)[:, :1])),
+    "relative_attention": ("ptm::relative_attention", lambda x, r, up, w, b, cos, sin: pk.relative_attention(
+        _heads(x), _heads(r), _heads(up), _heads(x.flip(1))[0], w.view(3, 16),
+        b.view(3, 16), mask=AttentionMask.causal())),
 }
+
+
+def _heads(t):
+    """[2, 5, 48] -> [2, 3 heads, 5, 16]"""
+    return t.view(2, 5, 3, 16).transpose(1, 2)
 
 
 def _flat(out):
