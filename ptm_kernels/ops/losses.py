@@ -267,8 +267,10 @@ def _(dloss, hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, reduction, chunk_rows = inputs[:9]
-    ctx.wants = inputs[9:]
+    (hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, reduction, chunk_rows, grad_hidden,
+     grad_weight, grad_bias) = inputs  # the op's schema, by name
+    ctx.n_inputs = len(inputs)
+    ctx.wants = (grad_hidden, grad_weight, grad_bias)
     ctx.reduction = reduction
     ctx.args = (ignore_index, label_smoothing, z_loss, chunk_rows)
     ctx.has_bias = bias is not None
@@ -283,13 +285,12 @@ def _linear_cross_entropy_grad(ctx, dloss, _ddh, _ddw, _ddb):
     if ctx.reduction == "none":
         hidden, weight, labels, bias = ctx.saved_tensors
         dh, dw, db = _linear_cross_entropy_backward(dloss.to(_loss_dtype(hidden)).contiguous(), hidden, weight,
-                                                    labels, bias, ctx.args[0], ctx.args[1], ctx.args[2],
-                                                    ctx.args[3], want_h, want_w, want_b)
+                                                    labels, bias, *ctx.args, want_h, want_w, want_b)
     else:
         # dloss is a 0-dim float32 tensor: the product is computed in float32 and rounded once to g's dtype
         dh, dw, db = (g * dloss for g in ctx.saved_tensors)
-    return (dh if want_h else None, dw if want_w else None, None, db if want_b and ctx.has_bias else None,
-            None, None, None, None, None, None, None, None)
+    grads = (dh if want_h else None, dw if want_w else None, None, db if want_b and ctx.has_bias else None)
+    return grads + (None,) * (ctx.n_inputs - len(grads))  # the options after bias take no gradient
 
 
 _linear_cross_entropy.register_autograd(_linear_cross_entropy_grad, setup_context=_linear_cross_entropy_setup)
