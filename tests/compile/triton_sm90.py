@@ -115,9 +115,21 @@ class CompilingKernel:
         """A launch with dropout compiled again with its dropout constexpr(s) off, all else equal: the pair
         gives the dropout instruction ratio (status "dropout_twin"; tests/compile/sm90_report.py)."""
         off = {a: False for a, v in kwargs.items() if "DROPOUT" in a and v is True}
-        if off:
-            compiled, options = self.compile(args, {**kwargs, **off})
-            emit(case=_case, kernel=name, config={**const, **off}, status="dropout_twin",
+        twin_args, twin_kwargs, marker = list(args), {**kwargs, **off}, {}
+        names = list(self.kernel.arg_names)
+        if not off and "drop" in names:
+            # the grouped attention kernels take dropout as one argument, `drop`: (seed, threshold, scale), or
+            # None when off (a specialisation, as a constexpr flag would be)
+            i = names.index("drop")
+            if i < len(twin_args) and twin_args[i] is not None:
+                twin_args[i] = None
+                marker = {"DROPOUT(drop)": False}
+            elif twin_kwargs.get("drop") is not None:
+                twin_kwargs["drop"] = None
+                marker = {"DROPOUT(drop)": False}
+        if off or marker:
+            compiled, options = self.compile(tuple(twin_args), twin_kwargs)
+            emit(case=_case, kernel=name, config={**const, **off, **marker}, status="dropout_twin",
                  shared=int(compiled.metadata.shared), num_stages=options.num_stages, num_warps=options.num_warps,
                  **sm90_artefacts.describe_triton(compiled))
 
