@@ -117,7 +117,7 @@ class CompilingKernel:
         off = {a: False for a, v in kwargs.items() if "DROPOUT" in a and v is True}
         twin_args, twin_kwargs, marker = list(args), {**kwargs, **off}, {}
         names = list(self.kernel.arg_names)
-        if not off and "drop" in names:
+        if not any("DROPOUT" in a for a in kwargs) and "drop" in names:  # no constexpr flag: `drop` is it
             # the grouped attention kernels take dropout as one argument, `drop`: (seed, threshold, scale), or
             # None when off (a specialisation, as a constexpr flag would be)
             i = names.index("drop")
