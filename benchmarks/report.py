@@ -54,6 +54,7 @@ LEGEND = {
     "attention": {"eager": "softmax(QK^T * scale + mask) V in plain PyTorch",
                   "sdpa": "torch's scaled_dot_product_attention with the mask as a dense tensor",
                   "sdpa-causal": "torch's SDPA with is_causal=True (no mask tensor)",
+                  "sdpa-gqa": "decode rows: torch's SDPA with enable_gqa=True, no mask (every cached key visible)",
                   "flex": "torch's FlexAttention (compiled block mask)"},
     "relative-attention": {"eager": "the Transformer-XL / XLNet formula in plain PyTorch (HF's rel_shift)",
                            "two-calls": "our relative_attention called once per stream"},

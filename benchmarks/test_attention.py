@@ -141,3 +141,28 @@ def test_attention(benchmark, L, mask_name, passes, impl):
         grads = [torch.randn(B, HEADS, L, HEAD_DIM, device=DEVICE, dtype=DTYPE)]
         measure(benchmark, fwd_bwd(fn, [q, k, v], grads), group="attention", case=case, impl=impl, passes=passes,
                 flops=flops, rounds=20 if GPU else 3)
+
+
+# ------------------------------------------------------------------------------- decode (one query row, GQA)
+# One new token against a KV cache: q [B, H, 1, D], k/v [B, Hk, Lk, D] with H / Hk query heads per kv head
+# (LLaMA-2-70B-like 32 / 8 at D 128; the 8 / 4 of the hf-llama benchmark's model at D 64). ptm: the fused kernel
+# (causal, bottom-right: every cached key visible); "sdpa-gqa": torch's SDPA with enable_gqa=True (no mask needed).
+DECODE_CASES = [(1, 8, 4, 96, 64), (16, 8, 4, 96, 64), (1, 32, 8, 1024, 128), (16, 32, 8, 1024, 128)]
+
+
+@pytest.mark.parametrize("shape", DECODE_CASES, ids=[f"b{b}-h{h}/{hk}-k{lk}-d{d}" for b, h, hk, lk, d in DECODE_CASES])
+@pytest.mark.parametrize("impl", ["ptm", "sdpa-gqa"])
+def test_decode_attention(benchmark, shape, impl):
+    B, H, Hk, Lk, D = shape
+    torch.manual_seed(0)
+    q = torch.randn(B, H, 1, D, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(B, Hk, Lk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    mask = AttentionMask.causal()
+    fns = {"ptm": lambda: pk.attention(q, k, v, mask),
+           "sdpa-gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
+    with torch.no_grad():
+        tol = 2e-2 if DTYPE != torch.float32 else 1e-4
+        check_close(fns[impl](), fns["sdpa-gqa"](), f"decode attention {impl}", rtol=tol, atol=tol)
+        measure(benchmark, fns[impl], group="attention", case=f"decode B={B} H={H}/{Hk} Lk={Lk} D={D}", impl=impl,
+                passes="fwd", flops=4 * D * B * H * Lk, bytes_moved=2 * B * Hk * Lk * D * k.element_size(),
+                rounds=50 if GPU else 30)

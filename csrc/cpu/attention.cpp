@@ -150,62 +150,75 @@ struct ForwardWorkspace {
   ColumnRuns partial;
   // Sized to the problem, not the largest tile group: zeroing 256 KiB would cost more than a decode step.
   explicit ForwardWorkspace(const Problem& P)
-      : s(max_rows(P) * std::min(kMaxChunkN, P.Lk)),
-        o(max_rows(P) * P.D),
-        m(max_rows(P)),
-        l(max_rows(P)),
+      : s(max_slots(P) * std::min(kMaxChunkN, P.Lk)),
+        o(max_slots(P) * P.D),
+        m(max_slots(P)),
+        l(max_slots(P)),
         status(kGroupTiles * P.nkt) {}
-  static int64_t max_rows(const Problem& P) { return std::min(kGroupTiles * kTileM, P.Lq); }
+  // Rows of one work item: a group of query tiles of one head, or (decode) a few rows of every head of a group.
+  static int64_t max_slots(const Problem& P) {
+    return std::max(std::min(kGroupTiles * kTileM, P.Lq), P.Lq <= kSmallRows ? P.Lq * (P.H / P.Hk) : 0);
+  }
 };
 
-// Query rows [i0, i0 + rows) of head (b, h), whose key tiles in [kt_begin, kt_end) all have the statuses
-// `status` (none visible outside): online softmax over runs of visible key tiles; writes out rows and lse.
+// Query rows [i0, i0 + rows) of the `heads` consecutive heads h0, h0 + 1, ... of batch b (lse: head h0's
+// [Lq] row), whose key tiles in [kt_begin, kt_end) all have the statuses `status` (none visible outside):
+// online softmax over runs of visible key tiles; writes out rows and lse. Several heads only for a few rows
+// (decode): the heads of one GQA group, sharing their kv head and key tiles' statuses, take each key and value
+// row once for all of them. Work slot x = r * heads + g holds row i0 + r of head h0 + g.
 void forward_rows(const Problem& P, const Heads& Q, const Heads& K, const Heads& V, const Heads& O, float* lse,
-                  ForwardWorkspace& ws, int64_t b, int64_t h, int64_t i0, int64_t rows, const int8_t* status,
-                  int64_t kt_begin, int64_t kt_end) {
-  const int64_t D = P.D, kv = P.kv_head(h);
+                  ForwardWorkspace& ws, int64_t b, int64_t h0, int64_t heads, int64_t i0, int64_t rows,
+                  const int8_t* status, int64_t kt_begin, int64_t kt_end) {
+  const int64_t D = P.D, kv = P.kv_head(h0), slots = rows * heads;
   float* o = ws.o.data();
   float* s = ws.s.data();
-  std::fill(o, o + rows * D, 0.f);
+  std::fill(o, o + slots * D, 0.f);
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.f);
 
   // A few rows (decode): plain loops, since at::mm's dispatch and the views cost more than the math.
   const bool small = rows <= kSmallRows;
-  const Tensor q_rows = small ? Tensor() : mat(Q.row(b, h, i0), rows, D, Q.sl);
+  TORCH_INTERNAL_ASSERT(small || heads == 1, "attention: heads are grouped for a few query rows only");
+  const Tensor q_rows = small ? Tensor() : mat(Q.row(b, h0, i0), rows, D, Q.sl);
   const Tensor o_rows = small ? Tensor() : mat(o, rows, D, D);
   // One GEMM per run of visible key tiles.
   for_each_key_run(status, kt_begin, kt_end, P.Lk, kMaxChunkN, ws.partial, [&](int64_t c0, int64_t c1) {
     const int64_t n = c1 - c0;
     if (small) {
-      for (int64_t r = 0; r < rows; ++r) dot_rows(s + r * n, Q.row(b, h, i0 + r), K.row(b, kv, c0), n, K.sl, D);
+      for (int64_t r = 0; r < rows; ++r)
+        dot_rows(s + r * heads * n, n, Q.row(b, h0, i0 + r), Q.sh, heads, K.row(b, kv, c0), n, K.sl, D);
     } else {
       gemm(mat(s, rows, n, n), q_rows, mat_t(K.row(b, kv, c0), n, D, K.sl));
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = s + r * n;
-      const float a = P.score_row(sr, b, h, i0 + r, c0, c1, ws.partial);
-      online_softmax_step(sr, n, a, ws.m[r], ws.l[r], o + r * D, D);
+    for (int64_t x = 0; x < slots; ++x) {
+      const int64_t h = h0 + x % heads, i = i0 + x / heads;
+      float* sx = s + x * n;
+      const float a = P.score_row(sx, b, h, i, c0, c1, ws.partial);
+      online_softmax_step(sx, n, a, ws.m[x], ws.l[x], o + x * D, D);
       if (P.dropout.on) {
-        const auto [k1, k2] = P.dropout_keys(b, h, i0 + r);
-        dropout_row(sr, n, k1, k2, static_cast<uint32_t>(c0), P.dropout.threshold, P.dropout.keep_scale);
+        const auto [k1, k2] = P.dropout_keys(b, h, i);
+        dropout_row(sx, n, k1, k2, static_cast<uint32_t>(c0), P.dropout.threshold, P.dropout.keep_scale);
       }
     }
     if (small) {
-      for (int64_t r = 0; r < rows; ++r) axpy_rows(o + r * D, s + r * n, V.row(b, kv, c0), n, V.sl, D);
+      for (int64_t r = 0; r < rows; ++r)
+        axpy_rows(o + r * heads * D, D, s + r * heads * n, n, heads, V.row(b, kv, c0), n, V.sl, D);
     } else {
       gemm_acc(o_rows, mat(s, rows, n, n), mat(V.row(b, kv, c0), n, D, V.sl));
     }
   });
 
-  for (int64_t r = 0; r < rows; ++r)
-    online_softmax_finish(o + r * D, ws.m[r], ws.l[r], D, O.row(b, h, i0 + r), lse + i0 + r);
+  for (int64_t x = 0; x < slots; ++x) {
+    const int64_t g = x % heads, i = i0 + x / heads;
+    online_softmax_finish(o + x * D, ws.m[x], ws.l[x], D, O.row(b, h0 + g, i), lse + g * P.Lq + i);
+  }
 }
 
-// Query tiles [qt0, qt1) of head (b, h). Consecutive tiles whose key tiles have the same statuses (every
-// tile without a mask, tiles of one packed document, ...) share their GEMMs: larger GEMMs run faster.
+// Query tiles [qt0, qt1) of the `heads` heads from (b, h) (several: see forward_rows; their tiles' statuses
+// are head h's). Consecutive tiles whose key tiles have the same statuses (every tile without a mask, tiles of
+// one packed document, ...) share their GEMMs: larger GEMMs run faster.
 void forward_tiles(const Problem& P, const Heads& Q, const Heads& K, const Heads& V, const Heads& O, float* lse,
-                   ForwardWorkspace& ws, int64_t b, int64_t h, int64_t qt0, int64_t qt1) {
+                   ForwardWorkspace& ws, int64_t b, int64_t h, int64_t heads, int64_t qt0, int64_t qt1) {
   // Key tiles between the first row's first visible key and the last row's last one.
   int64_t lo, hi, lo_last, hi_last;
   P.row_range(b, qt0 * kTileM, lo, hi);
@@ -221,7 +234,7 @@ void forward_tiles(const Problem& P, const Heads& Q, const Heads& K, const Heads
            std::equal(st + g * P.nkt + kt_begin, st + g * P.nkt + kt_end, st + g_end * P.nkt + kt_begin))
       ++g_end;
     const int64_t i0 = (qt0 + g) * kTileM, i1 = std::min((qt0 + g_end) * kTileM, P.Lq);
-    forward_rows(P, Q, K, V, O, lse, ws, b, h, i0, i1 - i0, st + g * P.nkt, kt_begin, kt_end);
+    forward_rows(P, Q, K, V, O, lse, ws, b, h, heads, i0, i1 - i0, st + g * P.nkt, kt_begin, kt_end);
     g = g_end;
   }
 }
@@ -319,6 +332,21 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   const Heads Q(qf), K(kf), V(vf), O(out);
   float* lse_ptr = lse.data_ptr<float>();
 
+  // Decode (a few query rows): one item per (b, kv head) runs every query head of its GQA group, reading the
+  // cached keys and values once for all of them; when that still gives every thread an item, and unless a
+  // block map (per-head tile statuses) is given. Each row's arithmetic is the same either way.
+  const int64_t group = P.H / P.Hk;
+  if (group > 1 && P.Lq <= kSmallRows && !P.block_map && P.B * P.Hk >= at::get_num_threads()) {
+    const int64_t n_items = P.B * P.Hk;
+    for_each_worker(n_items, [&](const auto& next) {
+      ForwardWorkspace ws(P);
+      for (int64_t it; (it = next()) < n_items;) {
+        const int64_t b = it / P.Hk, h0 = it % P.Hk * group;
+        forward_tiles(P, Q, K, V, O, lse_ptr + (b * P.H + h0) * P.Lq, ws, b, h0, group, 0, 1);
+      }
+    });
+    return {out.to(q.scalar_type()), lse};
+  }
   // Items: (b, h) major, then groups of kGroupTiles query tiles of a head from last to first (under causal
   // masks the last are the most expensive: taking them first balances the workers).
   const int64_t groups = ceil_div(P.nqt, kGroupTiles), n_items = P.B * P.H * groups;
@@ -326,7 +354,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
     ForwardWorkspace ws(P);
     for (int64_t it; (it = next()) < n_items;) {
       const int64_t bh = it / groups, qt0 = (groups - 1 - it % groups) * kGroupTiles;
-      forward_tiles(P, Q, K, V, O, lse_ptr + bh * P.Lq, ws, bh / P.H, bh % P.H, qt0,
+      forward_tiles(P, Q, K, V, O, lse_ptr + bh * P.Lq, ws, bh / P.H, bh % P.H, 1, qt0,
                     std::min(qt0 + kGroupTiles, P.nqt));
     }
   });

@@ -120,47 +120,64 @@ PTM_SIMD void add_row(float* dst, const float* src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
 }
 
-// Four keys (value rows) per pass: q (o) is loaded once for four of them.
-PTM_SIMD void dot_rows(float* s, const float* q, const float* k, int64_t n, int64_t ld, int64_t D) {
+// Four keys (value rows) per pass, each used by every query row while in L1: a query (output) row is loaded
+// once for four keys (values).
+PTM_SIMD void dot_rows(float* s, int64_t ls, const float* q, int64_t lq, int64_t nq, const float* k, int64_t n,
+                       int64_t ld, int64_t D) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     const float *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    for (int64_t g = 0; g < nq; ++g) {
+      const float* qg = q + g * lq;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t d = 0; d < D; ++d) {
-      const float x = q[d];
-      a0 += x * k0[d];
-      a1 += x * k1[d];
-      a2 += x * k2[d];
-      a3 += x * k3[d];
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = qg[d];
+        a0 += x * k0[d];
+        a1 += x * k1[d];
+        a2 += x * k2[d];
+        a3 += x * k3[d];
+      }
+      float* sg = s + g * ls + j;
+      sg[0] = a0;
+      sg[1] = a1;
+      sg[2] = a2;
+      sg[3] = a3;
     }
-    s[j] = a0;
-    s[j + 1] = a1;
-    s[j + 2] = a2;
-    s[j + 3] = a3;
   }
   for (; j < n; ++j) {
     const float* kj = k + j * ld;
-    float acc = 0.f;
+    for (int64_t g = 0; g < nq; ++g) {
+      const float* qg = q + g * lq;
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += q[d] * kj[d];
-    s[j] = acc;
+      for (int64_t d = 0; d < D; ++d) acc += qg[d] * kj[d];
+      s[g * ls + j] = acc;
+    }
   }
 }
 
-PTM_SIMD void axpy_rows(float* o, const float* p, const float* v, int64_t n, int64_t ld, int64_t D) {
+PTM_SIMD void axpy_rows(float* o, int64_t lo, const float* p, int64_t lp, int64_t nq, const float* v, int64_t n,
+                        int64_t ld, int64_t D) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const float p0 = p[j], p1 = p[j + 1], p2 = p[j + 2], p3 = p[j + 3];
     const float *v0 = v + j * ld, *v1 = v0 + ld, *v2 = v1 + ld, *v3 = v2 + ld;
+    for (int64_t g = 0; g < nq; ++g) {
+      float* og = o + g * lo;
+      const float* pg = p + g * lp + j;
+      const float p0 = pg[0], p1 = pg[1], p2 = pg[2], p3 = pg[3];
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+      for (int64_t d = 0; d < D; ++d) og[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+    }
   }
   for (; j < n; ++j) {
-    const float pj = p[j];
     const float* vj = v + j * ld;
+    for (int64_t g = 0; g < nq; ++g) {
+      float* og = o + g * lo;
+      const float pj = p[g * lp + j];
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
+      for (int64_t d = 0; d < D; ++d) og[d] += pj * vj[d];
+    }
   }
 }
 

@@ -21,11 +21,15 @@ void exp_row(float* s, int64_t n, float a, float m);
 void scale_row(float* x, int64_t n, float a);
 void add_row(float* dst, const float* src, int64_t n);
 
-// The products of a few query rows, for decode (at::mm's dispatch costs more than the math there):
-// s[j] = q . k_j over the n keys k_j = k + j * ld (D floats each);
-void dot_rows(float* s, const float* q, const float* k, int64_t n, int64_t ld, int64_t D);
-// o += sum_j p[j] * v_j over the n rows v_j = v + j * ld (D floats each).
-void axpy_rows(float* o, const float* p, const float* v, int64_t n, int64_t ld, int64_t D);
+// The products of a few query rows, for decode (at::mm's dispatch costs more than the math there). Each takes
+// nq query rows at once (the heads of a GQA group), so that every key and value row is read once for all of
+// them while it is in L1:
+// s_g[j] = q_g . k_j over the n keys k_j = k + j * ld (D floats each), for q_g = q + g * lq, s_g = s + g * ls;
+void dot_rows(float* s, int64_t ls, const float* q, int64_t lq, int64_t nq, const float* k, int64_t n, int64_t ld,
+              int64_t D);
+// o_g += sum_j p_g[j] * v_j over the n rows v_j = v + j * ld (D floats each), for o_g = o + g * lo, p_g = p + g * lp.
+void axpy_rows(float* o, int64_t lo, const float* p, int64_t lp, int64_t nq, const float* v, int64_t n, int64_t ld,
+               int64_t D);
 
 // -inf where the key's segment differs from the query's (whatever the score was, NaN included).
 void mask_segments_row(float* s, int64_t n, const int64_t* k_seg, int64_t q_seg);

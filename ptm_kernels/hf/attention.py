@@ -113,7 +113,7 @@ def _analytic_mask(B, Lq, Lk, q_offset, kv_offset, fn, attention_mask) -> Option
             for inner_kind, inner_arg in arg[1]:
                 mask = mask & _relative_part(inner_kind, inner_arg)
         elif kind == "padding":
-            mask = mask & _key_padding(arg, Lk, kv_offset)
+            mask = _and_key_padding(mask, arg, Lk, kv_offset)
         elif kind == "segments":
             ids = arg
             if ids.shape[-1] < max(q_offset + Lq, kv_offset + Lk):
@@ -122,7 +122,7 @@ def _analytic_mask(B, Lq, Lk, q_offset, kv_offset, fn, attention_mask) -> Option
     if any(kind == "remapped" for kind, _ in terms) and not _remap_is_relative(terms):
         return None
     if attention_mask is not None:  # sdpa_mask ANDs the 2-D padding mask in the same way
-        mask = mask & _key_padding(attention_mask, Lk, kv_offset)
+        mask = _and_key_padding(mask, attention_mask, Lk, kv_offset)
     return mask
 
 
@@ -130,10 +130,14 @@ def _relative_part(kind: str, arg) -> AttentionMask:
     return AttentionMask.causal() if kind == "causal" else AttentionMask.sliding_window(*arg)
 
 
-def _key_padding(padding: Tensor, Lk: int, kv_offset: int) -> AttentionMask:
-    """transformers reads padding[b, kv_offset + j] (zero-padded on the right if shorter)."""
-    padding = masking_utils.prepare_padding_mask(padding, Lk, kv_offset)
-    return AttentionMask.key_padding(mask=padding[:, kv_offset:kv_offset + Lk])
+def _and_key_padding(mask: AttentionMask, padding: Tensor, Lk: int, kv_offset: int) -> AttentionMask:
+    """mask & the keys that transformers' padding mask keeps: it reads padding[b, kv_offset + j] (zero-padded on
+    the right if shorter). A mask that keeps every key adds nothing: left out (one sync outside torch.compile,
+    as transformers' own sdpa_mask does), which saves building the part on every decode step of `generate`."""
+    padding = masking_utils.prepare_padding_mask(padding, Lk, kv_offset)[:, kv_offset:kv_offset + Lk]
+    if not torch.compiler.is_compiling() and padding.shape[-1] == Lk and bool(padding.all()):
+        return mask
+    return mask & AttentionMask.key_padding(mask=padding)
 
 
 def _remap_is_relative(terms) -> bool:

@@ -38,6 +38,8 @@ from torch import Tensor, nn
 
 import ptm_kernels as pk
 
+
+from ..ops.rope import rope_at_positions
 from . import attention as hf_attention
 from .activations import gated, gated_names
 from .patching import Patcher, PatchOptions, checkpointable, family, refuse
@@ -215,10 +217,4 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
         raise ValueError(f"hf.apply(rope=True): cos/sin of width {cos.shape[-1]} for head dim {D}: partial "
                          f"rotary is not this family's layout; pass rope=False")
     half = D // 2
-    Bc, L = cos.shape[0], cos.shape[1]
-    if Bc == 1:  # the same positions for every row: a table of L rows read at 0..L-1
-        return pk.rope(q, k, cos[0, :, :half], sin[0, :, :half])
-    # per-row positions (generate with left padding): a table of B * L rows, row b reads its own L
-    table = lambda t: t[..., :half].reshape(Bc * L, half)  # noqa: E731
-    positions = torch.arange(Bc * L, device=q.device).view(Bc, L)
-    return pk.rope(q, k, table(cos), table(sin), position_ids=positions)
+    return rope_at_positions(q, k, cos[..., :half], sin[..., :half])

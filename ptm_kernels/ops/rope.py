@@ -125,6 +125,38 @@ def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, *, position_i
     return (q_out, k_out) if k is not None else q_out
 
 
+def rope_at_positions(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor):
+    """`rope` with the cos/sin rows of each token's own position, as transformers' rotary modules give them:
+    cos, sin [B or 1, L, R // 2] (R = rotary_dim <= D, even; rotate-half layout) for q [B, H, L, D] and k
+    [B, Hk, L, D] (or None). Row l of batch b (of batch 0 when 1) rotates position l of batch row b.
+
+    The same kernel as `rope`, reading the given rows as its table: no position indexes anything outside it,
+    so nothing is checked against a cache size, and nothing is synchronised (a decode step calls this once per
+    layer)."""
+    _checks.tensor("q", q, dim=4)
+    B, _, L, D = q.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        _checks.tensor(name, t, dim=3)
+    Bc, half = cos.shape[0], cos.shape[2]
+    if cos.shape[1] != L or Bc not in (1, B) or not 0 < 2 * half <= D:
+        raise ValueError(f"cos must have shape [{B} or 1, {L}, rotary_dim // 2 <= {D // 2}] for q of shape "
+                         f"{tuple(q.shape)}, got {tuple(cos.shape)}")
+    _checks.shape("sin", sin, cos.shape)
+    if k is not None:
+        _checks.tensor("k", k, dim=4)
+        _checks.same_dtype("q", q, k=k)
+        if (k.shape[0], k.shape[2], k.shape[3]) != (B, L, D):
+            raise ValueError(f"k must have shape [{B}, Hk, {L}, {D}] to match q {tuple(q.shape)}, "
+                             f"got {tuple(k.shape)}")
+    _checks.same_device("q", q, k=k, cos=cos, sin=sin)
+    positions = torch.arange(Bc * L, device=q.device).view(Bc, L)  # row b * L + l of the [Bc * L, half] table
+    table = lambda t: t.reshape(Bc * L, half).float().contiguous()  # noqa: E731
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k is None or k.stride(-1) == 1 else k.contiguous()
+    q_out, k_out = _fast_path.call(_rope, q, k, table(cos), table(sin), positions, False, 2 * half, False)
+    return (q_out, k_out) if k is not None else q_out
+
+
 # ------------------------------------------------------------------------------------- scaled frequencies
 #
 # transformers' rope_type variants (modeling_rope_utils.py), as the inverse frequencies [rotary_dim // 2] and the

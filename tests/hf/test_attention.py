@@ -155,6 +155,19 @@ def test_right_padding_becomes_lengths_left_padding_an_O_L_part():
     del ids
 
 
+def test_padding_that_keeps_every_key_adds_no_part():
+    """generate passes an all-ones 2-D mask on every step: like transformers' sdpa_mask, it adds nothing (the
+    key part would cost more to build than the decode step's attention). A shorter mask still hides the keys
+    past its end (transformers pads it with zeros on the right)."""
+    mask = hf_attention.mask_function(2, 1, 9, q_offset=8, kv_offset=0, attention_mask=torch.ones(2, 9, dtype=torch.long))
+    assert mask.is_causal and mask.key_lengths is None and mask.dense_mask is None
+    short = hf_attention.mask_function(2, 1, 9, q_offset=8, kv_offset=0, attention_mask=torch.ones(2, 7, dtype=torch.long))
+    assert short.key_lengths.tolist() == [7, 7]
+    want = masking_utils.sdpa_mask(2, 1, 9, q_offset=8, attention_mask=torch.ones(2, 7, dtype=torch.bool),
+                                   allow_is_causal_skip=False)
+    assert torch.equal(_dense(short, 2, 1, 9), want[:, 0])
+
+
 def test_kv_cache_offset_is_bottom_right():
     """Decoding 2 tokens after 5 cached: query i sees keys j <= 5 + i."""
     mask = hf_attention.mask_function(1, 2, 7, q_offset=5, kv_offset=0)

@@ -332,6 +332,34 @@ def test_decode_rows_every_part(impl, Lq, rng):
                    what=f"decode case {case}")
 
 
+@pytest.mark.skipif("cpu" not in IMPLS, reason="the C++ CPU kernel's decode work split")
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_decode_gqa_groups_match_per_head(Lq, rng):
+    """The C++ kernel runs decode rows (<= 4) one item per (batch, kv head), all query heads of the GQA group
+    reading each key once, when that leaves every thread an item; else one item per query head. Both give the
+    same bits (the same arithmetic per row), for every mask part that keeps the grouping (no dense part)."""
+    B, H, Hk, Lk, D = 1, 6, 2, 300, 64
+    for case in range(3):
+        spec = random_spec(rng, B, H, Lq, Lk)
+        spec.pop("dense", None)
+        mask = mask_of(spec)
+        q, k, v = rng.randn(B, H, Lq, D), rng.randn(B, Hk, Lk, D), rng.randn(B, Hk, Lk, D)
+        threads = torch.get_num_threads()
+        outs = []
+        try:
+            for n in (1, B * Hk + 1):  # grouped (B * Hk >= 1 thread), per head (fewer kv pairs than threads)
+                torch.set_num_threads(n)
+                with torch.no_grad(), backend.use(attention="cpu"):
+                    outs.append(pk.attention(q, k, v, mask, return_lse=True))
+        finally:
+            torch.set_num_threads(threads)
+        (out1, lse1), (out2, lse2) = outs
+        assert torch.equal(out1, out2) and torch.equal(lse1, lse2), f"seed={rng.seed} case {case} {sorted(spec)}"
+        with torch.no_grad(), backend.use(attention="reference"):
+            want = pk.attention(q, k, v, mask)
+        torch.testing.assert_close(out1, want, **F32_TOL)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("place", ["q", "k_seen", "v_seen", "k_hidden", "v_hidden"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])

@@ -80,3 +80,45 @@ def test_rope_per_row_offsets_and_q_only(impl):
         a = pk.rope(q, None, cos, sin, offset=offsets)
         b, _ = pk.rope(q, q, cos, sin, position_ids=offsets[:, None] + torch.arange(L, device=DEVICE))
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", backend_params("rope"))
+@pytest.mark.parametrize("rows", ["shared", "per_batch_row"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_rope_at_positions_is_rope_at_those_positions(impl, rows, partial):
+    """rope_at_positions(q, k, cos[pos], sin[pos]) (transformers' per-token rows) gives the same bits as
+    rope(q, k, cos, sin, position_ids=pos), with its gradients; k may be None."""
+    from ptm_kernels.ops.rope import rope_at_positions
+
+    B, H, Hk, L, D = 3, 4, 2, 5, 32
+    R = D // 2 if partial else D
+    cos, sin = pk.rope_cos_sin(R, 64)
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    pos = torch.randint(0, 64, (1 if rows == "shared" else B, L), device=DEVICE)
+    q = torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, Hk, L, D, device=DEVICE, requires_grad=True)
+    with backend.use(impl):
+        q1, k1 = rope_at_positions(q, k, cos[pos], sin[pos])
+        q2, k2 = pk.rope(q, k, cos, sin, position_ids=pos.expand(B, L), rotary_dim=R)
+        q_only = rope_at_positions(q, None, cos[pos], sin[pos])
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(q_only, q2)
+    g = torch.randn_like(q1), torch.randn_like(k1)
+    grads1 = torch.autograd.grad((q1, k1), (q, k), g)
+    grads2 = torch.autograd.grad((q2, k2), (q, k), g)
+    for a, b in zip(grads1, grads2):
+        assert torch.equal(a, b)
+
+
+def test_rope_at_positions_refuses_tables_of_other_shapes():
+    from ptm_kernels.ops.rope import rope_at_positions
+
+    q = torch.randn(2, 4, 5, 32)
+    cos = sin = torch.randn(2, 5, 16)
+    for bad, match in ((torch.randn(2, 6, 16), "cos must have shape"), (torch.randn(3, 5, 16), "cos must have shape"),
+                       (torch.randn(2, 5, 17), "cos must have shape")):
+        with pytest.raises(ValueError, match=match):
+            rope_at_positions(q, None, bad, bad)
+    with pytest.raises(ValueError, match="sin must have shape"):
+        rope_at_positions(q, None, cos, torch.randn(1, 5, 16))
+    with pytest.raises(ValueError, match="k must have shape"):
+        rope_at_positions(q, torch.randn(2, 2, 4, 32), cos, sin)
