@@ -19,8 +19,9 @@ What EncoderDecoderLM builds for them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +60,12 @@ def FeedForward(d_model: int, d_ff: int, act: str, bias: bool = True, gated: boo
 
 class Seq2SeqCache:
     """What incremental decoding keeps: the decoder's self-attention KVCache, and per layer the encoder keys
-    and values of its cross-attention (projected once) with the encoder's key-padding mask."""
+    and values of its cross-attention (projected once) with the encoder's key-padding mask, as an AttentionMask
+    and as the additive bias [B, 1, 1, S] (0 / -inf) of the static decode step."""
 
-    def __init__(self, self_attn: KVCache, cross_kv: List[Tuple[Tensor, Tensor]], cross_mask: AttentionMask):
-        self.self_attn, self.cross_kv, self.cross_mask = self_attn, cross_kv, cross_mask
+    def __init__(self, self_attn: KVCache, cross_kv: List[Tuple[Tensor, Tensor]], cross_mask: AttentionMask,
+                 cross_bias: Optional[Tensor] = None):
+        self.self_attn, self.cross_kv, self.cross_mask, self.cross_bias = self_attn, cross_kv, cross_mask, cross_bias
 
     @property
     def length(self) -> int:
@@ -80,15 +83,31 @@ class DecoderInputs:
     """One decoder pass, ready to run (built by EncoderDecoderLM.decode): ids [B, L] after `past` cached tokens,
     their positions [1 or B, L], the self-attention mask over the past + L keys (causal & key padding), per
     decoder layer the cross-attention keys and values with the encoder's key-padding mask, and the
-    self-attention cache (None without one)."""
+    self-attention cache (None without one).
+
+    In a static decode step (`step`: the cache column [1] this token is written to, a tensor) the masks are
+    additive biases instead: self_mask [1, 1, 1, max_len] hides the columns after `step`, cross_mask
+    [B, 1, 1, S] the encoder padding (no mask objects, no Python ints that change between steps)."""
 
     input_ids: Tensor
     position_ids: Tensor
-    self_mask: AttentionMask
+    self_mask: Union[AttentionMask, Tensor]
     cross_kv: List[Tuple[Tensor, Tensor]]
-    cross_mask: AttentionMask
+    cross_mask: Union[AttentionMask, Tensor]
     cache: Optional[KVCache] = None
     past: int = 0
+    step: Optional[Tensor] = None
+
+    def relative_self_mask(self, table: Callable[[int, int], Tensor]) -> Union[AttentionMask, Tensor]:
+        """self_mask with a relative-position bias, given as its Toeplitz table: table(Lq, Lk) -> [H, Lq + Lk - 1]
+        (bias[h, i, j] = table[h, i - j + Lk - 1], the Lq queries the last of the Lk positions). In a static
+        step the step's row of the full [max_len, max_len] bias is gathered from the table: [1, H, 1, max_len]."""
+        L = self.input_ids.shape[1]
+        if self.step is None:
+            return self.self_mask & AttentionMask.toeplitz(table(L, self.past + L))
+        n = self.self_mask.shape[-1]
+        t = self.step + (n - 1) - torch.arange(n, device=self.step.device)  # query `step`, key j: i - j + n - 1
+        return self.self_mask + table(n, n)[:, t][None, :, None, :]
 
     def run(self, layers: Sequence[nn.Module], x: Tensor, self_mask: Optional[AttentionMask] = None,
             final_norm: Optional[nn.Module] = None) -> Tensor:
@@ -197,10 +216,30 @@ class EncoderDecoderLM(HFTwin, nn.Module):
     def new_cache(self, encoder_states: Tensor, attention_mask: Optional[Tensor], max_len: int) -> Seq2SeqCache:
         """A cache for decoding up to max_len tokens against these encoder states (keys/values projected now)."""
         attn = self.decoder_layers[0].attn
-        B = encoder_states.shape[0]
+        B, S = encoder_states.shape[:2]
         kv = KVCache(len(self.decoder_layers), B, attn.num_kv_heads, max_len, attn.head_dim, encoder_states.dtype,
                      encoder_states.device)
-        return Seq2SeqCache(kv, self.cross_kv(encoder_states), padding_mask(_if_padded(attention_mask), None))
+        keep = attention_mask.bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool,
+                                                                                     device=encoder_states.device)
+        cross_bias = torch.zeros(B, 1, 1, S, device=encoder_states.device).masked_fill(~keep[:, None, None], -math.inf)
+        return Seq2SeqCache(kv, self.cross_kv(encoder_states), padding_mask(_if_padded(attention_mask), None),
+                            cross_bias)
+
+    def decode_step(self, input_ids: Tensor, cache: Seq2SeqCache) -> Tensor:
+        """One static-shape decode step: next-token logits [B, V] after input_ids [B, 1].
+
+        The token sits at position `cache.self_attn.index` ([1] long, set and moved on in place by the caller),
+        where its keys and values are written. Decoder rows all start at the start token (no padding), so the
+        columns after the index are the only ones hidden; the masks are additive biases built from tensors, so
+        torch.compile(fullgraph=True) captures the step once (see DecoderLM.decode_step)."""
+        kv = cache.self_attn
+        if cache.cross_bias is None or kv.index is None:
+            raise ValueError("decode_step needs a cache from new_cache with cache.self_attn.index set (a [1] tensor)")
+        cols = torch.arange(kv.max_len, device=input_ids.device)
+        self_bias = torch.zeros(kv.max_len, device=input_ids.device).masked_fill(cols > kv.index, -math.inf)
+        inputs = DecoderInputs(input_ids, kv.index.view(1, 1), self_bias[None, None, None, :], cache.cross_kv,
+                               cache.cross_bias, kv, step=kv.index)
+        return self.project(self.run_decoder(inputs))[:, -1]
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
         """See models.generation.generate: returns the decoder tokens [B, 1 + n], from the start token."""

@@ -97,23 +97,22 @@ class T5(EncoderDecoderLM):
 
     # ------------------------------------------------------------------------------------------ running
 
-    def relative_bias(self, weight: Tensor, Lq: int, Lk: int, bidirectional: bool) -> AttentionMask:
-        """The bucketed relative position bias as a Toeplitz mask part (table [H, Lq + Lk - 1])."""
+    def relative_table(self, weight: Tensor, Lq: int, Lk: int, bidirectional: bool) -> Tensor:
+        """The bucketed relative position bias as a Toeplitz table [H, Lq + Lk - 1] (a mask part, no [Lq, Lk])."""
         c = self.config
-        return AttentionMask.toeplitz(t5_relative_table(weight, Lq, Lk, bidirectional=bidirectional,
-                                                        num_buckets=c.relative_attention_num_buckets,
-                                                        max_distance=c.relative_attention_max_distance))
+        return t5_relative_table(weight, Lq, Lk, bidirectional=bidirectional,
+                                 num_buckets=c.relative_attention_num_buckets,
+                                 max_distance=c.relative_attention_max_distance)
 
     def run_encoder(self, input_ids: Tensor, mask: AttentionMask) -> Tensor:
         L = input_ids.shape[1]
-        mask = mask & self.relative_bias(self.encoder_bias.weight, L, L, bidirectional=True)
+        mask = mask & AttentionMask.toeplitz(self.relative_table(self.encoder_bias.weight, L, L, bidirectional=True))
         x = self.drop(self.shared(input_ids))  # [B, L, d]
         return self.drop(run_blocks(self.encoder_layers, x, mask, self.encoder_norm))
 
     def run_decoder(self, inputs: DecoderInputs) -> Tensor:
-        L = inputs.input_ids.shape[1]
-        mask = inputs.self_mask & self.relative_bias(self.decoder_bias.weight, L, inputs.past + L,
-                                                     bidirectional=False)
+        mask = inputs.relative_self_mask(
+            lambda Lq, Lk: self.relative_table(self.decoder_bias.weight, Lq, Lk, bidirectional=False))
         x = self.drop(self.shared(inputs.input_ids))  # [B, L, d]
         return self.drop(inputs.run(self.decoder_layers, x, mask, self.decoder_norm))
 

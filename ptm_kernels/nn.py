@@ -111,10 +111,10 @@ class RotaryEmbedding(nn.Module):
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(scale q k^T + bias) v in plain torch with GQA groups folded into the query rows.
 
-    q [B, H, Lq, D], k/v [B, Hk, Lk, D], bias [B or 1, 1, Lq, Lk] float (0 / -inf). The H // Hk query heads of
-    a key/value head read it in one matmul: for Lq = 1 (decoding) a GEMV-shaped pass over the cache per
-    (batch, kv head). Softmax in float32. Every query row must see a key (decoding: at least its own), else
-    its softmax is NaN.
+    q [B, H, Lq, D], k/v [B, Hk, Lk, D], bias [B or 1, 1 or H, Lq or 1, Lk] float (0 / -inf, or a per-head
+    relative-position bias: T5's decode step). The H // Hk query heads of a key/value head read it in one
+    matmul: for Lq = 1 (decoding) a GEMV-shaped pass over the cache per (batch, kv head). Softmax in float32.
+    Every query row must see a key (decoding: at least its own), else its softmax is NaN.
     """
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
@@ -122,7 +122,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: Optional[float]
     scale = D ** -0.5 if scale is None else scale
     qg = q.reshape(B, Hk, G * Lq, D)  # [B, Hk, G * Lq, D]: heads of one group are adjacent
     s = torch.matmul(qg, k.transpose(-1, -2)).float().view(B, Hk, G, Lq, Lk) * scale
-    p = torch.softmax(s + bias.unsqueeze(2), dim=-1)  # bias [B, 1, 1, Lq, Lk] broadcast over the group
+    # bias as [B or 1, Hk or 1, G or 1, Lq or 1, Lk]: one row for a group's heads, or one per head
+    bias = bias.unsqueeze(2) if bias.shape[1] == 1 else bias.view(bias.shape[0], Hk, G, *bias.shape[2:])
+    p = torch.softmax(s + bias, dim=-1)
     y = torch.matmul(p.to(v.dtype).view(B, Hk, G * Lq, Lk), v)  # [B, Hk, G * Lq, D]
     return y.view(B, H, Lq, D)
 
@@ -150,8 +152,9 @@ class Attention(nn.Module):
     rotary: a RotaryEmbedding (shared by the layers) applied to q and k at position_ids, when the keys are
     x's own. cache: a models.kv_cache.KVCache, idem; `cache.update(layer, k, v)` stores the new keys/values
     and returns all of them.
-    mask: None, an AttentionMask (the fused ptm_kernels.attention), or a float Tensor [B, 1, Lq, Lk] of
-    additive biases (0 / -inf): the plain-torch path (`attend`) of the static decode step. Relative positions
+    mask: None, an AttentionMask (the fused ptm_kernels.attention), or a float Tensor [B or 1, 1 or H, Lq, Lk]
+    of additive biases (0 / -inf, + relative positions): the plain-torch path (`attend`) of the static decode
+    steps. Relative positions
     enter as mask parts built once per stack (T5); `position_bias(Lq, Lk) -> AttentionMask` is the per-layer
     hook for a bias a layer owns itself.
     """
