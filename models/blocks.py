@@ -4,10 +4,10 @@
                hook, bias on/off, scale, and how the q/k/v projections are fused (`layout`); see its docstring.
                The package's MultiHeadAttention is the same class with transformers' projection names.
 
-    MLP(hidden_size, intermediate_size, act, *, gated=False, bias=True, dropout=0.0)
-        forward(x) -> proj(dropout(h)), h = act(fc(x) + fc_bias) (the bias fused into the activation: bias_gelu
-        for the GELU family), or, gated, h = act(gate(x)) * (fc(x) + fc_bias) (fused swiglu / geglu);
-        act by transformers' name from models.activations (the one activation table).
+    MLP        ptm_kernels.nn.MLP (re-exported here): act(fc(x) + fc_bias) -> proj, or gated
+               act(gate(x)) * (fc(x) + fc_bias) -> proj, the bias fused into the activation (bias_gelu) or the
+               gated product (swiglu / geglu); act by transformers' name from the one activation table
+               (ptm_kernels.activations). The package's GatedMLP is the same class with LlamaMLP's names.
 
     Block(attn, mlp, norm1, norm2, pre_norm=True, resid_dropout=0.0, *, cross_attn=None, norm3=None)
         forward(x, residual, mask, position_ids=None, cache=None, layer=0, *, cross_kv=None, cross_mask=None)
@@ -23,43 +23,9 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptm_kernels.nn import Attention, attend  # noqa: F401  (the one attention; attend: its plain-torch path)
-
-from . import activations
-
-
-class MLP(nn.Module):
-    """proj(dropout(act(fc(x) + fc_bias))) or, gated, proj(dropout(act(gate(x)) * (fc(x) + fc_bias))).
-
-    fc runs without its bias: plain, the activation adds it in the same pass (bias_gelu for the GELU family);
-    gated, SiLU / GELU run as the fused swiglu / geglu. bias=False drops fc_bias, gate's and proj's biases.
-    """
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "gelu_new", *, gated: bool = False,
-                 bias: bool = True, dropout: float = 0.0):
-        super().__init__()
-        activations.get(act)  # an unknown name raises here, not at the first forward
-        self.act, self.dropout = act, dropout
-        self.gate = nn.Linear(hidden_size, intermediate_size, bias=bias) if gated else None
-        self.fc = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.fc_bias = nn.Parameter(torch.zeros(intermediate_size)) if bias else None
-        self.proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.fc(x)  # [B, L, intermediate]
-        if self.gate is not None:
-            if self.fc_bias is not None:
-                h = h + self.fc_bias
-            h = activations.gated_apply(self.gate(x), h, self.act)
-        elif self.fc_bias is not None:
-            h = activations.bias_apply(h, self.fc_bias, self.act)
-        else:
-            h = activations.apply(h, self.act)
-        return self.proj(F.dropout(h, self.dropout, self.training))
+from ptm_kernels.nn import MLP, Attention, attend  # noqa: F401  (attend: the attention's plain-torch path)
 
 
 def add_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import activations, ops
 from .reference import rope_cos_sin
 
 
@@ -62,30 +63,63 @@ class GELU(nn.Module):
         return ops.gelu(x, self.approximate)
 
 
-class GatedMLP(nn.Module):
+class MLP(nn.Module):
+    """The one MLP of the package (every model in ptm_kernels.models composes it):
+    proj(dropout(act(fc(x) + fc_bias))) or, gated, proj(dropout(act(gate(x)) * (fc(x) + fc_bias))).
+
+    act by transformers' name (ptm_kernels.activations, the one table). fc runs without its bias: plain, the
+    activation adds it in the same pass (bias_gelu for the GELU family); gated, SiLU / GELU run as the fused
+    swiglu / geglu. bias=False drops fc_bias, gate's and proj's biases. fc_bias_apart=False keeps fc's bias in
+    its Linear (transformers' layout, for a gated MLP, where nothing fuses it). A subclass may rename the
+    Linears (`names`, as GatedMLP).
+    """
+
+    names: Dict[str, str] = {}  # a Linear's attribute name where it is not its role's ("gate", "fc", "proj")
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "gelu_new", *, gated: bool = False,
+                 bias: bool = True, dropout: float = 0.0, fc_bias_apart: bool = True, device=None, dtype=None):
+        super().__init__()
+        activations.get(act)  # an unknown name raises here, not at the first forward
+        self.act, self.dropout, self.gated = act, dropout, gated
+        kw = dict(device=device, dtype=dtype)
+        if gated:
+            setattr(self, self.names.get("gate", "gate"), nn.Linear(hidden_size, intermediate_size, bias=bias, **kw))
+        setattr(self, self.names.get("fc", "fc"),
+                nn.Linear(hidden_size, intermediate_size, bias=bias and not fc_bias_apart, **kw))
+        self.fc_bias = nn.Parameter(torch.zeros(intermediate_size, **kw)) if bias and fc_bias_apart else None
+        setattr(self, self.names.get("proj", "proj"), nn.Linear(intermediate_size, hidden_size, bias=bias, **kw))
+
+    def _linear(self, role: str) -> nn.Linear:
+        return getattr(self, self.names.get(role, role))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self._linear("fc")(x)  # [B, L, intermediate]
+        if self.gated:
+            if self.fc_bias is not None:
+                h = h + self.fc_bias
+            h = activations.gated_apply(self._linear("gate")(x), h, self.act)
+        elif self.fc_bias is not None:
+            h = activations.bias_apply(h, self.fc_bias, self.act)
+        else:
+            h = activations.apply(h, self.act)
+        return self._linear("proj")(F.dropout(h, self.dropout, self.training))
+
+
+class GatedMLP(MLP):
     """down(act(gate(x)) * up(x)): LLaMA's MLP (act="silu") and T5 v1.1's gated-GELU FFN (act="gelu_tanh").
 
-    Parameter names follow transformers' LlamaMLP (gate_proj, up_proj, down_proj).
+    The one MLP, gated, with transformers' LlamaMLP parameter names (gate_proj, up_proj, down_proj).
     """
+
+    names = {"gate": "gate_proj", "fc": "up_proj", "proj": "down_proj"}
+    ACTS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # this module's names -> the table's
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False,
                  device=None, dtype=None):
-        super().__init__()
-        if act not in ("silu", "gelu", "gelu_tanh"):
+        if act not in self.ACTS:
             raise ValueError(f"act must be 'silu', 'gelu' or 'gelu_tanh', got {act!r}")
-        kw = dict(bias=bias, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
-        self.act = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.act == "silu":
-            h = ops.swiglu(gate, up)
-        else:
-            h = ops.geglu(gate, up, approximate="tanh" if self.act == "gelu_tanh" else "none")
-        return self.down_proj(h)
+        super().__init__(hidden_size, intermediate_size, self.ACTS[act], gated=True, bias=bias, fc_bias_apart=False,
+                         device=device, dtype=dtype)
 
 
 class RotaryEmbedding(nn.Module):

@@ -116,6 +116,26 @@ def test_multi_head_attention_is_the_one_attention():
     assert set(mha.state_dict()) == {f"{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")}
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_is_the_one_mlp(bias):
+    """ptm_kernels.nn.GatedMLP: the one MLP, gated, with LlamaMLP's names (up_proj keeps its bias in the Linear)."""
+    from ptm_kernels.nn import GatedMLP
+
+    torch.manual_seed(3)
+    gated = GatedMLP(64, 96, act="gelu_tanh", bias=bias)
+    assert isinstance(gated, blocks.MLP)
+    keys = {f"{p}_proj.{w}" for p in ("gate", "up", "down") for w in (("weight", "bias") if bias else ("weight",))}
+    assert set(gated.state_dict()) == keys
+    with torch.no_grad():
+        for p in gated.parameters():
+            p.normal_()
+        x = torch.randn(2, 5, 64)
+        want = gated.down_proj(F.gelu(gated.gate_proj(x), approximate="tanh") * gated.up_proj(x))
+        assert (gated(x) - want).abs().max().item() <= TOL * want.abs().max().item()
+    with pytest.raises(ValueError, match="act must be"):
+        GatedMLP(64, 96, act="relu")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
