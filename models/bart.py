@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptm_kernels.nn import LayerNorm
 
 from . import activations
 from .convert import refuse_unless
-from .blocks import MLP, Attention, Block, finish
-from .seq2seq import EncoderDecoderLM
+from .blocks import MLP, Attention, Block, run_blocks
+from .seq2seq import DecoderInputs, EncoderDecoderLM
 
 
 @dataclass
@@ -95,13 +94,14 @@ class TransformerSeq2Seq(EncoderDecoderLM):
         self.shared = nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id)
         self.embed_scale = math.sqrt(d) if c.scale_embedding else 1.0
         n_pos = c.max_position_embeddings + (0 if self.sinusoidal else self.position_offset)
+        self.encoder_positions = self.decoder_positions = None  # learned positions, or the sinusoid buffer
         if self.sinusoidal:
             self.register_buffer("positions", sinusoid_table(n_pos, d), persistent=False)
         else:
             self.encoder_positions = nn.Embedding(n_pos, d)
             self.decoder_positions = nn.Embedding(n_pos, d)
-        if self.embed_norm:
-            self.encoder_embed_norm, self.decoder_embed_norm = norm(), norm()
+        self.encoder_embed_norm, self.decoder_embed_norm = (norm(), norm()) if self.embed_norm else (None, None)
+        self.drop = nn.Dropout(c.dropout)  # on the embeddings
         self.encoder_layers = nn.ModuleList(
             Block(attn(c.encoder_attention_heads), mlp(c.encoder_ffn_dim), norm(), norm(), self.pre_norm, c.dropout)
             for _ in range(c.encoder_layers))
@@ -109,35 +109,33 @@ class TransformerSeq2Seq(EncoderDecoderLM):
             Block(attn(c.decoder_attention_heads), mlp(c.decoder_ffn_dim), norm(), norm(), self.pre_norm, c.dropout,
                   cross_attn=attn(c.decoder_attention_heads, cross=True), norm3=norm())
             for _ in range(c.decoder_layers))
-        if self.final_norm:
-            self.encoder_norm, self.decoder_norm = norm(), norm()
+        self.encoder_norm, self.decoder_norm = (norm(), norm()) if self.final_norm else (None, None)
         self.lm_head = nn.Linear(d, c.vocab_size, bias=False)
         self.lm_head.weight = self.shared.weight
         self.register_buffer("final_logits_bias", torch.zeros(1, c.vocab_size))
 
-    # ---------------------------------------------------------------------------------------- the hooks
+    # ------------------------------------------------------------------------------------------ running
 
-    def _embed(self, input_ids: Tensor, position_ids: Tensor, side: str) -> Tensor:
-        x = self.shared(input_ids) * self.embed_scale
-        if self.sinusoidal:
+    def embed(self, input_ids: Tensor, position_ids: Tensor, positions: Optional[nn.Embedding],
+              norm: Optional[nn.Module]) -> Tensor:
+        """Scaled token embeddings + positions (learned: `positions`, offset; else the sinusoids), norm, dropout."""
+        x = self.shared(input_ids) * self.embed_scale  # [B, L, d]
+        if positions is None:
             x = x + self.positions[position_ids]
         else:
-            x = x + getattr(self, f"{side}_positions")(position_ids + self.position_offset)
-        if self.embed_norm:
-            x = getattr(self, f"{side}_embed_norm")(x)
-        return F.dropout(x, self.config.dropout, self.training)
+            x = x + positions(position_ids + self.position_offset)
+        if norm is not None:
+            x = norm(x)
+        return self.drop(x)
 
-    def embed_source(self, input_ids: Tensor) -> Tensor:
-        return self._embed(input_ids, torch.arange(input_ids.shape[1], device=input_ids.device)[None], "encoder")
+    def run_encoder(self, input_ids: Tensor, mask) -> Tensor:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        x = self.embed(input_ids, position_ids, self.encoder_positions, self.encoder_embed_norm)
+        return run_blocks(self.encoder_layers, x, mask, self.encoder_norm)
 
-    def embed_target(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        return self._embed(input_ids, position_ids, "decoder")
-
-    def finish_source(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return finish(x, residual, self.encoder_norm if self.final_norm else None)
-
-    def finish_target(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return finish(x, residual, self.decoder_norm if self.final_norm else None)
+    def run_decoder(self, inputs: DecoderInputs) -> Tensor:
+        x = self.embed(inputs.input_ids, inputs.position_ids, self.decoder_positions, self.decoder_embed_norm)
+        return inputs.run(self.decoder_layers, x, final_norm=self.decoder_norm)
 
     def project(self, h: Tensor) -> Tensor:
         return self.lm_head(h) + self.final_logits_bias

@@ -14,9 +14,10 @@ Decoder-only models return [rows, P + n] (prompts left padded: right padding is 
 encoder-decoders return the decoder tokens [rows, 1 + n] from the decoder start token, as transformers does.
 
 How a step runs (the `_Runner`s): the prompt runs once and fills a preallocated KV cache, computing the LM head
-on its last position only. A decoder-only model then decodes with `DecoderLM.decode_step`: static shapes, the
-cache written at a tensor index, the mask built from tensors, the per-step inputs updated in place, so
-`compile=True` hands it to torch.compile as one graph (fullgraph) that every step reuses.
+on its last position only (an encoder-decoder encodes the source once instead). Then every token runs through
+the model's `decode_step` (DecoderLM's, EncoderDecoderLM's): static shapes, the cache written at a tensor index,
+the masks built from tensors, the per-step inputs updated in place, so `compile=True` hands it to torch.compile
+as one graph (fullgraph) that every step reuses.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class GenerationConfig:
     forced_eos_token_id: EosIds = None
     stopping_criteria: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()
     use_cache: bool = True
-    compile: Union[bool, str] = False  # torch.compile the decode step (decoder-only); a str: its mode
+    compile: Union[bool, str] = False  # torch.compile the decode step; a str: its mode
     # ("reduce-overhead": CUDA graphs on a GPU)
 
     def __post_init__(self):
@@ -251,7 +252,9 @@ class _DecoderOnly:
 
 
 class _EncoderDecoder:
-    """Next-token logits of an EncoderDecoderLM's decoder, the source encoded once."""
+    """Next-token logits of an EncoderDecoderLM's decoder, the source encoded once (and its cross-attention
+    keys/values projected once); then static decode steps (EncoderDecoderLM.decode_step) from the start
+    token on, or recompute without a cache."""
 
     def __init__(self, model, input_ids: Tensor, attention_mask: Optional[Tensor], copies: int, total: int,
                  cfg: GenerationConfig):
@@ -262,13 +265,19 @@ class _EncoderDecoder:
             attention_mask = attention_mask.repeat_interleave(copies, 0) if attention_mask is not None else None
         self.enc, self.attention_mask = enc, attention_mask
         self.cache = model.new_cache(enc, attention_mask, total) if cfg.use_cache else None
+        self.step = _compiled_step(model, cfg.compile) if cfg.compile else model.decode_step
+        # the decode step's inputs, updated in place (the compiled graph is reused as it is)
+        self.token = torch.zeros(enc.shape[0], 1, dtype=torch.long, device=enc.device)
+        self.index = torch.zeros(1, dtype=torch.long, device=enc.device)
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        if self.cache is not None:
-            h = self.model.decode(tokens[:, self.cache.length:], cache=self.cache)
-        else:
+        if self.cache is None:
             h = self.model.decode(tokens, self.enc, self.attention_mask)
-        return self.model.project(h[:, -1:])[:, -1]
+            return self.model.project(h[:, -1:])[:, -1]
+        self.token.copy_(tokens[:, -1:])
+        self.index.fill_(tokens.shape[1] - 1)
+        self.cache.self_attn.index = self.index
+        return self.step(self.token, self.cache)
 
     def reorder(self, rows: Tensor) -> None:
         if self.cache is not None:

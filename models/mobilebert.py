@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ptm_kernels as pk
 from ptm_kernels import AttentionMask
 from ptm_kernels.nn import LayerNorm
 
 from .bert import BertConfig, PooledTwin
-from .blocks import MLP
+from .blocks import MLP, Attention
 from .convert import prefixed
 from .encoder import Encoder, EncoderInputs, InputRules
 from .heads import (MLMHead, MaskedLM, NextSentencePrediction, PreTraining, QuestionAnswering, SequenceClassification,
@@ -153,11 +152,10 @@ class MobileBertLayer(nn.Module):
     def __init__(self, c: MobileBertConfig):
         super().__init__()
         H, T, I = c.hidden_size, c.true_hidden_size, c.intermediate_size
-        self.heads, self.head_dim = c.num_attention_heads, T // c.num_attention_heads
         self.use_bottleneck = c.use_bottleneck
         self.bottleneck_attention = c.use_bottleneck and c.use_bottleneck_attention  # q, k, v all from `inner`
         self.shared_qk = c.use_bottleneck and c.key_query_shared_bottleneck and not self.bottleneck_attention
-        self.dropout, self.attn_dropout = c.hidden_dropout_prob, c.attention_probs_dropout_prob
+        self.dropout = c.hidden_dropout_prob
 
         def norm(dim, eps=c.layer_norm_eps):
             return make_norm(c.normalization_type, dim, eps)
@@ -168,22 +166,15 @@ class MobileBertLayer(nn.Module):
             if c.key_query_shared_bottleneck:
                 self.bottleneck_qk = nn.Linear(H, T)
                 self.bottleneck_qk_norm = norm(T)
-        self.qk = nn.Linear(T, 2 * T)  # queries and keys always read the same input
-        self.v = nn.Linear(T if self.bottleneck_attention else H, T)
-        self.attn_out = nn.Linear(T, T)
+        # queries and keys always read the same input (projection `qk`), the values their own (`v`)
+        self.attn = Attention(T, c.num_attention_heads, kv_size=T if self.bottleneck_attention else H,
+                              layout=("qk", "v"), dropout=c.attention_probs_dropout_prob)
         self.attn_norm = norm(T)
         self.ffns = nn.ModuleList(FFN(T, I, c.hidden_act, norm(T)) for _ in range(c.num_feedforward_networks - 1))
         self.ffn = FFN(T, I, c.hidden_act, norm(T, _TORCH_LN_EPS), 0.0 if c.use_bottleneck else c.hidden_dropout_prob)
         if c.use_bottleneck:
             self.bottleneck_out = nn.Linear(T, H)
             self.bottleneck_out_norm = norm(H)
-
-    def attention(self, qk_in: Tensor, v_in: Tensor, mask: AttentionMask) -> Tensor:
-        B, L, _ = qk_in.shape
-        q, k = self.qk(qk_in).view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        v = self.v(v_in).view(B, L, self.heads, self.head_dim).transpose(1, 2)
-        y = pk.attention(q, k, v, mask, dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
 
     def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:
         if self.use_bottleneck:
@@ -196,7 +187,7 @@ class MobileBertLayer(nn.Module):
             qk_in, v_in = self.bottleneck_qk_norm(self.bottleneck_qk(x)), x
         else:
             qk_in, v_in = x, x
-        a = self.attention(qk_in, v_in, mask)
+        a = self.attn(qk_in, mask, context=v_in)  # [B, L, T]
         if not self.use_bottleneck:
             a = F.dropout(a, self.dropout, self.training)
         h = self.attn_norm(a, residual=inner)[0]
@@ -215,8 +206,9 @@ def layer_mapping(c: MobileBertConfig) -> list:
         return [(f"{ours}.weight", f"{hf}.weight"), (f"{ours}.bias", f"{hf}.bias")]
 
     a = "attention.self."
-    m = [("qk.weight", (a + "query.weight", a + "key.weight")), ("qk.bias", (a + "query.bias", a + "key.bias"))]
-    m += lin("v", a + "value") + lin("attn_out", "attention.output.dense")
+    m = [("attn.qk.weight", (a + "query.weight", a + "key.weight")),
+         ("attn.qk.bias", (a + "query.bias", a + "key.bias"))]
+    m += lin("attn.v", a + "value") + lin("attn.out", "attention.output.dense")
     m += lin("attn_norm", "attention.output.LayerNorm")
     def ffn(ours, hf, out):  # an FFN: its MLP's fc (bias kept apart) and proj, and the norm
         return ([(f"{ours}.mlp.fc.weight", f"{hf}intermediate.dense.weight"),

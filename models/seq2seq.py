@@ -1,10 +1,16 @@
-"""The pieces every encoder-decoder model here shares: attention with precomputed encoder keys/values, FFNs,
-the encoder-decoder LM with a decoding cache; generation is models.generation's.
+"""The pieces every encoder-decoder model here shares: the encoder-decoder LM (masks, positions, the decoding
+cache, loss and generate), the inputs of one decoder pass, the old block constructors; generation is
+models.generation's.
 
 A model file (t5.py, bart.py, pegasus.py, mass.py) composes its layers from models.blocks (Block with an
-Attention, a cross-attention Attention and an MLP) and says how tokens are embedded, which extra mask parts its
-attention has (T5's relative bias as a Toeplitz part) and how the output is projected:
+Attention, a cross-attention Attention and an MLP) and writes its two stacks and its head explicitly, top to
+bottom, as the encoders write `run` (no other hooks):
 
+    run_encoder(input_ids, mask) -> [B, L, d]   embed, extra mask parts (T5's relative bias), blocks.run_blocks
+    run_decoder(inputs: DecoderInputs) -> [B, L, d]   the same on the target side: `inputs.run(layers, x, ...)`
+    project(h) -> logits [B, L, V]
+
+What EncoderDecoderLM builds for them:
     self-attention   encoder: key padding; decoder: causal (& key padding), with a preallocated KVCache
                      (bottom-right causal lines Lq new queries up with the end of the cache)
     cross-attention  q from the decoder; k, v from the encoder states, projected once per forward (or once per
@@ -13,8 +19,9 @@ attention has (T5's relative bias as a Toeplitz part) and how the output is proj
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +60,12 @@ def FeedForward(d_model: int, d_ff: int, act: str, bias: bool = True, gated: boo
 
 class Seq2SeqCache:
     """What incremental decoding keeps: the decoder's self-attention KVCache, and per layer the encoder keys
-    and values of its cross-attention (projected once) with the encoder's key-padding mask."""
+    and values of its cross-attention (projected once) with the encoder's key-padding mask, as an AttentionMask
+    and as the additive bias [B, 1, 1, S] (0 / -inf) of the static decode step."""
 
-    def __init__(self, self_attn: KVCache, cross_kv: List[Tuple[Tensor, Tensor]], cross_mask: AttentionMask):
-        self.self_attn, self.cross_kv, self.cross_mask = self_attn, cross_kv, cross_mask
+    def __init__(self, self_attn: KVCache, cross_kv: List[Tuple[Tensor, Tensor]], cross_mask: AttentionMask,
+                 cross_bias: Optional[Tensor] = None):
+        self.self_attn, self.cross_kv, self.cross_mask, self.cross_bias = self_attn, cross_kv, cross_mask, cross_bias
 
     @property
     def length(self) -> int:
@@ -67,6 +76,49 @@ class Seq2SeqCache:
         values are not moved: beams only move within their own source's group of rows, whose encoder rows are
         identical."""
         self.self_attn.reorder(index)
+
+
+@dataclass
+class DecoderInputs:
+    """One decoder pass, ready to run (built by EncoderDecoderLM.decode): ids [B, L] after `past` cached tokens,
+    their positions [1 or B, L], the self-attention mask over the past + L keys (causal & key padding), per
+    decoder layer the cross-attention keys and values with the encoder's key-padding mask, and the
+    self-attention cache (None without one).
+
+    In a static decode step (`step`: the cache column [1] this token is written to, a tensor) the masks are
+    additive biases instead: self_mask [1, 1, 1, max_len] hides the columns after `step`, cross_mask
+    [B, 1, 1, S] the encoder padding (no mask objects, no Python ints that change between steps)."""
+
+    input_ids: Tensor
+    position_ids: Tensor
+    self_mask: Union[AttentionMask, Tensor]
+    cross_kv: List[Tuple[Tensor, Tensor]]
+    cross_mask: Union[AttentionMask, Tensor]
+    cache: Optional[KVCache] = None
+    past: int = 0
+    step: Optional[Tensor] = None
+
+    def relative_self_mask(self, table: Callable[[int, int], Tensor]) -> Union[AttentionMask, Tensor]:
+        """self_mask with a relative-position bias, given as its Toeplitz table: table(Lq, Lk) -> [H, Lq + Lk - 1]
+        (bias[h, i, j] = table[h, i - j + Lk - 1], the Lq queries the last of the Lk positions). In a static
+        step the step's row of the full [max_len, max_len] bias is gathered from the table: [1, H, 1, max_len]."""
+        L = self.input_ids.shape[1]
+        if self.step is None:
+            return self.self_mask & AttentionMask.toeplitz(table(L, self.past + L))
+        n = self.self_mask.shape[-1]
+        t = self.step + (n - 1) - torch.arange(n, device=self.step.device)  # query `step`, key j: i - j + n - 1
+        return self.self_mask + table(n, n)[:, t][None, :, None, :]
+
+    def run(self, layers: Sequence[nn.Module], x: Tensor, self_mask: Optional[AttentionMask] = None,
+            final_norm: Optional[nn.Module] = None) -> Tensor:
+        """The decoder Blocks over x [B, L, d], finished (blocks.finish with final_norm) -> [B, L, d].
+        self_mask: the self-attention mask with a model's extra parts (default: self.self_mask)."""
+        mask = self.self_mask if self_mask is None else self_mask
+        residual = None
+        for i, layer in enumerate(layers):
+            x, residual = layer(x, residual, mask, None, self.cache, i, cross_kv=self.cross_kv[i],
+                                cross_mask=self.cross_mask)
+        return finish(x, residual, final_norm)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -91,48 +143,28 @@ class EncoderDecoderLM(HFTwin, nn.Module):
     """An encoder-decoder LM: `encode`, `decode` (with an optional Seq2SeqCache), `forward` (logits, loss),
     `new_cache` and `generate`; from_hf / to_hf where a model file states its transformers twin (convert.HFTwin).
 
-    Subclasses build `encoder_layers`, `decoder_layers` and `lm_head`, set `config` (with pad_token_id,
-    decoder_start_token_id, eos_token_id) and define `embed_source`, `embed_target`, and where they need them
-    `source_mask`, `target_mask` (extra mask parts, e.g. T5's relative bias), `finish_source`,
-    `finish_target` (final norms) and `project` (hidden states -> logits).
+    A model file builds `encoder_layers`, `decoder_layers` and `lm_head`, sets `config` (with pad_token_id,
+    decoder_start_token_id, eos_token_id) and writes `run_encoder`, `run_decoder` and `project` (see the
+    module docstring).
     """
 
     encoder_layers: nn.ModuleList
     decoder_layers: nn.ModuleList
     lm_head: nn.Linear
 
-    # ------------------------------------------------------------------------ hooks for the model files
+    def run_encoder(self, input_ids: Tensor, mask: AttentionMask) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must write run_encoder")
 
-    def embed_source(self, input_ids: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def embed_target(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def source_mask(self, mask: AttentionMask, L: int) -> AttentionMask:
-        return mask
-
-    def target_mask(self, mask: AttentionMask, Lq: int, Lk: int) -> AttentionMask:
-        return mask
-
-    def finish_source(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return finish(x, residual)
-
-    def finish_target(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return finish(x, residual)
+    def run_decoder(self, inputs: DecoderInputs) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must write run_decoder")
 
     def project(self, h: Tensor) -> Tensor:
+        """Hidden states -> logits (a model with more than its lm_head writes its own)."""
         return self.lm_head(h)
-
-    # ---------------------------------------------------------------------------------------- running
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Encoder states [B, L, d] (attention_mask [B, L]: 1 = token, 0 = padding)."""
-        mask = self.source_mask(padding_mask(_if_padded(attention_mask), None), input_ids.shape[1])
-        x, residual = self.embed_source(input_ids), None  # [B, L, d]
-        for layer in self.encoder_layers:
-            x, residual = layer(x, residual, mask)
-        return self.finish_source(x, residual)
+        return self.run_encoder(input_ids, padding_mask(_if_padded(attention_mask), None))
 
     def cross_kv(self, encoder_states: Tensor) -> List[Tuple[Tensor, Tensor]]:
         return [layer.cross_attn.project_kv(encoder_states) for layer in self.decoder_layers]
@@ -149,22 +181,18 @@ class EncoderDecoderLM(HFTwin, nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(L, device=input_ids.device) + past).unsqueeze(0)
-        x = self.embed_target(input_ids, position_ids)
         self_mask = AttentionMask.causal()
         if _if_padded(decoder_attention_mask) is not None:
             self_mask = self_mask & AttentionMask.key_padding(mask=decoder_attention_mask[:, :past + L].bool())
-        self_mask = self.target_mask(self_mask, L, past + L)
         if cache is not None:
             kv, cross_mask = cache.cross_kv, cache.cross_mask
         else:
             kv, cross_mask = self.cross_kv(encoder_states), padding_mask(_if_padded(attention_mask), None)
-        residual = None
-        for i, layer in enumerate(self.decoder_layers):
-            x, residual = layer(x, residual, self_mask, None, cache.self_attn if cache is not None else None, i,
-                                cross_kv=kv[i], cross_mask=cross_mask)
+        h = self.run_decoder(DecoderInputs(input_ids, position_ids, self_mask, kv, cross_mask,
+                                           cache.self_attn if cache is not None else None, past))
         if cache is not None:
             cache.self_attn.advance(L)
-        return self.finish_target(x, residual)
+        return h
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 decoder_input_ids: Optional[Tensor] = None, decoder_attention_mask: Optional[Tensor] = None,
@@ -188,10 +216,30 @@ class EncoderDecoderLM(HFTwin, nn.Module):
     def new_cache(self, encoder_states: Tensor, attention_mask: Optional[Tensor], max_len: int) -> Seq2SeqCache:
         """A cache for decoding up to max_len tokens against these encoder states (keys/values projected now)."""
         attn = self.decoder_layers[0].attn
-        B = encoder_states.shape[0]
+        B, S = encoder_states.shape[:2]
         kv = KVCache(len(self.decoder_layers), B, attn.num_kv_heads, max_len, attn.head_dim, encoder_states.dtype,
                      encoder_states.device)
-        return Seq2SeqCache(kv, self.cross_kv(encoder_states), padding_mask(_if_padded(attention_mask), None))
+        keep = attention_mask.bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool,
+                                                                                     device=encoder_states.device)
+        cross_bias = torch.zeros(B, 1, 1, S, device=encoder_states.device).masked_fill(~keep[:, None, None], -math.inf)
+        return Seq2SeqCache(kv, self.cross_kv(encoder_states), padding_mask(_if_padded(attention_mask), None),
+                            cross_bias)
+
+    def decode_step(self, input_ids: Tensor, cache: Seq2SeqCache) -> Tensor:
+        """One static-shape decode step: next-token logits [B, V] after input_ids [B, 1].
+
+        The token sits at position `cache.self_attn.index` ([1] long, set and moved on in place by the caller),
+        where its keys and values are written. Decoder rows all start at the start token (no padding), so the
+        columns after the index are the only ones hidden; the masks are additive biases built from tensors, so
+        torch.compile(fullgraph=True) captures the step once (see DecoderLM.decode_step)."""
+        kv = cache.self_attn
+        if cache.cross_bias is None or kv.index is None:
+            raise ValueError("decode_step needs a cache from new_cache with cache.self_attn.index set (a [1] tensor)")
+        cols = torch.arange(kv.max_len, device=input_ids.device)
+        self_bias = torch.zeros(kv.max_len, device=input_ids.device).masked_fill(cols > kv.index, -math.inf)
+        inputs = DecoderInputs(input_ids, kv.index.view(1, 1), self_bias[None, None, None, :], cache.cross_kv,
+                               cache.cross_bias, kv, step=kv.index)
+        return self.project(self.run_decoder(inputs))[:, -1]
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
         """See models.generation.generate: returns the decoder tokens [B, 1 + n], from the start token."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptm_kernels import AttentionMask
@@ -27,8 +26,8 @@ from ptm_kernels.attention_mask import t5_relative_table
 from ptm_kernels.nn import RMSNorm
 
 from . import activations
-from .blocks import MLP, Attention, Block, finish
-from .seq2seq import EncoderDecoderLM
+from .blocks import MLP, Attention, Block, run_blocks
+from .seq2seq import DecoderInputs, EncoderDecoderLM
 
 
 @dataclass
@@ -91,38 +90,34 @@ class T5(EncoderDecoderLM):
                   norm3=norm())
             for _ in range(c.num_decoder_layers or c.num_layers))
         self.encoder_norm, self.decoder_norm = norm(), norm()
+        self.drop = nn.Dropout(p)  # on the embeddings and the output of each stack
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
-    # ---------------------------------------------------------------------------------------- the hooks
+    # ------------------------------------------------------------------------------------------ running
 
-    def embed_source(self, input_ids: Tensor) -> Tensor:
-        return F.dropout(self.shared(input_ids), self.config.dropout_rate, self.training)
-
-    def embed_target(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        return F.dropout(self.shared(input_ids), self.config.dropout_rate, self.training)
-
-    def _relative_bias(self, weight: Tensor, Lq: int, Lk: int, bidirectional: bool) -> AttentionMask:
+    def relative_table(self, weight: Tensor, Lq: int, Lk: int, bidirectional: bool) -> Tensor:
+        """The bucketed relative position bias as a Toeplitz table [H, Lq + Lk - 1] (a mask part, no [Lq, Lk])."""
         c = self.config
-        return AttentionMask.toeplitz(t5_relative_table(weight, Lq, Lk, bidirectional=bidirectional,
-                                                        num_buckets=c.relative_attention_num_buckets,
-                                                        max_distance=c.relative_attention_max_distance))
+        return t5_relative_table(weight, Lq, Lk, bidirectional=bidirectional,
+                                 num_buckets=c.relative_attention_num_buckets,
+                                 max_distance=c.relative_attention_max_distance)
 
-    def source_mask(self, mask: AttentionMask, L: int) -> AttentionMask:
-        return mask & self._relative_bias(self.encoder_bias.weight, L, L, bidirectional=True)
+    def run_encoder(self, input_ids: Tensor, mask: AttentionMask) -> Tensor:
+        L = input_ids.shape[1]
+        mask = mask & AttentionMask.toeplitz(self.relative_table(self.encoder_bias.weight, L, L, bidirectional=True))
+        x = self.drop(self.shared(input_ids))  # [B, L, d]
+        return self.drop(run_blocks(self.encoder_layers, x, mask, self.encoder_norm))
 
-    def target_mask(self, mask: AttentionMask, Lq: int, Lk: int) -> AttentionMask:
-        return mask & self._relative_bias(self.decoder_bias.weight, Lq, Lk, bidirectional=False)
-
-    def finish_source(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return F.dropout(finish(x, residual, self.encoder_norm), self.config.dropout_rate, self.training)
-
-    def finish_target(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return F.dropout(finish(x, residual, self.decoder_norm), self.config.dropout_rate, self.training)
+    def run_decoder(self, inputs: DecoderInputs) -> Tensor:
+        mask = inputs.relative_self_mask(
+            lambda Lq, Lk: self.relative_table(self.decoder_bias.weight, Lq, Lk, bidirectional=False))
+        x = self.drop(self.shared(inputs.input_ids))  # [B, L, d]
+        return self.drop(inputs.run(self.decoder_layers, x, mask, self.decoder_norm))
 
     def project(self, h: Tensor) -> Tensor:
-        if self.config.scale_decoder_outputs:
+        if self.config.scale_decoder_outputs:  # v1.0: the tied head sees the output scaled by d_model^-0.5
             h = h * self.config.d_model ** -0.5
         return self.lm_head(h)
 

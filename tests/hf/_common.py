@@ -1,8 +1,21 @@
-"""Shared by the tests/hf files: small batches and one forward/backward that returns what is compared."""
+"""Shared by the tests/hf files: small batches, one forward/backward that returns what is compared, and the
+comparisons every patched-vs-unpatched test makes."""
+
+import copy
 
 import torch
 
 VOCAB = 128
+
+
+def perturb(model, select, scale=0.1):
+    """Move the parameters whose name `select` accepts by scale * N(0, 1): norms start at 1 / 0 and biases at 0,
+    where a wrong weight mapping would not show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if select(name):
+                p.add_(scale * torch.randn_like(p))
+    return model
 
 
 def batch(B=3, L=12):
@@ -22,13 +35,84 @@ def left_padded_prompts(B=3, L=7):
     return ids, mask
 
 
-def forward_backward(model, inputs):
-    """(logits without labels, loss with labels, {name: grad})."""
+def seq2seq_batch(B=3, Ls=16, Lt=10, pad_token_id=0, first_id=3, padded_from=(12, 5)):
+    """Source right-padded with pad_token_id in rows 1 and 2 from the columns padded_from on (none past Ls);
+    target labels ignored (-100) at the end of row 2; ids from first_id up (clear of the special tokens)."""
+    ids = torch.randint(first_id, VOCAB, (B, Ls))
+    mask = torch.ones(B, Ls, dtype=torch.long)
+    mask[1, padded_from[0]:] = 0
+    mask[2, padded_from[1]:] = 0
+    labels = torch.randint(first_id, VOCAB, (B, Lt))
+    labels[2, Lt - 3:] = -100
+    return dict(input_ids=ids.masked_fill(mask == 0, pad_token_id), attention_mask=mask, labels=labels)
+
+
+def forward_backward(model, inputs, logits_inputs=None):
+    """(logits of a call without labels (`logits_inputs`, default input_ids and attention_mask), loss with
+    labels, {name: grad} of the parameters that get one, the logits of the call with labels (the patched MLM /
+    seq2seq / causal-LM losses return None there))."""
     model.zero_grad()
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    loss = model(**inputs).loss
-    loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    if logits_inputs is None:
+        logits_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    logits = model(**logits_inputs).logits
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), out.loss.detach(), grads, out.logits
+
+
+def seq2seq_no_labels(inputs):
+    """The call without labels of a seq2seq batch: the labels as decoder inputs, the decoder mask padded at the
+    end of row 0."""
+    decoder_mask = torch.ones_like(inputs["labels"])
+    decoder_mask[0, -2:] = 0
+    return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                decoder_input_ids=inputs["labels"].clamp(min=0), decoder_attention_mask=decoder_mask)
+
+
+def seq2seq_forward_backward(model, inputs):
+    """forward_backward of an encoder-decoder, its call without labels seq2seq_no_labels(inputs)."""
+    return forward_backward(model, inputs, seq2seq_no_labels(inputs))
+
+
+def unpatched_then_patched(model, run):
+    """(run(model), run(model) after hf.apply(model)): what the unpatched and the patched model give."""
+    import ptm_kernels.hf as hf
+
+    want = run(model)
+    hf.apply(model)
+    return want, run(model)
+
+
+def greedy_left_padded(model, max_new_tokens):
+    """Greedy generate of a causal LM (eval mode) on left_padded_prompts(), unpatched then patched:
+    (prompt ids, unpatched tokens, patched tokens)."""
+    ids, mask = left_padded_prompts()
+    want, got = unpatched_then_patched(model.eval(), lambda m: m.generate(
+        ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0))
+    return ids, want, got
+
+
+def float64_bf16_patched(model, run):
+    """run(m) for the float64 model (the truth; `model` itself, converted), an unpatched bf16 copy and a patched
+    bf16 copy: the three results assert_bf16_within_twice_torch compares."""
+    import ptm_kernels.hf as hf
+
+    truth = model.double()
+    base = copy.deepcopy(truth).to(torch.bfloat16)
+    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
+    return [run(m) for m in (truth, base, patched)]
+
+
+def assert_same_convergence(model, batches):
+    """Liger-style: the model trained with AdamW on `batches`, unpatched and patched (a copy): per-step losses
+    within 1e-5 relative in float32, and the losses fall."""
+    import ptm_kernels.hf as hf
+
+    patched = hf.apply(copy.deepcopy(model))
+    losses = [train_losses(m, batches) for m in (model, patched)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    assert losses[0][-5:].mean() < losses[0][:5].mean(), "the mini model should learn something"
 
 
 def real_rows(logits, inputs):
@@ -62,17 +146,32 @@ def assert_bf16_within_twice_torch(outputs, rows=lambda x: x):
         assert_close(p[2][name], g, b[2][name], name=f"grad {name}")
 
 
-def assert_same_results(got, want, logits=True):
+def assert_same_results(got, want, logits=True, rows=lambda x: x, what=""):
     """got / want: forward_backward results (logits, loss, {name: grad}, ...) of the patched and the unpatched
-    model: within tests/compare.py's float32 tolerance, and the same parameters got a gradient."""
+    model: within tests/compare.py's float32 tolerance, and the same parameters got a gradient. rows: the
+    logits compared (e.g. real_rows: padded query rows differ by design); what: added to the failure names."""
     from tests.compare import assert_close
 
     if logits:
-        assert_close(got[0], want[0], name="logits")
-    assert_close(got[1], want[1], name="loss")
+        assert_close(rows(got[0]), rows(want[0]), name=f"logits{what}")
+    assert_close(got[1], want[1], name=f"loss{what}")
     assert set(got[2]) == set(want[2])
     for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+        assert_close(got[2][name], g, name=f"grad {name}{what}")
+
+
+def assert_causal_lm_patched_equal(model):
+    """A causal LM on `batch()`: the patched model's logits (real rows), loss and gradients = the unpatched's."""
+    inputs = batch()
+    want, got = unpatched_then_patched(model, lambda m: forward_backward(m, inputs))
+    assert_same_results(got, want, rows=lambda logits: real_rows(logits, inputs))
+
+
+def assert_causal_lm_bf16_within_twice_torch(model):
+    """A causal LM on `batch()`: bf16 errors against float64 within 2x the unpatched bf16 model's (real rows)."""
+    inputs = batch()
+    assert_bf16_within_twice_torch(float64_bf16_patched(model, lambda m: forward_backward(m, inputs)),
+                                   rows=lambda logits: real_rows(logits, inputs))
 
 
 def assert_revert_bit_identical(model, run):

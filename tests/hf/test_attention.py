@@ -11,8 +11,8 @@ from ptm_kernels.hf import attention as hf_attention  # noqa: E402
 from transformers import masking_utils  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
+from tests.hf._common import VOCAB  # noqa: E402
 
-VOCAB = 128
 
 
 def llama(**overrides):
@@ -47,6 +47,16 @@ def left_padded(B=3, L=13):
     return ids, mask
 
 
+def assert_ptm_matches_sdpa_and_eager(model, ids, mask):
+    """Logits of the real tokens (padded query rows differ by design: eager spreads them uniformly)."""
+    real = mask.bool()
+    with torch.no_grad():
+        got = run(model, "ptm", input_ids=ids, attention_mask=mask)
+        for impl in ("sdpa", "eager"):
+            want = run(model, impl, input_ids=ids, attention_mask=mask)
+            assert_close(got[real], want[real], name=f"logits vs {impl}")
+
+
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 def test_llama_matches_sdpa_and_eager(padding):
     model = llama()
@@ -56,12 +66,7 @@ def test_llama_matches_sdpa_and_eager(padding):
         mask[1, 9:] = 0
     elif padding == "left":
         mask[1, :4] = 0
-    real = mask.bool()  # padded query rows differ by design (eager spreads them uniformly): compare real rows
-    with torch.no_grad():
-        got = run(model, "ptm", input_ids=ids, attention_mask=mask)
-        for impl in ("sdpa", "eager"):
-            want = run(model, impl, input_ids=ids, attention_mask=mask)
-            assert_close(got[real], want[real], name=f"logits vs {impl}")
+    assert_ptm_matches_sdpa_and_eager(model, ids, mask)
 
 
 def test_llama_gradients_match_sdpa():
@@ -82,13 +87,7 @@ def test_llama_gradients_match_sdpa():
 @pytest.mark.parametrize("window", [3, 6])
 def test_mistral_sliding_window_matches_sdpa_and_eager(window):
     model = mistral(window)
-    ids, mask = left_padded(L=14)
-    real = mask.bool()
-    with torch.no_grad():
-        got = run(model, "ptm", input_ids=ids, attention_mask=mask)
-        for impl in ("sdpa", "eager"):
-            want = run(model, impl, input_ids=ids, attention_mask=mask)
-            assert_close(got[real], want[real], name=f"logits vs {impl}")
+    assert_ptm_matches_sdpa_and_eager(model, *left_padded(L=14))
 
 
 def test_mistral_window_is_an_analytic_part():

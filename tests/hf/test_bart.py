@@ -13,11 +13,11 @@ import ptm_kernels.hf.attention as hf_attention  # noqa: E402
 from ptm_kernels import fallbacks  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import (assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
-                              assert_same_results)
-from tests.hf.test_t5 import forward_backward  # noqa: E402
-
-VOCAB = 128
+from tests.hf import _common  # noqa: E402
+from tests.hf._common import (VOCAB, assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
+                              assert_same_results, float64_bf16_patched, perturb, seq2seq_no_labels,
+                              unpatched_then_patched)
+from tests.hf._common import seq2seq_forward_backward as forward_backward  # noqa: E402
 SMALL = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
              dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
@@ -32,33 +32,23 @@ def build(kind="bart", **overrides):
     else:
         model = transformers.PegasusForConditionalGeneration(transformers.PegasusConfig(**cfg))
     model.set_attn_implementation("sdpa")
-    with torch.no_grad():  # norms start at 1/0 and final_logits_bias at 0: move them, so a wrong mapping shows
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+    # norms start at 1/0 and final_logits_bias at 0: move them, so a wrong mapping shows
+    perturb(model, lambda name: "norm" in name or name.endswith("bias"))
+    with torch.no_grad():
         model.final_logits_bias.add_(0.5 * torch.randn_like(model.final_logits_bias))
     return model
 
 
 def seq2seq_batch(B=3, Ls=16, Lt=10):
-    """Source right-padded (pad id 1) in rows 1 and 2; target labels ignored (-100) at the end of row 2."""
-    ids = torch.randint(3, VOCAB, (B, Ls))
-    mask = torch.ones(B, Ls, dtype=torch.long)
-    mask[1, 12:] = 0
-    mask[2, 5:] = 0
-    labels = torch.randint(3, VOCAB, (B, Lt))
-    labels[2, Lt - 3:] = -100
-    return dict(input_ids=ids.masked_fill(mask == 0, 1), attention_mask=mask, labels=labels)
+    return _common.seq2seq_batch(B, Ls, Lt, pad_token_id=1, first_id=3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu"])
 def test_float32_logits_loss_gradients(kind, activation):
-    model = build(kind, activation_function=activation)
     inputs = seq2seq_batch()
-    want = forward_backward(model, inputs)
-    hf.apply(model)
-    got = forward_backward(model, inputs)
+    want, got = unpatched_then_patched(build(kind, activation_function=activation),
+                                       lambda m: forward_backward(m, inputs))
     assert got[3] is None, "with labels the patched forward returns no logits"
     assert_same_results(got, want)
 
@@ -66,11 +56,8 @@ def test_float32_logits_loss_gradients(kind, activation):
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_within_twice_torch_error(kind):
     """Error against the float64 model within 2x the error of the unpatched bf16 model (+ a rounding unit)."""
-    truth = build(kind).double()
-    base = copy.deepcopy(truth).to(torch.bfloat16)
-    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
     inputs = seq2seq_batch()
-    assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)])
+    assert_bf16_within_twice_torch(float64_bf16_patched(build(kind), lambda m: forward_backward(m, inputs)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -79,8 +66,7 @@ def test_greedy_generate_token_identical(kind):
     inputs = seq2seq_batch()
     kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=12,
                   do_sample=False, num_beams=1)
-    want = model.generate(**kwargs)
-    got = hf.apply(model).generate(**kwargs)
+    want, got = unpatched_then_patched(model, lambda m: m.generate(**kwargs))
     assert torch.equal(got, want)
 
 
@@ -96,12 +82,8 @@ def test_masks_reach_the_kernel_as_analytic_parts(kind, monkeypatch):
 
     monkeypatch.setattr(hf_attention, "attention", spy)
     model = hf.apply(build(kind))
-    inputs = seq2seq_batch()
-    decoder_mask = torch.ones_like(inputs["labels"])
-    decoder_mask[0, -2:] = 0
     fallbacks.reset()
-    model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-          decoder_input_ids=inputs["labels"].clamp(min=0), decoder_attention_mask=decoder_mask)
+    model(**seq2seq_no_labels(seq2seq_batch()))
     assert len(seen) == 2 + 2 * 2  # encoder self, decoder self and cross per layer
     assert all(m.dense_mask is None for m in seen), "a mask went dense"
     assert sum(m.is_causal for m in seen) == 2
@@ -123,10 +105,7 @@ def test_options_one_at_a_time():
     for group in ("attention", "norms", "mlp", "loss"):
         options = {g: g == group for g in ("attention", "norms", "rope", "mlp", "loss")}
         model = hf.apply(copy.deepcopy(reference), **options)
-        got = forward_backward(model, inputs)
-        assert_close(got[1], want[1], name=f"loss ({group} only)")
-        for name, g in want[2].items():
-            assert_close(got[2][name], g, name=f"grad {name} ({group} only)")
+        assert_same_results(forward_backward(model, inputs), want, logits=False, what=f" ({group} only)")
 
 
 @pytest.mark.parametrize("cls", ["BartModel", "BartForSequenceClassification", "BartForCausalLM",

@@ -16,10 +16,9 @@ transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs 
 import ptm_kernels.hf as hf  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import (assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
-                              assert_same_results, train_losses)
-
-VOCAB = 128
+from tests.hf._common import (VOCAB, assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
+                              assert_same_convergence, assert_same_results, float64_bf16_patched,
+                              forward_backward, perturb, unpatched_then_patched)
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
              max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 KINDS = ["bert", "roberta", "electra", "albert", "distilbert"]
@@ -40,11 +39,8 @@ def build(kind="bert", **overrides):
             vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64,
             dropout=0.0, attention_dropout=0.0, **overrides))
     model.set_attn_implementation("sdpa")
-    with torch.no_grad():  # norm weights start at 1 and biases at 0: move them, so a wrong mapping shows
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    # norm weights start at 1 and biases at 0: move them, so a wrong mapping shows
+    return perturb(model, lambda name: "norm" in name.lower() or name.endswith("bias"))
 
 
 def mlm_batch(B=3, L=12, label_fraction=0.3):
@@ -59,23 +55,10 @@ def mlm_batch(B=3, L=12, label_fraction=0.3):
     return dict(input_ids=ids, attention_mask=mask, labels=torch.where(labelled, ids, torch.full_like(ids, -100)))
 
 
-def forward_backward(model, inputs):
-    """(logits without labels, loss with labels, {name: grad})."""
-    model.zero_grad()
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    out = model(**inputs)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), out.loss.detach(), grads, out.logits
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_float32_logits_loss_gradients(kind):
-    model = build(kind)
     inputs = mlm_batch()
-    want = forward_backward(model, inputs)
-    hf.apply(model)
-    got = forward_backward(model, inputs)
+    want, got = unpatched_then_patched(build(kind), lambda m: forward_backward(m, inputs))
     assert got[3] is None, "with labels the patched MLM forward returns no logits"
     assert_same_results(got, want)
 
@@ -83,11 +66,8 @@ def test_float32_logits_loss_gradients(kind):
 @pytest.mark.parametrize("kind", ["bert", "roberta", "albert", "distilbert"])
 def test_bfloat16_within_twice_torch_error(kind):
     """Error against the float64 model within 2x the error of the unpatched bf16 model (+ a rounding unit)."""
-    truth = build(kind).double()
-    base = copy.deepcopy(truth).to(torch.bfloat16)
-    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
     inputs = mlm_batch()
-    assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)])
+    assert_bf16_within_twice_torch(float64_bf16_patched(build(kind), lambda m: forward_backward(m, inputs)))
 
 
 @pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
@@ -99,11 +79,7 @@ def test_each_option_alone(only, kind):
     inputs = mlm_batch()
     want = forward_backward(model, inputs)
     flags = {name: name == only for name in ("attention", "norms", "rope", "mlp", "loss")}
-    got = forward_backward(hf.apply(model, **flags), inputs)
-    assert_close(got[0], want[0], name="logits")
-    assert_close(got[1], want[1], name="loss")
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_same_results(forward_backward(hf.apply(model, **flags), inputs), want)
 
 
 def test_sequence_classification_padded_encoder():
@@ -134,12 +110,8 @@ def test_labelled_padding_row_runs_padded():
     inputs = mlm_batch()
     inputs["attention_mask"][1, 10:] = 0
     inputs["labels"][1, 10:] = 7  # labels where attention_mask is 0
-    want = forward_backward(model, inputs)
-    hf.apply(model)
-    got = forward_backward(model, inputs)
-    assert_close(got[1], want[1], name="loss")
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    want, got = unpatched_then_patched(model, lambda m: forward_backward(m, inputs))
+    assert_same_results(got, want, logits=False)
 
 
 @pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
@@ -192,8 +164,7 @@ def test_non_gelu_activation_is_honoured():
     """hidden_act="relu" has no fused kernel here: the intermediate layer keeps transformers' activation."""
     model = build("bert", hidden_act="relu")
     inputs = mlm_batch()
-    want = forward_backward(model, inputs)
-    got = forward_backward(hf.apply(model), inputs)
+    want, got = unpatched_then_patched(model, lambda m: forward_backward(m, inputs))
     assert_close(got[1], want[1], name="loss")
     assert_close(got[0], want[0], name="logits")
 
@@ -201,12 +172,7 @@ def test_non_gelu_activation_is_honoured():
 def test_mlm_convergence_30_adamw_steps():
     """Liger-style: a mini BERT MLM trained 30 AdamW steps, patched vs unpatched: per-step loss within 1e-5
     relative in float32 (fresh batches each step, the same for both)."""
-    reference = build("bert")
-    patched = hf.apply(copy.deepcopy(reference))
-    batches = [mlm_batch(B=4, L=16) for _ in range(30)]
-    losses = [train_losses(model, batches) for model in (reference, patched)]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
-    assert losses[0][-5:].mean() < losses[0][:5].mean(), "the mini model should learn something"
+    assert_same_convergence(build("bert"), [mlm_batch(B=4, L=16) for _ in range(30)])
 
 
 def test_trainer_steps_match():

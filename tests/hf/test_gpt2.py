@@ -1,7 +1,5 @@
 """hf.apply on GPT-2 and GPT-Neo: patched vs unpatched transformers on the same weights."""
 
-import copy
-
 import pytest
 import torch
 
@@ -10,8 +8,9 @@ transformers = pytest.importorskip("transformers", reason="ptm_kernels.hf needs 
 import ptm_kernels.hf as hf  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import (VOCAB, assert_bf16_within_twice_torch, batch, forward_backward,  # noqa: E402
-                              left_padded_prompts, real_rows)
+from tests.hf._common import (VOCAB, assert_causal_lm_bf16_within_twice_torch,  # noqa: E402
+                              assert_causal_lm_patched_equal, assert_revert_bit_identical, batch,
+                              forward_backward, greedy_left_padded)
 
 KINDS = ["gpt2", "gpt_neo"]
 
@@ -32,50 +31,23 @@ def build(kind, **overrides):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_float32_logits_loss_gradients(kind):
-    model = build(kind)
-    inputs = batch()
-    want = forward_backward(model, inputs)
-    hf.apply(model)
-    got = forward_backward(model, inputs)
-    assert_close(real_rows(got[0], inputs), real_rows(want[0], inputs), name="logits")
-    assert_close(got[1], want[1], name="loss")
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_causal_lm_patched_equal(build(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_within_twice_torch_error(kind):
-    truth = build(kind).double()
-    base = copy.deepcopy(truth).to(torch.bfloat16)
-    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
-    inputs = batch()
-    assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)],
-                                   rows=lambda logits: real_rows(logits, inputs))
+    assert_causal_lm_bf16_within_twice_torch(build(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_revert_is_bitwise(kind):
-    model = build(kind)
-    impl = model.config._attn_implementation
     inputs = batch()
-    before = forward_backward(model, inputs)
-    hf.apply(model)
-    forward_backward(model, inputs)
-    hf.revert(model)
-    assert model.config._attn_implementation == impl
-    after = forward_backward(model, inputs)
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
-    assert all(torch.equal(before[2][n], after[2][n]) for n in before[2])
+    assert_revert_bit_identical(build(kind), lambda model: forward_backward(model, inputs))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generate_token_identical_left_padded(kind):
-    model = build(kind).eval()
-    ids, mask = left_padded_prompts()
-    # 10 new tokens: GPT-Neo's local layer (window 4) slides over the cache
-    want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    hf.apply(model)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    _, want, got = greedy_left_padded(build(kind), 10)  # GPT-Neo's local layer (window 4) slides over the cache
     assert torch.equal(got, want)
 
 

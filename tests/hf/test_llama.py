@@ -1,6 +1,5 @@
 """hf.apply on Llama, Mistral and Qwen2: patched vs unpatched transformers on the same weights."""
 
-import copy
 import inspect
 
 import pytest
@@ -12,8 +11,9 @@ import ptm_kernels.hf as hf  # noqa: E402
 from ptm_kernels import AttentionMask  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
-from tests.hf._common import (VOCAB, assert_bf16_within_twice_torch, batch, forward_backward,  # noqa: E402
-                              left_padded_prompts, real_rows)
+from tests.hf._common import (VOCAB, assert_causal_lm_bf16_within_twice_torch,  # noqa: E402
+                              assert_causal_lm_patched_equal, assert_revert_bit_identical, assert_same_results,
+                              batch, forward_backward, greedy_left_padded, real_rows)
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
@@ -38,49 +38,25 @@ KINDS = ["llama", "mistral", "qwen2"]
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_float32_logits_loss_gradients(kind):
-    model = build(kind)
-    inputs = batch()
-    want = forward_backward(model, inputs)
-    hf.apply(model)
-    got = forward_backward(model, inputs)
-    assert_close(real_rows(got[0], inputs), real_rows(want[0], inputs), name="logits")
-    assert_close(got[1], want[1], name="loss")
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_causal_lm_patched_equal(build(kind))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_bfloat16_within_twice_torch_error(kind):
     """Error against the float64 model within 2x the error of the unpatched bf16 model (+ a rounding unit)."""
-    truth = build(kind).double()
-    base = copy.deepcopy(truth).to(torch.bfloat16)
-    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
-    inputs = batch()
-    assert_bf16_within_twice_torch([forward_backward(m, inputs) for m in (truth, base, patched)],
-                                   rows=lambda logits: real_rows(logits, inputs))
+    assert_causal_lm_bf16_within_twice_torch(build(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_revert_is_bitwise(kind):
-    model = build(kind)
     inputs = batch()
-    before = forward_backward(model, inputs)
-    hf.apply(model)
-    forward_backward(model, inputs)
-    hf.revert(model)
-    assert model.config._attn_implementation == "sdpa"
-    after = forward_backward(model, inputs)
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
-    assert all(torch.equal(before[2][n], after[2][n]) for n in before[2])
+    assert_revert_bit_identical(build(kind), lambda model: forward_backward(model, inputs))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generate_token_identical_left_padded(kind):
-    model = build(kind).eval()
-    ids, mask = left_padded_prompts()
-    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    hf.apply(model)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model = build(kind)
+    ids, want, got = greedy_left_padded(model, 8)
     assert torch.equal(got, want)
     single = model.generate(ids[1:2], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(single, want[1:2])
@@ -190,6 +166,4 @@ def test_rope_scaling_carries_over(rope):
     want = forward_backward(model, inputs)
     hf.apply(model, attention=False, norms=False, mlp=False, loss=False)  # the rotation alone
     got = forward_backward(model, inputs)
-    assert_close(real_rows(got[0], inputs), real_rows(want[0], inputs), name="logits")
-    for name, g in want[2].items():
-        assert_close(got[2][name], g, name=f"grad {name}")
+    assert_same_results(got, want, rows=lambda logits: real_rows(logits, inputs))

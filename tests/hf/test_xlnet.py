@@ -1,7 +1,6 @@
 """hf.apply on XLNet: patched vs unpatched transformers on the same weights, with padding and segments, the
 two-stream inputs (perm_mask / target_mapping) and memory (mems); bf16; greedy generate; revert."""
 
-import copy
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from models.xlnet import permutation_lm_inputs  # noqa: E402
 
 from tests.compare import assert_close  # noqa: E402
 from tests.hf._common import (assert_bf16_within_twice_torch, assert_revert_bit_identical,  # noqa: E402
-                              assert_same_results)
+                              assert_same_results, float64_bf16_patched, perturb)
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, d_model=64, n_layer=2, n_head=4, d_inner=128, dropout=0.0, pad_token_id=0,
@@ -23,11 +22,8 @@ SMALL = dict(vocab_size=VOCAB, d_model=64, n_layer=2, n_head=4, d_inner=128, dro
 
 def build(**overrides):
     model = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**dict(SMALL, **overrides)))
-    with torch.no_grad():  # norms start at 1/0 and the attention biases small: move them, so a wrong mapping shows
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name or "seg_embed" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    # norms start at 1/0 and the attention biases small: move them, so a wrong mapping shows
+    return perturb(model, lambda name: "norm" in name or "bias" in name or "seg_embed" in name)
 
 
 def batch(B=3, L=12, two_stream=False, segments=True, padding=True):
@@ -97,16 +93,13 @@ def test_memory_segment_recurrence(two_stream):
 def test_bfloat16_within_twice_torch_error():
     """Single stream: transformers' two-stream path multiplies float32 positions by the model's r without a
     cast, so it runs in float32 only (its float64 truth and its bf16 baseline raise)."""
-    truth = build().double()
-    base = copy.deepcopy(truth).to(torch.bfloat16)
-    patched = hf.apply(copy.deepcopy(truth).to(torch.bfloat16))
     inputs = batch()
-    inputs["attention_mask"] = inputs["attention_mask"].to(torch.bfloat16)
-    outputs = []
-    for m, dtype in ((truth, torch.float64), (base, torch.bfloat16), (patched, torch.bfloat16)):
-        typed = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
-        outputs.append(forward_backward(m, typed)[:3])
-    assert_bf16_within_twice_torch(outputs)
+
+    def run(model):  # float inputs (the attention mask) in the model's dtype
+        dtype = next(model.parameters()).dtype
+        return forward_backward(model, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()})
+
+    assert_bf16_within_twice_torch(float64_bf16_patched(build(), run))
 
 
 def test_greedy_generate_token_identical():

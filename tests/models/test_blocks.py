@@ -65,6 +65,77 @@ def test_self_attention_with_cache_and_position_bias_hook():
     assert (a - b).abs().max().item() <= TOL and (a - want).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("layout", [("qkv",), ("q", "kv"), ("qk", "v"), ("q", "k", "v")])
+def test_attention_layouts_agree(layout):
+    """Every way of fusing the projections computes the same attention: the weights of a three-projection
+    Attention, regrouped, give the same output; a context feeds the groups without q."""
+    torch.manual_seed(2)
+    B, L, S, d, H, Hk = 2, 5, 7, 64, 4, 2
+    three = blocks.Attention(d, H, Hk, layout=("q", "k", "v")).eval()
+    other = blocks.Attention(d, H, Hk, layout=layout).eval()
+    with torch.no_grad():
+        for group in layout:
+            getattr(other, group).weight.copy_(torch.cat([getattr(three, c).weight for c in group]))
+            getattr(other, group).bias.copy_(torch.cat([getattr(three, c).bias for c in group]))
+        other.out.load_state_dict(three.out.state_dict())
+        x, ctx = torch.randn(B, L, d), torch.randn(B, S, d)
+        mask = AttentionMask.causal()
+        assert (other(x, mask) - three(x, mask)).abs().max().item() <= TOL
+        if layout[0] == "q":  # keys and values from the context (cross-attention)
+            want = three(x, None, context=ctx)
+            assert (other(x, None, context=ctx) - want).abs().max().item() <= TOL
+            assert (other(x, None, kv=other.project_kv(ctx)) - want).abs().max().item() <= TOL
+        if layout == ("qk", "v"):  # MobileBERT: values from the context, queries and keys from x
+            q, k, _ = (getattr(three, c)(x).view(B, L, -1, 16).transpose(1, 2) for c in "qkv")
+            v = three.v(ctx[:, :L]).view(B, L, Hk, 16).transpose(1, 2)
+            bias = torch.zeros(L, L).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+            want = three.out(_reference_attention(q, k, v, bias, 16 ** -0.5).transpose(1, 2).reshape(B, L, d))
+            assert (other(x, mask, context=ctx[:, :L]) - want).abs().max().item() <= TOL
+
+
+def test_attention_layout_errors():
+    with pytest.raises(ValueError, match="layout"):
+        blocks.Attention(64, 4, layout=("k", "qv"))
+    with pytest.raises(ValueError, match="layout"):
+        blocks.Attention(64, 4, cross=True, layout=("qkv",))
+    fused = blocks.Attention(64, 4)
+    x = torch.randn(1, 3, 64)
+    with pytest.raises(ValueError, match="kv="):
+        fused(x, None, kv=(torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16)))
+    with pytest.raises(ValueError, match="project_kv"):
+        fused.project_kv(x)
+    with pytest.raises(ValueError, match="cross-attention needs"):
+        blocks.Attention(64, 4, cross=True)(x, None)
+
+
+def test_multi_head_attention_is_the_one_attention():
+    from ptm_kernels.nn import MultiHeadAttention
+
+    mha = MultiHeadAttention(64, 4, num_kv_heads=2, bias=True)
+    assert isinstance(mha, blocks.Attention) and mha.layout == ("q", "k", "v")
+    assert set(mha.state_dict()) == {f"{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_is_the_one_mlp(bias):
+    """ptm_kernels.nn.GatedMLP: the one MLP, gated, with LlamaMLP's names (up_proj keeps its bias in the Linear)."""
+    from ptm_kernels.nn import GatedMLP
+
+    torch.manual_seed(3)
+    gated = GatedMLP(64, 96, act="gelu_tanh", bias=bias)
+    assert isinstance(gated, blocks.MLP)
+    keys = {f"{p}_proj.{w}" for p in ("gate", "up", "down") for w in (("weight", "bias") if bias else ("weight",))}
+    assert set(gated.state_dict()) == keys
+    with torch.no_grad():
+        for p in gated.parameters():
+            p.normal_()
+        x = torch.randn(2, 5, 64)
+        want = gated.down_proj(F.gelu(gated.gate_proj(x), approximate="tanh") * gated.up_proj(x))
+        assert (gated(x) - want).abs().max().item() <= TOL * want.abs().max().item()
+    with pytest.raises(ValueError, match="act must be"):
+        GatedMLP(64, 96, act="relu")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])

@@ -206,6 +206,28 @@ def test_seq2seq_sampling(seq2seq):
     assert many.shape[0] == 2 * src.shape[0]
 
 
+def test_seq2seq_decode_step_has_no_graph_breaks(seq2seq):
+    """EncoderDecoderLM.decode_step traces as one graph, as the decoder-only step does."""
+    _, ours, pad = seq2seq
+    src, mask, _ = _source_batch(pad)
+    with torch.no_grad():
+        cache = ours.new_cache(ours.encode(src, mask), mask, 6)
+        cache.self_attn.index = torch.tensor([2])
+        token = torch.full((src.shape[0], 1), 5)
+        explain = torch._dynamo.explain(ours.decode_step)(token, cache)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+
+
+@pytest.mark.slow
+def test_seq2seq_compiled_generate_equals_eager(seq2seq):
+    _, ours, pad = seq2seq
+    src, mask, _ = _source_batch(pad)
+    eager = ours.generate(src, 8, attention_mask=mask, num_beams=2)
+    torch._dynamo.reset()
+    assert torch.equal(ours.generate(src, 8, attention_mask=mask, num_beams=2, compile=True), eager)
+
+
 def test_bad_arguments_are_refused(seq2seq):
     _, ours, pad = seq2seq
     src, mask, _ = _source_batch(pad)

@@ -2,8 +2,8 @@
 
 Each case builds a tiny transformers model from a config in code, converts it with `from_hf`, and checks on a
 padded batch: encoder states and decoder logits, the loss and every parameter's gradient in train mode
-(dropout 0), the `to_hf` round trip, cached = uncached decoding, and greedy and beam-search generation token
-for token against transformers' `generate`.
+(dropout 0), the `to_hf` round trip, cached = uncached decoding (the static decode step too), and greedy and
+beam-search generation token for token against transformers' `generate`.
 """
 
 from dataclasses import dataclass
@@ -145,6 +145,24 @@ def test_cached_decoding_equals_recompute(gen_pair):
         first = ours.project(ours.decode(cached[:, :-1], cache=cache))
         last = ours.project(ours.decode(cached[:, -1:], cache=cache))
     assert (torch.cat([first, last], 1) - whole).abs().max().item() <= TOL
+
+
+def test_decode_step_equals_whole_sequence(gen_pair):
+    """The static decode step (cache column a tensor index, additive masks; T5's relative bias gathered from its
+    Toeplitz table) gives the whole sequence's logits at every position; spare cache columns stay hidden."""
+    _, ours, case = gen_pair
+    ours.eval()
+    src, mask, labels = _batch(case.pad)
+    tgt = labels.clamp(min=3)
+    with torch.no_grad():
+        enc = ours.encode(src, mask)
+        whole = ours.project(ours.decode(tgt, enc, mask))
+        cache = ours.new_cache(enc, mask, LT + 3)
+        steps = []
+        for t in range(LT):
+            cache.self_attn.index = torch.tensor([t])
+            steps.append(ours.decode_step(tgt[:, t:t + 1], cache))
+    assert (torch.stack(steps, 1) - whole).abs().max().item() <= TOL
 
 
 def _trim(row, eos):
