@@ -36,6 +36,7 @@ ACTIVATIONS: Dict[str, Activation] = {
     "gelu_pytorch_tanh": _gelu("tanh"),
     "gelu_fast": _gelu("tanh"),
     "gelu_accurate": _gelu("tanh"),
+    "gelu_python_tanh": _gelu("tanh"),
     "quick_gelu": Activation(lambda x: x * torch.sigmoid(1.702 * x)),
     "relu": Activation(torch.relu),
     "silu": Activation(pk.silu, silu=True),

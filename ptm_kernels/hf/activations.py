@@ -1,8 +1,8 @@
 """transformers' activation names (`hidden_act`, `activation_function`, ...) that the fused kernels compute.
 
-One table for every family in `ptm_kernels.hf` (the package cannot import `ptm_kernels.models`, which keeps a
-table of its own for converting checkpoints). A name missing here means "not fused": the family either runs
-transformers' activation as before or refuses, as its docstring says.
+Read from the one activation table (`ptm_kernels/activations.py`, which `ptm_kernels.nn` and the models use
+too). A name that is not a GELU or SiLU there means "not fused": the family either runs transformers'
+activation as before or refuses, as its docstring says.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from typing import Callable, Optional
 
 import ptm_kernels as pk
 
+from ..activations import ACTIVATIONS
+
 # GELU names of transformers.activations.ACT2FN -> the `approximate` form the kernels take (exact erf or tanh)
-GELU_APPROXIMATE = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
-                    "gelu_python_tanh": "tanh"}
-SILU = ("silu", "swish")
+GELU_APPROXIMATE = {name: act.gelu for name, act in ACTIVATIONS.items() if act.gelu is not None}
+SILU = tuple(name for name, act in ACTIVATIONS.items() if act.silu)
 
 
 def gelu_approximate(name) -> Optional[str]:
