@@ -236,10 +236,11 @@ def attention_cases(dn):
                                prefix_lengths=torch.tensor([10]), q_segments=seg, k_segments=seg, dense_mask=dense,
                                block_map=bmap, block_m=bm, block_n=bn)
         masks = {
-            "none": AttentionParams(0.1),
-            "causal": AttentionParams(0.1, Visibility(causal=True)),
+            "none": AttentionParams(scale=0.1),
+            "causal": AttentionParams(scale=0.1, vis=Visibility(causal=True)),
             "causal+window+klen+prefix+seg+dense+bias+toeplitz+dropout+map": AttentionParams(
-                0.1, heavy_vis, Bias(dense=bias, toeplitz=toep), Dropout(0.1, torch.tensor(7))),
+                scale=0.1, vis=heavy_vis, bias=Bias(dense=bias, toeplitz=toep),
+                dropout=Dropout(p=0.1, seed=torch.tensor(7))),
         }
         if dn == "fp16":  # the 16-bit paths are bf16's: a subset
             masks.pop("none")
@@ -252,7 +253,7 @@ def attention_cases(dn):
         qd = torch.randn(1, 2, 1, D, dtype=dt)
         kd, vd = torch.randn(1, 2, 1024, D, dtype=dt), torch.randn(1, 2, 1024, D, dtype=dt)
         yield (f"attention_fwd {dn} D={D} decode (split-K + combine)",
-               lambda: ATTN.attention_fwd(qd, kd, vd, AttentionParams(0.1)))
+               lambda: ATTN.attention_fwd(qd, kd, vd, AttentionParams(scale=0.1)))
     if dn == "bf16":
         yield "attention_dropout_mask", lambda: ATTN.attention_dropout_mask(3, 0.1, 1, 1, 100, 100, "cpu")
 
