@@ -283,9 +283,10 @@ class AttentionMask:
                                  f"pass k_ids for cross-attention or a KV cache")
             q_seg = _per_batch("segments q_ids", self.q_ids, B, Lq, device)
             k_seg = q_seg if self.k_ids is None else _per_batch("segments k_ids", self.k_ids, B, Lk, device)
-        return Visibility(causal, left, right, _batch_lengths("key_padding lengths", self.key_lengths, B, Lk, device),
-                          _batch_lengths("prefix_lm lengths", self.prefix_lengths, B, Lk, device), q_seg, k_seg,
-                          dense)
+        return Visibility(causal=causal, window_left=left, window_right=right,
+                          key_lengths=_batch_lengths("key_padding lengths", self.key_lengths, B, Lk, device),
+                          prefix_lengths=_batch_lengths("prefix_lm lengths", self.prefix_lengths, B, Lk, device),
+                          q_segments=q_seg, k_segments=k_seg, dense_mask=dense)
 
     def scores(self, B: int, H: int, Lq: int, Lk: int, q: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(bias, toeplitz table) as the kernels take them: bias 4-D broadcastable in q's dtype or float32,

@@ -12,9 +12,10 @@
                      segment ids and positions, its Visibility
 
 Every layer passes these objects whole: the public ops build them (`AttentionMask.visibility()` gives the
-Visibility), every backend takes them (reference_kernels.py, reference_relative.py, the Triton adapter in
-triton/__init__.py, and the C++ kernels, whose mirror structs in csrc/cpu/kernel_params.h are filled from these
-objects by the pybind casters in csrc/kernel_params_py.h). Only the torch.library custom ops carry them flat
+Visibility), every backend takes them (reference_kernels.py, reference_relative.py, the Triton launchers
+(triton/attention/launch.py; relative attention through the adapter in triton/__init__.py), and the C++
+kernels, whose mirror structs in csrc/cpu/kernel_params.h are filled from these objects by the pybind casters
+in csrc/kernel_params_py.h). Only the torch.library custom ops carry them flat
 (an op takes tensors and scalars): ops/_op_args.py derives that flat form from the fields below.
 
 So a new argument is a field here (with a default that means "absent"), its mirror in kernel_params.h and

@@ -180,9 +180,10 @@ def attention_params(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, dr
         vis = mask.visibility(B, H, Lq, Lk, q.device, tile)
     bias, table = mask.scores(B, H, Lq, Lk, q)
     return AttentionParams(
-        scale, vis,
-        Bias(bias, table, bias is not None and bias.requires_grad, table is not None and table.requires_grad),
-        Dropout(float(dropout_p), _seed(dropout_p, seed, generator)))
+        scale=scale, vis=vis,
+        bias=Bias(dense=bias, toeplitz=table, dense_requires_grad=bias is not None and bias.requires_grad,
+                  toeplitz_requires_grad=table is not None and table.requires_grad),
+        dropout=Dropout(p=float(dropout_p), seed=_seed(dropout_p, seed, generator)))
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

@@ -3,17 +3,16 @@
 Inputs may live on a GPU, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set before
 triton is imported).
 
-The attention functions take the parameter objects of ptm_kernels/kernel_params.py, like every backend; the
-launchers of attention.py and relative_attention.py take their fields as flat arguments. The adapters below
-unpack the objects into those argument lists, here and nowhere else.
+The attention functions take the parameter objects of ptm_kernels/kernel_params.py, like every backend (the
+attention launchers in attention/launch.py take them directly). The relative-attention launchers still take
+their fields as flat arguments: the adapters below unpack the objects into those argument lists.
 """
 
-from ..kernel_params import AttentionParams, RelativeParams, RelativeStream, Visibility
-from . import attention as _attention
+from ..kernel_params import RelativeParams, RelativeStream, Visibility
 from . import relative_attention as _relative
 from .activations import act_bwd, act_fwd, glu_bwd, glu_fwd
+from .attention import attention_bwd, attention_dropout_mask, attention_fwd, attention_tile
 from .losses import cross_entropy_bwd, cross_entropy_fwd
-from .attention import attention_dropout_mask, attention_tile
 from .norms import layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd
 from .rope import rope_fwd
 
@@ -34,13 +33,6 @@ def _visibility(v: Visibility) -> tuple:
             v.dense_mask)
 
 
-def _attention_args(p: AttentionParams) -> tuple:
-    """scale ... seed of the attention launchers."""
-    v, d = p.vis, p.dropout
-    return (p.scale, *_visibility(v), p.bias.dense, p.bias.toeplitz, v.block_map, v.block_m, v.block_n, d.p,
-            d.seed_value)
-
-
 def _shared(p: RelativeParams) -> tuple:
     """k_ids ... seed of the relative-attention launchers (after k, v, r)."""
     return p.k_ids, p.scale, p.r_offset, p.q_len, p.dropout.p, p.dropout.seed_value
@@ -50,16 +42,7 @@ def _stream(s: RelativeStream) -> tuple:
     return (s.qu, s.qv, s.seg, s.q_ids, s.positions, *_visibility(s.vis))
 
 
-# --------------------------------------------------------------------------------------------- attention
-def attention_fwd(q, k, v, p: AttentionParams):
-    return _attention.attention_fwd(q, k, v, *_attention_args(p))
-
-
-def attention_bwd(dout, q, k, v, out, lse, p: AttentionParams):
-    return _attention.attention_bwd(dout, q, k, v, out, lse, *_attention_args(p), p.bias.dense_requires_grad,
-                                    p.bias.toeplitz_requires_grad)
-
-
+# --------------------------------------------------------------------------------------- relative attention
 def relative_attention_fwd(k, v, r, p: RelativeParams, s: RelativeStream):
     return _relative.relative_attention_fwd(k, v, r, *_shared(p), *_stream(s))
 

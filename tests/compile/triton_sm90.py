@@ -40,6 +40,7 @@ import ptm_kernels.triton.losses as LOSSES  # noqa: E402
 import ptm_kernels.triton.norms as NORMS  # noqa: E402
 import ptm_kernels.triton.relative_attention as REL  # noqa: E402
 import ptm_kernels.triton.rope as ROPE  # noqa: E402
+from ptm_kernels.kernel_params import AttentionParams, Bias, Dropout, Visibility, replaced  # noqa: E402
 import sm90_artefacts  # noqa: E402  (beside this file: registers, spills, MMA kind, TMA from the cubin)
 
 CAPABILITY = (9, 0)
@@ -231,21 +232,28 @@ def attention_cases(dn):
         toep = torch.randn(H, 2 * L - 1)
         bm, bn = ATTN.attention_tile(D, dt, CUDA)
         bmap = torch.ones(B, H, triton.cdiv(L, bm), triton.cdiv(L, bn), dtype=torch.int8)
-        none = (False, -1, -1, None, None, None, None, None, None, None, None, 0, 0, 0.0, 0)
-        causal = (True, -1, -1, None, None, None, None, None, None, None, None, 0, 0, 0.0, 0)
-        heavy = (True, 64, 3, torch.tensor([200]), torch.tensor([10]), seg, seg, dense, bias, toep, bmap, bm, bn,
-                 0.1, 7)
-        masks = {"none": none, "causal": causal, "causal+window+klen+prefix+seg+dense+bias+toeplitz+dropout+map": heavy}
+        heavy_vis = Visibility(causal=True, window_left=64, window_right=3, key_lengths=torch.tensor([200]),
+                               prefix_lengths=torch.tensor([10]), q_segments=seg, k_segments=seg, dense_mask=dense,
+                               block_map=bmap, block_m=bm, block_n=bn)
+        masks = {
+            "none": AttentionParams(scale=0.1),
+            "causal": AttentionParams(scale=0.1, vis=Visibility(causal=True)),
+            "causal+window+klen+prefix+seg+dense+bias+toeplitz+dropout+map": AttentionParams(
+                scale=0.1, vis=heavy_vis, bias=Bias(dense=bias, toeplitz=toep),
+                dropout=Dropout(p=0.1, seed=torch.tensor(7))),
+        }
         if dn == "fp16":  # the 16-bit paths are bf16's: a subset
             masks.pop("none")
-        for mname, margs in masks.items():
-            yield f"attention_fwd {dn} D={D} {mname}", lambda: ATTN.attention_fwd(q, k, v, 0.1, *margs)
-            grads = (margs is heavy, margs is heavy)
-            yield (f"attention_bwd {dn} D={D} {mname}{' dbias+dtoeplitz' if grads[0] else ''}",
-                   lambda: ATTN.attention_bwd(q, q, k, v, q, lse, 0.1, *margs, *grads))
+        for mname, p in masks.items():
+            yield f"attention_fwd {dn} D={D} {mname}", lambda: ATTN.attention_fwd(q, k, v, p)
+            if p.bias.dense is not None:  # with the bias / Toeplitz gradients
+                p = replaced(p, bias=replaced(p.bias, dense_requires_grad=True, toeplitz_requires_grad=True))
+                mname += " dbias+dtoeplitz"
+            yield f"attention_bwd {dn} D={D} {mname}", lambda: ATTN.attention_bwd(q, q, k, v, q, lse, p)
         qd = torch.randn(1, 2, 1, D, dtype=dt)
         kd, vd = torch.randn(1, 2, 1024, D, dtype=dt), torch.randn(1, 2, 1024, D, dtype=dt)
-        yield f"attention_fwd {dn} D={D} decode (split-K + combine)", lambda: ATTN.attention_fwd(qd, kd, vd, 0.1, *none)
+        yield (f"attention_fwd {dn} D={D} decode (split-K + combine)",
+               lambda: ATTN.attention_fwd(qd, kd, vd, AttentionParams(scale=0.1)))
     if dn == "bf16":
         yield "attention_dropout_mask", lambda: ATTN.attention_dropout_mask(3, 0.1, 1, 1, 100, 100, "cpu")
 

@@ -2,11 +2,12 @@
 
 The interface (arguments, results, dtypes, mask semantics) is `ptm_kernels.reference_kernels.attention_*`:
 
-    attention_fwd(q, k, v, scale, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
-                  k_segments, dense_mask, bias, toeplitz, block_map, block_m, block_n, dropout_p, seed)
+    attention_fwd(q, k, v, p: AttentionParams)
         -> (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32, natural log, -inf for empty rows)
-    attention_bwd(dout, q, k, v, out, lse, <same mask arguments>, bias_requires_grad, toeplitz_requires_grad)
+    attention_bwd(dout, q, k, v, out, lse, p: AttentionParams)
         -> (dq, dk, dv, dbias float32 [B, H, Lq, Lk] or empty, dtoeplitz float32 [H, Lq + Lk - 1] or empty)
+       (p: ptm_kernels/kernel_params.py; launch.py turns its Visibility, Bias and Dropout into the kernels'
+       grouped arguments, masks.MaskArgs and the dropout tuple)
     attention_dropout_mask(seed, dropout_p, B, H, Lq, Lk, device) -> bool [B, H, Lq, Lk] keep-mask
     attention_tile(head_dim, dtype, device) -> (block_m, block_n) the forward tile, for the block map
 

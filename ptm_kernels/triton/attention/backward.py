@@ -9,29 +9,22 @@ import triton.language as tl
 
 from .._common import dot, dropout_keep, load
 from .masks import _key_tile, _key_tile_range, _mod_scores, _query_tile_range, _tile_ctx
+from .tiles import _row_program, _tile_mask, _tile_start
 
 
 @triton.jit
 def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_dob, s_doh, s_dom, H, Lq, D,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    bh64 = bh.to(tl.int64)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    _pid_m, b, h, offs_m, row_ok = _row_program(tl.program_id(0), Lq, H, BLOCK_M, False)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        mask = offs_m[:, None] < Lq
-    else:
-        mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    mask = _tile_mask(row_ok, offs_d, D, EVEN_D)
     rows64 = offs_m[:, None].to(tl.int64)
     o = tl.load(O + b64 * s_ob + h64 * s_oh + rows64 * s_om + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b64 * s_dob + h64 * s_doh + rows64 * s_dom + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh64 * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + (b64 * H + h64) * Lq + offs_m, delta, mask=row_ok)
 
 
 @triton.jit
@@ -74,26 +67,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, mask, lists, drop, 
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dQ (and, when DB / DT are given, dS into the dbias buffer [B, H, Lq, Lk] / the dtoeplitz table (ptr,
     stride_h)) of one query tile."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid_m = num_m - 1 - pid % num_m
-    bh = pid // num_m
-    b = bh // H
-    h = bh % H
+    pid_m, b, h, offs_m, row_ok = _row_program(tl.program_id(0), Lq, H, BLOCK_M, True)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    bh64 = bh.to(tl.int64)
+    bh64 = b64 * H + h64
     hk64 = (h // G).to(tl.int64)
 
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Lq
-    if EVEN_D:
-        q_mask = row_ok[:, None]
-    else:
-        q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q_mask = _tile_mask(row_ok, offs_d, D, EVEN_D)
     rows64 = offs_m[:, None].to(tl.int64)
     q = tl.load(Q[0] + b64 * Q[1] + h64 * Q[2] + rows64 * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO[0] + b64 * DO[1] + h64 * DO[2] + rows64 * DO[3] + offs_d[None, :], mask=q_mask, other=0.0)
@@ -137,19 +120,11 @@ def _dkdv_tiles(dk, dv, k, v, head, it_lo, it_hi, IDX, offs_mb, n0, offs_d, ctx,
     Lk = ctx[3]
     cols = n0 + tl.arange(0, BLOCK_N)
     for it in range(it_lo, it_hi):
-        if SPARSE:
-            start_m = tl.load(IDX + it) * BLOCK_M
-        else:
-            start_m = it * BLOCK_M
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_mb
+        rows = _tile_start(it, IDX, SPARSE, BLOCK_M) + offs_mb
         rows64 = rows[:, None].to(tl.int64)
         if MASK:
             row_ok = rows < Lq
-            if EVEN_D:
-                q_mask = row_ok[:, None]
-            else:
-                q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+            q_mask = _tile_mask(row_ok, offs_d, D, EVEN_D)
             lse = tl.load(LSE_bh + rows, mask=row_ok, other=float("inf"))  # rows past Lq: p = 0
             delta = tl.load(DELTA_bh + rows, mask=row_ok, other=0.0)
         else:  # a full query tile lies inside [0, Lq) (see _query_tile_range / _convert_map)
@@ -201,10 +176,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, mask, lists, drop, qk
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        kv_mask = cols[:, None] < Lk
-    else:
-        kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
+    kv_mask = _tile_mask(cols < Lk, offs_d, D, EVEN_D)
     cols64 = cols[:, None].to(tl.int64)
     k = tl.load(K[0] + b64 * K[1] + hk64 * K[2] + cols64 * K[3] + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V[0] + b64 * V[1] + hk64 * V[2] + cols64 * V[3] + offs_d[None, :], mask=kv_mask, other=0.0)

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .._common import dot, dropout_keep, load
 from .masks import _key_tile, _key_tile_range, _mod_scores, _tile_ctx
+from .tiles import _row_program, _tile_mask
 
 
 @triton.jit
@@ -140,20 +141,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk,
 def _attn_combine_kernel(OP, LP, O, LSE, s_os, s_ls, s_ob, s_oh, s_om, H, Lq, D, n_split,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """Merge the key splits: out = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    bh64 = bh.to(tl.int64)
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    _pid_m, b, h, offs_m, row_ok = _row_program(tl.program_id(0), Lq, H, BLOCK_M, False)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    bh64 = b64 * H + h64
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Lq
-    if EVEN_D:
-        mask = row_ok[:, None]
-    else:
-        mask = row_ok[:, None] & (offs_d[None, :] < D)
+    mask = _tile_mask(row_ok, offs_d, D, EVEN_D)
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     lp = LP + bh64 * Lq + offs_m  # pointers advance by the split strides (64-bit pointer arithmetic)
     for s in range(0, n_split):

@@ -15,6 +15,7 @@ from .block_map import _map_usable, _tile_lists
 from .configs import _bwd_configs, _fwd_configs, _shrink
 from .forward import _attn_combine_kernel, _attn_fwd_kernel, _dropout_mask_kernel
 from .masks import MaskArgs, ScoreTensor, Segments, Toeplitz
+from ...kernel_params import AttentionParams, Visibility
 
 # Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV.
 _FORCE_SPLITS: Optional[int] = None
@@ -42,44 +43,25 @@ def _rows(t: Tensor) -> tuple:
 
 
 class _Masks:
-    """The mask parts and dropout of one call, as kernel arguments (masks.MaskArgs, None for absent parts)."""
+    """The mask parts and dropout of one call (an AttentionParams) as kernel arguments: `args` (masks.MaskArgs,
+    None for absent parts), `drop` ((seed, threshold, scale) of _common.dropout_keep, or None), and the block map
+    when the kernels can use it (`tile_lists`)."""
 
-    def __init__(self, B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths,
-                 q_segments, k_segments, dense_mask, bias, toeplitz, dropout_p, seed):
-        self.causal = bool(causal)
-        wl = int(window_left) if window_left is not None else -1
-        wr = int(window_right) if window_right is not None else -1
-        # A bound that no (query, key) pair can exceed is no bound (also keeps the index math in int32):
-        # i + Lk - Lq - j <= Lk - 1 and j - (i + Lk - Lq) <= Lq - 1 always; Lq + Lk stands for "unbounded".
-        has_wl = 0 <= wl < Lk - 1
-        has_wr = 0 <= wr < Lq - 1
-        window = (wl if has_wl else Lq + Lk, wr if has_wr else Lq + Lk) if has_wl or has_wr else None
-        segments = None
-        if q_segments is not None and k_segments is not None:
-            segments = Segments(q_segments, k_segments, q_segments.stride(0), q_segments.stride(1),
-                                k_segments.stride(0), k_segments.stride(1))
-        dense = None
-        if dense_mask is not None:
-            dm = dense_mask.expand(B, H, Lq, Lk)
-            dm = dm.view(torch.uint8) if dm.dtype == torch.bool else (dm != 0).view(torch.uint8)
-            dense = ScoreTensor(dm, *dm.stride())
-        bias_arg = None
-        if bias is not None:
-            bias = bias.expand(B, H, Lq, Lk)
-            bias_arg = ScoreTensor(bias, *bias.stride())
-        toep = None
-        if toeplitz is not None:
-            table = toeplitz.to(torch.float32).contiguous()
-            toep = Toeplitz(table, table.stride(0))
+    def __init__(self, p: AttentionParams, B: int, H: int, Lq: int, Lk: int):
+        vis = p.vis
+        self.causal = bool(vis.causal)
         self.args = MaskArgs(
-            key_lengths=key_lengths.clamp(0, Lk).to(torch.int32).contiguous() if key_lengths is not None else None,
-            prefix_lengths=(prefix_lengths.clamp(0, Lk).to(torch.int32).contiguous()
-                            if self.causal and prefix_lengths is not None else None),
-            window=window, segments=segments, dense=dense, bias=bias_arg, toeplitz=toep)
-        p = float(dropout_p)
-        # (seed, threshold, scale) of _common.dropout_keep, or None
-        self.drop = (C.dropout_seed(seed), C.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1.0 else 0.0) \
-            if p > 0.0 else None
+            key_lengths=_lengths(vis.key_lengths, Lk),
+            prefix_lengths=_lengths(vis.prefix_lengths, Lk) if self.causal else None,
+            window=_window(vis, Lq, Lk), segments=_segments(vis),
+            dense=_score_tensor(vis.dense_mask, B, H, Lq, Lk, as_bytes=True),
+            bias=_score_tensor(p.bias.dense, B, H, Lq, Lk), toeplitz=_toeplitz(p.bias.toeplitz))
+        d = p.dropout
+        self.drop = (C.dropout_seed(d.seed_value), C.dropout_threshold(d.p), 1.0 / (1.0 - d.p) if d.p < 1.0 else 0.0) \
+            if d.p > 0.0 else None
+        # The block map only helps the element-wise parts (the analytic ones have closed-form tile ranges).
+        usable = self.elementwise and _map_usable(vis.block_map, B, H, Lq, Lk, vis.block_m, vis.block_n)
+        self._map = (vis.block_map, vis.block_m, vis.block_n) if usable else None
 
     @property
     def elementwise(self) -> bool:
@@ -93,14 +75,55 @@ class _Masks:
     def flags(self) -> dict:
         return dict(CAUSAL=self.causal, ELEMWISE=self.elementwise)
 
+    def tile_lists(self, bm: int, bn: int, Lq: int, Lk: int, transpose: bool) -> Optional[TileLists]:
+        """The block map's tile lists at tile (bm, bn) (transposed: per key tile), or None without a usable map."""
+        if self._map is None:
+            return None
+        block_map, map_bm, map_bn = self._map
+        cnt_p, idx_p, cnt_f, idx_f = _tile_lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose)
+        return TileLists(cnt_p, idx_p, cnt_f, idx_f, cnt_p.stride(0) if cnt_p.shape[0] > 1 else 0,
+                         cnt_p.stride(1) if cnt_p.shape[1] > 1 else 0, idx_p.shape[-1])
 
-def _lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose) -> Optional[TileLists]:
-    """The block map's tile lists at tile (bm, bn) (transposed: per key tile), or None without a map."""
-    if block_map is None:
+
+def _lengths(lengths: Optional[Tensor], Lk: int) -> Optional[Tensor]:
+    """Key / prefix lengths as the kernels read them: int32 [B], clamped to [0, Lk]."""
+    return None if lengths is None else lengths.clamp(0, Lk).to(torch.int32).contiguous()
+
+
+def _window(vis: Visibility, Lq: int, Lk: int) -> Optional[tuple]:
+    """(left, right) of masks.MaskArgs.window, or None when neither side bounds anything."""
+    wl = int(vis.window_left) if vis.window_left is not None else -1
+    wr = int(vis.window_right) if vis.window_right is not None else -1
+    # A bound that no (query, key) pair can exceed is no bound (also keeps the index math in int32):
+    # i + Lk - Lq - j <= Lk - 1 and j - (i + Lk - Lq) <= Lq - 1 always; Lq + Lk stands for "unbounded".
+    has_wl = 0 <= wl < Lk - 1
+    has_wr = 0 <= wr < Lq - 1
+    return (wl if has_wl else Lq + Lk, wr if has_wr else Lq + Lk) if has_wl or has_wr else None
+
+
+def _segments(vis: Visibility) -> Optional[Segments]:
+    q, k = vis.q_segments, vis.k_segments
+    if q is None or k is None:
         return None
-    cnt_p, idx_p, cnt_f, idx_f = _tile_lists(block_map, map_bm, map_bn, bm, bn, Lq, Lk, transpose)
-    return TileLists(cnt_p, idx_p, cnt_f, idx_f, cnt_p.stride(0) if cnt_p.shape[0] > 1 else 0,
-                     cnt_p.stride(1) if cnt_p.shape[1] > 1 else 0, idx_p.shape[-1])
+    return Segments(q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+
+
+def _score_tensor(t: Optional[Tensor], B, H, Lq, Lk, as_bytes: bool = False) -> Optional[ScoreTensor]:
+    """A per-score tensor (additive bias; the dense mask as_bytes: uint8, nonzero = visible) expanded to
+    [B, H, Lq, Lk] (stride 0 on broadcast dims, no copy)."""
+    if t is None:
+        return None
+    t = t.expand(B, H, Lq, Lk)
+    if as_bytes:
+        t = t.view(torch.uint8) if t.dtype == torch.bool else (t != 0).view(torch.uint8)
+    return ScoreTensor(t, *t.stride())
+
+
+def _toeplitz(table: Optional[Tensor]) -> Optional[Toeplitz]:
+    if table is None:
+        return None
+    table = table.to(torch.float32).contiguous()
+    return Toeplitz(table, table.stride(0))
 
 
 def _check(q, k, v):
@@ -121,14 +144,12 @@ def _unit_last(t: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ forward
-def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_right: int, key_lengths,
-                  prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
-                  block_m: int, block_n: int, dropout_p: float, seed: int):
+def attention_fwd(q, k, v, p: AttentionParams):
     """-> (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)."""
     _check(q, k, v)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Lq, D = q.shape
-    Hk, Lk = k.shape[1], k.shape[2]
+    Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H * Lq == 0:
@@ -137,9 +158,7 @@ def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    mk = _Masks(B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
-                k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
-    use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
+    mk = _Masks(p, B, H, Lq, Lk)
     cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy)
 
     def run(cfg):
@@ -147,19 +166,18 @@ def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_
         BM, BN = _shrink(BM, Lq), _shrink(BN, Lk)
         if BM <= 32:  # decoding-sized query tiles: fewer warps
             warps = min(warps, 4)
-        return _fwd_launch(q, k, v, out, lse, float(scale), mk, block_map if use_map else None, block_m,
-                           block_n, BM, BN, warps, stages)
+        return _fwd_launch(q, k, v, out, lse, float(p.scale), mk, BM, BN, warps, stages)
 
     C.first_that_fits(_FALLBACK, ("fwd", block_d(D), q.dtype, str(q.device), mk.heavy), cfgs, run)
     return out, lse
 
 
-def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn, BM, BN, warps, stages):
+def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, BM, BN, warps, stages):
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     BD = block_d(D)
     num_m = triton.cdiv(Lq, BM)
-    lists = _lists(block_map, map_bm, map_bn, BM, BN, Lq, Lk, transpose=False)
+    lists = mk.tile_lists(BM, BN, Lq, Lk, transpose=False)
 
     # Split the keys across programs when the query tiles alone cannot fill the device (decoding).
     programs = num_m * B * H
@@ -212,10 +230,7 @@ def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int,
 
 
 # ----------------------------------------------------------------------------------------------- backward
-def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_left: int, window_right: int,
-                  key_lengths, prefix_lengths, q_segments, k_segments, dense_mask, bias, toeplitz, block_map,
-                  block_m: int, block_n: int, dropout_p: float, seed: int, bias_requires_grad: bool,
-                  toeplitz_requires_grad: bool):
+def attention_bwd(dout, q, k, v, out, lse, p: AttentionParams):
     """-> (dq, dk, dv, dbias, dtoeplitz); see reference_kernels.attention_bwd."""
     _check(q, k, v)
     q, k, v, dout, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout), _unit_last(out)
@@ -225,16 +240,14 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, Hk, Lk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, Hk, Lk, D), dtype=v.dtype, device=dev)
-    dbias = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=dev) if bias_requires_grad else q.new_empty(0)
-    dtoep = (torch.zeros((H, Lq + Lk - 1), dtype=torch.float32, device=dev) if toeplitz_requires_grad
-             else q.new_empty(0))
+    want_dbias, want_dtoep = p.bias.dense_requires_grad, p.bias.toeplitz_requires_grad
+    dbias = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=dev) if want_dbias else q.new_empty(0)
+    dtoep = torch.zeros((H, Lq + Lk - 1), dtype=torch.float32, device=dev) if want_dtoep else q.new_empty(0)
     if B * H == 0 or Lq == 0 or Lk == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, dbias, dtoep
     lse = lse.to(torch.float32).contiguous()
-    mk = _Masks(B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
-                k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
-    use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
+    mk = _Masks(p, B, H, Lq, Lk)
     BD = block_d(D)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
@@ -245,19 +258,19 @@ def attention_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, window_le
         BLOCK_M=BMP, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
     )
 
+    # where the dQ kernel writes dS: the dbias buffer, the dtoeplitz table (ptr, stride_h); None when not wanted
+    ds_out = (dbias if want_dbias else None, (dtoep, dtoep.stride(0)) if want_dtoep else None)
+
     def run(cfg):
-        if toeplitz_requires_grad:
+        if want_dtoep:
             dtoep.zero_()  # a retried config starts over (the dQ kernel accumulates into it)
-        _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, float(scale), mk,
-                    block_map if use_map else None, block_m, block_n, cfg, bias_requires_grad,
-                    toeplitz_requires_grad)
+        _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, float(p.scale), mk, cfg)
 
     C.first_that_fits(_FALLBACK, ("bwd", BD, q.dtype, str(dev), mk.heavy), _bwd_configs(D, q.dtype, dev, mk.heavy), run)
     return dq, dk, dv, dbias, dtoep
 
 
-def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: _Masks, block_map, map_bm, map_bn,
-                cfg, has_dbias, has_dtoep):
+def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, scale, mk: _Masks, cfg):
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     G = H // Hk
@@ -272,6 +285,7 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
     prec = C.precision(q.dtype, q.device)
     flags = mk.flags()
     Q, K, V, DO = _rows(q), _rows(k), _rows(v), _rows(dout)
+    dbias, dtoep = ds_out
 
     # dK / dV: one program per (key tile, b, kv head, group split).
     num_n = triton.cdiv(Lk, BN1)
@@ -295,7 +309,7 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
         dv_arg = (dv, dv.stride(0), dv.stride(1), 0, dv.stride(2))
     _attn_bwd_dkdv_kernel[(base_programs * ns,)](
         Q, K, V, DO, lse, delta, dk_arg, dv_arg, mk.args,
-        _lists(block_map, map_bm, map_bn, BM1, BN1, Lq, Lk, transpose=True), mk.drop, scale * LOG2E, scale,
+        mk.tile_lists(BM1, BN1, Lq, Lk, transpose=True), mk.drop, scale * LOG2E, scale,
         H, Hk, G, G // ns, ns, Lq, Lk, D, **flags, BLOCK_M=BM1, BLOCK_N=BN1, BLOCK_D=BD, EVEN_D=(D == BD),
         PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w1, num_stages=st1,
     )
@@ -305,9 +319,8 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, dbias, dtoep, scale, mk: 
 
     # dQ (and dS for the bias / Toeplitz gradients): one program per (query tile, b, h).
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM2) * B * H,)](
-        Q, K, V, DO, lse, delta, _rows(dq), dbias if has_dbias else None,
-        (dtoep, dtoep.stride(0)) if has_dtoep else None,
-        mk.args, _lists(block_map, map_bm, map_bn, BM2, BN2, Lq, Lk, transpose=False), mk.drop, scale * LOG2E,
-        scale, H, G, Lq, Lk, D, **flags, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BD, EVEN_D=(D == BD),
+        Q, K, V, DO, lse, delta, _rows(dq), dbias, dtoep, mk.args,
+        mk.tile_lists(BM2, BN2, Lq, Lk, transpose=False), mk.drop, scale * LOG2E, scale, H, G, Lq, Lk, D,
+        **flags, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BD, EVEN_D=(D == BD),
         PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w2, num_stages=st2,
     )

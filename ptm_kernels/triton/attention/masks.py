@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import analytic_visible
+from .tiles import _tile_mask, _tile_start
 
 
 class Segments(NamedTuple):
@@ -132,14 +133,7 @@ def _key_tile_range(m0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         full_hi = tl.minimum(full_hi, m0 + off + wr + 1)
         lo = tl.maximum(lo, m0 + off - wl)
         full_lo = tl.maximum(full_lo, m_last + off - wl)
-    if ELEMWISE:
-        full_hi = full_hi * 0
-    lo = tl.maximum(lo, 0)
-    A = lo // BLOCK_N
-    Z = tl.where(hi > lo, tl.cdiv(tl.maximum(hi, 0), BLOCK_N), A)
-    F0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, 0), BLOCK_N), A), Z)
-    F1 = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N, F0), Z)
-    return A, F0, F1, Z
+    return _tile_span(lo, hi, full_lo, full_hi, BLOCK_N, ELEMWISE)
 
 @triton.jit
 def _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK: tl.constexpr, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -147,17 +141,10 @@ def _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK: tl.constexpr, SPARSE: tl.con
     """The it-th key tile of a forward / dQ loop (tile index it, or the it-th entry of the list IDX when SPARSE):
     -> (start_n, cols, kv_mask: the bounds mask of its K / V loads). A tile on the unmasked path (not MASK) lies
     inside [0, Lk) (see _key_tile_range / _convert_map), so it needs no bounds mask (only the head dim's)."""
-    if SPARSE:
-        start_n = tl.load(IDX + it) * BLOCK_N
-    else:
-        start_n = it * BLOCK_N
-    start_n = tl.multiple_of(start_n, BLOCK_N)
+    start_n = _tile_start(it, IDX, SPARSE, BLOCK_N)
     cols = start_n + offs_n
     if MASK:
-        if EVEN_D:
-            kv_mask = cols[:, None] < Lk
-        else:
-            kv_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
+        kv_mask = _tile_mask(cols < Lk, offs_d, D, EVEN_D)
     else:
         kv_mask = offs_d[None, :] < D  # (unused when EVEN_D)
     return start_n, cols, kv_mask
@@ -192,12 +179,19 @@ def _query_tile_range(n0, ctx, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
         full_lo = tl.maximum(full_lo, n0 + BLOCK_N - 1 - wr - off)
         hi = tl.minimum(hi, n_last + wl - off + 1)
         full_hi = tl.minimum(full_hi, n0 + wl - off + 1)
+    return _tile_span(lo, hi, full_lo, full_hi, BLOCK_M, ELEMWISE)
+
+
+@triton.jit
+def _tile_span(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr, ELEMWISE: tl.constexpr):
+    """Indices [lo, hi) may be visible, [full_lo, full_hi) are (unless ELEMWISE: element-wise parts leave no tile
+    surely full) -> the tiles of BLOCK to visit, [A, Z), of which [F0, F1) need no mask."""
     if ELEMWISE:
         full_hi = full_hi * 0
     lo = tl.maximum(lo, 0)
-    A = lo // BLOCK_M
-    Z = tl.where(hi > lo, tl.cdiv(tl.maximum(hi, 0), BLOCK_M), A)
-    F0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, 0), BLOCK_M), A), Z)
-    F1 = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_M, F0), Z)
+    A = lo // BLOCK
+    Z = tl.where(hi > lo, tl.cdiv(tl.maximum(hi, 0), BLOCK), A)
+    F0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, 0), BLOCK), A), Z)
+    F1 = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK, F0), Z)
     return A, F0, F1, Z
 
