@@ -203,8 +203,11 @@ def kernels(op: str, x: torch.Tensor, *others: torch.Tensor) -> ModuleType:
     So does a problem where x or one of `others` has no element: plain PyTorch gives torch's empty (or, for
     attention with no key, zero) results, where the kernels' launch grids and loops assume some work.
     """
-    if x.numel() == 0 or (others and any(t.numel() == 0 for t in others)):
+    if x.numel() == 0:
         return module("reference")
+    for t in others:
+        if t.numel() == 0:
+            return module("reference")
     # Every op call comes here: the module is kept per (op, device, dtype) with the overrides in force, so a
     # `use()` block or a changed PTM_KERNELS_BACKEND (other overrides) resolves afresh.
     overrides = _overrides()

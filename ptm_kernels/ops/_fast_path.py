@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 # The argument types that may skip the dispatcher: exactly these (a subclass, e.g. FakeTensor, DTensor, an fx
 # Proxy, or an int subclass, takes the dispatcher).
-_PLAIN_TYPES = frozenset((Tensor, nn.Parameter, bool, int, float, str, type(None)))
+_TENSORS = frozenset((Tensor, nn.Parameter))
+_PLAIN_TYPES = _TENSORS | {bool, int, float, str, type(None)}
 
 
 def custom_op(name: str) -> Callable:
@@ -47,8 +48,11 @@ def skips_dispatch(args) -> bool:
     # One pass over the types in C: a Python loop over attention's 21 arguments cost about 2 µs.
     if not _PLAIN_TYPES.issuperset(map(type, args)):
         return False
-    # The question torch.library's own autograd wrapper asks before recording a node (torch/_library/autograd.py)
-    return not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+    if torch.is_grad_enabled():
+        for a in args:
+            if type(a) in _TENSORS and a.requires_grad:
+                return False
+    return True
 
 
 def call(op, *args):
