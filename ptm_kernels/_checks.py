@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -31,7 +30,7 @@ def same_device(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
 
 
 def shape(name: str, t: Optional[Tensor], expected: Sequence[int]) -> None:
-    if t is not None and tuple(t.shape) != tuple(expected):
+    if t is not None and t.shape != tuple(expected):  # torch.Size compares with a tuple
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
@@ -50,4 +49,6 @@ def param_dtype(x: Tensor, p: Optional[Tensor]) -> Optional[Tensor]:
 
 def rows(x: Tensor) -> Tensor:
     """x as a contiguous [N, C] matrix (a view when x is contiguous); N or C may be 0."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+    if x.dim() != 2:  # flatten (a reshape) costs less than reshape to computed sizes; a matrix needs neither
+        x = x.flatten(0, -2) if x.dim() > 2 else x.unsqueeze(0)
+    return x.contiguous()

@@ -51,6 +51,7 @@ from . import _checks
 from .dtypes import compute_dtype
 from .kernel_params import Visibility  # the kernels' form of a mask's visibility parts
 
+_ALL_VISIBLE = Visibility()  # what a mask without visibility parts gives for any shapes
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _CACHE_SIZE = 12  # entries per mask: a few shapes (e.g. train and eval lengths) per mask object, 3 each
 
@@ -239,6 +240,8 @@ class AttentionMask:
                    tile: Optional[Tuple[int, int]] = None) -> Visibility:
         """The kernel's Visibility for these shapes, checked (cached); with a (block_m, block_n) tile, it also
         carries the block map at that tile."""
+        if not self.has_visibility:  # no mask, or only scores: nothing to check, and a mask rebuilt from the same
+            return _ALL_VISIBLE  # parts hides nothing either (a fresh AttentionMask() per call finds no cache)
         current = self._current()
         if current is not self:
             return current.visibility(B, H, Lq, Lk, device, tile)

@@ -49,23 +49,45 @@ def _parse(spec: str) -> Dict[str, str]:
     return out
 
 
-_PARSED: Dict[str, Dict[str, str]] = {}  # PTM_KERNELS_BACKEND value -> its parse: parsed once, not per op call
+class _Overrides(dict):
+    """The backend chosen per op family ('*': all) by PTM_KERNELS_BACKEND or a `use()` block, with the modules
+    it resolves to (`kernels`): every op call asks, and the answer only changes with the overrides in force."""
+
+    def __init__(self, choice: Dict[str, str]):
+        super().__init__(choice)
+        self.names: Dict[tuple, str] = {}  # (op, device type) -> backend name
+        self.modules: Dict[tuple, ModuleType] = {}  # (op, device, dtype) -> module
 
 
-def _overrides() -> Dict[str, str]:
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    spec = os.environ.get("PTM_KERNELS_BACKEND", "")
-    parsed = _PARSED.get(spec)
+# os.environ.get encodes the name and decodes the value on every call (~0.7 µs, an op call reads the variable
+# each time so that a change takes effect at once): the raw value is looked up in os.environ's own mapping,
+# which every os.environ change updates. (os.environ.get where there is no such mapping.)
+_ENV_NAME = "PTM_KERNELS_BACKEND"
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV_NAME) if _ENV_DATA is not None else None
+_PARSED: Dict[object, _Overrides] = {}  # raw PTM_KERNELS_BACKEND value -> its parse: parsed once, not per op call
+
+_uses_lock = threading.Lock()
+_uses_open = 0  # `use()` blocks open in any thread: while there are none, no thread's stack is read
+
+
+def _overrides() -> _Overrides:
+    if _uses_open:
+        stack = getattr(_local, "stack", None)
+        if stack:
+            return stack[-1]
+    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV_NAME)
+    parsed = _PARSED.get(raw)
     if parsed is None:
-        parsed = _PARSED[spec] = _parse(spec)
+        spec = os.environ.get(_ENV_NAME, "")
+        parsed = _PARSED[raw] = _Overrides(_parse(spec))
     return parsed
 
 
 @contextlib.contextmanager
 def use(default: Optional[str] = None, **per_op: str):
     """Run the ops inside the block on the given backend(s): `with use("triton"):` or `use(rope="cpu")`."""
+    global _uses_open
     choice = dict(_overrides())
     if default is not None:
         choice.update(_parse(default))
@@ -74,11 +96,15 @@ def use(default: Optional[str] = None, **per_op: str):
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
-    stack.append(choice)
+    stack.append(_Overrides(choice))
+    with _uses_lock:
+        _uses_open += 1
     try:
         yield
     finally:
         stack.pop()
+        with _uses_lock:
+            _uses_open -= 1
 
 
 def triton_interpreted() -> bool:
@@ -145,7 +171,17 @@ def select(op: str, device: torch.device) -> str:
 
 
 def _select(op: str, device_type: str) -> str:
-    choice = _overrides()
+    overrides = _overrides()
+    name = overrides.names.get((op, device_type))
+    if name is None:
+        name = _resolve(overrides, op, device_type)
+        # Triton on CPU tensors also depends on TRITON_INTERPRET, read on every call: not kept
+        if not (name == "triton" and device_type == "cpu"):
+            overrides.names[(op, device_type)] = name
+    return name
+
+
+def _resolve(choice: Dict[str, str], op: str, device_type: str) -> str:
     name = choice.get(op, choice.get("*"))
     if name is None:
         return default(op, device_type)
@@ -167,9 +203,22 @@ def kernels(op: str, x: torch.Tensor, *others: torch.Tensor) -> ModuleType:
     So does a problem where x or one of `others` has no element: plain PyTorch gives torch's empty (or, for
     attention with no key, zero) results, where the kernels' launch grids and loops assume some work.
     """
-    if x.numel() == 0 or any(t.numel() == 0 for t in others):
+    if x.numel() == 0:
         return module("reference")
-    return module(choice(op, x.device.type, x.dtype))
+    for t in others:
+        if t.numel() == 0:
+            return module("reference")
+    # Every op call comes here: the module is kept per (op, device, dtype) with the overrides in force, so a
+    # `use()` block or a changed PTM_KERNELS_BACKEND (other overrides) resolves afresh.
+    overrides = _overrides()
+    key = (op, x.device, x.dtype)
+    mod = overrides.modules.get(key)
+    if mod is None:
+        name = choice(op, x.device.type, x.dtype)
+        mod = module(name)
+        if not (name == "triton" and x.device.type == "cpu"):  # see _select
+            overrides.modules[key] = mod
+    return mod
 
 
 def choice(op: str, device_type: str, dtype: torch.dtype) -> str:

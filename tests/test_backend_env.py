@@ -50,3 +50,89 @@ def test_attention_tile_follows_the_backend(monkeypatch):
     assert tile() == (32, 16)
     monkeypatch.delenv("PTM_KERNELS_BACKEND")
     assert tile() == want
+
+
+def test_kept_kernel_modules_follow_use_and_the_environment(monkeypatch):
+    """`kernels` keeps the module it resolved per overrides in force: an op that ran once on the default backend
+    still follows a `use()` block, its end, and PTM_KERNELS_BACKEND set or removed afterwards."""
+    from ptm_kernels import reference_kernels
+
+    monkeypatch.delenv("PTM_KERNELS_BACKEND", raising=False)
+    x = torch.randn(4, 8)
+    default = backend.module(backend.default("rms_norm", "cpu"))
+    for _ in range(2):  # the second time from what was kept
+        assert backend.kernels("rms_norm", x) is default
+    with backend.use(rms_norm="reference"):
+        assert backend.kernels("rms_norm", x) is reference_kernels
+        assert backend.kernels("layer_norm", x) is backend.module(backend.default("layer_norm", "cpu"))
+        with backend.use("cpu" if backend.supports("cpu", "rms_norm", "cpu") else "reference"):
+            assert backend.kernels("rms_norm", x) is backend.module(backend.select("rms_norm", x.device))
+        assert backend.kernels("rms_norm", x) is reference_kernels
+    assert backend.kernels("rms_norm", x) is default
+    monkeypatch.setenv("PTM_KERNELS_BACKEND", "reference")
+    assert backend.kernels("rms_norm", x) is reference_kernels
+    assert backend.kernels("rms_norm", x.double()) is reference_kernels
+    monkeypatch.delenv("PTM_KERNELS_BACKEND")
+    assert backend.kernels("rms_norm", x) is default
+
+
+def test_an_op_call_runs_the_backend_in_force(monkeypatch):
+    """End to end: pk.rms_norm runs the reference inside use(rms_norm="reference") after running the default."""
+    import ptm_kernels as pk
+    from ptm_kernels import reference_kernels
+
+    monkeypatch.delenv("PTM_KERNELS_BACKEND", raising=False)
+    calls = []
+    real = reference_kernels.rms_norm_fwd
+    monkeypatch.setattr(reference_kernels, "rms_norm_fwd", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(3, 8), torch.randn(8)
+    with torch.no_grad():
+        pk.rms_norm(x, w)
+        default_calls = len(calls)
+        with backend.use(rms_norm="reference"):
+            pk.rms_norm(x, w)
+        assert len(calls) == default_calls + 1
+        monkeypatch.setenv("PTM_KERNELS_BACKEND", "rms_norm=reference")
+        pk.rms_norm(x, w)
+        assert len(calls) == default_calls + 2
+
+
+def test_a_use_block_in_another_thread_changes_nothing_here(monkeypatch):
+    import threading
+
+    from ptm_kernels import reference_kernels
+
+    monkeypatch.delenv("PTM_KERNELS_BACKEND", raising=False)
+    x = torch.randn(4, 8)
+    default = backend.kernels("rms_norm", x)
+    entered, leave = threading.Event(), threading.Event()
+    seen = []
+
+    def other():
+        with backend.use("reference"):
+            seen.append(backend.kernels("rms_norm", x))
+            entered.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        assert seen == [reference_kernels]
+        assert backend.kernels("rms_norm", x) is default
+    finally:
+        leave.set()
+        thread.join()
+    assert backend.kernels("rms_norm", x) is default
+
+
+@pytest.mark.skipif(backend.module("triton") is None, reason="the Triton backend is not importable here")
+def test_triton_on_cpu_follows_triton_interpret_on_every_call(monkeypatch):
+    """Triton on CPU tensors needs TRITON_INTERPRET=1: that answer is not kept, so unsetting it raises again."""
+    x = torch.randn(4, 8)
+    with backend.use(rms_norm="triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert backend.kernels("rms_norm", x) is backend.module("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run rms_norm on cpu"):
+            backend.kernels("rms_norm", x)

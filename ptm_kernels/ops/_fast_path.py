@@ -22,8 +22,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-_PLAIN = (Tensor, nn.Parameter)
-_VALUES = (bool, int, float, str)
+# The argument types that may skip the dispatcher: exactly these (a subclass, e.g. FakeTensor, DTensor, an fx
+# Proxy, or an int subclass, takes the dispatcher).
+_TENSORS = frozenset((Tensor, nn.Parameter))
+_PLAIN_TYPES = _TENSORS | {bool, int, float, str, type(None)}
 
 
 def custom_op(name: str) -> Callable:
@@ -43,13 +45,13 @@ def skips_dispatch(args) -> bool:
             torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or \
             torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, Tensor):
-            if type(a) not in _PLAIN or (grad and a.requires_grad):
+    # One pass over the types in C: a Python loop over attention's 21 arguments cost about 2 µs.
+    if not _PLAIN_TYPES.issuperset(map(type, args)):
+        return False
+    if torch.is_grad_enabled():
+        for a in args:
+            if type(a) in _TENSORS and a.requires_grad:
                 return False
-        elif a is not None and not isinstance(a, _VALUES):
-            return False
     return True
 
 

@@ -100,7 +100,7 @@ def _act_name(approximate: str) -> str:
 def _elementwise(x: Tensor, bias: Optional[Tensor], act: str) -> Tensor:
     if x.dim() == 0:
         return _elementwise(x.reshape(1), bias, act).reshape(())
-    return _fast_path.call(_activation, _checks.rows(x), bias, act).view(x.shape)
+    return _fast_path.call(_activation, _checks.rows(x), bias, act).view_as(x)
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -129,7 +129,7 @@ def _gated(gate: Tensor, up: Tensor, act: str) -> Tensor:
     _checks.shape("up", up, gate.shape)
     _checks.same_dtype("gate", gate, up=up)
     _checks.same_device("gate", gate, up=up)
-    return _fast_path.call(_gated_activation, _checks.rows(gate), _checks.rows(up), act).view(gate.shape)
+    return _fast_path.call(_gated_activation, _checks.rows(gate), _checks.rows(up), act).view_as(gate)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:

@@ -66,8 +66,8 @@ def _positions(q: Tensor, max_positions: int, position_ids: Optional[Tensor], of
         _checks.same_device("q", q, position_ids=position_ids)
         pos = position_ids.to(torch.int64).contiguous()
     else:
-        steps = torch.arange(L, device=q.device, dtype=torch.int64)
         if isinstance(offset, Tensor):
+            steps = torch.arange(L, device=q.device, dtype=torch.int64)
             _checks.tensor("offset", offset, dtypes=(torch.int64, torch.int32))
             if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] not in (1, B)):
                 raise ValueError(f"offset must be an int, a scalar tensor or a [{B}] tensor, got shape "
@@ -77,13 +77,25 @@ def _positions(q: Tensor, max_positions: int, position_ids: Optional[Tensor], of
             if offset < 0 or offset + L > max_positions:
                 raise ValueError(f"positions offset..offset+L-1 = {offset}..{offset + L - 1} fall outside the "
                                  f"cos/sin cache of {max_positions} positions")
-            return (steps + int(offset)).unsqueeze(0)
+            return _steps(int(offset), L, q.device)
     # A user-given position must index the cache; checked here because a GPU kernel cannot raise.
     if pos.numel() and not torch.compiler.is_compiling():
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0 or hi >= max_positions:
             raise ValueError(f"positions must lie in [0, {max_positions}) (the cos/sin cache), got [{lo}, {hi}]")
     return pos
+
+
+def _steps(start: int, L: int, device: torch.device) -> Tensor:
+    """[[start, ..., start + L - 1]] (int64 [1, L]), the cheapest way for a decode step's one position: arange and
+    a view cost three times torch.full."""
+    if L == 1:
+        return torch.full((1, 1), start, dtype=torch.int64, device=device)
+    return torch.arange(start, start + L, dtype=torch.int64, device=device).view(1, L)
+
+
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, *, position_ids: Optional[Tensor] = None,
@@ -116,12 +128,9 @@ def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, *, position_i
     _checks.same_device("q", q, cos=cos, sin=sin)
     positions = _positions(q, cos.shape[0], position_ids, offset)
 
-    def unit_stride(t):
-        return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
     cos32, sin32 = cos.float().contiguous(), sin.float().contiguous()
-    q_out, k_out = _fast_path.call(_rope, unit_stride(q), unit_stride(k), cos32, sin32, positions, bool(interleaved),
-                                   R, False)
+    q_out, k_out = _fast_path.call(_rope, _unit_stride(q), _unit_stride(k), cos32, sin32, positions,
+                                   bool(interleaved), R, False)
     return (q_out, k_out) if k is not None else q_out
 
 
@@ -149,11 +158,12 @@ def rope_at_positions(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor):
             raise ValueError(f"k must have shape [{B}, Hk, {L}, {D}] to match q {tuple(q.shape)}, "
                              f"got {tuple(k.shape)}")
     _checks.same_device("q", q, k=k, cos=cos, sin=sin)
-    positions = torch.arange(Bc * L, device=q.device).view(Bc, L)  # row b * L + l of the [Bc * L, half] table
+    positions = _steps(0, Bc * L, q.device)  # token l of batch row b reads row b * L + l of the [Bc * L, half] table
+    if Bc > 1:
+        positions = positions.view(Bc, L)
     table = lambda t: t.reshape(Bc * L, half).float().contiguous()  # noqa: E731
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k is None or k.stride(-1) == 1 else k.contiguous()
-    q_out, k_out = _fast_path.call(_rope, q, k, table(cos), table(sin), positions, False, 2 * half, False)
+    q_out, k_out = _fast_path.call(_rope, _unit_stride(q), _unit_stride(k), table(cos), table(sin), positions, False,
+                                   2 * half, False)
     return (q_out, k_out) if k is not None else q_out
 
 
