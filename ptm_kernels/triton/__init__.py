@@ -3,18 +3,19 @@
 Inputs may live on a GPU, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set before
 triton is imported).
 
-The attention functions take the parameter objects of ptm_kernels/kernel_params.py, like every backend; the
-launchers of attention.py and relative_attention.py take their fields as flat arguments. The adapters below
-unpack the objects into those argument lists, here and nowhere else.
+The attention functions take the parameter objects of ptm_kernels/kernel_params.py, like every backend. The
+relative-attention launchers take them directly; the attention launchers take their fields as flat arguments,
+unpacked by the adapters below, here and nowhere else.
 """
 
-from ..kernel_params import AttentionParams, RelativeParams, RelativeStream, Visibility
+from ..kernel_params import AttentionParams, Visibility
 from . import attention as _attention
-from . import relative_attention as _relative
 from .activations import act_bwd, act_fwd, glu_bwd, glu_fwd
 from .losses import cross_entropy_bwd, cross_entropy_fwd
 from .attention import attention_dropout_mask, attention_tile
 from .norms import layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd
+from .relative_attention import (relative_attention_bwd, relative_attention_fwd, two_stream_attention_bwd,
+                                 two_stream_attention_fwd)
 from .rope import rope_fwd
 
 __all__ = [
@@ -41,15 +42,6 @@ def _attention_args(p: AttentionParams) -> tuple:
             d.seed_value)
 
 
-def _shared(p: RelativeParams) -> tuple:
-    """k_ids ... seed of the relative-attention launchers (after k, v, r)."""
-    return p.k_ids, p.scale, p.r_offset, p.q_len, p.dropout.p, p.dropout.seed_value
-
-
-def _stream(s: RelativeStream) -> tuple:
-    return (s.qu, s.qv, s.seg, s.q_ids, s.positions, *_visibility(s.vis))
-
-
 # --------------------------------------------------------------------------------------------- attention
 def attention_fwd(q, k, v, p: AttentionParams):
     return _attention.attention_fwd(q, k, v, *_attention_args(p))
@@ -58,21 +50,3 @@ def attention_fwd(q, k, v, p: AttentionParams):
 def attention_bwd(dout, q, k, v, out, lse, p: AttentionParams):
     return _attention.attention_bwd(dout, q, k, v, out, lse, *_attention_args(p), p.bias.dense_requires_grad,
                                     p.bias.toeplitz_requires_grad)
-
-
-def relative_attention_fwd(k, v, r, p: RelativeParams, s: RelativeStream):
-    return _relative.relative_attention_fwd(k, v, r, *_shared(p), *_stream(s))
-
-
-def relative_attention_bwd(dout, out, lse, k, v, r, p: RelativeParams, s: RelativeStream):
-    return _relative.relative_attention_bwd(dout, out, lse, k, v, r, *_shared(p), *_stream(s))
-
-
-def two_stream_attention_fwd(k, v, r, p: RelativeParams, c: RelativeStream, g: RelativeStream):
-    return _relative.two_stream_attention_fwd(k, v, r, *_shared(p), *_stream(c), *_stream(g))
-
-
-def two_stream_attention_bwd(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, p: RelativeParams,
-                             c: RelativeStream, g: RelativeStream):
-    return _relative.two_stream_attention_bwd(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, *_shared(p),
-                                              *_stream(c), *_stream(g))

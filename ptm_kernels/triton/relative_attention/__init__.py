@@ -1,7 +1,7 @@
 """Relative-position attention (Transformer-XL / XLNet), forward and backward, as Triton kernels.
 
 The interface (arguments, results, semantics) is `ptm_kernels.reference_relative` (relative_attention_fwd/bwd,
-two_stream_attention_fwd/bwd). Layout [B, H, L, D], unit stride in D, any other strides; r [B, H, R, D]
+two_stream_attention_fwd/bwd), taking the same parameter objects (RelativeParams, RelativeStream). Layout [B, H, L, D], unit stride in D, any other strides; r [B, H, R, D]
 (stride 0 on B when shared).
 
 Position term without a rel-shift copy: row i (at position p_i) and key j use r row
@@ -30,8 +30,9 @@ their dots (tf32 on a GPU for 16-bit inputs, "ieee" or tf32 for float32 per torc
 the position and bias gradients sum dS over many rows, and rounding dS to bfloat16 (as FlashAttention does) tripled
 their error against the float64 truth.
 
-Files: position.py (band / gather position term), scores.py (scores, visibility, row terms), forward.py /
-backward.py (kernels), launch.py (config, launch ladder, the functions below).
+Files: args.py (the kernels' arguments: NamedTuples built from the parameter objects, None for an absent part),
+position.py (band / gather position term), scores.py (scores, visibility, row terms, the per-stream dispatch),
+forward.py / backward.py (kernels), launch.py (config, launch ladder, the functions below).
 """
 
 from .backward import _rel_bwd_kernel  # noqa: F401
