@@ -288,7 +288,8 @@ def relative_cases(dn):
         for name, (f0, f1) in two.items():
             s0, s1 = _stream(B, H, L, D, dt, f0), _stream(B, H, L, D, dt, f1)
             p = RelativeParams(kids, 0.1, L, L, Dropout(0.1, torch.tensor(5)))
-            yield f"two_stream_attention_fwd {dn} D={D} {name}", lambda: REL.two_stream_attention_fwd(k, v, r, p, s0, s1)
+            yield (f"two_stream_attention_fwd {dn} D={D} {name}",
+                   lambda: REL.two_stream_attention_fwd(k, v, r, p, s0, s1))
             yield (f"two_stream_attention_bwd {dn} D={D} {name}",
                    lambda: REL.two_stream_attention_bwd(s0.qu, s0.qu, lse, s1.qu, s1.qu, lse, k, v, r, p, s0, s1))
 

@@ -89,22 +89,15 @@ class StreamOut(NamedTuple):
     lse: Tensor  # float32 [B, H, Lr] contiguous
 
 
-class KeyGrads(NamedTuple):
-    """float32 [B, H, Lk, D] / [B, H, R, D] contiguous buffers, zeroed: both streams' programs add into them."""
-    dk: Tensor
-    dv: Tensor
-    dr: Tensor
-
-
 class StreamGrads(NamedTuple):
-    """The backward's inputs and results of one stream, and the key gradients it adds to."""
+    """The backward's inputs and results of one stream, and the dr buffer it adds to."""
     do: Rows
     lse: Tensor  # float32 [B, H, Lr] contiguous
     delta: Tensor  # float32 [B, H, Lr] contiguous: rowsum(dO * O)
     dqu: Rows  # written with qu's strides
     dqv: Tensor  # float32 [B, H, Lr, D] contiguous, zeroed (the gather form adds into it)
     dseg: Optional[Tensor]  # float32 [B, H, Lr, 2] contiguous (with seg)
-    key_grads: KeyGrads
+    dr: Tensor  # float32 [B, H, R, D] contiguous, zeroed: both streams' programs add into it
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -124,7 +117,8 @@ def stream_args(s: RelativeStream) -> StreamArgs:
     return StreamArgs(
         rows(s.qu), rows(s.qv), s.qu.shape[2], tl.constexpr(bool(vis.causal)), window,
         None if s.seg is None else s.seg.float().contiguous(), _contiguous(s.q_ids), _contiguous(s.positions),
-        _contiguous(vis.key_lengths), _contiguous(vis.prefix_lengths), _contiguous(vis.q_segments), _contiguous(vis.k_segments), dense)
+        _contiguous(vis.key_lengths), _contiguous(vis.prefix_lengths), _contiguous(vis.q_segments),
+        _contiguous(vis.k_segments), dense)
 
 
 def keys_args(k: Tensor, v: Tensor, r: Tensor, p: RelativeParams) -> Keys:

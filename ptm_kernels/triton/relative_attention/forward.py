@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .._common import LN2, dot, dropout_keep
 from .position import _band_rows, _pos_band, _pos_gather
-from .scores import _for_stream, _key_range, _row_terms, _scores, _visible
+from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _visible
 
 _LN2 = tl.constexpr(LN2)  # device-code copy: a compiled kernel may read only constexpr globals
 
@@ -40,8 +40,6 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
             qv = tl.load(QV_row + offs_d[None, :], mask=rd_ok, other=0.0)
         row = _row_terms(S, keys, dims, pid_m, b, b64, bh64, rows, rows64, row_ok, BLOCK_M)
         ip, base, t_last, seg0, seg1, qid, klen, plen = row
-        K_bh = keys.k.ptr + b64 * keys.k.s_b + h64 * keys.k.s_h
-        V_bh = keys.v.ptr + b64 * keys.v.s_b + h64 * keys.v.s_h
         R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
         lo, hi = _key_range(S, row, row_ok, Lk, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -57,8 +55,8 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
                 r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_last + start_n + tl.arange(0, BAND), keys.R,
                                              offs_d, D)
                 pos = _pos_band(qv, r_band, BLOCK_M, BLOCK_N, PREC, UPCAST)
-            s, k = _scores(qu, pos, K_bh, keys.k.s_l, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None,
-                           BLOCK_D, D, PREC, UPCAST)
+            k = _key_tile(keys.k, b64, h64, offs_n, col_ok, BLOCK_D, D)
+            s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
             vis = _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -69,9 +67,9 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
             if drop is not None:
                 keep = dropout_keep(drop.seed + stream, bh64, rows, start_n, Lr, Lk, drop.threshold, BLOCK_N)
                 pr = tl.where(keep, pr * drop.scale, 0.0)
-            v = tl.load(V_bh + offs_n[:, None].to(tl.int64) * keys.v.s_l + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + dot(pr, v.to(tl.float32), None, PREC, UPCAST)
+            v = _key_tile(keys.v, b64, h64, offs_n, col_ok, BLOCK_D, D)
+            # P.V on the inputs' dtype (16-bit: wgmma with bf16 / fp16 operands, as FlashAttention)
+            acc = acc * alpha[:, None] + dot(pr.to(v.dtype), v, None, PREC, UPCAST)
             m_i = m_new
         seen = l_i != 0.0  # l_i is 0 only for a row with no visible key; NaN (a NaN or +inf score) propagates
         o = acc / tl.where(seen, l_i, 1.0)[:, None]

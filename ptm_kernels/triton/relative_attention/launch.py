@@ -11,30 +11,44 @@ from torch import Tensor
 from .. import _common as C
 from .._common import SUPPORTED_DTYPES
 from ...kernel_params import RelativeParams, RelativeStream, replaced
-from .args import KeyGrads, StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
-from .backward import _rel_bwd_kernel
+from .args import StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
+from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
 
 
-def _config(D: int, dtype, device):
-    block_d = max(16, triton.next_power_of_2(D))
+def _config(D: int, dtype, device, kernel: str = "fwd"):
+    """(constexprs, warps) of kernel "fwd", "dq" or "dkdv"."""
+    block_d = C.block_d(D)
     if C.interpreted(device):
-        cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, D_CHUNK=min(block_d, 16)), 4
+        cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=min(block_d, 16)), 4
+    elif dtype == torch.float32:  # tf32 / tf32x3 dots (mma.sync): smaller tiles keep the three products in registers
+        cfg, warps = dict(BLOCK_M=32, BLOCK_N=32, D_CHUNK=8), 8
+        if kernel == "dkdv" and D > 64:  # 32 x 32 on 8 warps: ptxas kept 32 registers and spilled 10-19 KB
+            cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=8), 4
     else:
-        cfg, warps = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, D_CHUNK=8), 8
+        # 16-bit: tiles of 64 rows, wgmma's smallest M, for every dot. The dq kernel's dr dot has M = BAND, so it
+        # takes 16 keys a step (its [BLOCK_M, BAND] band terms and two accumulators leave few registers: 8 / 148
+        # spill bytes at D = 64 / 128 against 52 / 212 with 32 keys). The dk / dv dots have M = BLOCK_N: 64 keys
+        # (wgmma) at D = 64; at D = 128 the two [64, 128] accumulators beside the recomputed tile spilled 504 /
+        # 560 bytes with 64 keys, 44 / 36 with 32 keys, whose two dk / dv dots run on mma.sync (16-bit operands)
+        n = {"dq": 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
+        cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
+        # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
+        cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
+    cfg["BLOCK_D"] = block_d
     # rows of r one (row tile, key tile) pair uses when its rows are consecutive: BLOCK_M + BLOCK_N - 1
     cfg["BAND"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"])
     return cfg, warps
 
 
 # GPU launch options (band path?, num_stages), fastest first. The band path keeps r_band and more dot operands in
-# shared memory, and software pipelining multiplies the loads' buffers. Compiled for sm_90 (triton 3.6 and 3.7)
-# with 3 stages, 16-bit inputs need 64 / 128 KB (forward) and 100 / 205 KB (backward) at D = 64 / 128, float32
-# up to twice that; an H100 / H200 block may have 227 KB, so float32 at D = 128 runs with 2 stages (forward) or
-# 1 (backward with tf32x3), D = 256 with 1 or 2 stages or (float32 backward) the gather path. A kernel that does
-# not fit raises OutOfResources when it is loaded, before it runs (nothing written yet), and the next option is
-# tried; the choice is kept per specialisation. Last resort: every stream on the gather path (BAND = 0), the
-# form that needs the least shared memory. GPUs with less shared memory per block step down the same way.
+# shared memory, and software pipelining multiplies the loads' buffers. Compiled for sm_90 (triton 3.7.1), 16-bit
+# inputs with 3 stages need 147 / 262 KB (forward), 143 / 254 KB (dq) and 206 / 378 KB (dk/dv) at D = 64 / 128;
+# an H100 / H200 block may have 227 KB, so at D = 128 the forward and dq run with 2 stages, dk/dv with 1. Float32
+# (32 x 32 tiles) steps down the same way. A kernel that does not fit raises OutOfResources when it is loaded,
+# before it runs (nothing written yet), and the next option is tried; the choice is kept per specialisation.
+# Last resort: every stream on the gather path (BAND = 0), the form that needs the least shared memory. GPUs with
+# less shared memory per block step down the same way.
 _GPU_OPTIONS = ((True, 3), (True, 2), (True, 1), (False, 3), (False, 1))
 _GPU_CHOICE: dict = {}
 
@@ -89,12 +103,10 @@ def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
 
 
 def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list):
-    """-> ([(dqu, dqv, dseg)] per stream, dk, dv, dr); dk, dv, dr summed over the streams."""
+    """-> ([(dqu, dqv, dseg)] per stream, dk, dv, dr); dk, dv, dr summed over the streams. Two launches: dq (row
+    tiles of both streams, with dr) and dk / dv (key tiles)."""
     B, H, Lk, D = k.shape
-    cfg, warps = _config(D, k.dtype, k.device)
-    key_grads = KeyGrads(torch.zeros(B, H, Lk, D, dtype=torch.float32, device=k.device),
-                         torch.zeros(B, H, Lk, D, dtype=torch.float32, device=k.device),
-                         torch.zeros(B, H, r.shape[2], D, dtype=torch.float32, device=k.device))
+    dr = torch.zeros(B, H, r.shape[2], D, dtype=torch.float32, device=k.device)
     # dqu is written with qu's strides and dqv is contiguous: the backward takes qu / qv contiguous
     streams = [replaced(s, qu=s.qu.contiguous(), qv=s.qv.contiguous()) for s in streams]
     grads = []
@@ -104,15 +116,21 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
         grads.append(StreamGrads(
             rows(do), lse.contiguous(), (do.float() * out.float()).sum(-1).contiguous(), rows(torch.empty_like(s.qu)),
             torch.zeros(B, H, Lr, D, dtype=torch.float32, device=k.device),
-            torch.zeros(B, H, Lr, 2, dtype=torch.float32, device=k.device) if s.seg is not None else None, key_grads))
-    args = [stream_args(s) for s in streams] + [None] * (2 - len(streams))
+            torch.zeros(B, H, Lr, 2, dtype=torch.float32, device=k.device) if s.seg is not None else None, dr))
+    none = [None] * (2 - len(streams))
+    args = (*[stream_args(s) for s in streams], *none, *grads, *none, keys_args(k, v, r, p), dims_args(H, p),
+            dropout_args(p.dropout))
+    kw = dict(D=D, PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
+    cfg, warps = _config(D, k.dtype, k.device, "dq")
     grid = (triton.cdiv(max(s.qu.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
-    _launch(_rel_bwd_kernel, grid, k.device, cfg, warps, *args, *grads, *[None] * (2 - len(streams)),
-            keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout), D=D,
-            PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
+    _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
+    dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
+    cfg, warps = _config(D, k.dtype, k.device, "dkdv")
+    _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, *args, dk, dv, **kw)
     res = [(g.dqu.ptr, g.dqv.to(s.qv.dtype), g.dseg if g.dseg is not None else s.qu.new_empty(0, dtype=torch.float32))
            for s, g in zip(streams, grads)]
-    return res, key_grads.dk.to(k.dtype), key_grads.dv.to(v.dtype), key_grads.dr
+    return res, dk, dv, dr
 
 
 # ============================================================================ the kernel interface (Python)

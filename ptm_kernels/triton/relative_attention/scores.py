@@ -25,20 +25,25 @@ def _for_stream(BODY: tl.constexpr, S0, S1, X0, X1, keys, dims, drop, BLOCK_M: t
 
 
 @triton.jit
-def _scores(qu, pos, K_bh, s_kn, keys, b64, row, offs_n, col_ok, scale2, HAS_SEG: tl.constexpr, BLOCK_D: tl.constexpr,
-            D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Scaled scores (base 2) of a row tile against the keys offs_n, before the mask, and the key tile k;
-    pos: the position term (_pos_gather or _pos_band); row: _row_terms."""
+def _key_tile(T, b64, h64, offs_n, col_ok, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Rows offs_n of the [B, H, L, D] tensor T (args.Rows) at (b, h): [BLOCK_N, BLOCK_D], 0 past the end."""
     offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(K_bh + offs_n[:, None].to(tl.int64) * s_kn + offs_d[None, :],
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    return tl.load(T.ptr + b64 * T.s_b + h64 * T.s_h + offs_n[:, None].to(tl.int64) * T.s_l + offs_d[None, :],
+                   mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, scale2, HAS_SEG: tl.constexpr, PREC: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """Scaled scores (base 2) of a row tile against the key tile k (keys offs_n), before the mask; pos: the
+    position term (_pos_gather or _pos_band); row: _row_terms."""
     s = dot(qu, tl.trans(k), None, PREC, UPCAST) + pos
     if HAS_SEG:
         ip, base, t_last, seg0, seg1, qid, klen, plen = row
         kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
         same = qid[:, None] == kid[None, :]
         s += tl.where(same, seg0[:, None], seg1[:, None])
-    return s * scale2, k
+    return s * scale2
 
 
 @triton.jit
