@@ -13,7 +13,7 @@
 
 Every layer passes these objects whole: the public ops build them (`AttentionMask.visibility()` gives the
 Visibility), every backend takes them (reference_kernels.py, reference_relative.py, the Triton launchers
-(triton/attention/launch.py; relative attention through the adapter in triton/__init__.py), and the C++
+(triton/attention/launch.py, triton/relative_attention/launch.py), and the C++
 kernels, whose mirror structs in csrc/cpu/kernel_params.h are filled from these objects by the pybind casters
 in csrc/kernel_params_py.h). Only the torch.library custom ops carry them flat
 (an op takes tensors and scalars): ops/_op_args.py derives that flat form from the fields below.

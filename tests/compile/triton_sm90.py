@@ -40,7 +40,8 @@ import ptm_kernels.triton.losses as LOSSES  # noqa: E402
 import ptm_kernels.triton.norms as NORMS  # noqa: E402
 import ptm_kernels.triton.relative_attention as REL  # noqa: E402
 import ptm_kernels.triton.rope as ROPE  # noqa: E402
-from ptm_kernels.kernel_params import AttentionParams, Bias, Dropout, Visibility, replaced  # noqa: E402
+from ptm_kernels.kernel_params import (AttentionParams, Bias, Dropout, RelativeParams, RelativeStream,  # noqa: E402
+                                        Visibility, replaced)
 import sm90_artefacts  # noqa: E402  (beside this file: registers, spills, MMA kind, TMA from the cubin)
 
 CAPABILITY = (9, 0)
@@ -259,18 +260,18 @@ def attention_cases(dn):
 
 
 def _stream(B, H, L, D, dt, flags):
-    """A stream's 13 arguments; flags: subset of {causal, pos, seg, klen, prefix, vseg, dense}."""
-    qu, qv = torch.randn(B, H, L, D, dtype=dt), torch.randn(B, H, L, D, dtype=dt)
+    """A RelativeStream; flags: subset of {causal, pos, seg, klen, prefix, vseg, dense}."""
     ids = torch.zeros(B, L, dtype=torch.int64)
-    return (qu, qv,
-            torch.randn(B, H, L, 2) if "seg" in flags else None,
-            ids if "seg" in flags else None,
-            torch.arange(L).view(1, L).expand(B, L) if "pos" in flags else None,
-            "causal" in flags, -1, -1,
-            torch.tensor([L] * B) if "klen" in flags else None,
-            torch.tensor([4] * B) if "prefix" in flags else None,
-            ids if "vseg" in flags else None, ids if "vseg" in flags else None,
-            torch.ones(B, 1, L, L, dtype=torch.bool) if "dense" in flags else None)
+    vis = Visibility(causal="causal" in flags,
+                     key_lengths=torch.tensor([L] * B) if "klen" in flags else None,
+                     prefix_lengths=torch.tensor([4] * B) if "prefix" in flags else None,
+                     q_segments=ids if "vseg" in flags else None, k_segments=ids if "vseg" in flags else None,
+                     dense_mask=torch.ones(B, 1, L, L, dtype=torch.bool).expand(B, H, L, L) if "dense" in flags
+                     else None)
+    return RelativeStream(torch.randn(B, H, L, D, dtype=dt), torch.randn(B, H, L, D, dtype=dt),
+                          seg=torch.randn(B, H, L, 2) if "seg" in flags else None,
+                          q_ids=ids if "seg" in flags else None,
+                          positions=torch.arange(L).view(1, L).expand(B, L) if "pos" in flags else None, vis=vis)
 
 
 def relative_cases(dn):
@@ -287,17 +288,18 @@ def relative_cases(dn):
         lse = torch.zeros(B, H, L)
         for name, flags in single.items():
             s = _stream(B, H, L, D, dt, flags)
-            p = 0.1 if "dropout" in name else 0.0
-            shared = (k, v, r, kids if "seg" in flags else None, 0.1, L, L, p, 5)
-            yield f"relative_attention_fwd {dn} D={D} {name}", lambda: REL.relative_attention_fwd(*shared, *s)
+            drop = Dropout(0.1, torch.tensor(5)) if "dropout" in name else Dropout()
+            p = RelativeParams(kids if "seg" in flags else None, 0.1, L, L, drop)
+            yield f"relative_attention_fwd {dn} D={D} {name}", lambda: REL.relative_attention_fwd(k, v, r, p, s)
             yield (f"relative_attention_bwd {dn} D={D} {name}",
-                   lambda: REL.relative_attention_bwd(s[0], s[0], lse, *shared, *s))
+                   lambda: REL.relative_attention_bwd(s.qu, s.qu, lse, k, v, r, p, s))
         for name, (f0, f1) in two.items():
             s0, s1 = _stream(B, H, L, D, dt, f0), _stream(B, H, L, D, dt, f1)
-            shared = (k, v, r, kids, 0.1, L, L, 0.1, 5)
-            yield f"two_stream_attention_fwd {dn} D={D} {name}", lambda: REL.two_stream_attention_fwd(*shared, *s0, *s1)
+            p = RelativeParams(kids, 0.1, L, L, Dropout(0.1, torch.tensor(5)))
+            yield (f"two_stream_attention_fwd {dn} D={D} {name}",
+                   lambda: REL.two_stream_attention_fwd(k, v, r, p, s0, s1))
             yield (f"two_stream_attention_bwd {dn} D={D} {name}",
-                   lambda: REL.two_stream_attention_bwd(s0[0], s0[0], lse, s1[0], s1[0], lse, *shared, *s0, *s1))
+                   lambda: REL.two_stream_attention_bwd(s0.qu, s0.qu, lse, s1.qu, s1.qu, lse, k, v, r, p, s0, s1))
 
 
 FAMILIES = {

@@ -1,8 +1,8 @@
 """Relative-position attention (Transformer-XL / XLNet), forward and backward, as Triton kernels.
 
 The interface (arguments, results, semantics) is `ptm_kernels.reference_relative` (relative_attention_fwd/bwd,
-two_stream_attention_fwd/bwd). Layout [B, H, L, D], unit stride in D, any other strides; r [B, H, R, D]
-(stride 0 on B when shared).
+two_stream_attention_fwd/bwd), taking the same parameter objects (RelativeParams, RelativeStream). Layout
+[B, H, L, D], unit stride in D, any other strides; r [B, H, R, D] (stride 0 on B when shared).
 
 Position term without a rel-shift copy: row i (at position p_i) and key j use r row
 t = r_offset - (p_i + Lk - q_len - j) = base_i + j (rows outside [0, R) give a 0 term); no [Lq, Lk] or [Lq, R]
@@ -19,22 +19,25 @@ tensor in memory. Two forms, chosen per stream by a constexpr flag:
   it is also the fallback of every stream when the band kernel does not fit in shared memory (_launch).
 
 Forward: one program per (row tile, b * h, stream); online softmax in base 2, float32 accumulation; the two streams
-of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward: one program per (row tile, b * h,
-stream) recomputes the probabilities from lse, accumulates dqu, dseg and (band form) dqv in registers (the gather
-form adds dqv chunks into its float32 buffer) and adds dk, dv, dr into float32 buffers with atomics (both streams
-in one launch, so their sums land in the same buffers). Dropout: attention's (_common.dropout_keep) with Lr rows,
-the query stream with seed + 1; deterministic per seed (its own mask, not the reference's).
+of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward (backward.py), two kernels that
+recompute the probabilities from lse: dq, one program per (row tile, b * h, stream), accumulates dqu, dseg and
+(band form) dqv in registers (the gather form adds dqv chunks into its float32 buffer) and adds dr into a float32
+buffer with atomics; dkdv, one program per (key tile, b * h), walks the row tiles of both streams and owns dk and
+dv. Dropout: attention's (_common.dropout_keep) with Lr rows, the query stream with seed + 1; deterministic per
+seed (its own mask, not the reference's).
 
-Precision: q.k^T, dO.v^T and qv.band^T take the inputs' dtype; the probabilities and dS (and DPB) stay float32 in
-their dots (tf32 on a GPU for 16-bit inputs, "ieee" or tf32 for float32 per torch.backends.cuda.matmul.allow_tf32):
-the position and bias gradients sum dS over many rows, and rounding dS to bfloat16 (as FlashAttention does) tripled
-their error against the float64 truth.
+Precision: every dot takes the inputs' dtype, float32 accumulation: for 16-bit inputs the probabilities, dS and
+its band image DPB are rounded to it before their dots (as FlashAttention does), so that every dot runs on wgmma
+with 16-bit operands on Hopper (sm_90: tiles of 64 rows). Float32 inputs: tf32x3 or tf32 per
+torch.backends.cuda.matmul.allow_tf32 (_common.precision); the interpreter multiplies exactly ("ieee") but still
+rounds P and dS to the inputs' dtype, so the tests see the GPU's rounding.
 
-Files: position.py (band / gather position term), scores.py (scores, visibility, row terms), forward.py /
-backward.py (kernels), launch.py (config, launch ladder, the functions below).
+Files: args.py (the kernels' arguments: NamedTuples built from the parameter objects, None for an absent part),
+position.py (band / gather position term), scores.py (scores, visibility, row terms, the per-stream dispatch),
+forward.py / backward.py (kernels), launch.py (config, launch ladder, the functions below).
 """
 
-from .backward import _rel_bwd_kernel  # noqa: F401
+from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel  # noqa: F401
 from .forward import _rel_fwd_kernel  # noqa: F401
 from .launch import (_GPU_CHOICE, relative_attention_bwd, relative_attention_fwd,  # noqa: F401
                      two_stream_attention_bwd, two_stream_attention_fwd)

@@ -1,5 +1,14 @@
-"""Relative attention backward kernel: one program per (row tile, b * h, stream) recomputes the probabilities
-from lse; dqu, dseg (and the band form's dqv) in registers, dk, dv, dr with float32 atomics."""
+"""Relative attention backward, two kernels that recompute the probabilities from lse (as FlashAttention-2):
+
+- _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dqu, dseg and (band form) dqv in registers,
+  dr with float32 atomics. dr stays atomic: r row t collects the pairs (i, j) with j - i = t - c, a diagonal of
+  the score matrix that crosses every row tile and key tile, so no row-major or key-major program owns it (a
+  diagonal-major pass would recompute the probabilities once more). The band form adds BAND x D per tile pair.
+- _rel_bwd_dkdv_kernel, one program per (key tile, b * h): walks the row tiles of both streams and owns dk and
+  dv (registers, stored once, no atomics).
+
+Every dot takes the inputs' dtype (16-bit: wgmma with bf16 / fp16 operands; the probabilities and dS are rounded
+to it as in FlashAttention)."""
 
 from __future__ import annotations
 
@@ -8,109 +17,118 @@ import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
 from .position import _band_grad, _band_rows, _pos_band, _pos_gather
-from .scores import _row_terms, _scores, _visible
+from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
 
 
 @triton.jit
-def _stream_bwd(pid_m, bh, S, KV, dims, drop,
-                CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, GATHER: tl.constexpr, HAS_SEG: tl.constexpr,
-                HAS_KLEN: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_VSEG: tl.constexpr, HAS_DENSE: tl.constexpr,
-                DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
-                D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One stream's row tile. S: the stream's tensors, strides, row count and window (launch._stream_args);
-    KV: the keys, values, r and key ids (and gradient buffers) shared by the streams, with their strides;
-    dims: (H, Lk, R_len, q_len, r_offset, scale2, scale); drop: (seed, threshold, scale)."""
-    (QU, QV, SEG, QIDS, POS, QSEG, KLEN, PLEN, DM, DO, LSE, DELTA, DQU, DQV, DSEG, s_qub, s_quh, s_qum, s_qvb, s_qvh,
-     s_qvm, s_dmb, s_dmh, s_dmm, s_dmn, s_dob, s_doh, s_dom, Lr, wl, wr) = S
-    K, V, R, KIDS, KSEG, DK, DV, DR, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_rb, s_rh, s_rt = KV
-    H, Lk, R_len, q_len, r_offset, scale2, scale = dims
-    seed, drop_thr, rdrop = drop
+def _row_tile(S, grads, keys, dims, pid_m, bh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+              GATHER: tl.constexpr):
+    """What the backward needs of row tile pid_m: -> (rows, row_ok, b64, h64, bh64, qu, qv (band form; else 0),
+    QV_row (pointers to qv[row, 0]), do, lse (base 2, +inf for empty rows), delta, row (_row_terms))."""
+    b = bh // dims.H
+    b64 = b.to(tl.int64)
+    h64 = (bh % dims.H).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    Lr = S.Lr
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lr
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    rd_ok = row_ok[:, None] & (offs_d < D)[None, :]
+    qu = tl.load(S.qu.ptr + b64 * S.qu.s_b + h64 * S.qu.s_h + rows64[:, None] * S.qu.s_l + offs_d[None, :],
+                 mask=rd_ok, other=0.0)
+    QV_row = S.qv.ptr + b64 * S.qv.s_b + h64 * S.qv.s_h + rows64[:, None] * S.qv.s_l
+    qv = 0
+    if not GATHER:
+        qv = tl.load(QV_row + offs_d[None, :], mask=rd_ok, other=0.0)
+    DO = grads.do
+    do = tl.load(DO.ptr + b64 * DO.s_b + h64 * DO.s_h + rows64[:, None] * DO.s_l + offs_d[None, :], mask=rd_ok,
+                 other=0.0)
+    lse = tl.load(grads.lse + bh64 * Lr + rows, mask=row_ok, other=float("-inf")) * _LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
+    delta = tl.load(grads.delta + bh64 * Lr + rows, mask=row_ok, other=0.0)
+    row = _row_terms(S, keys, dims, pid_m, b, b64, bh64, rows, rows64, row_ok, BLOCK_M)
+    return rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row
+
+
+@triton.jit
+def _tile_grad(S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
+               k, v, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
+               D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               GATHER: tl.constexpr):
+    """The probabilities of a (row tile, key tile k / v at start_n) pair recomputed, and the gradient of the
+    unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, r_band, t_band, band_ok (band form;
+    else 0))."""
+    ip, base, t_last, seg0, seg1, qid, klen, plen = row
+    Lk = keys.Lk
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < Lk
+    offs_d = tl.arange(0, BLOCK_D)
+    R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
+    r_band = 0
+    t_band = 0
+    band_ok = 0
+    if GATHER:
+        pos = _pos_gather(QV_row, R_bh, keys.r.s_l, base, offs_n, row_ok, col_ok, keys.R, BLOCK_D, D_CHUNK, D)
+    else:
+        t_band = t_last + start_n + tl.arange(0, BAND)
+        r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_band, keys.R, offs_d, D)
+        pos = _pos_band(qv, r_band, BLOCK_M, BLOCK_N, PREC, UPCAST)
+    s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
+    vis = _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk)
+    pr = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+    dp = dot(do, tl.trans(v), None, PREC, UPCAST)
+    if drop is not None:
+        keep = dropout_keep(drop.seed + stream, bh64, rows, start_n, S.Lr, Lk, drop.threshold, BLOCK_N)
+        pd = tl.where(keep, pr * drop.scale, 0.0)
+        dp = tl.where(keep, dp * drop.scale, 0.0)
+    else:
+        pd = pr
+    # 0 at hidden entries and columns past Lk even in a NaN row (where delta is NaN), so that the band products
+    # do not carry it to rows of r no pair of the row uses
+    g = tl.where(vis, pr * (dp - delta[:, None]) * dims.scale, 0.0)
+    return pd, g, offs_n, col_ok, r_band, t_band, band_ok
+
+
+@triton.jit
+def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One row tile of stream S (args.StreamArgs): dqu, dqv, dseg of its rows (args.StreamGrads), and its
+    share of dr."""
+    GATHER: tl.constexpr = S.positions is not None or BAND == 0
+    DR_CHUNK: tl.constexpr = min(BLOCK_D, 32)
+    Lr = S.Lr
+    R_len = keys.R
     if pid_m * BLOCK_M < Lr:
-        b = bh // H
-        h = bh % H
-        b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
-        bh64 = bh.to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < Lr
+        rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row = _row_tile(
+            S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER)
+        ip, base, t_last, seg0, seg1, qid, klen, plen = row
+        rows64 = rows.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        rows64 = rows.to(tl.int64)
         rd_ok = row_ok[:, None] & d_ok[None, :]
-        qu = tl.load(QU + b64 * s_qub + h64 * s_quh + rows64[:, None] * s_qum + offs_d[None, :], mask=rd_ok,
-                     other=0.0)
-        QV_row = QV + b64 * s_qvb + h64 * s_qvh + rows64[:, None] * s_qvm
-        if not GATHER:
-            qv = tl.load(QV_row + offs_d[None, :], mask=rd_ok, other=0.0)
-        do = tl.load(DO + b64 * s_dob + h64 * s_doh + rows64[:, None] * s_dom + offs_d[None, :], mask=rd_ok,
-                     other=0.0)
-        lse = tl.load(LSE + bh64 * Lr + rows, mask=row_ok, other=float("-inf")) * _LOG2E
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-        delta = tl.load(DELTA + bh64 * Lr + rows, mask=row_ok, other=0.0)
-        ip, base, t_last, seg0, seg1, qid, klen, plen = _row_terms(
-            POS, SEG, QIDS, KLEN, PLEN, pid_m, b, b64, bh64, rows, rows64, row_ok, Lr, Lk, q_len, r_offset,
-            HAS_POS, HAS_SEG, HAS_KLEN, HAS_PREFIX, BLOCK_M)
-        K_bh = K + b64 * s_kb + h64 * s_kh
-        V_bh = V + b64 * s_vb + h64 * s_vh
-        R_bh = R + b64 * s_rb + h64 * s_rh
-        DK_bh = DK + bh64 * Lk * D  # float32 contiguous buffers
-        DV_bh = DV + bh64 * Lk * D
-        DR_bh = DR + bh64 * R_len * D
-        KIDS_b = KIDS + b64 * Lk
-        QSEG_b = QSEG + b64 * Lr
-        KSEG_b = KSEG + b64 * Lk
-        DM_bh = DM + b64 * s_dmb + h64 * s_dmh
-        # key range: causal (without prefix) ends after the last row's position; a left window starts late
-        hi = Lk
-        if CAUSAL:
-            if not HAS_PREFIX:
-                hi = tl.minimum(Lk, (tl.max(tl.where(row_ok, ip, -1)) + 1).to(tl.int32))
-        lo_w = tl.maximum(tl.min(tl.where(row_ok, ip, Lk + wl)) - wl, 0).to(tl.int32)
-        lo = tl.where(wl >= 0, (lo_w // BLOCK_N) * BLOCK_N, 0)
+        R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
+        DR_bh = grads.dr + bh64 * R_len * D  # float32 contiguous, zeroed
+        DQV_bh = grads.dqv + bh64 * Lr * D  # float32, zero-initialised
+        lo, hi = _key_range(S, row, row_ok, keys.Lk, BLOCK_N)
         dqu = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dqv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # band path (the gather path adds into DQV)
-        DQV_bh = DQV + bh64 * Lr * D  # float32, zero-initialised
         dseg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dseg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dc = tl.arange(0, D_CHUNK)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < Lk
-            if GATHER:
-                pos = _pos_gather(QV_row, R_bh, s_rt, base, offs_n, row_ok, col_ok, R_len, BLOCK_D, D_CHUNK, D)
-            else:
-                t_band = t_last + start_n + tl.arange(0, BAND)
-                r_band, band_ok = _band_rows(R_bh, s_rt, t_band, R_len, offs_d, D)
-                pos = _pos_band(qv, r_band, BLOCK_M, BLOCK_N, PREC, UPCAST)
-            s, k = _scores(qu, pos, K_bh, s_kn, KIDS_b, seg0, seg1, qid, offs_n, col_ok, scale2, HAS_SEG, BLOCK_D, D,
-                           PREC, UPCAST)
-            vis = _visible(rows, ip, offs_n, row_ok, col_ok, b64, h64, klen, plen, wl, wr, QSEG_b, KSEG_b, DM_bh,
-                           s_dmm, s_dmn, CAUSAL, HAS_KLEN, HAS_PREFIX, HAS_VSEG, HAS_DENSE)
-            pr = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-            kv_ok = col_ok[:, None] & d_ok[None, :]
-            v = tl.load(V_bh + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            dp = dot(do, tl.trans(v), None, PREC, UPCAST)
-            if DROPOUT:
-                keep = dropout_keep(seed, bh64, rows, start_n, Lr, Lk, drop_thr, BLOCK_N)
-                pd = tl.where(keep, pr * rdrop, 0.0)
-                dp = tl.where(keep, dp * rdrop, 0.0)
-            else:
-                pd = pr
-            # gradient of the unscaled score sum; 0 at hidden entries and columns past Lk even in a NaN row (where
-            # delta is NaN), so that the band products do not carry it to rows of r no pair of the row uses
-            g = tl.where(vis, pr * (dp - delta[:, None]) * scale, 0.0)
-            # dv += pd^T do, dk += g^T qu (float32 atomics: rows of other programs land there too)
-            dv_t = dot(tl.trans(pd), do.to(tl.float32), None, PREC, UPCAST)
-            dk_t = dot(tl.trans(g), qu.to(tl.float32), None, PREC, UPCAST)
-            kd_ptr = offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
-            tl.atomic_add(DV_bh + kd_ptr, dv_t, mask=kv_ok)
-            tl.atomic_add(DK_bh + kd_ptr, dk_t, mask=kv_ok)
-            dqu += dot(g, k.to(tl.float32), None, PREC, UPCAST)
-            if HAS_SEG:
-                kid = tl.load(KIDS_b + offs_n, mask=col_ok, other=0)
+            k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+            v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+            pd, g, offs_n, col_ok, r_band, t_band, band_ok = _tile_grad(
+                S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
+                v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER)
+            dqu += dot(g.to(k.dtype), k, None, PREC, UPCAST)
+            if S.seg is not None:
+                kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
                 same = qid[:, None] == kid[None, :]
                 dseg0 += tl.sum(tl.where(same, g, 0.0), 1)
                 dseg1 += tl.sum(tl.where(same, 0.0, g), 1)
@@ -121,7 +139,7 @@ def _stream_bwd(pid_m, bh, S, KV, dims, drop,
                 for d0 in range(0, BLOCK_D, D_CHUNK):
                     dmask = (d0 + dc) < D
                     m3 = t_ok[:, :, None] & dmask[None, None, :]
-                    r3 = tl.load(R_bh + t[:, :, None] * s_rt + (d0 + dc)[None, None, :], mask=m3, other=0.0)
+                    r3 = tl.load(R_bh + t[:, :, None] * keys.r.s_l + (d0 + dc)[None, None, :], mask=m3, other=0.0)
                     part = tl.sum(g[:, :, None] * r3.to(tl.float32), axis=1)  # [BLOCK_M, D_CHUNK]
                     # dqv (float32 [B, H, Lr, D], rows owned by this program): read, add, write the chunk
                     dqv_ptr = DQV_bh + rows64[:, None] * D + (d0 + dc)[None, :]
@@ -131,34 +149,82 @@ def _stream_bwd(pid_m, bh, S, KV, dims, drop,
                     tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
                                   g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
-                dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND)
-                dqv += dot(dpb, r_band.to(tl.float32), None, PREC, UPCAST)
-                dr_t = dot(tl.trans(dpb), qv.to(tl.float32), None, PREC, UPCAST)  # [BAND, BLOCK_D]
-                tl.atomic_add(DR_bh + t_band[:, None] * D + offs_d[None, :], dr_t,
-                              mask=band_ok[:, None] & d_ok[None, :])
+                dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)
+                dqv += dot(dpb, r_band, None, PREC, UPCAST)
+                # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in
+                # the registers beside the accumulators at D = 128
+                for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
+                    offs_c = d0 + tl.arange(0, DR_CHUNK)
+                    c_ok = offs_c < D
+                    qv_c = tl.load(QV_row + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                    dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
+                    tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c,
+                                  mask=band_ok[:, None] & c_ok[None, :])
         if not GATHER:
             tl.store(DQV_bh + rows64[:, None] * D + offs_d[None, :], dqv, mask=rd_ok)
-        tl.store(DQU + b64 * s_qub + h64 * s_quh + rows64[:, None] * s_qum + offs_d[None, :],
-                 dqu.to(DQU.dtype.element_ty), mask=rd_ok)
-        if HAS_SEG:
-            dseg_ptr = DSEG + (bh64 * Lr + rows64) * 2
+        DQU = grads.dqu
+        tl.store(DQU.ptr + b64 * DQU.s_b + h64 * DQU.s_h + rows64[:, None] * DQU.s_l + offs_d[None, :],
+                 dqu.to(DQU.ptr.dtype.element_ty), mask=rd_ok)
+        if grads.dseg is not None:
+            dseg_ptr = grads.dseg + (bh64 * Lr + rows64) * 2
             tl.store(dseg_ptr, dseg0, mask=row_ok)
             tl.store(dseg_ptr + 1, dseg1, mask=row_ok)
 
 
 @triton.jit
-def _rel_bwd_kernel(S0, S1, KV, dims, drop, F0: tl.constexpr, F1: tl.constexpr, DROPOUT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
-                    D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Both streams in one launch (grid axis 2); F0 / F1: each stream's flags (CAUSAL, HAS_POS, HAS_SEG,
-    HAS_KLEN, HAS_PREFIX, HAS_VSEG, HAS_DENSE); the second stream draws its dropout with seed + 1."""
-    pid_m = tl.program_id(0)
+def _rel_bwd_dq_kernel(S0, S1, G0, G1, keys, dims, drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Grid (row tiles, B * H, streams). S0 / S1: the streams (args.StreamArgs; S1 None for one stream), G0 / G1:
+    their args.StreamGrads (with the same dr: both streams add into it)."""
+    _for_stream(_stream_dq, S0, S1, G0, G1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC,
+                UPCAST)
+
+
+@triton.jit
+def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
+                 D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dk, dv ([BLOCK_N, BLOCK_D] float32) of key tile pid_n plus the share of stream S's rows. The key tile is
+    read again for each row tile (cached): kept across the loop, it cost registers that the compiler spilled."""
+    GATHER: tl.constexpr = S.positions is not None or BAND == 0
+    start_n = pid_n * BLOCK_N
+    m_lo = 0
+    if S.causal and S.prefix_lengths is None and S.positions is None:
+        # row i (consecutive rows) sees keys up to i + Lk - q_len: rows before start_n - (Lk - q_len) see none here
+        m_lo = tl.maximum(start_n - (keys.Lk - dims.q_len), 0) // BLOCK_M
+    for pid_m in range(m_lo, tl.cdiv(S.Lr, BLOCK_M)):
+        rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row = _row_tile(
+            S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+        v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+        pd, g, offs_n, col_ok, r_band, t_band, band_ok = _tile_grad(
+            S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k, v,
+            start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER)
+        dv += dot(tl.trans(pd.to(do.dtype)), do, None, PREC, UPCAST)
+        dk += dot(tl.trans(g.to(qu.dtype)), qu, None, PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Grid (key tiles, B * H): dk, dv (contiguous [B, H, Lk, D], k's dtype) of one key tile, summed over the
+    rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s)."""
+    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    stream = tl.program_id(2)
-    if stream == 0:
-        _stream_bwd(pid_m, bh, S0, KV, dims, drop, F0[0], F0[1], F0[1] or BAND == 0, F0[2], F0[3], F0[4], F0[5],
-                    F0[6], DROPOUT, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
-    else:
-        _stream_bwd(pid_m, bh, S1, KV, dims, (drop[0] + 1, drop[1], drop[2]), F1[0], F1[1], F1[1] or BAND == 0,
-                    F1[2], F1[3], F1[4], F1[5], F1[6], DROPOUT, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC,
-                    UPCAST)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S0, G0, keys, dims, drop, 0, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK,
+                          D, PREC, UPCAST)
+    if S1 is not None:
+        dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S1, G1, keys, dims, drop, 1, BLOCK_M, BLOCK_N, BAND, BLOCK_D,
+                              D_CHUNK, D, PREC, UPCAST)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptr = bh.to(tl.int64) * keys.Lk * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+    ok = (offs_n < keys.Lk)[:, None] & (offs_d < D)[None, :]
+    tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=ok)
