@@ -141,3 +141,32 @@ def test_attention(benchmark, L, mask_name, passes, impl):
         grads = [torch.randn(B, HEADS, L, HEAD_DIM, device=DEVICE, dtype=DTYPE)]
         measure(benchmark, fwd_bwd(fn, [q, k, v], grads), group="attention", case=case, impl=impl, passes=passes,
                 flops=flops, rounds=20 if GPU else 3)
+
+
+# Decoding under GQA 8:1 (LLaMA-70B's ratio): one query row per sequence against a KV cache. Memory-bound: the
+# bytes are the K / V cache read once per kv head (what the packed Triton forward streams).
+DECODE_HEADS, DECODE_KV_HEADS = (64, 8) if GPU else (16, 2)
+DECODE_LENGTHS = [4096, 16384] if GPU else [1024]
+
+
+@pytest.mark.parametrize("L", DECODE_LENGTHS)
+@pytest.mark.parametrize("impl", ["ptm", "sdpa"])
+def test_attention_decode_gqa(benchmark, L, impl):
+    B = 4 if GPU else 1
+    torch.manual_seed(0)
+    q = torch.randn(B, DECODE_HEADS, 1, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(B, DECODE_KV_HEADS, L, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    lengths = torch.tensor([L - 17 * i for i in range(B)], device=DEVICE)  # ragged caches: key padding
+    amask = AttentionMask.key_padding(lengths=lengths)
+    dense = (torch.arange(L, device=DEVICE)[None, :] < lengths[:, None])[:, None, None]  # [B, 1, 1, L]
+    fns = {
+        "ptm": lambda: pk.attention(q, k, v, amask),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True),
+    }
+    tol = 2e-2 if DTYPE != torch.float32 else 1e-4
+    check_close(fns[impl](), fns["sdpa"](), f"GQA decode {impl}", rtol=tol, atol=tol)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    with torch.no_grad():
+        measure(benchmark, fns[impl], group="attention",
+                case=f"decode L={L} GQA {DECODE_HEADS}:{DECODE_KV_HEADS} b{B} padding", impl=impl, passes="fwd",
+                bytes_moved=kv_bytes, rounds=20 if GPU else 5)

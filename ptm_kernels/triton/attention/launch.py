@@ -23,6 +23,9 @@ _FORCE_GROUP_SPLITS: Optional[int] = None
 # per (direction, block_d, dtype, device, heavy): the index of the first config that fitted the device
 _FALLBACK: dict = {}
 
+# Decoding under GQA packs the G query heads of a kv head into one program's rows while G * Lq fits this.
+_PACK_ROWS = 64
+
 
 # --------------------------------------------------------------------------------------- argument packing
 class TileLists(NamedTuple):
@@ -158,11 +161,15 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     BD = block_d(D)
-    num_m = triton.cdiv(Lq, BM)
     lists = _lists(block_map, map_bm, map_bn, BM, BN, Lq, Lk, transpose=False)
+    pack = _packs_group(H // Hk, Lq, lists)
+    if pack:  # one program per (b, kv head): its G query heads' rows share each K / V tile
+        BM, warps = max(16, triton.next_power_of_2(H // Hk * Lq)), min(warps, 4)
+        programs = B * Hk
+    else:  # one program per (query tile, b, h)
+        programs = triton.cdiv(Lq, BM) * B * H
 
     # Split the keys across programs when the query tiles alone cannot fill the device (decoding).
-    programs = num_m * B * H
     n_kt = triton.cdiv(Lk, BN)
     n_sms = C.num_sms(q.device)
     if _FORCE_SPLITS is not None:
@@ -184,7 +191,7 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
 
     _attn_fwd_kernel[(programs, n_split)](
         _rows(q), _rows(k), _rows(v), o_arg, l_arg, mk.args, lists, mk.drop, scale * LOG2E,
-        H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split,
+        H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split, PACK_GROUP=pack,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=C.precision(q.dtype, q.device),
         UPCAST=C.upcast(q.dtype, q.device),
         num_warps=warps, num_stages=stages,
@@ -197,6 +204,12 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
             BLOCK_M=BMC, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
         )
     return None
+
+
+def _packs_group(G: int, Lq: int, lists) -> bool:
+    """Whether the forward packs the G query heads of each kv head into one program (decoding under GQA): all
+    G * Lq rows in one tile, and no block map (its tile lists are per query head)."""
+    return G > 1 and G * Lq <= _PACK_ROWS and lists is None
 
 
 def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:
