@@ -14,8 +14,8 @@ are shared with test_triton_compile.py (each family is compiled once per pytest 
    status "dropout_twin"), per kernel, within DROPOUT_RATIO_BUDGET: today's ratio; the target is 1.5 (reached
    by bf16 / fp16 / fp32 attention).
 4. Norm backward: its one-pass row loop prefetches the next row asynchronously (cp.async = LDGSTS).
-5. TMA (UTMALDG in the attention forward's SASS): reported in benchmarks/results/sm90-static.md only; no
-   kernel uses tensor descriptors yet.
+5. TMA: the attention forward of 16-bit inputs loads Q / K / V through tensor descriptors on Hopper (UTMALDG
+   in its SASS), decoding included; and it runs 128 x 128 tiles at D = 128 with 3 stages (no spills: 1.).
 6. GQA decode: one program per (batch row, kv head), the group's query heads packed into its rows.
 """
 
@@ -127,7 +127,20 @@ def test_attention_forward_runs_on_wgmma(family):
     assert forwards, f"{family}: no attention forward compiled"
     bad = [f"{_where(r)}: {r['mma']}" for r in forwards if r["mma"] != f"wgmma({dtype})"]
     assert not bad, f"{family}: forward kernels not on wgmma with {dtype} operands alone:\n" + "\n".join(bad)
-    print(f"{family}: TMA (UTMALDG) in {sum(bool(r['utmaldg']) for r in forwards)} of {len(forwards)} forwards")
+
+
+@triton_only
+@pytest.mark.parametrize("family", ["attention-bf16", "attention-fp16"])
+def test_attention_forward_loads_through_tma(family):
+    forwards = [r for r in _records(family) if r["kernel"] == "_attn_fwd_kernel"]
+    assert forwards, f"{family}: no attention forward compiled"
+    no_tma = [_where(r) for r in forwards if not r["utmaldg"]]
+    assert not no_tma, f"{family}: attention forwards without UTMALDG (TMA loads) in their SASS:\n" + "\n".join(no_tma)
+    wide = [r for r in forwards if r["config"].get("BLOCK_D") == 128
+            and "+" not in r["case"] and "decode" not in r["case"]]
+    assert wide and all(r["config"]["BLOCK_N"] == 128 and r["num_stages"] == 3 for r in wide), (
+        f"{family}: the D = 128 forward does not run 128-key tiles with 3 stages: "
+        + ", ".join(f"{_where(r)} BLOCK_N={r['config']['BLOCK_N']}" for r in wide))
 
 
 GQA_DECODE_KV_PROGRAMS = 2  # the harness's "decode GQA 8:1" cases: B = 1, 16 query heads on 2 kv heads

@@ -409,6 +409,36 @@ def test_gqa_decode_packs_heads_into_one_program(monkeypatch, rng):
     assert_close(out, truth, name=f"seed={rng.seed} dropout seed={seed}: packed decode with dropout", **F32_TOL)
 
 
+@pytest.mark.skipif(not backend.supports("triton", "attention", DEVICE.type),
+                    reason="the Triton backend needs CUDA or TRITON_INTERPRET=1 (and triton importable)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_through_tma_descriptors(monkeypatch, dtype, rng):
+    """The Hopper forward's TMA path (Q / K / V through tensor descriptors; Triton's interpreter runs them): the
+    same results as the oracle, with ragged lengths, a head dim below its power of two, strided layouts, GQA
+    decode (packed rows: q by pointers, K / V by TMA) and a block map."""
+    from ptm_kernels.triton.attention import launch
+
+    made = []
+
+    def recording(*args):
+        descs = real(*args)
+        made.append(descs is not None)
+        return descs
+
+    real = launch._tma_descriptors
+    monkeypatch.setattr(launch, "_FORCE_TMA", True)
+    monkeypatch.setattr(launch, "_tma_descriptors", recording)
+    cases = [((2, 4, 2, 37, 70, 40), {"causal": True, "key_lengths": [70, 33]}, "bshd"),
+             ((1, 8, 1, 2, 150, 64), {"window": (40, None), "bias": None}, "contiguous"),
+             ((2, 2, 2, 50, 45, 32), {"segments": None, "dense": None}, "contiguous")]
+    for shape, parts, layout in cases:
+        B, H, _, Lq, Lk, _ = shape
+        spec = random_spec(rng, B, H, Lq, Lk, parts=set(parts))
+        spec.update({k: v for k, v in parts.items() if v is not None})
+        check_case("triton", rng, shape, spec, dtype=dtype, layout=layout, what="TMA forward")
+    assert made and all(made), f"forward launches without TMA descriptors: {made}"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_head_dims_and_scale(impl, rng):
     dims = [16, 64, 256] if interpreted(impl) else [16, 32, 80, 96, 128, 256]

@@ -19,8 +19,9 @@ _CONFIG_OVERRIDE: dict = {}
 # equal the light ones (the block map is built at attention_tile()), except Hopper's at D = 128: 32-key tiles
 # (64: 255 registers, spilling; a map at another tile is converted conservatively). Not yet timed on a GPU:
 # see the report.
-def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
-    """Forward configs (BLOCK_M, BLOCK_N, num_warps, num_stages), best first; later ones use less memory."""
+def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False, tma: bool = False) -> list:
+    """Forward configs (BLOCK_M, BLOCK_N, num_warps, num_stages), best first; later ones use less memory.
+    tma: Q / K / V load through TMA descriptors (no per-thread address registers: larger tiles fit)."""
     bd = block_d(D)
     key = ("fwd", bd, dtype, heavy)
     if key in _CONFIG_OVERRIDE:
@@ -38,8 +39,8 @@ def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> lis
     elif cap[0] >= 9:  # Hopper
         if bd <= 64:
             cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 4, 3)]
-        elif bd <= 128:
-            cfgs = [(128, 32, 8, 2)] if heavy else [(128, 64, 8, 3)]
+        elif bd <= 128:  # 128 x 128 with 3 stages: 253 registers with TMA, no spills; spills without (issue 14)
+            cfgs = [(128, 32, 8, 2)] if heavy else [(128, 128, 8, 3), (128, 64, 8, 3)] if tma else [(128, 64, 8, 3)]
         else:
             cfgs = [(64, 32, 8, 2)] if heavy else [(64, 32, 4, 3)]
     else:  # Ampere and others (FlexAttention's A100 defaults)

@@ -3,7 +3,9 @@ split of a decoding launch), the combine kernel of the key splits, and the dropo
 
 Grouped arguments (NamedTuples / tuples, see launch.py): Q, K, V = (ptr, stride_b, stride_h, stride_l);
 O = (ptr, stride_b, stride_h, stride_l, stride_split); LSE = (ptr, stride_split); mask: masks.MaskArgs;
-lists: launch.TileLists or None (no block map); drop: (seed, threshold, scale) or None (no dropout).
+lists: launch.TileLists or None (no block map); drop: (seed, threshold, scale) or None (no dropout); tma: TMA
+descriptors (q, k, v) of the [B, H, L, D] operands with [1, 1, rows, BLOCK_D] boxes (launch._tma_descriptors,
+Hopper), or None: pointer loads.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, 
     """Online softmax over key tiles it_lo..it_hi (tile indices, or positions in the list IDX when SPARSE);
     MASK: tiles that need the mask (else fully visible, inside [0, Lk)). kv = (K_bh, V_bh, k_offs, v_offs,
     s_kn, s_vn, D, qk_scale); keep_at = (bh, rows): the dropout_keep arguments of the tile's rows."""
-    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale = kv
+    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale, tma, kv_at = kv
     Lq = ctx[2]
     Lk = ctx[3]
     for it in range(it_lo, it_hi):
         start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
-        k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
+        k = _kv_tile(tma, 1, kv_at, K_bh + start_n.to(tl.int64) * s_kn + k_offs, start_n, kv_mask,
+                     MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
         s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
         s = _mod_scores(s, offs_m[:, None], cols[None, :], ctx, mask, MASK, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -40,10 +43,22 @@ def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, 
             seed, threshold, _scale = drop
             keep = dropout_keep(seed, keep_at[0], keep_at[1], start_n, Lq, Lk, threshold, BLOCK_N)
             p = tl.where(keep, p, 0.0)
-        v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
+        v = _kv_tile(tma, 2, kv_at, V_bh + start_n.to(tl.int64) * s_vn + v_offs, start_n, kv_mask,
+                     MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
         acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _kv_tile(tma, WHICH: tl.constexpr, kv_at, ptrs, start_n, kv_mask, USE_MASK: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key tile [start_n, start_n + BLOCK_N) of K (WHICH = 1) or V (2) of (b, kv head) = kv_at: a TMA load
+    through tma[WHICH] (rows past Lk and columns past D read as zeros), else a pointer load."""
+    if tma is not None:
+        return tl.reshape(tma[WHICH].load([kv_at[0], kv_at[1], start_n, 0]), [BLOCK_N, BLOCK_D])
+    else:
+        return load(ptrs, kv_mask, USE_MASK)
 
 
 @triton.jit
@@ -76,7 +91,7 @@ def _program_rows(pid, H, G, Lq, BLOCK_M: tl.constexpr, PACK_GROUP: tl.constexpr
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk, D, n_split,
+def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, tma, qk_scale, H, G, Lq, Lk, D, n_split,
                      CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, SPLIT: tl.constexpr, PACK_GROUP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                      PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -100,9 +115,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk,
         q_mask = row_ok[:, None]
     else:
         q_mask = row_ok[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q[0] + b64 * Q[1] + h64 * Q[2] + rows64 * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
+    if tma is not None and not PACK_GROUP:  # (a packed group's rows span heads: not one TMA box)
+        q = tl.reshape(tma[0].load([b, head, m0, 0]), [BLOCK_M, BLOCK_D])
+    else:
+        q = tl.load(Q[0] + b64 * Q[1] + h64 * Q[2] + rows64 * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
     kv = (K_bh, V_bh, offs_n[:, None] * K[3] + offs_d[None, :], offs_n[:, None] * V[3] + offs_d[None, :], K[3],
-          V[3], D, qk_scale)
+          V[3], D, qk_scale, tma, (b, hk))
     ctx = _tile_ctx(mask, b, b64, h64, Lq, Lk)
     if PACK_GROUP:  # the dropout counter of row i of head bh is bh * Lq + i: per-row heads pass it whole
         keep_at = (b64 * 0, bh64 * Lq + offs_m)

@@ -16,9 +16,16 @@ from .configs import _bwd_configs, _fwd_configs, _shrink
 from .forward import _attn_combine_kernel, _attn_fwd_kernel, _dropout_mask_kernel
 from .masks import MaskArgs, ScoreTensor, Segments, Toeplitz
 
-# Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV.
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
+# Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV; force
+# the forward's TMA loads on (where the operands allow them; the interpreter runs them) or off.
 _FORCE_SPLITS: Optional[int] = None
 _FORCE_GROUP_SPLITS: Optional[int] = None
+_FORCE_TMA: Optional[bool] = None
 
 # per (direction, block_d, dtype, device, heavy): the index of the first config that fitted the device
 _FALLBACK: dict = {}
@@ -143,7 +150,8 @@ def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_
     mk = _Masks(B, H, Lq, Lk, causal, window_left, window_right, key_lengths, prefix_lengths, q_segments,
                 k_segments, dense_mask, bias, toeplitz, dropout_p, seed)
     use_map = mk.elementwise and _map_usable(block_map, B, H, Lq, Lk, block_m, block_n)
-    cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy)
+    tma = _tma_usable(q, k, v)
+    cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy, tma)
 
     def run(cfg):
         BM, BN, warps, stages = cfg
@@ -151,13 +159,13 @@ def attention_fwd(q, k, v, scale: float, causal: bool, window_left: int, window_
         if BM <= 32:  # decoding-sized query tiles: fewer warps
             warps = min(warps, 4)
         return _fwd_launch(q, k, v, out, lse, float(scale), mk, block_map if use_map else None, block_m,
-                           block_n, BM, BN, warps, stages)
+                           block_n, BM, BN, warps, stages, tma)
 
-    C.first_that_fits(_FALLBACK, ("fwd", block_d(D), q.dtype, str(q.device), mk.heavy), cfgs, run)
+    C.first_that_fits(_FALLBACK, ("fwd", block_d(D), q.dtype, str(q.device), mk.heavy, tma), cfgs, run)
     return out, lse
 
 
-def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn, BM, BN, warps, stages):
+def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn, BM, BN, warps, stages, tma):
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     BD = block_d(D)
@@ -190,7 +198,8 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
         l_arg = (lse, 0)
 
     _attn_fwd_kernel[(programs, n_split)](
-        _rows(q), _rows(k), _rows(v), o_arg, l_arg, mk.args, lists, mk.drop, scale * LOG2E,
+        _rows(q), _rows(k), _rows(v), o_arg, l_arg, mk.args, lists, mk.drop,
+        _tma_descriptors(q, k, v, BM, BN, BD) if tma else None, scale * LOG2E,
         H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split, PACK_GROUP=pack,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=C.precision(q.dtype, q.device),
         UPCAST=C.upcast(q.dtype, q.device),
@@ -204,6 +213,36 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, block_map, map_bm, map_bn,
             BLOCK_M=BMC, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
         )
     return None
+
+
+def _tma_strides(t: Tensor) -> Optional[list]:
+    """The strides of a [B, H, L, D] operand as a TMA descriptor takes them, or None where TMA cannot read it
+    (base or a stride not a multiple of 16 bytes, a broadcast (stride 0) dim, D not unit-stride)."""
+    strides = list(t.stride())
+    for i in range(2, -1, -1):  # a size-1 dim's stride is never used: give it a valid one
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    if t.data_ptr() % 16 or strides[-1] != 1 or any(s <= 0 or s * t.element_size() % 16 for s in strides[:-1]):
+        return None
+    return strides
+
+
+def _tma_usable(q, k, v) -> bool:
+    """Whether the forward loads Q / K / V through TMA descriptors: on Hopper for 16-bit operands and head dims
+    up to 128 (the configs compiled for sm_90 with TMA) when the installed Triton has host tensor descriptors
+    and TMA can read the operands; else pointer loads (the interpreter unless _FORCE_TMA, older Triton, other
+    GPUs, float32, D > 128)."""
+    use = _FORCE_TMA if _FORCE_TMA is not None else (
+        not C.interpreted(q.device) and C.capability(q.device)[0] >= 9 and q.dtype != torch.float32
+        and q.shape[-1] <= 128)
+    return bool(use) and TensorDescriptor is not None and all(_tma_strides(t) is not None for t in (q, k, v))
+
+
+def _tma_descriptors(q, k, v, BM: int, BN: int, BD: int) -> tuple:
+    """TMA descriptors of q, k, v for the forward: [B, H, L, D] with boxes of BM (q) / BN (k, v) rows of one
+    (b, h) and BD columns; rows past L and columns past D read as zeros."""
+    return tuple(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, BD])
+                 for t, rows in ((q, BM), (k, BN), (v, BN)))
 
 
 def _packs_group(G: int, Lq: int, lists) -> bool:
