@@ -37,8 +37,8 @@ def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False, tma: b
         else:
             cfgs = [(32, 32, 4, 2), (32, 16, 4, 1)]
     elif cap[0] >= 9:  # Hopper
-        if bd <= 64:
-            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 4, 3)]
+        if bd <= 64:  # with TMA 8 warps take 121 registers (4 warps: 253)
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3), (128, 64, 4, 3)] if tma else [(128, 64, 4, 3)]
         elif bd <= 128:  # 128 x 128 with 3 stages: 253 registers with TMA, no spills; spills without (issue 14)
             cfgs = [(128, 32, 8, 2)] if heavy else [(128, 128, 8, 3), (128, 64, 8, 3)] if tma else [(128, 64, 8, 3)]
         else:
