@@ -96,7 +96,7 @@ class CompilingKernel:
             figures = sm90_artefacts.describe_triton(compiled)
         except Exception as e:  # cuobjdump missing or unreadable: the compile result still stands
             figures = dict(figures_error=f"{type(e).__name__}: {e}")
-        emit(case=_case, kernel=name, config=const, status=status, shared=shared,
+        emit(case=_case, kernel=name, config=const, status=status, shared=shared, grid=_grid(grid),
              num_stages=options.num_stages, num_warps=options.num_warps, seconds=round(time.time() - t0, 2),
              **figures)
         if status != "ok":
@@ -134,6 +134,13 @@ class CompilingKernel:
             emit(case=_case, kernel=name, config={**const, **off, **marker}, status="dropout_twin",
                  shared=int(compiled.metadata.shared), num_stages=options.num_stages, num_warps=options.num_warps,
                  **sm90_artefacts.describe_triton(compiled))
+
+
+def _grid(grid):
+    """The launch grid as a list of ints (None for a callable grid)."""
+    if callable(grid):
+        return None
+    return [int(g) for g in (grid if isinstance(grid, (tuple, list)) else (grid,))]
 
 
 class CompileFailed(Exception):
@@ -255,6 +262,13 @@ def attention_cases(dn):
         kd, vd = torch.randn(1, 2, 1024, D, dtype=dt), torch.randn(1, 2, 1024, D, dtype=dt)
         yield (f"attention_fwd {dn} D={D} decode (split-K + combine)",
                lambda: ATTN.attention_fwd(qd, kd, vd, AttentionParams(scale=0.1)))
+        # GQA 8:1 (LLaMA-70B-like), B = 1, 2 kv heads: the 8 query heads of a kv head share one program, so the
+        # grid has B * Hk = 2 programs per key split (test_sm90_properties.test_gqa_decode_one_program_per_kv_head)
+        qg = torch.randn(1, 16, 1, D, dtype=dt)
+        for mname, p in (("none", AttentionParams(scale=0.1)),
+                         ("causal", AttentionParams(scale=0.1, vis=Visibility(causal=True)))):
+            yield (f"attention_fwd {dn} D={D} decode GQA 8:1 {mname} (packed, split-K + combine)",
+                   lambda: ATTN.attention_fwd(qg, kd, vd, p))
     if dn == "bf16":
         yield "attention_dropout_mask", lambda: ATTN.attention_dropout_mask(3, 0.1, 1, 1, 100, 100, "cpu")
 

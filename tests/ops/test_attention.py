@@ -383,6 +383,90 @@ def test_decode_rows_special_values(impl, place, value, rng):
     torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+def gqa_decode_spec(rng, B, H, Lq, Lk):
+    """Key padding, a causal or a sliding-window part, and at random one per-head part (bias, Toeplitz table,
+    dense mask: what a packed GQA program must address per row)."""
+    spec = random_spec(rng, B, H, Lq, Lk, parts={"key_lengths", rng.py.choice(["causal", "window"]),
+                                                 rng.py.choice(["bias", "toeplitz", "dense", "none"])})
+    spec["key_lengths"] = [Lk, rng.py.randint(1, Lk)][:B]
+    return spec
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("G", [1, 2, 8])
+@pytest.mark.parametrize("Lq", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gqa_decode(impl, G, Lq, dtype, rng):
+    """Decoding under GQA (the Triton forward packs the G query heads of a kv head into one program): a few
+    query rows against a long cache, G query heads per kv head, forward, lse and gradients."""
+    B, Hk, Lk = 2, 2, rng.py.choice([70, 150])
+    check_case(impl, rng, (B, G * Hk, Hk, Lq, Lk, 64), gqa_decode_spec(rng, B, G * Hk, Lq, Lk), dtype=dtype,
+               layout=rng.py.choice(["contiguous", "bshd"]), what=f"GQA decode G={G}")
+
+
+@pytest.mark.skipif(not backend.supports("triton", "attention", DEVICE.type),
+                    reason="the Triton backend needs CUDA or TRITON_INTERPRET=1 (and triton importable)")
+def test_gqa_decode_packs_heads_into_one_program(monkeypatch, rng):
+    """The Triton forward runs one program per (batch row, kv head) when decoding under GQA, with the same
+    dropout keep-mask as attention_dropout_mask (the counter of row i of head h stays (b * H + h) * Lq + i)."""
+    from ptm_kernels.triton.attention import launch
+
+    grids = []
+
+    class Recording:  # stands in for the kernel: records each launch's grid and packing
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                grids.append((grid, kwargs["PACK_GROUP"]))
+                return real[grid](*args, **kwargs)
+            return run
+
+    real = launch._attn_fwd_kernel
+    monkeypatch.setattr(launch, "_attn_fwd_kernel", Recording())
+    B, Hk, G, Lq, Lk, D, p = 2, 2, 4, 3, 150, 32, 0.3
+    H = G * Hk
+    q, k, v = rng.randn(B, H, Lq, D), rng.randn(B, Hk, Lk, D), rng.randn(B, Hk, Lk, D)
+    spec = {"causal": True, "key_lengths": [Lk, 97], "bias": rng.randn(1, H, Lq, Lk)}
+    seed = rng.py.randrange(2**31)
+    with backend.use(attention="triton"):
+        out = pk.attention(q, k, v, mask_of(spec), dropout_p=p, seed=seed)
+    assert [g[0][0] for g in grids] == [B * Hk] and all(pack for _, pack in grids), (
+        f"seed={rng.seed}: forward launches {grids}, want one packed launch of {B * Hk} programs per key split")
+    keep = backend.module("triton").attention_dropout_mask(seed, p, B, H, Lq, Lk, DEVICE)
+    truth, _ = oracle(q.double(), k.double(), v.double(), visible(spec, B, H, Lq, Lk), spec["bias"].double(),
+                      keep=keep, p=p)
+    assert_close(out, truth, name=f"seed={rng.seed} dropout seed={seed}: packed decode with dropout", **F32_TOL)
+
+
+@pytest.mark.skipif(not backend.supports("triton", "attention", DEVICE.type),
+                    reason="the Triton backend needs CUDA or TRITON_INTERPRET=1 (and triton importable)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_through_tma_descriptors(monkeypatch, dtype, rng):
+    """The Hopper forward's TMA path (Q / K / V through tensor descriptors; Triton's interpreter runs them): the
+    same results as the oracle, with ragged lengths, a head dim below its power of two, strided layouts, GQA
+    decode (packed rows: q by pointers, K / V by TMA) and a block map."""
+    from ptm_kernels.triton.attention import launch
+
+    made = []
+
+    def recording(*args):
+        descs = real(*args)
+        made.append(descs is not None)
+        return descs
+
+    real = launch._tma_descriptors
+    monkeypatch.setattr(launch, "_FORCE_TMA", True)
+    monkeypatch.setattr(launch, "_tma_descriptors", recording)
+    cases = [((2, 4, 2, 37, 70, 40), {"causal": True, "key_lengths": [70, 33]}, "bshd"),
+             ((1, 8, 1, 2, 150, 64), {"window": (40, None), "bias": None}, "contiguous"),
+             ((2, 2, 2, 50, 45, 32), {"segments": None, "dense": None}, "contiguous")]
+    for shape, parts, layout in cases:
+        B, H, _, Lq, Lk, _ = shape
+        spec = random_spec(rng, B, H, Lq, Lk, parts=set(parts))
+        spec.update({k: v for k, v in parts.items() if v is not None})
+        check_case("triton", rng, shape, spec, dtype=dtype, layout=layout, what="TMA forward")
+    assert made and all(made), f"forward launches without TMA descriptors: {made}"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_head_dims_and_scale(impl, rng):
     dims = [16, 64, 256] if interpreted(impl) else [16, 32, 80, 96, 128, 256]

@@ -35,7 +35,15 @@ rounded to a multiple of 1/256; kept values are scaled by 1 / (1 - p)). The forw
 and attention_dropout_mask() compute the same bits, so the mask can be replayed through the reference.
 
 Decoding (few query tiles, long keys): the key tiles are split across programs (flash-decoding); each split
-writes a float32 partial output and its lse, and a combine kernel merges them.
+writes a float32 partial output and its lse, and a combine kernel merges them. Under GQA, while G * Lq <= 64
+(and no block map), the G query heads of a kv head share one program (PACK_GROUP: row r is query row r % Lq
+of head r // Lq, the head per row for masks, bias, dropout counter, out and lse), so each K / V tile is read
+once per group instead of G times.
+
+TMA (Hopper, 16-bit inputs, a Triton with host tensor descriptors): the forward loads Q / K / V through
+[B, H, L, D] descriptors (boxes of one (b, h), rows past L and columns past D read as zeros) when the
+operands' base and strides are 16-byte multiples; no per-thread address registers, so D = 128 runs 128 x 128
+tiles with 3 stages. Elsewhere (the interpreter, older Triton, other GPUs, float32) pointer loads.
 
 Backward (FlashAttention-2): a preprocess kernel (delta = rowsum(dO * O)), a dK/dV kernel (one program per
 key tile; loops over the query tiles, and over the query heads that share the kv head for GQA, so dk/dv are

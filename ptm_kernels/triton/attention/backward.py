@@ -119,6 +119,8 @@ def _dkdv_tiles(dk, dv, k, v, head, it_lo, it_hi, IDX, offs_mb, n0, offs_d, ctx,
     Lq = ctx[2]
     Lk = ctx[3]
     cols = n0 + tl.arange(0, BLOCK_N)
+    if drop is not None:  # 1 - p (0 when p = 1: every key dropped, dS = 0)
+        unscale = tl.where(drop[2] > 0.0, 1.0 / drop[2], 0.0)
     for it in range(it_lo, it_hi):
         rows = _tile_start(it, IDX, SPARSE, BLOCK_M) + offs_mb
         rows64 = rows[:, None].to(tl.int64)
@@ -139,12 +141,14 @@ def _dkdv_tiles(dk, dv, k, v, head, it_lo, it_hi, IDX, offs_mb, n0, offs_d, ctx,
         sT = _mod_scores(sT, rows[None, :], cols[:, None], ctx, mask, MASK, CAUSAL)
         pT = tl.math.exp2(sT - lse2[None, :])
         if drop is not None:
-            seed, threshold, scale = drop
+            # With Pd = keep P (the kept probabilities, unscaled): dV += scale Pd^T dO and
+            # dS = P (scale keep dP - delta) = scale (Pd dP - P delta / scale). dK and dV are accumulated without
+            # the scale (applied once at the end), and the keep-mask has one use (its bits are built once).
+            seed, threshold, _scale = drop
             dpT = dot(v, tl.trans(do), None, PREC, UPCAST)
             keepT = dropout_keep(seed, bh64, rows, n0, Lq, Lk, threshold, BLOCK_N, True)
-            pdT = tl.where(keepT, pT * scale, 0.0)
-            dpT = tl.where(keepT, dpT * scale, 0.0)
-            dsT = pT * (dpT - delta[None, :])  # before the dV dot: pT and dpT are dead there (fewer live registers)
+            pdT = tl.where(keepT, pT, 0.0)
+            dsT = pdT * dpT - pT * (delta * unscale)[None, :]  # before the dV dot: fewer live registers
             dv = dot(pdT.to(do.dtype), do, dv, PREC, UPCAST)
         else:  # dV first: pT is dead before the dO . V^T product is live (fewer live registers)
             dv = dot(pT.to(do.dtype), do, dv, PREC, UPCAST)
@@ -209,6 +213,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, mask, lists, drop, qk
             dk, dv = _dkdv_tiles(dk, dv, k, v, head, F1, Z, None, offs_mb, n0, offs_d, ctx, mask, drop, bh64,
                                  True, False, CAUSAL, BLOCK_M, BLOCK_N, EVEN_D, PREC, UPCAST)
     dk = dk * sm_scale
+    if drop is not None:  # the dropout scale left out of the loop (_dkdv_tiles)
+        dk = dk * drop[2]
+        dv = dv * drop[2]
     gs64 = gsplit.to(tl.int64)
     tl.store(DK[0] + b64 * DK[1] + hk64 * DK[2] + gs64 * DK[3] + cols64 * DK[4] + offs_d[None, :],
              dk.to(DK[0].dtype.element_ty), mask=kv_mask)

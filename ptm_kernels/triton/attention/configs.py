@@ -16,9 +16,12 @@ _CONFIG_OVERRIDE: dict = {}
 # FlexAttention's and the Triton tutorial's known-good points; "heavy" variants (additive bias, Toeplitz,
 # dense mask or dropout: extra per-element loads, multi-buffered in shared memory, or philox registers) use
 # fewer pipeline stages and thinner backward tiles so they fit without spills. Forward tiles of a heavy variant
-# equal the light ones (the block map is built at attention_tile()). Not yet timed on a GPU: see the report.
-def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> list:
-    """Forward configs (BLOCK_M, BLOCK_N, num_warps, num_stages), best first; later ones use less memory."""
+# equal the light ones (the block map is built at attention_tile()), except Hopper's at D = 128: 32-key tiles
+# (64: 255 registers, spilling; a map at another tile is converted conservatively). Not yet timed on a GPU:
+# see the report.
+def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False, tma: bool = False) -> list:
+    """Forward configs (BLOCK_M, BLOCK_N, num_warps, num_stages), best first; later ones use less memory.
+    tma: Q / K / V load through TMA descriptors (no per-thread address registers: larger tiles fit)."""
     bd = block_d(D)
     key = ("fwd", bd, dtype, heavy)
     if key in _CONFIG_OVERRIDE:
@@ -34,10 +37,10 @@ def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> lis
         else:
             cfgs = [(32, 32, 4, 2), (32, 16, 4, 1)]
     elif cap[0] >= 9:  # Hopper
-        if bd <= 64:
-            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 4, 3)]
-        elif bd <= 128:
-            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3)]
+        if bd <= 64:  # with TMA 8 warps take 121 registers (4 warps: 253)
+            cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3), (128, 64, 4, 3)] if tma else [(128, 64, 4, 3)]
+        elif bd <= 128:  # 128 x 128 with 3 stages: 253 registers with TMA, no spills; spills without (issue 14)
+            cfgs = [(128, 32, 8, 2)] if heavy else [(128, 128, 8, 3), (128, 64, 8, 3)] if tma else [(128, 64, 8, 3)]
         else:
             cfgs = [(64, 32, 8, 2)] if heavy else [(64, 32, 4, 3)]
     else:  # Ampere and others (FlexAttention's A100 defaults)
@@ -68,13 +71,18 @@ def _bwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> lis
             cfgs = [((32, 32, 4, 2), (32, 32, 4, 2))]
         else:
             cfgs = [((16, 32, 4, 1), (32, 16, 4, 1))]
-    elif cap[0] >= 9:  # Hopper (light: FlexAttention's sm90 defaults)
+    elif cap[0] >= 9:  # Hopper (light: FlexAttention's sm90 defaults; dK/dV at D = 128 the tutorial's 32 x 128)
+        # dK/dV's float32 dk and dv accumulators take half the registers: its sm_90 spills went to zero with
+        # 32-row query steps at D = 128 (64 x 128: 12 B) and 64-key tiles for the heavy variants (32 x 128:
+        # 16 B at D = 64, 204 B at D = 128, with every mask part, dropout and dbias)
         if heavy and bd <= 128:
-            cfgs = [((32, 128, 8, 2), (128, 32, 8, 2))]
+            cfgs = [((32, 64, 8, 2), (128, 32, 8, 2))]
         elif bd < 64:
             cfgs = [((64, 64, 4, 3), (64, 64, 4, 3))]
-        elif bd <= 128:
+        elif bd < 128:
             cfgs = [((64, 128, 8, 3), (128, 64, 8, 3))]
+        elif bd == 128:
+            cfgs = [((32, 128, 8, 3), (128, 64, 8, 3))]
         else:
             cfgs = [((16, 64, 8, 2), (64, 32, 8, 2))]
     else:  # Ampere and others

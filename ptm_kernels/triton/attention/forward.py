@@ -3,7 +3,9 @@ split of a decoding launch), the combine kernel of the key splits, and the dropo
 
 Grouped arguments (NamedTuples / tuples, see launch.py): Q, K, V = (ptr, stride_b, stride_h, stride_l);
 O = (ptr, stride_b, stride_h, stride_l, stride_split); LSE = (ptr, stride_split); mask: masks.MaskArgs;
-lists: launch.TileLists or None (no block map); drop: (seed, threshold, scale) or None (no dropout).
+lists: launch.TileLists or None (no block map); drop: (seed, threshold, scale) or None (no dropout); tma: TMA
+descriptors (q, k, v) of the [B, H, L, D] operands with [1, 1, rows, BLOCK_D] boxes (launch._tma_descriptors,
+Hopper), or None: pointer loads.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ from .tiles import _row_program, _tile_mask
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
                MASK: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over key tiles it_lo..it_hi (tile indices, or positions in the list IDX when SPARSE);
     MASK: tiles that need the mask (else fully visible, inside [0, Lk)). kv = (K_bh, V_bh, k_offs, v_offs,
-    s_kn, s_vn, D, qk_scale)."""
-    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale = kv
+    s_kn, s_vn, D, qk_scale); keep_at = (bh, rows): the dropout_keep arguments of the tile's rows."""
+    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale, tma, kv_at = kv
     Lq = ctx[2]
     Lk = ctx[3]
     for it in range(it_lo, it_hi):
         start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
-        k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
+        k = _kv_tile(tma, 1, kv_at, K_bh + start_n.to(tl.int64) * s_kn + k_offs, start_n, kv_mask,
+                     MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
         s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
         s = _mod_scores(s, offs_m[:, None], cols[None, :], ctx, mask, MASK, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -39,53 +42,99 @@ def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, 
         acc = acc * alpha[:, None]
         if drop is not None:
             seed, threshold, _scale = drop
-            keep = dropout_keep(seed, bh64, offs_m, start_n, Lq, Lk, threshold, BLOCK_N)
+            keep = dropout_keep(seed, keep_at[0], keep_at[1], start_n, Lq, Lk, threshold, BLOCK_N)
             p = tl.where(keep, p, 0.0)
-        v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
+        v = _kv_tile(tma, 2, kv_at, V_bh + start_n.to(tl.int64) * s_vn + v_offs, start_n, kv_mask,
+                     MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
         acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk, D, n_split,
-                     CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+def _kv_tile(tma, WHICH: tl.constexpr, kv_at, ptrs, start_n, kv_mask, USE_MASK: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key tile [start_n, start_n + BLOCK_N) of K (WHICH = 1) or V (2) of (b, kv head) = kv_at: a TMA load
+    through tma[WHICH] (rows past Lk and columns past D read as zeros), else a pointer load."""
+    if tma is not None:
+        return tl.reshape(tma[WHICH].load([kv_at[0], kv_at[1], start_n, 0]), [BLOCK_N, BLOCK_D])
+    else:
+        return load(ptrs, kv_mask, USE_MASK)
+
+
+@triton.jit
+def _program_rows(pid, H, G, Lq, BLOCK_M: tl.constexpr, PACK_GROUP: tl.constexpr):
+    """The query rows of a forward program -> (b, kv head, head, b * H + head, query row index of each row,
+    row_ok, m0: first query row). PACK_GROUP (decoding under GQA): one program per (b, kv head) holds the G * Lq rows of
+    its G query heads, row r = query row r % Lq of head r // Lq, so each K / V tile is loaded once per group;
+    head is then per row, 1-D (rows past G * Lq repeat the group's last head: computed, never stored). Else
+    one program per (query tile, b, h), heaviest (last, for causal) tiles first, and head is a scalar."""
+    if PACK_GROUP:
+        Hk = H // G
+        b = pid // Hk
+        hk = pid % Hk
+        r = tl.arange(0, BLOCK_M)
+        head = hk * G + tl.minimum(r // Lq, G - 1)
+        bh = b * H + head
+        offs_m = r % Lq
+        row_ok = r < G * Lq
+        m0 = pid * 0
+    else:
+        num_m = tl.cdiv(Lq, BLOCK_M)
+        bh = pid // num_m
+        b = bh // H
+        head = bh % H
+        hk = head // G
+        m0 = (num_m - 1 - pid % num_m) * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+    return b, hk, head, bh, offs_m, row_ok, m0
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, tma, qk_scale, H, G, Lq, Lk, D, n_split,
+                     CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, SPLIT: tl.constexpr, PACK_GROUP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid_m = num_m - 1 - pid % num_m  # heaviest (last, for causal) query tiles first
-    bh = pid // num_m
-    b = bh // H
-    h = bh % H
+    b, hk, head, bh, offs_m, row_ok, m0 = _program_rows(pid, H, G, Lq, BLOCK_M, PACK_GROUP)
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    bh64 = bh.to(tl.int64)
-    hk64 = (h // G).to(tl.int64)
-    Q_bh = Q[0] + b64 * Q[1] + h64 * Q[2]
+    hk64 = hk.to(tl.int64)
+    bh64 = bh.to(tl.int64)  # a scalar, or per row (PACK_GROUP)
+    if PACK_GROUP:
+        h64 = head.to(tl.int64)[:, None]  # a column: addresses [BLOCK_M, x] tiles
+    else:
+        h64 = head.to(tl.int64)
+    rows64 = offs_m[:, None].to(tl.int64)
     K_bh = K[0] + b64 * K[1] + hk64 * K[2]
     V_bh = V[0] + b64 * V[1] + hk64 * V[2]
 
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if EVEN_D:
-        q_mask = offs_m[:, None] < Lq
+        q_mask = row_ok[:, None]
     else:
-        q_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    q = tl.load(Q_bh + offs_m[:, None].to(tl.int64) * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
+        q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    if tma is not None and not PACK_GROUP:  # (a packed group's rows span heads: not one TMA box)
+        q = tl.reshape(tma[0].load([b, head, m0, 0]), [BLOCK_M, BLOCK_D])
+    else:
+        q = tl.load(Q[0] + b64 * Q[1] + h64 * Q[2] + rows64 * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
     kv = (K_bh, V_bh, offs_n[:, None] * K[3] + offs_d[None, :], offs_n[:, None] * V[3] + offs_d[None, :], K[3],
-          V[3], D, qk_scale)
+          V[3], D, qk_scale, tma, (b, hk))
     ctx = _tile_ctx(mask, b, b64, h64, Lq, Lk)
+    if PACK_GROUP:  # the dropout counter of row i of head bh is bh * Lq + i: per-row heads pass it whole
+        keep_at = (b64 * 0, bh64 * Lq + offs_m)
+    else:
+        keep_at = (bh64, offs_m)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     if lists is not None:  # block map: the partial tiles (masked), then the full ones
-        lrow = b64 * lists.s_b + h64 * lists.s_h + pid_m
+        tl.static_assert(not PACK_GROUP, "a block map is per query head: no packed group")
+        lrow = b64 * lists.s_b + h64 * lists.s_h + m0 // BLOCK_M
         n1 = tl.load(lists.cnt_partial + lrow)
         n2 = tl.load(lists.cnt_full + lrow)
         lo1 = n1 * 0
@@ -100,10 +149,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk,
             lo2 = tl.minimum(split * per2, n2)
             hi2 = tl.minimum(lo2 + per2, n2)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo1, hi1, lists.idx_partial + lrow * lists.n,
-                                   offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+                                   offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
                                    True, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo2, hi2, lists.idx_full + lrow * lists.n,
-                                   offs_m, offs_n, offs_d, ctx, mask, drop, bh64,
+                                   offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
                                    False, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
     else:
         A, F0, F1, Z = _key_tile_range(m0, ctx, mask, BLOCK_M, BLOCK_N, CAUSAL, ELEMWISE)
@@ -117,11 +166,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk,
             Z = tl.minimum(Z, c1)
         # [A, F0) and [F1, Z): masked tiles; [F0, F1): tiles every query of this tile fully sees.
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, A, F0, None, offs_m, offs_n, offs_d, ctx, mask, drop,
-                                   bh64, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+                                   keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F0, F1, None, offs_m, offs_n, offs_d, ctx, mask, drop,
-                                   bh64, False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+                                   keep_at, False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F1, Z, None, offs_m, offs_n, offs_d, ctx, mask, drop,
-                                   bh64, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+                                   keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
 
     # Epilogue. l_i == 0 exactly when the row saw no visible key (the row maximum contributes exp2(0) = 1).
     empty = l_i == 0.0
@@ -130,9 +179,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, qk_scale, H, G, Lq, Lk,
     if drop is not None:
         out = out * drop[2]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    row_ok = offs_m < Lq
     split64 = split.to(tl.int64)
-    o_ptrs = O[0] + split64 * O[4] + b64 * O[1] + h64 * O[2] + offs_m[:, None].to(tl.int64) * O[3] + offs_d[None, :]
+    o_ptrs = O[0] + split64 * O[4] + b64 * O[1] + h64 * O[2] + rows64 * O[3] + offs_d[None, :]
     tl.store(o_ptrs, out.to(O[0].dtype.element_ty), mask=q_mask)
     tl.store(LSE[0] + split64 * LSE[1] + bh64 * Lq + offs_m, lse, mask=row_ok)
 

@@ -17,12 +17,22 @@ from .forward import _attn_combine_kernel, _attn_fwd_kernel, _dropout_mask_kerne
 from .masks import MaskArgs, ScoreTensor, Segments, Toeplitz
 from ...kernel_params import AttentionParams, Visibility
 
-# Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV.
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
+# Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV; force
+# the forward's TMA loads on (where the operands allow them; the interpreter runs them) or off.
 _FORCE_SPLITS: Optional[int] = None
 _FORCE_GROUP_SPLITS: Optional[int] = None
+_FORCE_TMA: Optional[bool] = None
 
 # per (direction, block_d, dtype, device, heavy): the index of the first config that fitted the device
 _FALLBACK: dict = {}
+
+# Decoding under GQA packs the G query heads of a kv head into one program's rows while G * Lq fits this.
+_PACK_ROWS = 64
 
 
 # --------------------------------------------------------------------------------------- argument packing
@@ -159,28 +169,33 @@ def attention_fwd(q, k, v, p: AttentionParams):
         lse.fill_(float("-inf"))
         return out, lse
     mk = _Masks(p, B, H, Lq, Lk)
-    cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy)
+    tma = _tma_usable(q, k, v)
+    cfgs = _fwd_configs(D, q.dtype, q.device, mk.heavy, tma)
 
     def run(cfg):
         BM, BN, warps, stages = cfg
         BM, BN = _shrink(BM, Lq), _shrink(BN, Lk)
         if BM <= 32:  # decoding-sized query tiles: fewer warps
             warps = min(warps, 4)
-        return _fwd_launch(q, k, v, out, lse, float(p.scale), mk, BM, BN, warps, stages)
+        return _fwd_launch(q, k, v, out, lse, float(p.scale), mk, BM, BN, warps, stages, tma)
 
-    C.first_that_fits(_FALLBACK, ("fwd", block_d(D), q.dtype, str(q.device), mk.heavy), cfgs, run)
+    C.first_that_fits(_FALLBACK, ("fwd", block_d(D), q.dtype, str(q.device), mk.heavy, tma), cfgs, run)
     return out, lse
 
 
-def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, BM, BN, warps, stages):
+def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, BM, BN, warps, stages, tma):
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     BD = block_d(D)
-    num_m = triton.cdiv(Lq, BM)
     lists = mk.tile_lists(BM, BN, Lq, Lk, transpose=False)
+    pack = _packs_group(H // Hk, Lq, lists)
+    if pack:  # one program per (b, kv head): its G query heads' rows share each K / V tile
+        BM, warps = max(16, triton.next_power_of_2(H // Hk * Lq)), min(warps, 4)
+        programs = B * Hk
+    else:  # one program per (query tile, b, h)
+        programs = triton.cdiv(Lq, BM) * B * H
 
     # Split the keys across programs when the query tiles alone cannot fill the device (decoding).
-    programs = num_m * B * H
     n_kt = triton.cdiv(Lk, BN)
     n_sms = C.num_sms(q.device)
     if _FORCE_SPLITS is not None:
@@ -201,8 +216,9 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, BM, BN, warps, stages):
         l_arg = (lse, 0)
 
     _attn_fwd_kernel[(programs, n_split)](
-        _rows(q), _rows(k), _rows(v), o_arg, l_arg, mk.args, lists, mk.drop, scale * LOG2E,
-        H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split,
+        _rows(q), _rows(k), _rows(v), o_arg, l_arg, mk.args, lists, mk.drop,
+        _tma_descriptors(q, k, v, BM, BN, BD) if tma else None, scale * LOG2E,
+        H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split, PACK_GROUP=pack,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=C.precision(q.dtype, q.device),
         UPCAST=C.upcast(q.dtype, q.device),
         num_warps=warps, num_stages=stages,
@@ -215,6 +231,42 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, BM, BN, warps, stages):
             BLOCK_M=BMC, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
         )
     return None
+
+
+def _tma_strides(t: Tensor) -> Optional[list]:
+    """The strides of a [B, H, L, D] operand as a TMA descriptor takes them, or None where TMA cannot read it
+    (base or a stride not a multiple of 16 bytes, a broadcast (stride 0) dim, D not unit-stride)."""
+    strides = list(t.stride())
+    for i in range(2, -1, -1):  # a size-1 dim's stride is never used: give it a valid one
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    if t.data_ptr() % 16 or strides[-1] != 1 or any(s <= 0 or s * t.element_size() % 16 for s in strides[:-1]):
+        return None
+    return strides
+
+
+def _tma_usable(q, k, v) -> bool:
+    """Whether the forward loads Q / K / V through TMA descriptors: on Hopper for 16-bit operands and head dims
+    up to 128 (the configs compiled for sm_90 with TMA) when the installed Triton has host tensor descriptors
+    and TMA can read the operands; else pointer loads (the interpreter unless _FORCE_TMA, older Triton, other
+    GPUs, float32, D > 128)."""
+    use = _FORCE_TMA if _FORCE_TMA is not None else (
+        not C.interpreted(q.device) and C.capability(q.device)[0] >= 9 and q.dtype != torch.float32
+        and q.shape[-1] <= 128)
+    return bool(use) and TensorDescriptor is not None and all(_tma_strides(t) is not None for t in (q, k, v))
+
+
+def _tma_descriptors(q, k, v, BM: int, BN: int, BD: int) -> tuple:
+    """TMA descriptors of q, k, v for the forward: [B, H, L, D] with boxes of BM (q) / BN (k, v) rows of one
+    (b, h) and BD columns; rows past L and columns past D read as zeros."""
+    return tuple(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, BD])
+                 for t, rows in ((q, BM), (k, BN), (v, BN)))
+
+
+def _packs_group(G: int, Lq: int, lists) -> bool:
+    """Whether the forward packs the G query heads of each kv head into one program (decoding under GQA): all
+    G * Lq rows in one tile, and no block map (its tile lists are per query head)."""
+    return G > 1 and G * Lq <= _PACK_ROWS and lists is None
 
 
 def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:
