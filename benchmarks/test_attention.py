@@ -146,7 +146,7 @@ def test_attention(benchmark, L, mask_name, passes, impl):
 # ------------------------------------------------------------------------------- decode (one query row, GQA)
 # One new token against a KV cache: q [B, H, 1, D], k/v [B, Hk, Lk, D] with H / Hk query heads per kv head
 # (LLaMA-2-70B-like 32 / 8 at D 128; the 8 / 4 of the hf-llama benchmark's model at D 64; GQA 8:1, LLaMA-70B's
-ratio, where the Triton forward packs a kv head's 8 query heads into one program). ptm: the fused kernel
+# ratio, where the Triton forward packs a kv head's 8 query heads into one program). ptm: the fused kernel
 # (causal, bottom-right: every cached key visible); "sdpa-gqa": torch's SDPA with enable_gqa=True (no mask needed).
 DECODE_CASES = [(1, 8, 4, 96, 64), (16, 8, 4, 96, 64), (1, 32, 8, 1024, 128), (16, 32, 8, 1024, 128),
                 (1, 16, 2, 1024, 128)] + ([(4, 64, 8, 16384, 128)] if GPU else [])
