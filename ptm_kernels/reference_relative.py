@@ -157,7 +157,7 @@ def _query_stream(p: RelativeParams) -> RelativeParams:
     """The shared parameters as the query stream draws its dropout: seed + 1."""
     if p.dropout.seed is None:
         return p
-    return dataclasses.replace(p, dropout=Dropout(p.dropout.p, p.dropout.seed + 1))
+    return dataclasses.replace(p, dropout=Dropout(p=p.dropout.p, seed=p.dropout.seed + 1))
 
 
 def two_stream_attention_fwd(k, v, r, p: RelativeParams, c: RelativeStream, g: RelativeStream):

@@ -295,7 +295,8 @@ def _shared(q, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed
     r4 = r if r.dim() == 4 else r.unsqueeze(0)
     seg_fn = _segments(q, Lk, segment_ids, key_segment_ids, seg_embed, s_bias)
     k_ids = seg_fn.k_ids if seg_fn is not None else None
-    params = RelativeParams(k_ids, scale, int(r_offset), Lq, Dropout(float(dropout_p), _seed(dropout_p, seed, generator)))
+    params = RelativeParams(k_ids=k_ids, scale=scale, r_offset=int(r_offset), q_len=Lq,
+                            dropout=Dropout(p=float(dropout_p), seed=_seed(dropout_p, seed, generator)))
     return (_unit_stride(k), _unit_stride(v), _unit_stride(r4), params), seg_fn
 
 
@@ -362,8 +363,8 @@ def _stream(mask_name, q, u, v_bias, seg_fn, positions, mask, Lk, Lq) -> Relativ
         raise ValueError(f"{mask_name}: relative attention takes visibility parts only (causal, sliding_window, "
                          f"key_padding, prefix_lm, segments, dense); additive bias and Toeplitz parts are not "
                          f"supported (the position term r is the relative bias)")
-    return RelativeStream(_unit_stride(qu), _unit_stride(qv), seg, q_ids, positions,
-                          mask.visibility(B, H, Lr, Lk, q.device))
+    return RelativeStream(qu=_unit_stride(qu), qv=_unit_stride(qv), seg=seg, q_ids=q_ids, positions=positions,
+                          vis=mask.visibility(B, H, Lr, Lk, q.device))
 
 
 def _check_common(q, k, v, r, u, v_bias):
