@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 import ptm_kernels as pk
 
-
 from ..ops.rope import rope_at_positions
 from . import attention as hf_attention
 from .activations import gated, gated_names
