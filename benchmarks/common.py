@@ -81,20 +81,6 @@ def check_close(ours, theirs, name, rtol=2e-2, atol=2e-2):
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def check_as_accurate(ours, eager, reference, name):
-    """Validate a half-precision op before timing against a float64 `reference`: at most 2x eager's error in
-    the same dtype plus one rounding unit of the output's scale (the tests' rule). Comparing ours with eager
-    directly fails where eager itself is off (a bf16 x*cos + rot(x)*sin that cancels keeps eager's rounding)."""
-    ours = ours if isinstance(ours, tuple) else (ours,)
-    eager = eager if isinstance(eager, tuple) else (eager,)
-    reference = reference if isinstance(reference, tuple) else (reference,)
-    for a, e, r in zip(ours, eager, reference):
-        r = r.double()
-        err, err_eager = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
-        unit = torch.finfo(a.dtype).eps * r.abs().max().item()
-        assert err <= 2 * err_eager + unit, f"{name}: max error {err:.3g} > 2 x eager's {err_eager:.3g} + {unit:.3g}"
-
-
 def liger():
     """Liger-Kernel's ops when its wheel is installed and a GPU is present, else None."""
     if not GPU:
