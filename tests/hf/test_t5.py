@@ -30,8 +30,8 @@ def build(feed_forward_proj="relu", **overrides):
     return perturb(model, lambda name: "layer_norm" in name)  # norm weights start at 1
 
 
-def seq2seq_batch(B=3, Ls=24, Lt=10):
-    return _common.seq2seq_batch(B, Ls, Lt, pad_token_id=0, first_id=2, padded_from=(17, 6))
+def seq2seq_batch(B=3, Ls=24, Lt=10, padded_from=(17, 6)):
+    return _common.seq2seq_batch(B, Ls, Lt, pad_token_id=0, first_id=2, padded_from=padded_from)
 
 
 @pytest.mark.parametrize("ffn", FFN)
@@ -92,5 +92,10 @@ def test_revert_is_bit_identical():
 
 def test_convergence_30_adamw_steps():
     """Liger-style: a mini T5 trained 30 AdamW steps, patched vs unpatched: per-step loss within 1e-5
-    relative in float32 (fresh batches each step, the same for both)."""
-    assert_same_convergence(build("gated-gelu"), [seq2seq_batch(Ls=12, Lt=6) for _ in range(30)])
+    relative in float32 (fresh batches each step, the same for both), with source rows 1 and 2 padded.
+
+    The bound against the float32 drift of training itself (this batch, 30 steps, 14 seeds): transformers'
+    eager vs its SDPA drift apart by at most 6.9e-7, the patched model from SDPA by at most 1.5e-6 (2.8e-7
+    at this test's seed). In float64 (transformers' T5LayerNorm kept in both: it rounds the variance to float32)
+    the first step's loss and every gradient agree to 2e-15: the drift is rounding, not different math."""
+    assert_same_convergence(build("gated-gelu"), [seq2seq_batch(Ls=12, Lt=6, padded_from=(9, 6)) for _ in range(30)])

@@ -485,6 +485,16 @@ def test_fully_masked_rows(impl, rng):
     check_case(impl, rng, (2, 2, 2, 40, 24, 16), spec, what="fully masked rows")
 
 
+@pytest.mark.parametrize("impl", [p for p in IMPLS if p.id == "cpu"])
+@pytest.mark.parametrize("parts", [("causal", "toeplitz", "key_lengths"), ("segments", "window", "bias"),
+                                   ("dense", "prefix", "key_mask"), ("causal_top_left",)], ids="-".join)
+def test_long_sequences(impl, parts, rng):
+    """Lq and Lk past 512: the C++ backward's several blocks of query rows against chunks of keys, each trimmed
+    to its visible tiles or skipped; one (b, kv head) pair, so the keys are split into partitions, and GQA."""
+    Lq, Lk = rng.py.randint(520, 700), rng.py.randint(520, 700)
+    check_case(impl, rng, (1, 2, 1, Lq, Lk, 32), random_spec(rng, 1, 2, Lq, Lk, parts=set(parts)), what="long")
+
+
 # -------------------------------------------------------------------------------------------- dropout
 
 
