@@ -60,6 +60,17 @@ def causal_masks(windows: Sequence[Optional[int]], attention_mask: Optional[Tens
     return [kinds[w] for w in windows]
 
 
+def transposed_storage(weight: Tensor) -> nn.Parameter:
+    """The LM head's weight [V, d] with the same values, stored as [d, V] (a transposed view, strides (1, V)).
+
+    Decoding multiplies one row per sequence by it: x @ W^T then runs as x @ [d, V] with a contiguous right
+    operand, which MKL's GEMV streams 2-3x faster than the [V, d] layout for a vocabulary-wide head (1 and 2
+    threads, d 512-768, V 8000; the head is most of a small model's decode step). Same shape, values and
+    state-dict entry; only the memory order differs (an embedding tied to it gathers strided rows: a few us).
+    """
+    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+
+
 class DecoderLM(HFTwin, nn.Module):
     """Token (+ learned position) embeddings, DecoderBlocks, a final norm (pre-norm models), an LM head.
 
@@ -80,8 +91,10 @@ class DecoderLM(HFTwin, nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = final_norm
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        # tied: the embedding's values (its init), in the head's layout, one Parameter for both
+        self.lm_head.weight = transposed_storage(self.wte.weight if tie_embeddings else self.lm_head.weight)
         if tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+            self.wte.weight = self.lm_head.weight
         self.windows = list(windows) if windows is not None else [None] * len(self.blocks)
 
     def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:

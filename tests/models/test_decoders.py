@@ -160,6 +160,17 @@ def test_to_hf_round_trip(pair):
     check_roundtrip(ours, hf)
 
 
+def test_lm_head_stored_transposed(pair):
+    """The LM head keeps transformers' [V, d] values and state-dict entry but is stored [d, V] (the decode
+    step's fast GEMV layout, models.decoder_blocks.transposed_storage); a tied embedding is that Parameter."""
+    hf, ours = pair
+    w = ours.lm_head.weight
+    assert w.shape == hf.lm_head.weight.shape and w.stride() == (1, w.shape[0])
+    assert torch.equal(ours.state_dict()["lm_head.weight"], hf.lm_head.weight)
+    if hf.config.tie_word_embeddings:
+        assert ours.wte.weight is w
+
+
 def test_generate_matches_transformers(pair):
     hf, ours = pair
     hf.eval(), ours.eval()
