@@ -127,27 +127,47 @@ class DecoderLM(HFTwin, nn.Module):
         input_mask = attention_mask[:, past:past + L] if attention_mask is not None else None
         return LMOutput(logits, lm_loss(logits, labels, input_mask))
 
-    def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, key_mask: Tensor) -> Tensor:
-        """One static-shape decode step: next-token logits [B, V] after input_ids [B, 1] at position_ids [B, 1].
+    def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
+                    key_mask: Optional[Tensor]) -> Tensor:
+        """One decode step: next-token logits [B, V] after input_ids [B, 1] at position_ids [B, 1].
 
         The token is written to cache column `cache.index` ([1] long); key_mask [B, max_len] (bool) marks the
-        columns that hold tokens (False: left padding). Columns after the index, and outside a layer's sliding
-        window, are hidden by an additive bias built here from tensors: no Python ints change between steps,
-        nothing is allocated outside the graph, so torch.compile(fullgraph=True) captures it once.
+        columns that hold tokens (False: left padding), None when no row is padded. Two ways to attend:
+        - static (cache.filled None): over all max_len columns, those after the index, and outside a layer's
+          sliding window, hidden by additive biases built here from tensors: no Python ints change between
+          steps, nothing is allocated outside the graph, so torch.compile(fullgraph=True) captures it once;
+        - eager (cache.filled = index + 1, a Python int the generate loop sets): over the filled columns only,
+          through the fused attention op; a mask only where padding or a window hides some of them.
         """
-        index = cache.index
         x = self.embed(input_ids, position_ids)
-        cols = torch.arange(cache.max_len, device=input_ids.device)
-        seen = key_mask & (cols <= index)  # [B, max_len]
-        biases = {}
-        for w in set(self.windows):
-            keep = seen if w is None else seen & (cols > index - w)
-            biases[w] = torch.zeros(keep.shape, dtype=torch.float32, device=x.device).masked_fill(
-                ~keep, float("-inf"))[:, None, None, :]  # [B, 1, 1, max_len]
+        masks = self._step_masks(cache, key_mask)
         residual = None
         for i, block in enumerate(self.blocks):
-            x, residual = block(x, residual, biases[self.windows[i]], position_ids, cache, i)
+            x, residual = block(x, residual, masks[self.windows[i]], position_ids, cache, i)
         return self.lm_head(finish(x, residual, self.norm))[:, -1]
+
+    def _step_masks(self, cache: KVCache, key_mask: Optional[Tensor]) -> dict:
+        """decode_step's masks per window size (None: no window), see its docstring."""
+        n = cache.filled
+        if n is not None:  # eager: the query is the last filled column, every earlier one is a candidate
+            cols, last = torch.arange(n, device=cache.k.device), n - 1
+            seen = key_mask[:, :n] if key_mask is not None else None
+        else:  # static: the columns after the index are not written yet
+            cols, last = torch.arange(cache.max_len, device=cache.k.device), cache.index
+            seen = cols <= last if key_mask is None else key_mask & (cols <= last)
+        masks = {}
+        for w in set(self.windows):
+            keep = seen
+            if w is not None and (n is None or n > w):
+                inside = cols > last - w
+                keep = inside if keep is None else keep & inside
+            if keep is None:
+                masks[w] = None
+                continue
+            bias = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill(~keep, float("-inf"))
+            bias = bias.view(-1, 1, 1, keep.shape[-1])  # [B or 1, 1, 1, columns]
+            masks[w] = bias if n is None else AttentionMask.bias(bias)
+        return masks
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         attn = self.blocks[0].attn
