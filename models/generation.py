@@ -227,6 +227,9 @@ class _DecoderOnly:
         self.positions = (self.mask.long().cumsum(-1) - 1).clamp(min=0)  # each row counts its own tokens
         self.cache = model.new_cache(rows, total) if cfg.use_cache else None
         self.step = _compiled_step(model, cfg.compile) if cfg.compile else model.decode_step
+        self.eager = not cfg.compile  # an eager step attends over the filled columns only (cache.filled)
+        # no padded row: the step needs no key mask (the compiled one keeps its input, one graph either way)
+        self.key_mask = self.mask if cfg.compile or not bool(prompt_mask.all()) else None
         # the decode step's inputs, updated in place (the compiled graph is reused as it is)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=dev)
@@ -244,7 +247,9 @@ class _DecoderOnly:
         self.position.copy_(self.positions[:, t - 1:t])
         self.index.fill_(t - 1)
         self.cache.index = self.index
-        return self.step(self.token, self.position, self.cache, self.mask)
+        if self.eager:
+            self.cache.filled = t
+        return self.step(self.token, self.position, self.cache, self.key_mask)
 
     def reorder(self, rows: Tensor) -> None:
         if self.cache is not None:

@@ -6,7 +6,9 @@ Two ways to write it:
 - static (the decode step that torch.compile captures): with `index` set (a [L] long tensor, the cache columns
   this step writes, moved on in place by the generate loop), `update` writes there with `index_copy_` and
   returns the whole [B, Hk, max_len, D] buffers; the step's additive mask hides the columns not written yet.
-  No Python int changes between steps, so the compiled graph is reused as it is.
+  No Python int changes between steps, so the compiled graph is reused as it is. An eager step also sets
+  `filled` (a Python int: the columns holding tokens once this step's are written): `update` then returns
+  only those, so attention reads no empty column.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.index: Optional[Tensor] = None  # static mode: the columns the next update writes
+        self.filled: Optional[int] = None  # static mode, eager: the columns update returns (None: all)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Store this step's k, v [B, Hk, L, D]; return the keys and values to attend to (see the module doc)."""
         if self.index is not None:
             self.k[layer].index_copy_(2, self.index, k)
             self.v[layer].index_copy_(2, self.index, v)
+            if self.filled is not None:
+                return self.k[layer, :, :, :self.filled], self.v[layer, :, :, :self.filled]
             return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
@@ -53,6 +58,7 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self.index = None
+        self.filled = None
 
     def reorder(self, rows: Tensor) -> None:
         """Beam search: row r of the cache becomes row rows[r] (all layers, the filled columns)."""

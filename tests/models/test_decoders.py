@@ -160,6 +160,23 @@ def test_to_hf_round_trip(pair):
     check_roundtrip(ours, hf)
 
 
+def test_wide_weights_stored_transposed(pair):
+    """The LM head and the blocks' wide projections (out > in features) keep transformers' values and their
+    state-dict entries but are stored [in, out] (the decode step's faster GEMV layout,
+    models.decoder_blocks.transposed_storage); the narrow ones stay [out, in]; a tied embedding is the head."""
+    hf, ours = pair
+    w = ours.lm_head.weight
+    assert w.shape == hf.lm_head.weight.shape and w.stride() == (1, w.shape[0])
+    assert torch.equal(ours.state_dict()["lm_head.weight"], hf.lm_head.weight)
+    if hf.config.tie_word_embeddings:
+        assert ours.wte.weight is w
+    linears = [m for m in ours.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    assert any(m.out_features > m.in_features for m in linears)
+    for m in linears:
+        wide = m.out_features > m.in_features
+        assert m.weight.stride() == ((1, m.out_features) if wide else (m.in_features, 1)), m
+
+
 def test_generate_matches_transformers(pair):
     hf, ours = pair
     hf.eval(), ours.eval()

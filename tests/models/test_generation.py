@@ -104,6 +104,19 @@ def test_decoder_processors_match_transformers(decoder, num_beams):
     _same(got, want, start=P)
 
 
+def test_decoder_unpadded_batch_matches_transformers(decoder):
+    """No row padded: the eager decode step attends over the filled cache with no mask at all (a window only
+    where the model has one), the compiled step over the whole cache with its biases; both give transformers'
+    tokens."""
+    hf, ours = decoder
+    ids, _, _ = _batch(left=True)
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                       do_sample=False, pad_token_id=0)
+    _same(ours.generate(ids, NEW), want)
+    torch._dynamo.reset()
+    _same(ours.generate(ids, NEW, compile=True), want)
+
+
 def test_decoder_sampling_reproducible_and_equal_to_transformers(decoder):
     hf, ours = decoder
     ids, mask, _ = _batch(left=True)
