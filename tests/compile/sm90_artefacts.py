@@ -75,10 +75,14 @@ def sass_stats(sass: str) -> dict:
     ops = Counter(op.split(".")[0] for _, op, _ in instrs)
     spill_st = sum(_local_bytes(op) for _, op, _ in instrs if op.split(".")[0] == "STL")
     spill_ld = sum(_local_bytes(op) for _, op, _ in instrs if op.split(".")[0] == "LDL")
-    # loops: a branch to a lower address closes one; its body is [target, branch]
+    # loops: a branch to a lower address closes one; its body is [target, branch]. Branches placed after the
+    # function's last EXIT are out-of-line code, not loops: ptxas puts the retry of an mbarrier wait (TMA loads:
+    # SYNCS.PHASECHK.TRANS64.TRYWAIT, then `@!P BRA stub`) there, and the stub branches back to the wait, which
+    # would otherwise count everything between the wait and the end of the function as loop body.
+    last_exit = max((addr for addr, op, _ in instrs if op.split(".")[0] == "EXIT"), default=None)
     spans = []
     for addr, op, rest in instrs:
-        if op.split(".")[0] == "BRA":
+        if op.split(".")[0] == "BRA" and (last_exit is None or addr < last_exit):
             t = re.search(r"0x([0-9a-f]+)", rest)
             if t and int(t.group(1), 16) < addr:
                 spans.append((int(t.group(1), 16), addr))

@@ -31,22 +31,25 @@ OUT = R.REPO / "benchmarks" / "results" / "sm90-static.md"
 # 16-bit type its kernels use), Z = 4, H = 32, N_CTX = 1024. The host TensorDescriptor path (_attn_fwd_tma)
 # is the one the tutorial takes on Hopper; its autotuner's pick is unknown without a GPU, so several of its
 # configs are listed. Its code is not vendored here: only these figures are kept.
+# The _attn_fwd_tma loop figures were counted again (same compiles, same other figures) once sm90_artefacts
+# stopped counting the out-of-line mbarrier-wait retries of TMA loads as loop bodies (1412 -> 724 at D = 64
+# causal, 2099 -> 494 at D = 128 causal 128 x 128: its diagonal stage, one tile, is straight-line code).
 # (kernel, config, warps, stages, registers, spill stores, spill loads, shared, MMA, TMA, loop / all SASS)
 TUTORIAL_COMMIT = "003da478d84f5bb0f51b3988cf0ea0bbe60282b7"
 TUTORIAL = [
-    ("_attn_fwd_tma", "D=64 none 128x64", 4, 3, 187, 0, 0, 65592, "wgmma(f16)", "UTMALDG x7", 1286, 1368),
-    ("_attn_fwd_tma", "D=64 causal 128x64", 4, 3, 208, 0, 0, 66560, "wgmma(f16)", "UTMALDG x13", 2206, 2288),
-    ("_attn_fwd_tma", "D=64 none 128x64", 8, 3, 107, 0, 0, 65592, "wgmma(f16)", "UTMALDG x7", 810, 896),
-    ("_attn_fwd_tma", "D=64 causal 128x64", 8, 3, 107, 0, 0, 66560, "wgmma(f16)", "UTMALDG x13", 1412, 1496),
+    ("_attn_fwd_tma", "D=64 none 128x64", 4, 3, 187, 0, 0, 65592, "wgmma(f16)", "UTMALDG x7", 518, 1368),
+    ("_attn_fwd_tma", "D=64 causal 128x64", 4, 3, 208, 0, 0, 66560, "wgmma(f16)", "UTMALDG x13", 1235, 2288),
+    ("_attn_fwd_tma", "D=64 none 128x64", 8, 3, 107, 0, 0, 65592, "wgmma(f16)", "UTMALDG x7", 308, 896),
+    ("_attn_fwd_tma", "D=64 causal 128x64", 8, 3, 107, 0, 0, 66560, "wgmma(f16)", "UTMALDG x13", 724, 1496),
     ("_attn_fwd (block pointers)", "D=64 causal 128x64", 4, 3, 250, 0, 0, 65536, "wgmma(f16)", "no", 870, 1896),
     ("_attn_fwd (block pointers)", "D=64 causal 128x64", 8, 3, 116, 0, 0, 65536, "wgmma(f16)", "no", 474, 1088),
     ("_attn_bwd", "D=64 causal 32/128/128/32", 4, 5, 255, 56, 56, 74752, "wgmma(f16)", "no", 1090, 2392),
-    ("_attn_fwd_tma", "D=128 none 128x64", 8, 3, 138, 0, 0, 131128, "wgmma(f16)", "UTMALDG x7", 1028, 1120),
-    ("_attn_fwd_tma", "D=128 causal 128x64", 8, 3, 140, 0, 0, 132096, "wgmma(f16)", "UTMALDG x13", 1682, 1768),
-    ("_attn_fwd_tma", "D=128 none 128x128", 8, 2, 187, 0, 0, 163872, "wgmma(f16)", "UTMALDG x5", 1116, 1208),
-    ("_attn_fwd_tma", "D=128 causal 128x128", 8, 2, 190, 0, 0, 164864, "wgmma(f16)", "UTMALDG x7", 1963, 2056),
-    ("_attn_fwd_tma", "D=128 none 128x128", 8, 3, 187, 0, 0, 229432, "wgmma(f16)", "UTMALDG x7", 1181, 1272),
-    ("_attn_fwd_tma", "D=128 causal 128x128", 8, 3, 190, 0, 0, 230400, "wgmma(f16)", "UTMALDG x11", 2099, 2192),
+    ("_attn_fwd_tma", "D=128 none 128x64", 8, 3, 138, 0, 0, 131128, "wgmma(f16)", "UTMALDG x7", 339, 1120),
+    ("_attn_fwd_tma", "D=128 causal 128x64", 8, 3, 140, 0, 0, 132096, "wgmma(f16)", "UTMALDG x13", 784, 1768),
+    ("_attn_fwd_tma", "D=128 none 128x128", 8, 2, 187, 0, 0, 163872, "wgmma(f16)", "UTMALDG x5", 492, 1208),
+    ("_attn_fwd_tma", "D=128 causal 128x128", 8, 2, 190, 0, 0, 164864, "wgmma(f16)", "UTMALDG x7", 494, 2056),
+    ("_attn_fwd_tma", "D=128 none 128x128", 8, 3, 187, 0, 0, 229432, "wgmma(f16)", "UTMALDG x7", 492, 1272),
+    ("_attn_fwd_tma", "D=128 causal 128x128", 8, 3, 190, 0, 0, 230400, "wgmma(f16)", "UTMALDG x11", 494, 2192),
     ("_attn_fwd (block pointers)", "D=128 causal 128x64", 8, 3, 175, 0, 0, 131072, "wgmma(f16)", "no", 540, 1464),
     ("_attn_fwd (block pointers)", "D=128 causal 128x128", 8, 2, 218, 0, 0, 163840, "wgmma(f16)", "no", 884, 1792),
     ("_attn_fwd (block pointers)", "D=128 causal 128x128", 8, 3, 218, 0, 0, 229376, "wgmma(f16)", "no", 884, 1904),

@@ -19,7 +19,10 @@ K/V tiles stream through, online softmax in base 2 (log2(e) folded into the scal
 Which key tiles a program visits:
   * analytic parts only (causal, window, key lengths, prefix-LM): the visible key range of the query tile is
     computed in closed form, split into [masked | full | masked] sub-ranges; "full" tiles run with no
-    per-element mask work at all (three loops, like the tutorial's STAGE split).
+    per-element mask work at all (three loops, like the tutorial's STAGE split; without a window the first
+    is empty and not compiled). On a masked tile the analytic parts are one interval of visible keys per
+    query (of queries per key in dK/dV), compared with the tile's column offsets: one or two comparisons
+    per score, no per-element key index.
   * element-wise parts (segment ids, dense bool mask) with a usable block map: the map is converted once
     (torch, cached) into per-row lists of partial tiles and of full tiles (FlexAttention's kv_indices /
     full_kv_indices): skipped tiles are never visited, full tiles skip mask work. A map built at another tile
@@ -40,10 +43,11 @@ writes a float32 partial output and its lse, and a combine kernel merges them. U
 of head r // Lq, the head per row for masks, bias, dropout counter, out and lse), so each K / V tile is read
 once per group instead of G times.
 
-TMA (Hopper, 16-bit inputs, a Triton with host tensor descriptors): the forward loads Q / K / V through
-[B, H, L, D] descriptors (boxes of one (b, h), rows past L and columns past D read as zeros) when the
-operands' base and strides are 16-byte multiples; no per-thread address registers, so D = 128 runs 128 x 128
-tiles with 3 stages. Elsewhere (the interpreter, older Triton, other GPUs, float32) pointer loads.
+TMA (Hopper, 16-bit inputs, D <= 128, a Triton with host tensor descriptors): the forward loads Q / K / V, and
+the dQ and dK/dV kernels Q / K / V / dO, through [B, H, L, D] descriptors (boxes of one (b, h), rows past L and
+columns past D read as zeros) when the operands' base and strides are 16-byte multiples; no per-thread address
+registers, so D = 128 runs 128 x 128 forward tiles with 3 stages. Elsewhere (the interpreter unless forced by
+the test hook, older Triton, other GPUs, float32) pointer loads.
 
 Backward (FlashAttention-2): a preprocess kernel (delta = rowsum(dO * O)), a dK/dV kernel (one program per
 key tile; loops over the query tiles, and over the query heads that share the kv head for GQA, so dk/dv are

@@ -1,15 +1,17 @@
 """Attention backward kernels (FlashAttention-2): the preprocess (delta = rowsum(dO * O)), dQ (with dS for the
 bias / Toeplitz gradients) and dK/dV kernels. Grouped arguments as in forward.py; LSE and DELTA are
-contiguous float32 [B, H, Lq] pointers."""
+contiguous float32 [B, H, Lq] pointers; tma: TMA descriptors (q, k, v, do) of the [B, H, L, D] operands with
+[1, 1, rows, BLOCK_D] boxes (launch._tma_descriptors, Hopper: the kernel's query tile for q / do, its key tile
+for k / v), or None: pointer loads."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .._common import dot, dropout_keep, load
+from .._common import dot, dropout_keep
 from .masks import _key_tile, _key_tile_range, _mod_scores, _query_tile_range, _tile_ctx
-from .tiles import _row_program, _tile_mask, _tile_start
+from .tiles import _row_program, _rows_tile, _tile_mask, _tile_start
 
 
 @triton.jit
@@ -33,16 +35,18 @@ def _dq_tiles(dq, q, do, lse2, delta, kv, it_lo, it_hi, IDX, offs_m, offs_n, off
               EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dQ over key tiles it_lo..it_hi (as _fwd_tiles); DB / DT (or None): the dbias buffer, the dtoeplitz table
     (see _attn_bwd_dq_kernel)."""
-    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale = kv
-    h64 = ctx[1]
-    Lq = ctx[2]
-    Lk = ctx[3]
+    K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale, tma, kv_at = kv
+    h64 = ctx.h64
+    Lq = ctx.Lq
+    Lk = ctx.Lk
     for it in range(it_lo, it_hi):
         start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
-        k = load(K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask, MASK or not EVEN_D)
-        v = load(V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask, MASK or not EVEN_D)
+        k = _rows_tile(tma, 1, kv_at, start_n, K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask,
+                       MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
+        v = _rows_tile(tma, 2, kv_at, start_n, V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask,
+                       MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
         s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
-        s = _mod_scores(s, offs_m[:, None], cols[None, :], ctx, mask, MASK, CAUSAL)
+        s = _mod_scores(s, 0, offs_m[:, None], start_n, offs_n[None, :], ctx, mask, MASK, CAUSAL)
         p = tl.math.exp2(s - lse2[:, None])
         dp = dot(do, tl.trans(v), None, PREC, UPCAST)
         if drop is not None:
@@ -62,7 +66,8 @@ def _dq_tiles(dq, q, do, lse2, delta, kv, it_lo, it_hi, IDX, offs_m, offs_n, off
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, mask, lists, drop, qk_scale, sm_scale, H, G, Lq, Lk, D,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, mask, lists, drop, tma, qk_scale, sm_scale, H, G, Lq,
+                        Lk, D,
                         CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dQ (and, when DB / DT are given, dS into the dbias buffer [B, H, Lq, Lk] / the dtoeplitz table (ptr,
@@ -71,20 +76,23 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, mask, lists, drop, 
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     bh64 = b64 * H + h64
-    hk64 = (h // G).to(tl.int64)
+    hk = h // G
+    hk64 = hk.to(tl.int64)
 
     m0 = pid_m * BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = _tile_mask(row_ok, offs_d, D, EVEN_D)
     rows64 = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q[0] + b64 * Q[1] + h64 * Q[2] + rows64 * Q[3] + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO[0] + b64 * DO[1] + h64 * DO[2] + rows64 * DO[3] + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _rows_tile(tma, 0, (b, h), m0, Q[0] + b64 * Q[1] + h64 * Q[2] + rows64 * Q[3] + offs_d[None, :], q_mask,
+                   True, BLOCK_M, BLOCK_D)
+    do = _rows_tile(tma, 3, (b, h), m0, DO[0] + b64 * DO[1] + h64 * DO[2] + rows64 * DO[3] + offs_d[None, :],
+                    q_mask, True, BLOCK_M, BLOCK_D)
     lse = tl.load(LSE + bh64 * Lq + offs_m, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
     delta = tl.load(DELTA + bh64 * Lq + offs_m, mask=row_ok, other=0.0)
     kv = (K[0] + b64 * K[1] + hk64 * K[2], V[0] + b64 * V[1] + hk64 * V[2], offs_n[:, None] * K[3] + offs_d[None, :],
-          offs_n[:, None] * V[3] + offs_d[None, :], K[3], V[3], D, qk_scale)
+          offs_n[:, None] * V[3] + offs_d[None, :], K[3], V[3], D, qk_scale, tma, (b, hk))
     ctx = _tile_ctx(mask, b, b64, h64, Lq, Lk)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -98,8 +106,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, mask, lists, drop, 
                        ctx, mask, drop, bh64, DB, DT, False, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
     else:
         A, F0, F1, Z = _key_tile_range(m0, ctx, mask, BLOCK_M, BLOCK_N, CAUSAL, ELEMWISE)
-        dq = _dq_tiles(dq, q, do, lse2, delta, kv, A, F0, None, offs_m, offs_n, offs_d, ctx, mask, drop, bh64, DB, DT,
-                       True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        if mask.window is not None:  # else [A, F0) is empty (see _attn_fwd_kernel)
+            dq = _dq_tiles(dq, q, do, lse2, delta, kv, A, F0, None, offs_m, offs_n, offs_d, ctx, mask, drop, bh64, DB,
+                           DT, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, kv, F0, F1, None, offs_m, offs_n, offs_d, ctx, mask, drop, bh64, DB, DT,
                        False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
         dq = _dq_tiles(dq, q, do, lse2, delta, kv, F1, Z, None, offs_m, offs_n, offs_d, ctx, mask, drop, bh64, DB, DT,
@@ -114,15 +123,16 @@ def _dkdv_tiles(dk, dv, k, v, head, it_lo, it_hi, IDX, offs_mb, n0, offs_d, ctx,
                 MASK: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dK, dV of one key tile [n0, n0 + BLOCK_N) over query tiles it_lo..it_hi of one query head: head =
-    (Q_bh, DO_bh, LSE_bh, DELTA_bh, s_qm, s_dom, D, qk_scale)."""
-    Q_bh, DO_bh, LSE_bh, DELTA_bh, s_qm, s_dom, D, qk_scale = head
-    Lq = ctx[2]
-    Lk = ctx[3]
-    cols = n0 + tl.arange(0, BLOCK_N)
+    (Q_bh, DO_bh, LSE_bh, DELTA_bh, s_qm, s_dom, D, qk_scale, tma, (b, h))."""
+    Q_bh, DO_bh, LSE_bh, DELTA_bh, s_qm, s_dom, D, qk_scale, tma, q_at = head
+    Lq = ctx.Lq
+    Lk = ctx.Lk
+    offs_n = tl.arange(0, BLOCK_N)
     if drop is not None:  # 1 - p (0 when p = 1: every key dropped, dS = 0)
         unscale = tl.where(drop[2] > 0.0, 1.0 / drop[2], 0.0)
     for it in range(it_lo, it_hi):
-        rows = _tile_start(it, IDX, SPARSE, BLOCK_M) + offs_mb
+        m0 = _tile_start(it, IDX, SPARSE, BLOCK_M)
+        rows = m0 + offs_mb
         rows64 = rows[:, None].to(tl.int64)
         if MASK:
             row_ok = rows < Lq
@@ -133,12 +143,14 @@ def _dkdv_tiles(dk, dv, k, v, head, it_lo, it_hi, IDX, offs_mb, n0, offs_d, ctx,
             q_mask = offs_d[None, :] < D
             lse = tl.load(LSE_bh + rows)
             delta = tl.load(DELTA_bh + rows)
-        q = load(Q_bh + rows64 * s_qm + offs_d[None, :], q_mask, MASK or not EVEN_D)
-        do = load(DO_bh + rows64 * s_dom + offs_d[None, :], q_mask, MASK or not EVEN_D)
+        q = _rows_tile(tma, 0, q_at, m0, Q_bh + rows64 * s_qm + offs_d[None, :], q_mask, MASK or not EVEN_D,
+                       BLOCK_M, offs_d.shape[0])
+        do = _rows_tile(tma, 3, q_at, m0, DO_bh + rows64 * s_dom + offs_d[None, :], q_mask, MASK or not EVEN_D,
+                        BLOCK_M, offs_d.shape[0])
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         # Transposed scores: [keys, queries].
         sT = dot(k, tl.trans(q), None, PREC, UPCAST) * qk_scale
-        sT = _mod_scores(sT, rows[None, :], cols[:, None], ctx, mask, MASK, CAUSAL)
+        sT = _mod_scores(sT, m0, offs_mb[None, :], n0, offs_n[:, None], ctx, mask, MASK, CAUSAL, True)
         pT = tl.math.exp2(sT - lse2[None, :])
         if drop is not None:
             # With Pd = keep P (the kept probabilities, unscaled): dV += scale Pd^T dO and
@@ -159,8 +171,8 @@ def _dkdv_tiles(dk, dv, k, v, head, it_lo, it_hi, IDX, offs_mb, n0, offs_d, ctx,
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, mask, lists, drop, qk_scale, sm_scale, H, Hk, G, GS, NS,
-                          Lq, Lk, D, CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, mask, lists, drop, tma, qk_scale, sm_scale, H, Hk, G, GS,
+                          NS, Lq, Lk, D, CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
                           UPCAST: tl.constexpr):
     """dK, dV of one key tile, summed over the GS query heads of its GQA group split; DK, DV = (ptr, stride_b,
@@ -182,8 +194,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, mask, lists, drop, qk
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = _tile_mask(cols < Lk, offs_d, D, EVEN_D)
     cols64 = cols[:, None].to(tl.int64)
-    k = tl.load(K[0] + b64 * K[1] + hk64 * K[2] + cols64 * K[3] + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V[0] + b64 * V[1] + hk64 * V[2] + cols64 * V[3] + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _rows_tile(tma, 1, (b, hk), n0, K[0] + b64 * K[1] + hk64 * K[2] + cols64 * K[3] + offs_d[None, :], kv_mask,
+                   True, BLOCK_N, BLOCK_D)
+    v = _rows_tile(tma, 2, (b, hk), n0, V[0] + b64 * V[1] + hk64 * V[2] + cols64 * V[3] + offs_d[None, :], kv_mask,
+                   True, BLOCK_N, BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -196,7 +210,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, mask, lists, drop, qk
         bh64 = b64 * H + h64
         ctx = _tile_ctx(mask, b, b64, h64, Lq, Lk)
         head = (Q[0] + b64 * Q[1] + h64 * Q[2], DO[0] + b64 * DO[1] + h64 * DO[2], LSE + bh64 * Lq,
-                DELTA + bh64 * Lq, Q[3], DO[3], D, qk_scale)
+                DELTA + bh64 * Lq, Q[3], DO[3], D, qk_scale, tma, (b, h))
         if lists is not None:
             lrow = b64 * lists.s_b + h64 * lists.s_h + pid_n
             n1 = tl.load(lists.cnt_partial + lrow)

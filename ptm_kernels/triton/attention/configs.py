@@ -29,11 +29,15 @@ def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False, tma: b
     if C.interpreted(device):  # small enough that short test sequences span several tiles
         return [(64, 32, 4, 1)]
     cap = C.capability(device)
-    if dtype == torch.float32:  # tf32x3 dots: operands twice as large, three products each
+    if dtype == torch.float32:
+        # tf32x3 dots split each operand into two tf32 parts held in registers (q: 2 x BLOCK_M x D / threads of
+        # them for the whole loop), so the tiles are small: no spills on sm_90 (was 172-344 B at D = 128 with
+        # 64 x 32 tiles, 160 B at D = 64 with the heavy masks on 128 x 64; 32 x 16 at D = 128: 255 registers,
+        # 0-8 B; 16 x 16: 186-189)
         if bd <= 64:
-            cfgs = [(128, 64, 8, 2), (64, 64, 4, 2)]
+            cfgs = [(32, 32, 4, 2)] if heavy else [(128, 64, 8, 2), (64, 64, 4, 2)]
         elif bd <= 128:
-            cfgs = [(64, 32, 4, 2), (32, 32, 4, 2)]
+            cfgs = [(16, 16, 4, 1)] if heavy else [(16, 16, 4, 2)]
         else:
             cfgs = [(32, 32, 4, 2), (32, 16, 4, 1)]
     elif cap[0] >= 9:  # Hopper
@@ -64,18 +68,22 @@ def _bwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> lis
     if C.interpreted(device):  # differs from the forward tile: exercises the block-map conversion
         return [((32, 32, 4, 1), (32, 32, 4, 1))]
     cap = C.capability(device)
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # tf32x3 (see _fwd_configs): dK/dV holds k and v, dQ q and dO, split in registers
+        # no spills on sm_90 with 16-key dK/dV tiles at D = 128 (32 x 32: 0.9-1.6 KB spilled) and with the heavy
+        # masks at D = 64 (16 x 32: 16 B), 16 x 32 otherwise
         if bd <= 64:
-            cfgs = [((16, 64, 4, 2), (64, 32, 4, 2))]
+            cfgs = [((16, 16, 4, 1), (32, 32, 4, 2))] if heavy else [((16, 32, 4, 2), (64, 32, 4, 2))]
         elif bd <= 128:
-            cfgs = [((32, 32, 4, 2), (32, 32, 4, 2))]
+            cfgs = [((16, 16, 4, 1), (16, 16, 4, 1))] if heavy else [((16, 16, 4, 1), (16, 32, 4, 1))]
         else:
             cfgs = [((16, 32, 4, 1), (32, 16, 4, 1))]
     elif cap[0] >= 9:  # Hopper (light: FlexAttention's sm90 defaults; dK/dV at D = 128 the tutorial's 32 x 128)
         # dK/dV's float32 dk and dv accumulators take half the registers: its sm_90 spills went to zero with
         # 32-row query steps at D = 128 (64 x 128: 12 B) and 64-key tiles for the heavy variants (32 x 128:
         # 16 B at D = 64, 204 B at D = 128, with every mask part, dropout and dbias)
-        if heavy and bd <= 128:
+        if heavy and bd <= 64:  # 16-row query steps: TMA loads (issue 14) left 32 x 64 at 255 registers, 16 B spilled
+            cfgs = [((16, 64, 8, 2), (128, 32, 8, 2))]
+        elif heavy and bd <= 128:
             cfgs = [((32, 64, 8, 2), (128, 32, 8, 2))]
         elif bd < 64:
             cfgs = [((64, 64, 4, 3), (64, 64, 4, 3))]

@@ -13,30 +13,40 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import dot, dropout_keep, load
+from .._common import dot, dropout_keep
 from .masks import _key_tile, _key_tile_range, _mod_scores, _tile_ctx
-from .tiles import _row_program, _tile_mask
+from .tiles import _row_program, _rows_tile, _tile_mask
 
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
                MASK: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-               EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+               EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_POS: tl.constexpr,
+               STAGES: tl.constexpr = None):
     """Online softmax over key tiles it_lo..it_hi (tile indices, or positions in the list IDX when SPARSE);
     MASK: tiles that need the mask (else fully visible, inside [0, Lk)). kv = (K_bh, V_bh, k_offs, v_offs,
-    s_kn, s_vn, D, qk_scale); keep_at = (bh, rows): the dropout_keep arguments of the tile's rows."""
+    s_kn, s_vn, D, qk_scale); keep_at = (bh, rows): the dropout_keep arguments of the tile's rows. SCALE_POS:
+    qk_scale > 0, so that without additive terms the scale folds into the exp2's argument (one FFMA per score,
+    as the tutorial: the row maximum of the unscaled scores, times the scale, is the scaled one). STAGES: the
+    loop's software-pipeline depth (None: the kernel's num_stages)."""
     K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale, tma, kv_at = kv
-    Lq = ctx[2]
-    Lk = ctx[3]
-    for it in range(it_lo, it_hi):
+    Lq = ctx.Lq
+    Lk = ctx.Lk
+    for it in tl.range(it_lo, it_hi, num_stages=STAGES):
         start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
-        k = _kv_tile(tma, 1, kv_at, K_bh + start_n.to(tl.int64) * s_kn + k_offs, start_n, kv_mask,
-                     MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
-        s = dot(q, tl.trans(k), None, PREC, UPCAST) * qk_scale
-        s = _mod_scores(s, offs_m[:, None], cols[None, :], ctx, mask, MASK, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
-        p = tl.math.exp2(s - m_use[:, None])
+        k = _rows_tile(tma, 1, kv_at, start_n, K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask,
+                       MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
+        s = dot(q, tl.trans(k), None, PREC, UPCAST)
+        if SCALE_POS and mask.bias is None and mask.toeplitz is None:
+            s = _mod_scores(s, 0, offs_m[:, None], start_n, offs_n[None, :], ctx, mask, MASK, CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
+            p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        else:
+            s = _mod_scores(s * qk_scale, 0, offs_m[:, None], start_n, offs_n[None, :], ctx, mask, MASK, CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -44,22 +54,11 @@ def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, 
             seed, threshold, _scale = drop
             keep = dropout_keep(seed, keep_at[0], keep_at[1], start_n, Lq, Lk, threshold, BLOCK_N)
             p = tl.where(keep, p, 0.0)
-        v = _kv_tile(tma, 2, kv_at, V_bh + start_n.to(tl.int64) * s_vn + v_offs, start_n, kv_mask,
-                     MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
+        v = _rows_tile(tma, 2, kv_at, start_n, V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask,
+                       MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
         acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
-
-
-@triton.jit
-def _kv_tile(tma, WHICH: tl.constexpr, kv_at, ptrs, start_n, kv_mask, USE_MASK: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Key tile [start_n, start_n + BLOCK_N) of K (WHICH = 1) or V (2) of (b, kv head) = kv_at: a TMA load
-    through tma[WHICH] (rows past Lk and columns past D read as zeros), else a pointer load."""
-    if tma is not None:
-        return tl.reshape(tma[WHICH].load([kv_at[0], kv_at[1], start_n, 0]), [BLOCK_N, BLOCK_D])
-    else:
-        return load(ptrs, kv_mask, USE_MASK)
 
 
 @triton.jit
@@ -95,7 +94,7 @@ def _program_rows(pid, H, G, Lq, BLOCK_M: tl.constexpr, PACK_GROUP: tl.constexpr
 def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, tma, qk_scale, H, G, Lq, Lk, D, n_split,
                      CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, SPLIT: tl.constexpr, PACK_GROUP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_POS: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b, hk, head, bh, offs_m, row_ok, m0 = _program_rows(pid, H, G, Lq, BLOCK_M, PACK_GROUP)
@@ -150,10 +149,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, tma, qk_scale, H, G, Lq
             hi2 = tl.minimum(lo2 + per2, n2)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo1, hi1, lists.idx_partial + lrow * lists.n,
                                    offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
-                                   True, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+                                   True, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, lo2, hi2, lists.idx_full + lrow * lists.n,
                                    offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
-                                   False, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+                                   False, True, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS)
     else:
         A, F0, F1, Z = _key_tile_range(m0, ctx, mask, BLOCK_M, BLOCK_N, CAUSAL, ELEMWISE)
         if SPLIT:
@@ -164,13 +163,20 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, tma, qk_scale, H, G, Lq
             F0 = tl.minimum(tl.maximum(F0, c0), c1)
             F1 = tl.minimum(tl.maximum(F1, c0), c1)
             Z = tl.minimum(Z, c1)
-        # [A, F0) and [F1, Z): masked tiles; [F0, F1): tiles every query of this tile fully sees.
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, A, F0, None, offs_m, offs_n, offs_d, ctx, mask, drop,
-                                   keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+        # [A, F0) and [F1, Z): masked tiles; [F0, F1): tiles every query of this tile fully sees. Without a
+        # window, keys start visible at 0, so [A, F0) is empty: its loop is not compiled. With the analytic parts
+        # alone the masked tiles are the few that cross a boundary (causal: the diagonal), so their loops are
+        # not software-pipelined: 11 fewer registers at D = 128 causal (sm_90), the full-tile loop keeps them.
+        MASKED_STAGES: tl.constexpr = None if ELEMWISE else 1
+        if mask.window is not None:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, A, F0, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                       keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS,
+                                       MASKED_STAGES)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F0, F1, None, offs_m, offs_n, offs_d, ctx, mask, drop,
-                                   keep_at, False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+                                   keep_at, False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F1, Z, None, offs_m, offs_n, offs_d, ctx, mask, drop,
-                                   keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST)
+                                   keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS,
+                                   MASKED_STAGES)
 
     # Epilogue. l_i == 0 exactly when the row saw no visible key (the row maximum contributes exp2(0) = 1).
     empty = l_i == 0.0

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
 # Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV; force
-# the forward's TMA loads on (where the operands allow them; the interpreter runs them) or off.
+# the TMA loads (forward and backward) on (where the operands allow them; the interpreter runs them) or off.
 _FORCE_SPLITS: Optional[int] = None
 _FORCE_GROUP_SPLITS: Optional[int] = None
 _FORCE_TMA: Optional[bool] = None
@@ -220,7 +220,7 @@ def _fwd_launch(q, k, v, out, lse, scale, mk: _Masks, BM, BN, warps, stages, tma
         _tma_descriptors(q, k, v, BM, BN, BD) if tma else None, scale * LOG2E,
         H, H // Hk, Lq, Lk, D, n_split, **mk.flags(), SPLIT=split, PACK_GROUP=pack,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, EVEN_D=(D == BD), PREC=C.precision(q.dtype, q.device),
-        UPCAST=C.upcast(q.dtype, q.device),
+        UPCAST=C.upcast(q.dtype, q.device), SCALE_POS=scale > 0,
         num_warps=warps, num_stages=stages,
     )
     if split:
@@ -245,22 +245,23 @@ def _tma_strides(t: Tensor) -> Optional[list]:
     return strides
 
 
-def _tma_usable(q, k, v) -> bool:
-    """Whether the forward loads Q / K / V through TMA descriptors: on Hopper for 16-bit operands and head dims
-    up to 128 (the configs compiled for sm_90 with TMA) when the installed Triton has host tensor descriptors
-    and TMA can read the operands; else pointer loads (the interpreter unless _FORCE_TMA, older Triton, other
-    GPUs, float32, D > 128)."""
+def _tma_usable(*operands: Tensor) -> bool:
+    """Whether a kernel loads its [B, H, L, D] operands (forward: q, k, v; backward: q, k, v, dout) through TMA
+    descriptors: on Hopper for 16-bit operands and head dims up to 128 (the configs compiled for sm_90 with
+    TMA) when the installed Triton has host tensor descriptors and TMA can read every operand; else pointer
+    loads (the interpreter unless _FORCE_TMA, older Triton, other GPUs, float32, D > 128)."""
+    q = operands[0]
     use = _FORCE_TMA if _FORCE_TMA is not None else (
         not C.interpreted(q.device) and C.capability(q.device)[0] >= 9 and q.dtype != torch.float32
         and q.shape[-1] <= 128)
-    return bool(use) and TensorDescriptor is not None and all(_tma_strides(t) is not None for t in (q, k, v))
+    return bool(use) and TensorDescriptor is not None and all(_tma_strides(t) is not None for t in operands)
 
 
-def _tma_descriptors(q, k, v, BM: int, BN: int, BD: int) -> tuple:
-    """TMA descriptors of q, k, v for the forward: [B, H, L, D] with boxes of BM (q) / BN (k, v) rows of one
-    (b, h) and BD columns; rows past L and columns past D read as zeros."""
-    return tuple(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, BD])
-                 for t, rows in ((q, BM), (k, BN), (v, BN)))
+def _tma_descriptors(q, k, v, BM: int, BN: int, BD: int, dout: Optional[Tensor] = None) -> tuple:
+    """TMA descriptors (q, k, v) or, with dout, (q, k, v, dout): [B, H, L, D] with boxes of BM (q, dout) / BN
+    (k, v) rows of one (b, h) and BD columns; rows past L and columns past D read as zeros."""
+    boxes = ((q, BM), (k, BN), (v, BN)) + (((dout, BM),) if dout is not None else ())
+    return tuple(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, BD]) for t, rows in boxes)
 
 
 def _packs_group(G: int, Lq: int, lists) -> bool:
@@ -313,16 +314,19 @@ def attention_bwd(dout, q, k, v, out, lse, p: AttentionParams):
     # where the dQ kernel writes dS: the dbias buffer, the dtoeplitz table (ptr, stride_h); None when not wanted
     ds_out = (dbias if want_dbias else None, (dtoep, dtoep.stride(0)) if want_dtoep else None)
 
+    tma = _tma_usable(q, k, v, dout)
+
     def run(cfg):
         if want_dtoep:
             dtoep.zero_()  # a retried config starts over (the dQ kernel accumulates into it)
-        _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, float(p.scale), mk, cfg)
+        _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, float(p.scale), mk, cfg, tma)
 
-    C.first_that_fits(_FALLBACK, ("bwd", BD, q.dtype, str(dev), mk.heavy), _bwd_configs(D, q.dtype, dev, mk.heavy), run)
+    C.first_that_fits(_FALLBACK, ("bwd", BD, q.dtype, str(dev), mk.heavy, tma), _bwd_configs(D, q.dtype, dev, mk.heavy),
+                      run)
     return dq, dk, dv, dbias, dtoep
 
 
-def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, scale, mk: _Masks, cfg):
+def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, scale, mk: _Masks, cfg, tma: bool):
     B, H, Lq, D = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     G = H // Hk
@@ -361,9 +365,11 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, scale, mk: _Masks
         dv_arg = (dv, dv.stride(0), dv.stride(1), 0, dv.stride(2))
     _attn_bwd_dkdv_kernel[(base_programs * ns,)](
         Q, K, V, DO, lse, delta, dk_arg, dv_arg, mk.args,
-        mk.tile_lists(BM1, BN1, Lq, Lk, transpose=True), mk.drop, scale * LOG2E, scale,
+        mk.tile_lists(BM1, BN1, Lq, Lk, transpose=True), mk.drop,
+        _tma_descriptors(q, k, v, BM1, BN1, BD, dout) if tma else None, scale * LOG2E, scale,
         H, Hk, G, G // ns, ns, Lq, Lk, D, **flags, BLOCK_M=BM1, BLOCK_N=BN1, BLOCK_D=BD, EVEN_D=(D == BD),
-        PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w1, num_stages=st1,
+        PREC=prec, UPCAST=C.upcast(q.dtype, q.device),
+        num_warps=w1, num_stages=st1,
     )
     if ns > 1:
         dk.copy_(dk_buf.sum(2))
@@ -372,7 +378,8 @@ def _bwd_launch(dout, q, k, v, lse, delta, dq, dk, dv, ds_out, scale, mk: _Masks
     # dQ (and dS for the bias / Toeplitz gradients): one program per (query tile, b, h).
     _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM2) * B * H,)](
         Q, K, V, DO, lse, delta, _rows(dq), dbias, dtoep, mk.args,
-        mk.tile_lists(BM2, BN2, Lq, Lk, transpose=False), mk.drop, scale * LOG2E, scale, H, G, Lq, Lk, D,
+        mk.tile_lists(BM2, BN2, Lq, Lk, transpose=False), mk.drop,
+        _tma_descriptors(q, k, v, BM2, BN2, BD, dout) if tma else None, scale * LOG2E, scale, H, G, Lq, Lk, D,
         **flags, BLOCK_M=BM2, BLOCK_N=BN2, BLOCK_D=BD, EVEN_D=(D == BD),
         PREC=prec, UPCAST=C.upcast(q.dtype, q.device), num_warps=w2, num_stages=st2,
     )

@@ -1,10 +1,13 @@
 """Tile bookkeeping shared by the attention kernels: which row tile and (batch, head) a program owns, the bounds
-mask of a [rows, head dim] tile, and where the it-th tile of a loop starts."""
+mask of a [rows, head dim] tile, where the it-th tile of a loop starts, and the load of a [rows, head dim] tile
+(through a TMA descriptor on Hopper, else by pointers)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .._common import load
 
 
 @triton.jit
@@ -39,3 +42,15 @@ def _tile_start(it, IDX, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     else:
         start = it * BLOCK
     return tl.multiple_of(start, BLOCK)
+
+
+@triton.jit
+def _rows_tile(tma, WHICH: tl.constexpr, at, start, ptrs, mask, USE_MASK: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Rows [start, start + ROWS) of a [B, H, L, D] operand at (b, h) = at: a TMA load through the descriptor
+    tma[WHICH] (rows past L and columns past D read as zeros, as the masked pointer load), else the pointer load
+    of ptrs (bounds mask `mask` where USE_MASK)."""
+    if tma is not None:
+        return tl.reshape(tma[WHICH].load([at[0], at[1], start, 0]), [ROWS, BLOCK_D])
+    else:
+        return load(ptrs, mask, USE_MASK)
