@@ -376,6 +376,30 @@ def test_several_row_and_key_tiles(impl, rng):
     """Rows and keys spanning several tiles (the Triton band path's per-tile offsets into r), r rows missing at
     both ends (r_offset, short r), segment term, both streams (all rows: consecutive rows in both, and target
     positions): forward and every gradient against the formula in float64."""
+    _several_row_and_key_tiles(impl, rng)
+
+
+@pytest.mark.skipif(not backend.triton_interpreted(),
+                    reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
+def test_band_major_tiles_interpreted(rng, monkeypatch):
+    """The GPU's 16-bit tiles, 64 rows, under the interpreter: their band products are band-major
+    (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take.
+    Same cases and tolerances as test_several_row_and_key_tiles."""
+    import triton
+
+    from ptm_kernels.triton.relative_attention import launch
+
+    interpreter_config = launch._config
+
+    def row_tiles_of_64(D, dtype, device, kernel="fwd"):
+        cfg, warps = interpreter_config(D, dtype, device, kernel)
+        return dict(cfg, BLOCK_M=64, BAND=triton.next_power_of_2(64 + cfg["BLOCK_N"])), warps
+
+    monkeypatch.setattr(launch, "_config", row_tiles_of_64)
+    _several_row_and_key_tiles("triton", rng)
+
+
+def _several_row_and_key_tiles(impl, rng):
     B, H, D, Lq, M = 1, 2, 16, rng.randint(33, 40), rng.randint(5, 12)
     Lk = Lq + M
     Lg = rng.randint(3, Lq)

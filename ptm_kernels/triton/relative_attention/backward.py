@@ -2,8 +2,12 @@
 
 - _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dqu, dseg and (band form) dqv in registers,
   dr with float32 atomics. dr stays atomic: r row t collects the pairs (i, j) with j - i = t - c, a diagonal of
-  the score matrix that crosses every row tile and key tile, so no row-major or key-major program owns it (a
-  diagonal-major pass would recompute the probabilities once more). The band form adds BAND x D per tile pair.
+  the score matrix that crosses every row tile and key tile, so no row-major or key-major program owns it. A
+  diagonal-major third pass would recompute the probabilities once more: per (64 rows, 16 keys) step at D = 128
+  the scores, the band term and dO V^T again (1.31 M multiply-adds on top of the 3.54 M of this kernel's step,
+  +37%, plus the masks, exp2 and dropout bits a second time) to save the step's atomics: BAND x D = 16 K float32
+  adds (64 KB; 79 of the 128 band rows non-zero). Without a GPU to weigh the two (no timing here), atomics stay.
+  The band form adds BAND x D per tile pair.
 - _rel_bwd_dkdv_kernel, one program per (key tile, b * h): walks the row tiles of both streams and owns dk and
   dv (registers, stored once, no atomics).
 
@@ -16,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
-from .position import _band_grad, _band_rows, _pos_band, _pos_gather
+from .position import _band_grad, _band_major, _band_rows, _pos_band, _pos_gather
 from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -115,7 +119,13 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         DQV_bh = grads.dqv + bh64 * Lr * D  # float32, zero-initialised
         lo, hi = _key_range(S, row, row_ok, keys.Lk, BLOCK_N)
         dqu = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dqv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # band path (the gather path adds into DQV)
+        # band path (the gather path adds into DQV), in _pos_band's layout: band-major tiles hold dqv^T, whose dot
+        # has M = BLOCK_D rather than the BLOCK_M = 64 of a chained dot
+        BAND_MAJOR: tl.constexpr = _band_major(BLOCK_M)
+        if BAND_MAJOR:
+            dqv = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        else:
+            dqv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dseg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dseg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dc = tl.arange(0, D_CHUNK)
@@ -149,18 +159,26 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                     tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
                                   g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
-                dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)
-                dqv += dot(dpb, r_band, None, PREC, UPCAST)
+                dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
+                if BAND_MAJOR:
+                    dqv += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
+                else:
+                    dqv += dot(dpb, r_band, None, PREC, UPCAST)
                 # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in
                 # the registers beside the accumulators at D = 128
                 for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
                     offs_c = d0 + tl.arange(0, DR_CHUNK)
                     c_ok = offs_c < D
                     qv_c = tl.load(QV_row + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                    dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
+                    if BAND_MAJOR:
+                        dr_c = dot(dpb, qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
+                    else:
+                        dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)
                     tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c,
                                   mask=band_ok[:, None] & c_ok[None, :])
         if not GATHER:
+            if BAND_MAJOR:
+                dqv = tl.trans(dqv)
             tl.store(DQV_bh + rows64[:, None] * D + offs_d[None, :], dqv, mask=rd_ok)
         DQU = grads.dqu
         tl.store(DQU.ptr + b64 * DQU.s_b + h64 * DQU.s_h + rows64[:, None] * DQU.s_l + offs_d[None, :],

@@ -26,11 +26,13 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         if kernel == "dkdv" and D > 64:  # 32 x 32 on 8 warps: ptxas kept 32 registers and spilled 10-19 KB
             cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=8), 4
     else:
-        # 16-bit: tiles of 64 rows, wgmma's smallest M, for every dot. The dq kernel's dr dot has M = BAND, so it
-        # takes 16 keys a step (its [BLOCK_M, BAND] band terms and two accumulators leave few registers: 8 / 148
-        # spill bytes at D = 64 / 128 against 52 / 212 with 32 keys). The dk / dv dots have M = BLOCK_N: 64 keys
-        # (wgmma) at D = 64; at D = 128 the two [64, 128] accumulators beside the recomputed tile spilled 504 /
-        # 560 bytes with 64 keys, 44 / 36 with 32 keys, whose two dk / dv dots run on mma.sync (16-bit operands)
+        # 16-bit: tiles of 64 rows, wgmma's smallest M, for every dot, on 8 warps (4 warps spilled 2-4x more: the
+        # accumulators then take twice the registers per thread). The dq kernel's band dots have M = BAND, so it
+        # takes 16 keys a step (its band terms and two accumulators leave few registers: 212 spill bytes at D = 128
+        # with every mask against 292 with 32 keys and 732 with 64, sm_90, triton 3.7.1). The dk / dv dots have
+        # M = BLOCK_N: 64 keys (wgmma) at D = 64; at D = 128 the two [64, 128] accumulators beside the recomputed
+        # tile spilled 708 bytes with 64 keys, 360 with 32 keys, whose two dk / dv dots run on mma.sync (16-bit
+        # operands)
         n = {"dq": 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps

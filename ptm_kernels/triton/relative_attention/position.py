@@ -40,18 +40,39 @@ def _band_rows(R_bh, s_rt, t_band, R, offs_d, D: tl.constexpr):
 @triton.jit
 def _pos_band(qv, r_band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Position term for consecutive rows: local row m, key n uses band row (BLOCK_M - 1 - m) + n. One dot
-    against the band (tensor cores), then the diagonal select."""
-    pb = dot(qv, tl.trans(r_band), None, PREC, UPCAST)  # [BLOCK_M, BAND]
-    idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
-    return tl.gather(pb, idx, axis=1)
+    against the band (tensor cores), then the diagonal select.
+
+    With 64-row tiles (wgmma) the dot is band-major, r_band qv^T ([BAND, BLOCK_M]): its result feeds the
+    probabilities, hence further dots, and Triton lays such a chained dot's warps along M alone, so with M =
+    BLOCK_M = 64 on 8 warps both warpgroups would each hold (and compute) the whole [64, BAND] float32 tile;
+    with M = BAND each warp owns its rows (sm_90, bf16 D = 128: 372 -> 256 spill bytes in dq, 592 -> 360 in
+    dk/dv). Smaller tiles (float32, mma.sync) keep qv r_band^T: band-major, its tf32x3 product spilled more."""
+    if _band_major(BLOCK_M):
+        pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M]
+        idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
+        return tl.trans(tl.gather(pbt, idx, axis=0))
+    else:
+        pb = dot(qv, tl.trans(r_band), None, PREC, UPCAST)  # [BLOCK_M, BAND]
+        idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
+        return tl.gather(pb, idx, axis=1)
+
+
+@triton.jit
+def _band_major(BLOCK_M: tl.constexpr):
+    """Whether the band products of a BLOCK_M-row tile are laid out band-major (see _pos_band)."""
+    return BLOCK_M >= 64
 
 
 @triton.jit
 def _band_grad(g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
     """The transpose of _pos_band's select: dpb[m, c] = g[m, c - (BLOCK_M - 1 - m)] where that key index is in
-    [0, BLOCK_N), else 0 ([BLOCK_M, BAND], float32)."""
-    n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
-    n_ok = (n >= 0) & (n < BLOCK_N)
-    return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
-
-
+    [0, BLOCK_N), else 0 (float32), in _pos_band's layout: [BAND, BLOCK_M] (band-major, dpb^T) or [BLOCK_M,
+    BAND]."""
+    if _band_major(BLOCK_M):
+        n = tl.arange(0, BAND)[:, None] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :]
+        n_ok = (n >= 0) & (n < BLOCK_N)
+        return tl.where(n_ok, tl.gather(tl.trans(g), tl.where(n_ok, n, 0), axis=0), 0.0)
+    else:
+        n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
+        n_ok = (n >= 0) & (n < BLOCK_N)
+        return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
