@@ -469,6 +469,41 @@ def test_forward_through_tma_descriptors(monkeypatch, dtype, rng):
     assert made.count(3) >= len(cases) and made.count(4) == 2 * len(cases), f"descriptors made per launch: {made}"
 
 
+@pytest.mark.skipif(not backend.supports("triton", "attention", DEVICE.type),
+                    reason="the Triton backend needs CUDA or TRITON_INTERPRET=1 (and triton importable)")
+def test_forward_straight_line_diagonal(monkeypatch, rng):
+    """Square tiles under a plain causal mask (Hopper's 128 x 128 at D = 128): the Triton forward runs the one
+    masked key tile of each query tile, its diagonal, as straight-line code with a constant triangle mask
+    (ONE_DIAGONAL) when Lk - Lq is a non-negative multiple of the tile and the inputs are 16-bit, else the
+    masked-tile loop; both give the oracle's results, with ragged lengths and an additive bias."""
+    from ptm_kernels.triton.attention import configs, launch
+
+    flags = []
+
+    class Recording:  # stands in for the kernel: records each launch's ONE_DIAGONAL
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                flags.append(kwargs["ONE_DIAGONAL"])
+                return real[grid](*args, **kwargs)
+            return run
+
+    real = launch._attn_fwd_kernel
+    monkeypatch.setattr(launch, "_attn_fwd_kernel", Recording())
+    for dtype in (torch.bfloat16, torch.float32):
+        for heavy in (False, True):
+            monkeypatch.setitem(configs._CONFIG_OVERRIDE, ("fwd", 32, dtype, heavy), [(16, 16, 4, 1)])
+    cases = [(50, 50, {}, torch.bfloat16, True), (40, 72, {"bias": None}, torch.bfloat16, True),
+             (40, 70, {}, torch.bfloat16, False), (50, 34, {}, torch.bfloat16, False),
+             (37, 37, {"key_lengths": [37, 20]}, torch.bfloat16, False), (50, 50, {}, torch.float32, False)]
+    for Lq, Lk, parts, dtype, one in cases:
+        spec = random_spec(rng, 2, 2, Lq, Lk, parts={"causal", *parts})
+        spec.update({k: v for k, v in parts.items() if v is not None})
+        flags.clear()
+        check_case("triton", rng, (2, 2, 2, Lq, Lk, 32), spec, dtype=dtype, what=f"Lq={Lq} Lk={Lk} diagonal")
+        assert flags == [one], (f"Lq={Lq} Lk={Lk} {dtype} parts={sorted(spec)}: ONE_DIAGONAL launched {flags}, "
+                                f"want {one}")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_head_dims_and_scale(impl, rng):
     dims = [16, 64, 256] if interpreted(impl) else [16, 32, 80, 96, 128, 256]

@@ -32,18 +32,19 @@ def _fwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False, tma: b
     if dtype == torch.float32:
         # tf32x3 dots split each operand into two tf32 parts held in registers (q: 2 x BLOCK_M x D / threads of
         # them for the whole loop), so the tiles are small: no spills on sm_90 (was 172-344 B at D = 128 with
-        # 64 x 32 tiles, 160 B at D = 64 with the heavy masks on 128 x 64; 32 x 16 at D = 128: 255 registers,
-        # 0-8 B; 16 x 16: 186-189)
+        # 64 x 32 tiles, 160 B at D = 64 with the heavy masks on 128 x 64). At D = 128 the largest that do not
+        # spill: 32 x 16 with 1 stage (254-255 registers; 2 stages: 4-8 B, heavy 4 B) and for the heavy
+        # variants 16 x 32 with 2 stages (238); 32 x 32: 24-64 B, 64 x 16 (wgmma): 104-480 B, 16 x 64: 124-252 B
         if bd <= 64:
             cfgs = [(32, 32, 4, 2)] if heavy else [(128, 64, 8, 2), (64, 64, 4, 2)]
         elif bd <= 128:
-            cfgs = [(16, 16, 4, 1)] if heavy else [(16, 16, 4, 2)]
+            cfgs = [(16, 32, 4, 2)] if heavy else [(32, 16, 4, 1), (16, 32, 4, 2)]
         else:
             cfgs = [(32, 32, 4, 2), (32, 16, 4, 1)]
     elif cap[0] >= 9:  # Hopper
         if bd <= 64:  # with TMA 8 warps take 121 registers (4 warps: 253)
             cfgs = [(128, 64, 8, 2)] if heavy else [(128, 64, 8, 3), (128, 64, 4, 3)] if tma else [(128, 64, 4, 3)]
-        elif bd <= 128:  # 128 x 128 with 3 stages: 253 registers with TMA, no spills; spills without (issue 14)
+        elif bd <= 128:  # 128 x 128 with 3 stages, TMA: 187 registers (causal 202), no spills; spills without TMA
             cfgs = [(128, 32, 8, 2)] if heavy else [(128, 128, 8, 3), (128, 64, 8, 3)] if tma else [(128, 64, 8, 3)]
         else:
             cfgs = [(64, 32, 8, 2)] if heavy else [(64, 32, 4, 3)]
@@ -69,12 +70,13 @@ def _bwd_configs(D: int, dtype: torch.dtype, device, heavy: bool = False) -> lis
         return [((32, 32, 4, 1), (32, 32, 4, 1))]
     cap = C.capability(device)
     if dtype == torch.float32:  # tf32x3 (see _fwd_configs): dK/dV holds k and v, dQ q and dO, split in registers
-        # no spills on sm_90 with 16-key dK/dV tiles at D = 128 (32 x 32: 0.9-1.6 KB spilled) and with the heavy
-        # masks at D = 64 (16 x 32: 16 B), 16 x 32 otherwise
+        # no spills on sm_90 with 16-key dK/dV tiles at D = 128 (32 x 32: 0.9-1.6 KB spilled; 32 x 16: 16-32 B,
+        # 16 x 32: 0.5-1.4 KB) and with the heavy masks at D = 64 (16 x 32: 16 B), 16 x 32 otherwise; dQ at
+        # D = 128: 16 x 32 (252-255 registers; 32 x 16: 40-124 B)
         if bd <= 64:
             cfgs = [((16, 16, 4, 1), (32, 32, 4, 2))] if heavy else [((16, 32, 4, 2), (64, 32, 4, 2))]
         elif bd <= 128:
-            cfgs = [((16, 16, 4, 1), (16, 16, 4, 1))] if heavy else [((16, 16, 4, 1), (16, 32, 4, 1))]
+            cfgs = [((16, 16, 4, 1), (16, 32, 4, 1))] if heavy else [((16, 16, 4, 1), (16, 32, 4, 2))]
         else:
             cfgs = [((16, 32, 4, 1), (32, 16, 4, 1))]
     elif cap[0] >= 9:  # Hopper (light: FlexAttention's sm90 defaults; dK/dV at D = 128 the tutorial's 32 x 128)

@@ -24,40 +24,57 @@ def _fwd_tiles(acc, l_i, m_i, q, kv, it_lo, it_hi, IDX, offs_m, offs_n, offs_d, 
                EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_POS: tl.constexpr,
                STAGES: tl.constexpr = None):
     """Online softmax over key tiles it_lo..it_hi (tile indices, or positions in the list IDX when SPARSE);
-    MASK: tiles that need the mask (else fully visible, inside [0, Lk)). kv = (K_bh, V_bh, k_offs, v_offs,
-    s_kn, s_vn, D, qk_scale); keep_at = (bh, rows): the dropout_keep arguments of the tile's rows. SCALE_POS:
+    MASK: tiles that need the mask (else fully visible, inside [0, Lk)). STAGES: the loop's software-pipeline
+    depth (None: the kernel's num_stages). The other arguments: _fwd_tile's."""
+    for it in tl.range(it_lo, it_hi, num_stages=STAGES):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kv, it, IDX, offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
+                                  MASK, SPARSE, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, kv, it, IDX, offs_m, offs_n, offs_d, ctx, mask, drop, keep_at,
+              MASK: tl.constexpr, SPARSE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+              EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_POS: tl.constexpr,
+              DIAGONAL: tl.constexpr = False):
+    """One online-softmax step over key tile it (see _fwd_tiles). kv = (K_bh, V_bh, k_offs, v_offs, s_kn, s_vn,
+    D, qk_scale, tma, kv_at); keep_at = (bh, rows): the dropout_keep arguments of the tile's rows. SCALE_POS:
     qk_scale > 0, so that without additive terms the scale folds into the exp2's argument (one FFMA per score,
-    as the tutorial: the row maximum of the unscaled scores, times the scale, is the scaled one). STAGES: the
-    loop's software-pipeline depth (None: the kernel's num_stages)."""
+    as the tutorial: the row maximum of the unscaled scores, times the scale, is the scaled one). DIAGONAL: the
+    tile is the causal diagonal of a square query tile (launch._one_diagonal), so its mask is a constant lower
+    triangle: key j of the tile is visible to row i when j <= i (the keys past Lk lie to the right of every valid
+    row's diagonal; the rows past Lq are never stored)."""
     K_bh, V_bh, k_offs, v_offs, s_kn, s_vn, D, qk_scale, tma, kv_at = kv
     Lq = ctx.Lq
     Lk = ctx.Lk
-    for it in tl.range(it_lo, it_hi, num_stages=STAGES):
-        start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
-        k = _rows_tile(tma, 1, kv_at, start_n, K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask,
-                       MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
-        s = dot(q, tl.trans(k), None, PREC, UPCAST)
-        if SCALE_POS and mask.bias is None and mask.toeplitz is None:
-            s = _mod_scores(s, 0, offs_m[:, None], start_n, offs_n[None, :], ctx, mask, MASK, CAUSAL)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
-            p = tl.math.exp2(s * qk_scale - m_use[:, None])
-        else:
-            s = _mod_scores(s * qk_scale, 0, offs_m[:, None], start_n, offs_n[None, :], ctx, mask, MASK, CAUSAL)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if drop is not None:
-            seed, threshold, _scale = drop
-            keep = dropout_keep(seed, keep_at[0], keep_at[1], start_n, Lq, Lk, threshold, BLOCK_N)
-            p = tl.where(keep, p, 0.0)
-        v = _rows_tile(tma, 2, kv_at, start_n, V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask,
-                       MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
-        acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
-        m_i = m_new
+    start_n, cols, kv_mask = _key_tile(it, IDX, offs_n, offs_d, Lk, D, MASK, SPARSE, BLOCK_N, EVEN_D)
+    k = _rows_tile(tma, 1, kv_at, start_n, K_bh + start_n.to(tl.int64) * s_kn + k_offs, kv_mask,
+                   MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
+    s = dot(q, tl.trans(k), None, PREC, UPCAST)
+    MASK_SCORES: tl.constexpr = MASK and not DIAGONAL  # (the diagonal's: _mod_scores adds the additive terms)
+    if DIAGONAL:
+        s = tl.where(offs_n[None, :] <= tl.arange(0, BLOCK_N)[:, None], s, float("-inf"))
+    if SCALE_POS and mask.bias is None and mask.toeplitz is None:
+        s = _mod_scores(s, 0, offs_m[:, None], start_n, offs_n[None, :], ctx, mask, MASK_SCORES, CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    else:
+        s = _mod_scores(s * qk_scale, 0, offs_m[:, None], start_n, offs_n[None, :], ctx, mask, MASK_SCORES, CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if drop is not None:
+        seed, threshold, _scale = drop
+        keep = dropout_keep(seed, keep_at[0], keep_at[1], start_n, Lq, Lk, threshold, BLOCK_N)
+        p = tl.where(keep, p, 0.0)
+    v = _rows_tile(tma, 2, kv_at, start_n, V_bh + start_n.to(tl.int64) * s_vn + v_offs, kv_mask,
+                   MASK or not EVEN_D, BLOCK_N, offs_d.shape[0])
+    acc = dot(p.to(v.dtype), v, acc, PREC, UPCAST)
+    m_i = m_new
     return acc, l_i, m_i
 
 
@@ -94,7 +111,9 @@ def _program_rows(pid, H, G, Lq, BLOCK_M: tl.constexpr, PACK_GROUP: tl.constexpr
 def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, tma, qk_scale, H, G, Lq, Lk, D, n_split,
                      CAUSAL: tl.constexpr, ELEMWISE: tl.constexpr, SPLIT: tl.constexpr, PACK_GROUP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_POS: tl.constexpr):
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_POS: tl.constexpr,
+                     ONE_DIAGONAL: tl.constexpr = False):
+    """ONE_DIAGONAL: every query tile has exactly one masked key tile, its diagonal (launch._one_diagonal)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b, hk, head, bh, offs_m, row_ok, m0 = _program_rows(pid, H, G, Lq, BLOCK_M, PACK_GROUP)
@@ -174,9 +193,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, mask, lists, drop, tma, qk_scale, H, G, Lq
                                        MASKED_STAGES)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F0, F1, None, offs_m, offs_n, offs_d, ctx, mask, drop,
                                    keep_at, False, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F1, Z, None, offs_m, offs_n, offs_d, ctx, mask, drop,
-                                   keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS,
-                                   MASKED_STAGES)
+        if ONE_DIAGONAL:  # the masked span is the one diagonal tile, (m0 + Lk - Lq) / BLOCK_N = F1 = Z - 1:
+            # straight-line, as the tutorial's (no loop: 211 -> 202 registers at D = 128, 128 x 128, sm_90)
+            diagonal = (m0 + (Lk - Lq)) // BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kv, diagonal, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                      keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS, True)
+        else:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kv, F1, Z, None, offs_m, offs_n, offs_d, ctx, mask, drop,
+                                       keep_at, True, False, CAUSAL, BLOCK_N, EVEN_D, PREC, UPCAST, SCALE_POS,
+                                       MASKED_STAGES)
 
     # Epilogue. l_i == 0 exactly when the row saw no visible key (the row maximum contributes exp2(0) = 1).
     empty = l_i == 0.0
