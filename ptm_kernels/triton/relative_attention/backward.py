@@ -130,6 +130,15 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         dseg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dc = tl.arange(0, D_CHUNK)
         for start_n in range(lo, hi, BLOCK_N):
+            if BLOCK_D <= 64:
+                # qu and dO read again each step (cached) rather than held across the loop: as the A operands of
+                # chained 64-row dots both warpgroups held them (sm_90, triton 3.7.1, bf16 D = 64: 32 -> 0 spill
+                # bytes with a causal band, 168 -> 156 with every mask, 88 -> 44 two-stream; at D = 128 it spilled
+                # more, 212 -> 312)
+                qu = tl.load(S.qu.ptr + b64 * S.qu.s_b + h64 * S.qu.s_h + rows64[:, None] * S.qu.s_l
+                             + offs_d[None, :], mask=rd_ok, other=0.0)
+                do = tl.load(grads.do.ptr + b64 * grads.do.s_b + h64 * grads.do.s_h + rows64[:, None] * grads.do.s_l
+                             + offs_d[None, :], mask=rd_ok, other=0.0)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
             v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)

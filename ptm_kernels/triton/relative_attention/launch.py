@@ -32,7 +32,10 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # with every mask against 292 with 32 keys and 732 with 64, sm_90, triton 3.7.1). The dk / dv dots have
         # M = BLOCK_N: 64 keys (wgmma) at D = 64; at D = 128 the two [64, 128] accumulators beside the recomputed
         # tile spilled 708 bytes with 64 keys, 360 with 32 keys, whose two dk / dv dots run on mma.sync (16-bit
-        # operands)
+        # operands). Recomputing the dk / dv kernel's tile key-major instead (S^T = k qu^T, dP^T = v dO^T, the
+        # band term gathered to [BLOCK_N, BLOCK_M], dropout_keep TRANS, as the tutorial's dkdv) spilled more in
+        # every config: worst 956/968 B with 64 keys at D = 128 (1172/1048 with 32 keys; 2196/2328 with 128),
+        # 456/380 at D = 64 with 64 keys (152/120 row-major), 864/852 on 4 warps; not kept
         n = {"dq": 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
