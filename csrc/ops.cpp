@@ -36,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("two_stream_attention_bwd", &ptm::cpu::two_stream_attention_bwd);
   cpu.def("cross_entropy_fwd", &ptm::cpu::cross_entropy_fwd);
   cpu.def("cross_entropy_bwd", &ptm::cpu::cross_entropy_bwd);
+  cpu.def("linear_fwd", &ptm::cpu::linear_fwd);
   // The tile the CPU attention classifies (and skips) at, whatever the head dim, dtype and device.
   cpu.def("attention_tile", [](int64_t, pybind11::object, pybind11::object) {
     return std::make_tuple(ptm::cpu::kAttentionBlockM, ptm::cpu::kAttentionBlockN);

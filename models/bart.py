@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ptm_kernels.nn import LayerNorm
+from ptm_kernels.nn import LayerNorm, Linear
 
 from . import activations
 from .convert import refuse_unless
@@ -110,7 +110,7 @@ class TransformerSeq2Seq(EncoderDecoderLM):
                   cross_attn=attn(c.decoder_attention_heads, cross=True), norm3=norm())
             for _ in range(c.decoder_layers))
         self.encoder_norm, self.decoder_norm = (norm(), norm()) if self.final_norm else (None, None)
-        self.lm_head = nn.Linear(d, c.vocab_size, bias=False)
+        self.lm_head = Linear(d, c.vocab_size, bias=False)
         self.lm_head.weight = self.shared.weight
         self.register_buffer("final_logits_bias", torch.zeros(1, c.vocab_size))
 

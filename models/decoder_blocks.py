@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptm_kernels.attention_mask import AttentionMask
+from ptm_kernels.nn import Linear
 
 from .blocks import MLP, Attention, Block, finish
 from .convert import HFTwin
@@ -60,26 +61,6 @@ def causal_masks(windows: Sequence[Optional[int]], attention_mask: Optional[Tens
     return [kinds[w] for w in windows]
 
 
-def transposed_storage(weight: Tensor) -> nn.Parameter:
-    """A Linear's weight [out, in] with the same values, stored as [in, out] (a transposed view, strides (1, out)).
-
-    Decoding multiplies one row per sequence by each weight: x @ W^T then runs with a contiguous [in, out]
-    right operand, which MKL's GEMV streams faster than the [out, in] layout when out > in (measured on this
-    project's CPU, 1 and 2 threads, generate at batch 1: the vocabulary-wide LM head 2-3x per call, the wide
-    block projections (q/k/v, gate/up, fc) 1.1-1.3x more on the whole generate; the narrow ones (out, down)
-    are slower so, and stay). Same shape, values and state-dict entry; only the memory order differs (an
-    embedding tied to the LM head gathers strided rows: a few us).
-    """
-    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
-
-
-def store_wide_weights_transposed(modules) -> None:
-    """transposed_storage for every nn.Linear among `modules` whose out_features > in_features."""
-    for m in modules:
-        if isinstance(m, nn.Linear) and m.out_features > m.in_features:
-            m.weight = transposed_storage(m.weight)
-
-
 class DecoderLM(HFTwin, nn.Module):
     """Token (+ learned position) embeddings, DecoderBlocks, a final norm (pre-norm models), an LM head.
 
@@ -98,13 +79,10 @@ class DecoderLM(HFTwin, nn.Module):
         self.wpe = nn.Embedding(max_positions, hidden_size) if max_positions else None  # learned positions
         self.drop = nn.Dropout(embed_dropout)
         self.blocks = nn.ModuleList(blocks)
-        store_wide_weights_transposed(self.blocks.modules())  # the decode step's faster GEMV layout
         self.norm = final_norm
-        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
-        # tied: the embedding's values (its init), in the head's layout, one Parameter for both
-        self.lm_head.weight = transposed_storage(self.wte.weight if tie_embeddings else self.lm_head.weight)
-        if tie_embeddings:
-            self.wte.weight = self.lm_head.weight
+        self.lm_head = Linear(hidden_size, vocab_size, bias=False)  # ops.linear: the decode step's fast GEMV
+        if tie_embeddings:  # one Parameter for both, the embedding's values (its init)
+            self.lm_head.weight = self.wte.weight
         self.windows = list(windows) if windows is not None else [None] * len(self.blocks)
 
     def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ptm_kernels import AttentionMask
 from ptm_kernels.attention_mask import t5_relative_table
-from ptm_kernels.nn import RMSNorm
+from ptm_kernels.nn import Linear, RMSNorm
 
 from . import activations
 from .blocks import MLP, Attention, Block, run_blocks
@@ -91,7 +91,7 @@ class T5(EncoderDecoderLM):
             for _ in range(c.num_decoder_layers or c.num_layers))
         self.encoder_norm, self.decoder_norm = norm(), norm()
         self.drop = nn.Dropout(p)  # on the embeddings and the output of each stack
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 

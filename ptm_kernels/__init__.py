@@ -13,6 +13,7 @@ from .ops import bias_gelu, geglu, gelu, layer_norm, rms_norm, rope, silu, swigl
 from .ops import attention, scaled_dot_product_attention
 from .ops import relative_attention, two_stream_attention
 from .ops import cross_entropy, linear_cross_entropy, mlm_loss
+from .ops import linear
 from .reference import rope_cos_sin
 
 __version__ = "0.1.0"
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "rms_norm", "layer_norm", "gelu", "bias_gelu", "silu", "swiglu", "geglu", "rope", "rope_cos_sin",
     "attention", "scaled_dot_product_attention", "AttentionMask", "relative_attention", "two_stream_attention",
-    "cross_entropy", "linear_cross_entropy", "mlm_loss",
+    "cross_entropy", "linear_cross_entropy", "mlm_loss", "linear",
     "backend", "nn", "reference",
 ]

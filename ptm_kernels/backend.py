@@ -29,7 +29,8 @@ from . import _ext
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 # Op families, each a set of kernel functions selected together (forward and backward must agree).
-OPS = ("rms_norm", "layer_norm", "activation", "rope", "attention", "relative_attention", "cross_entropy")
+OPS = ("rms_norm", "layer_norm", "activation", "rope", "attention", "relative_attention", "cross_entropy",
+       "linear")
 
 _local = threading.local()
 
@@ -153,7 +154,8 @@ def _supports(name: str, op: str, device_type: str, interpreted: bool) -> bool:
         return False
     probe = {"rms_norm": "rms_norm_fwd", "layer_norm": "layer_norm_fwd", "activation": "act_fwd",
              "rope": "rope_fwd", "attention": "attention_fwd",
-             "relative_attention": "relative_attention_fwd", "cross_entropy": "cross_entropy_fwd"}[op]
+             "relative_attention": "relative_attention_fwd", "cross_entropy": "cross_entropy_fwd",
+             "linear": "linear_fwd"}[op]
     return hasattr(mod, probe)
 
 

@@ -313,6 +313,12 @@ def attention_bwd(dout, q, k, v, out, lse, params: AttentionParams):
     return dq, dk, dv, dbias, dtoeplitz
 
 
+# ---------------------------------------------------------------------------------------------- linear
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] contiguous, all of one dtype (torch's linear)."""
+    return torch.nn.functional.linear(x, weight, bias).contiguous()
+
+
 # ---------------------------------------------------------------------------------------- cross-entropy
 # logits [N, V] contiguous, labels [N] int64, each in [0, V) or equal to ignore_index (the op checks that).
 # With s = label_smoothing, z = z_loss and lse = logsumexp(x) of a row x (all in float32, float64 here for

@@ -15,6 +15,7 @@
 #undef __AVX__
 
 #include "activations.cpp"
+#include "linear.cpp"
 #include "losses.cpp"
 #include "norms.cpp"
 #include "rope.cpp"

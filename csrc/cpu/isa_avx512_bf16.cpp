@@ -21,6 +21,7 @@
 #undef __AVX512F__
 
 #include "activations.cpp"
+#include "linear.cpp"
 #include "losses.cpp"
 #include "norms.cpp"
 #include "rope.cpp"

@@ -1,4 +1,5 @@
-// CPU kernels of ptm_kernels: declarations (implemented in norms.cpp, activations.cpp, rope.cpp, losses.cpp).
+// CPU kernels of ptm_kernels: declarations (implemented in norms.cpp, activations.cpp, rope.cpp, losses.cpp,
+// linear.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,5 +20,8 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
                                              double label_smoothing, double z_loss);
 Tensor cross_entropy_bwd(const Tensor& dloss, const Tensor& logits, const Tensor& labels, const Tensor& lse,
                          int64_t ignore_index, double label_smoothing, double z_loss, bool inplace);
+
+// linear for a decode step's few rows (linear.cpp; CPU only: on a GPU the op is torch's linear)
+Tensor linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias);
 
 }  // namespace ptm::cpu

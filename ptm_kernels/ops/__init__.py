@@ -6,7 +6,8 @@ from .rope import rope
 from .attention import attention, scaled_dot_product_attention
 from .relative_attention import relative_attention, two_stream_attention
 from .losses import cross_entropy, linear_cross_entropy, mlm_loss
+from .linear import linear
 
 __all__ = ["rms_norm", "layer_norm", "gelu", "bias_gelu", "silu", "swiglu", "geglu", "rope", "attention",
            "scaled_dot_product_attention", "relative_attention", "two_stream_attention", "cross_entropy",
-           "linear_cross_entropy", "mlm_loss"]
+           "linear_cross_entropy", "mlm_loss", "linear"]

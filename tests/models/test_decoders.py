@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from ._import import model_module  # noqa: E402
 from .parity import check_grads_match, check_roundtrip  # noqa: E402
+from ptm_kernels.nn import Linear  # noqa: E402
 
 V, P, NEW = 100, 10, 32  # vocab, prompt length, new tokens
 TOL = 1e-4
@@ -160,21 +161,17 @@ def test_to_hf_round_trip(pair):
     check_roundtrip(ours, hf)
 
 
-def test_wide_weights_stored_transposed(pair):
-    """The LM head and the blocks' wide projections (out > in features) keep transformers' values and their
-    state-dict entries but are stored [in, out] (the decode step's faster GEMV layout,
-    models.decoder_blocks.transposed_storage); the narrow ones stay [out, in]; a tied embedding is the head."""
+def test_projections_run_through_ops_linear(pair):
+    """Every projection and the LM head are ptm_kernels.nn.Linear (ops.linear: the decode step's GEMV) with
+    transformers' [out, in] layout and values; a tied embedding is the head's Parameter."""
     hf, ours = pair
     w = ours.lm_head.weight
-    assert w.shape == hf.lm_head.weight.shape and w.stride() == (1, w.shape[0])
+    assert isinstance(ours.lm_head, Linear) and w.is_contiguous()
     assert torch.equal(ours.state_dict()["lm_head.weight"], hf.lm_head.weight)
     if hf.config.tie_word_embeddings:
         assert ours.wte.weight is w
     linears = [m for m in ours.blocks.modules() if isinstance(m, torch.nn.Linear)]
-    assert any(m.out_features > m.in_features for m in linears)
-    for m in linears:
-        wide = m.out_features > m.in_features
-        assert m.weight.stride() == ((1, m.out_features) if wide else (m.in_features, 1)), m
+    assert linears and all(isinstance(m, Linear) and m.weight.is_contiguous() for m in linears)
 
 
 def test_generate_matches_transformers(pair):

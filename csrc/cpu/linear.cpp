@@ -1,0 +1,116 @@
+// y = x W^T + b for the few rows of a decode step (float32). Semantics: linear_fwd in
+// ptm_kernels/reference_kernels.py; the op is ops/linear.py.
+//
+// Why: a decode step multiplies one row per sequence by every weight. MKL's GEMV runs such a [1, K] x [K, N]
+// product on one thread here, and its [N, K] (nn.Linear's) form is 1.2-2.5x slower than the [K, N] one; with
+// a few rows, MKL's GEMM packs the weight (the big operand) on every call. So:
+// - one row: this file's GEMV, each output a dot product of a weight row with x, output features split over
+//   the threads (2.3-3.3x MKL's fastest layout on this project's 2-core CPU, [K, N] in {512, 1376} x {512,
+//   1024, 1376, 8000});
+// - 2..kFewRows rows: (W x^T)^T, the weight as the left operand (1.1-2.8x x W^T at 4, 16 and 64 rows, the same
+//   shapes);
+// - more rows: at::linear.
+//
+// Kernel half: output features [begin, end) of the one-row product, four weight rows at a time so that each
+// loaded block of x feeds four FMAs; compiled once per instruction set (see common.h). Host half: checks,
+// the choice above, at::parallel_for over output features.
+#include "common.h"
+#include "vec_utils.h"
+
+namespace ptm::cpu {
+
+struct GemvArgs {
+  const float* w;     // [N, K], row stride ldw, unit column stride
+  const float* x;     // [K]
+  const float* bias;  // [N] or nullptr
+  float* y;           // [N]
+  int64_t K, ldw;
+};
+
+PTM_CPU_DECLARE_KERNEL(gemv_rows, (const GemvArgs&, int64_t, int64_t))
+
+// ---------------------------------------------------------------------------------------------- kernels
+namespace PTM_CPU_ISA {
+namespace {
+
+constexpr int64_t kLanes = Vec::size();
+
+inline float sum_lanes(const Vec& v) {
+  float lanes[kLanes];
+  v.store(lanes);
+  float s = 0.f;
+  for (int64_t i = 0; i < kLanes; ++i) s += lanes[i];
+  return s;
+}
+
+// The dot products of `R` consecutive weight rows with x.
+template <int R>
+inline void dot_rows(const GemvArgs& a, int64_t n) {
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = Vec(0.f);
+  const float* w = a.w + n * a.ldw;
+  int64_t k = 0;
+  for (; k + kLanes <= a.K; k += kLanes) {
+    const Vec xv = Vec::loadu(a.x + k);
+    for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec::loadu(w + r * a.ldw + k), xv, acc[r]);
+  }
+  if (k < a.K) {  // the tail: lanes past K load as zeros
+    const int64_t rest = a.K - k;
+    const Vec xv = Vec::loadu(a.x + k, rest);
+    for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec::loadu(w + r * a.ldw + k, rest), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) a.y[n + r] = sum_lanes(acc[r]) + (a.bias ? a.bias[n + r] : 0.f);
+}
+
+}  // namespace
+
+void gemv_rows(const GemvArgs& a, int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) dot_rows<4>(a, n);
+  for (; n < end; ++n) dot_rows<1>(a, n);
+}
+
+}  // namespace PTM_CPU_ISA
+
+// ------------------------------------------------------------------------------------------------- host
+#ifndef PTM_CPU_KERNELS_ONLY
+
+// Rows up to which the weight goes on the left of the GEMM (see the file comment).
+constexpr int64_t kFewRows = 64;
+
+Tensor linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "ptm_kernels cpu: linear x and weight must be "
+              "CPU tensors, got ", x.device(), " and ", weight.device());
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "ptm_kernels cpu: linear x "
+              "must be [M, K] and weight [N, K], got shapes ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "ptm_kernels cpu: linear weight must have x's dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type());
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N &&
+                    bias->scalar_type() == x.scalar_type(),
+                "ptm_kernels cpu: linear bias must be a CPU tensor of shape [", N, "] and dtype ",
+                x.scalar_type(), ", got ", bias->scalar_type(), " ", bias->sizes());
+  }
+  const bool float32 = x.scalar_type() == at::kFloat;
+  if (float32 && M == 1 && N > 0 && weight.stride(1) == 1) {
+    const Tensor xc = x.contiguous();
+    const Tensor bc = bias ? bias->contiguous() : Tensor();
+    Tensor y = at::empty({1, N}, x.options());
+    const GemvArgs a{weight.data_ptr<float>(), xc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
+                     y.data_ptr<float>(), K, weight.stride(0)};
+    const auto kernel = PTM_CPU_KERNEL(gemv_rows);
+    // about GRAIN_SIZE weight elements per task, in whole groups of four rows
+    const int64_t grain = (std::max<int64_t>(4, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)) + 3) / 4 * 4;
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+    return y;
+  }
+  if (float32 && M > 1 && M <= kFewRows) {
+    const Tensor yt = bias ? at::addmm(bias->unsqueeze(1), weight, x.t()) : at::mm(weight, x.t());  // [N, M]
+    return yt.t().contiguous();
+  }
+  return bias ? at::linear(x, weight, *bias) : at::linear(x, weight);
+}
+
+#endif  // PTM_CPU_KERNELS_ONLY
+}  // namespace ptm::cpu
