@@ -6,7 +6,8 @@ Needs transformers; `import ptm_kernels` never imports this package.
     ptm_kernels.hf.register()                                     # attn_implementation="ptm" for any model
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ptm")
 
-    ptm_kernels.hf.apply(model)       # + fused norms, RoPE, MLP, and the fused loss (see the family modules)
+    ptm_kernels.hf.apply(model)       # + fused norms, RoPE, MLP, the fused loss (see the family modules), and
+                                      #   nn.Linear through ptm_kernels.linear (hf/linear.py)
     ptm_kernels.hf.revert(model)      # back to exactly the modules and functions it had
 
 `apply` patches one model *instance* in place, dispatched on `model.config.model_type` (the table in
@@ -26,6 +27,7 @@ import weakref
 from torch import nn
 
 from .attention import register
+from .linear import patch_linears
 from .patching import FAMILIES, Patcher, PatchOptions
 
 FAMILY_MODULES = ("llama", "gpt2", "bert", "t5", "bart", "xlnet")
@@ -45,7 +47,7 @@ def supported_model_types() -> list:
 
 
 def apply(model_or_class, *, attention: bool = True, norms: bool = True, rope: bool = True, mlp: bool = True,
-          loss: bool = True) -> nn.Module:
+          loss: bool = True, linear: bool = True) -> nn.Module:
     """Patch a transformers model instance in place with ptm_kernels; returns it. See the module docstring."""
     if isinstance(model_or_class, type):
         raise TypeError(f"hf.apply takes a model instance, not the class {model_or_class.__name__}: classes are "
@@ -55,7 +57,7 @@ def apply(model_or_class, *, attention: bool = True, norms: bool = True, rope: b
     if not isinstance(model, nn.Module) or getattr(config, "model_type", None) is None:
         raise TypeError(f"hf.apply takes a transformers model (an nn.Module with .config.model_type), got "
                         f"{type(model).__name__}")
-    opts = PatchOptions(attention=attention, norms=norms, rope=rope, mlp=mlp, loss=loss)
+    opts = PatchOptions(attention=attention, norms=norms, rope=rope, mlp=mlp, loss=loss, linear=linear)
     if model in _APPLIED:
         if _APPLIED[model][0] == opts:
             return model
@@ -70,6 +72,8 @@ def apply(model_or_class, *, attention: bool = True, norms: bool = True, rope: b
     patcher = Patcher()
     try:
         patch(model, opts, patcher)
+        if opts.linear:
+            patch_linears(model, patcher)
     except BaseException:
         patcher.undo()  # a refusal half-way leaves the model as it was
         raise

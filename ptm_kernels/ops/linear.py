@@ -15,10 +15,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import backend
 from . import _fast_path
+
+_PLAIN = (Tensor, nn.Parameter)
 
 # Rows up to which the op runs instead of F.linear (the C++ backend's few-row forms; kFewRows in linear.cpp).
 FEW_ROWS = 64
@@ -52,7 +54,8 @@ _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 def _like(t, x: Tensor, shape) -> bool:
-    return isinstance(t, Tensor) and t.shape == shape and t.dtype == x.dtype and t.device == x.device
+    # plain tensors only: a subclass (DTensor, a quantized or wrapped weight) has its own linear
+    return type(t) in _PLAIN and t.shape == shape and t.dtype == x.dtype and t.device == x.device
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -60,7 +63,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
     On CPU float32 with at most 64 rows (x's leading dimensions flattened) it runs `ptm::linear`; otherwise it
     is F.linear (see the module docstring)."""
-    if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
+    if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     N = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else 0

@@ -97,6 +97,20 @@ def test_apply_contract():
         hf.apply(other)
 
 
+def test_linears_run_ptm_linear_until_reverted():
+    """Every module of class exactly nn.Linear (the projections and the LM head) gets ops.linear as its forward;
+    one-row decoding (the C++ GEMV on a CPU) then gives transformers' tokens; revert removes the forwards."""
+    model = build()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    ids = torch.randint(1, VOCAB, (1, 9))
+    want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    hf.apply(model, attention=False, norms=False, rope=False, mlp=False, loss=False)
+    assert len(linears) == 1 + 7 * 2 and all("forward" in m.__dict__ for m in linears)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), want)
+    hf.revert(model)
+    assert not any("forward" in m.__dict__ for m in linears)
+
+
 def test_refuses_an_activation_it_cannot_fuse():
     model = build(hidden_act="relu")
     with pytest.raises(ValueError, match="hidden_act"):
@@ -113,8 +127,9 @@ def test_each_group_alone_matches():
     inputs = batch()
     model = build()
     want = forward_backward(model, inputs)
-    for group in ("attention", "norms", "rope", "mlp", "loss"):
-        only = {g: g == group for g in ("attention", "norms", "rope", "mlp", "loss")}
+    groups = ("attention", "norms", "rope", "mlp", "loss", "linear")
+    for group in groups:
+        only = {g: g == group for g in groups}
         hf.apply(model, **only)
         got = forward_backward(model, inputs)
         hf.revert(model)
