@@ -38,9 +38,16 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # 456/380 at D = 64 with 64 keys (152/120 row-major), 864/852 on 4 warps; not kept
         n = {"dq": 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
+        # dk / dv at D = 128: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT): 360/344 ->
+        # 208/204 spill bytes with every mask + dropout, 44/32 -> 0 band causal, 144/240 -> 128/128 two-stream.
+        # Not elsewhere: a 64-row piece is held by both warpgroups (a chained dot's warps lie along M), which cost
+        # more than it saved at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward
+        # (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
+        cfg["BAND_SPLIT"] = kernel == "dkdv" and D > 64
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
         cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
     cfg["BLOCK_D"] = block_d
+    cfg.setdefault("BAND_SPLIT", False)  # position._pos_band
     # rows of r one (row tile, key tile) pair uses when its rows are consecutive: BLOCK_M + BLOCK_N - 1
     cfg["BAND"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"])
     return cfg, warps
