@@ -44,6 +44,11 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # more than it saved at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward
         # (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
         cfg["BAND_SPLIT"] = kernel == "dkdv" and D > 64
+        # Also measured for dq and not kept: its position gradients (dqv, dr) in a second pass over the keys, so
+        # that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 -> 32/20 B band causal,
+        # 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231 KB of shared
+        # memory), still spilling at 255 registers, for the scores, band product and dO V^T computed twice: +37%
+        # multiply-adds per step (1.31 M on 3.54 M); at D = 64 it spilled more (0 -> 8 B band causal)
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
         cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
     cfg["BLOCK_D"] = block_d
