@@ -49,6 +49,11 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231 KB of shared
         # memory), still spilling at 255 registers, for the scores, band product and dO V^T computed twice: +37%
         # multiply-adds per step (1.31 M on 3.54 M); at D = 64 it spilled more (0 -> 8 B band causal)
+        # Measured for dk/dv and not kept: the key tile's dk / dv columns in two halves (grid axis 2), each program
+        # recomputing the scores, band product and dO V^T over all of D. With 32 keys at D = 128 (BAND_SPLIT):
+        # every mask + dropout 208/204 -> 28/24 B, two-stream 128/128 -> 0; at D = 64 (64 keys) 152/120 -> 56/40
+        # and 12/8 -> 4/4; with 64 keys at D = 128 (wgmma dk / dv dots) 492/464 B on 1 stage. Still spilling, for
+        # +75% multiply-adds per dk/dv step at D = 128 (3.67 M against 2.10 M), +67% at D = 64 (2.62 M / 1.57 M)
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
         cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
     cfg["BLOCK_D"] = block_d
