@@ -48,10 +48,13 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # chained dot with M = 64 on 8 warps is computed by both warpgroups) 12 of them spill: the worst the dk/dv at
     # D = 128 with every mask + dropout (360/344 B at 255 registers, was 592/532 B), the dq kernel 212/188 B
     # there (was 372/332 B); every forward but one (12/12 B) is at 0. Since the dq kernel reads qu / dO again each
-    # step at D = 64, 11 (its band causal compile 32/32 B -> 0). Before the Hopper rewrite (one backward,
-    # 32 x 32 tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
-    "relative_attention-bf16": (360, 344, 11),
-    "relative_attention-fp16": (360, 344, 11),
+    # step at D = 64, 11 (its band causal compile 32/32 B -> 0). Since the dk/dv kernel at D = 128 takes the band
+    # product in two 64-row pieces (launch._config BAND_SPLIT), 10: its band causal compile 44/32 B -> 0, every
+    # mask + dropout 360/344 -> 208/204 B, two-stream 144/240 -> 128/128 B; the worst now the dq at D = 128 with
+    # every mask + dropout (212/188 B). Before the Hopper rewrite (one backward, 32 x 32 tiles, mma.sync + tf32,
+    # 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
+    "relative_attention-bf16": (212, 204, 10),
+    "relative_attention-fp16": (212, 204, 10),
     # float32 keeps 32 x 32 tiles (dk/dv 16 x 16 on 4 warps at D = 128: 32 x 32 on 8 warps spilled 10-19 KB at
     # 32 registers); the worst the two-stream dq at D = 128, 18 of 24 compiles (2592/2052 B in 12 of 16 before)
     "relative_attention-fp32": (2852, 2608, 18),

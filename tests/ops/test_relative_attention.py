@@ -381,10 +381,12 @@ def test_several_row_and_key_tiles(impl, rng):
 
 @pytest.mark.skipif(not backend.triton_interpreted(),
                     reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
-def test_band_major_tiles_interpreted(rng, monkeypatch):
+@pytest.mark.parametrize("band_split", [False, True], ids=["one_band_dot", "band_in_two_pieces"])
+def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
     """The GPU's 16-bit tiles, 64 rows, under the interpreter: their band products are band-major
-    (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take.
-    Same cases and tolerances as test_several_row_and_key_tiles."""
+    (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take;
+    band_split: the band in two 64-row pieces, one dot each (BAND_SPLIT, as the GPU's D = 128 dk/dv), in every
+    kernel. Same cases and tolerances as test_several_row_and_key_tiles."""
     import triton
 
     from ptm_kernels.triton.relative_attention import launch
@@ -393,7 +395,7 @@ def test_band_major_tiles_interpreted(rng, monkeypatch):
 
     def row_tiles_of_64(D, dtype, device, kernel="fwd"):
         cfg, warps = interpreter_config(D, dtype, device, kernel)
-        return dict(cfg, BLOCK_M=64, BAND=triton.next_power_of_2(64 + cfg["BLOCK_N"])), warps
+        return dict(cfg, BLOCK_M=64, BAND=triton.next_power_of_2(64 + cfg["BLOCK_N"]), BAND_SPLIT=band_split), warps
 
     monkeypatch.setattr(launch, "_config", row_tiles_of_64)
     _several_row_and_key_tiles("triton", rng)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
-from .position import _band_grad, _band_major, _band_rows, _pos_band, _pos_gather
+from .position import _band, _band_grad, _band_major, _pos_band, _pos_gather
 from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -60,26 +60,25 @@ def _row_tile(S, grads, keys, dims, pid_m, bh, BLOCK_M: tl.constexpr, BLOCK_D: t
 @triton.jit
 def _tile_grad(S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
                k, v, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
-               D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-               GATHER: tl.constexpr):
+               D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr, GATHER: tl.constexpr):
     """The probabilities of a (row tile, key tile k / v at start_n) pair recomputed, and the gradient of the
-    unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, r_band, t_band, band_ok (band form;
-    else 0))."""
+    unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, band (position._band), t_band: the
+    band's rows of r, BAND of them (band form; else 0))."""
     ip, base, t_last, seg0, seg1, qid, klen, plen = row
     Lk = keys.Lk
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < Lk
     offs_d = tl.arange(0, BLOCK_D)
     R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
-    r_band = 0
     t_band = 0
-    band_ok = 0
+    band = (0, 0, 0, 0)
     if GATHER:
         pos = _pos_gather(QV_row, R_bh, keys.r.s_l, base, offs_n, row_ok, col_ok, keys.R, BLOCK_D, D_CHUNK, D)
     else:
         t_band = t_last + start_n + tl.arange(0, BAND)
-        r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_band, keys.R, offs_d, D)
-        pos = _pos_band(qv, r_band, BLOCK_M, BLOCK_N, PREC, UPCAST)
+        band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BAND, BAND_SPLIT)
+        pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
     s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
     vis = _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk)
     pr = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -93,13 +92,13 @@ def _tile_grad(S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv
     # 0 at hidden entries and columns past Lk even in a NaN row (where delta is NaN), so that the band products
     # do not carry it to rows of r no pair of the row uses
     g = tl.where(vis, pr * (dp - delta[:, None]) * dims.scale, 0.0)
-    return pd, g, offs_n, col_ok, r_band, t_band, band_ok
+    return pd, g, offs_n, col_ok, band, t_band
 
 
 @triton.jit
 def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
+               BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
+               D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs): dqu, dqv, dseg of its rows (args.StreamGrads), and its
     share of dr."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
@@ -142,9 +141,9 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
             v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
-            pd, g, offs_n, col_ok, r_band, t_band, band_ok = _tile_grad(
+            pd, g, offs_n, col_ok, band, t_band = _tile_grad(
                 S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-                v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER)
+                v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
             dqu += dot(g.to(k.dtype), k, None, PREC, UPCAST)
             if S.seg is not None:
                 kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
@@ -168,6 +167,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                     tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
                                   g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
+                r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
                 dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
                 if BAND_MAJOR:
                     dqv += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
@@ -200,18 +200,18 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
 
 @triton.jit
 def _rel_bwd_dq_kernel(S0, S1, G0, G1, keys, dims, drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
-                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+                       BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
+                       D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Grid (row tiles, B * H, streams). S0 / S1: the streams (args.StreamArgs; S1 None for one stream), G0 / G1:
     their args.StreamGrads (with the same dr: both streams add into it)."""
-    _for_stream(_stream_dq, S0, S1, G0, G1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC,
-                UPCAST)
+    _for_stream(_stream_dq, S0, S1, G0, G1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT,
+                D, PREC, UPCAST)
 
 
 @triton.jit
 def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-                 D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dk, dv ([BLOCK_N, BLOCK_D] float32) of key tile pid_n plus the share of stream S's rows. The key tile is
     read again for each row tile (cached): kept across the loop, it cost registers that the compiler spilled."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
@@ -226,9 +226,9 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
-        pd, g, offs_n, col_ok, r_band, t_band, band_ok = _tile_grad(
+        pd, g, offs_n, col_ok, band, t_band = _tile_grad(
             S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k, v,
-            start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER)
+            start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER)
         dv += dot(tl.trans(pd.to(do.dtype)), do, None, PREC, UPCAST)
         dk += dot(tl.trans(g.to(qu.dtype)), qu, None, PREC, UPCAST)
     return dk, dv
@@ -236,8 +236,8 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
 
 @triton.jit
 def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
-                         PREC: tl.constexpr, UPCAST: tl.constexpr):
+                         BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
+                         D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Grid (key tiles, B * H): dk, dv (contiguous [B, H, Lk, D], k's dtype) of one key tile, summed over the
     rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s)."""
     pid_n = tl.program_id(0)
@@ -246,10 +246,10 @@ def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.c
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S0, G0, keys, dims, drop, 0, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK,
-                          D, PREC, UPCAST)
+                          BAND_SPLIT, D, PREC, UPCAST)
     if S1 is not None:
         dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S1, G1, keys, dims, drop, 1, BLOCK_M, BLOCK_N, BAND, BLOCK_D,
-                              D_CHUNK, D, PREC, UPCAST)
+                              D_CHUNK, BAND_SPLIT, D, PREC, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     ptr = bh.to(tl.int64) * keys.Lk * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     ok = (offs_n < keys.Lk)[:, None] & (offs_d < D)[None, :]

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .._common import LN2, dot, dropout_keep
-from .position import _band_rows, _pos_band, _pos_gather
+from .position import _band, _pos_band, _pos_gather
 from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _visible
 
 _LN2 = tl.constexpr(LN2)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -14,8 +14,8 @@ _LN2 = tl.constexpr(LN2)  # device-code copy: a compiled kernel may read only co
 
 @triton.jit
 def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
+                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs) -> out (args.StreamOut). The gather form where the rows
     have positions or the band does not fit (BAND == 0)."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
@@ -52,9 +52,8 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
                 pos = _pos_gather(QV_row, R_bh, keys.r.s_l, base, offs_n, row_ok, col_ok, keys.R, BLOCK_D, D_CHUNK,
                                   D)
             else:  # consecutive rows: the tile needs only the band r[t_last + start_n + c], c < BAND
-                r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_last + start_n + tl.arange(0, BAND), keys.R,
-                                             offs_d, D)
-                pos = _pos_band(qv, r_band, BLOCK_M, BLOCK_N, PREC, UPCAST)
+                band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BAND, BAND_SPLIT)
+                pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
             k = _key_tile(keys.k, b64, h64, offs_n, col_ok, BLOCK_D, D)
             s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
             vis = _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk)
@@ -82,9 +81,9 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
 
 @triton.jit
 def _rel_fwd_kernel(S0, S1, O0, O1, keys, dims, drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
-                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+                    BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
+                    D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Grid (row tiles, B * H, streams). S0 / S1: the streams (args.StreamArgs; S1 None for one stream), O0 /
     O1 their results (args.StreamOut), keys: args.Keys, dims: args.Dims, drop: args.DropoutArgs or None."""
-    _for_stream(_stream_fwd, S0, S1, O0, O1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC,
-                UPCAST)
+    _for_stream(_stream_fwd, S0, S1, O0, O1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT,
+                D, PREC, UPCAST)

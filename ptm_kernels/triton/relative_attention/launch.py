@@ -38,9 +38,26 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # 456/380 at D = 64 with 64 keys (152/120 row-major), 864/852 on 4 warps; not kept
         n = {"dq": 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
+        # dk / dv at D = 128: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT): 360/344 ->
+        # 208/204 spill bytes with every mask + dropout, 44/32 -> 0 band causal, 144/240 -> 128/128 two-stream.
+        # Not elsewhere: a 64-row piece is held by both warpgroups (a chained dot's warps lie along M), which cost
+        # more than it saved at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward
+        # (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
+        cfg["BAND_SPLIT"] = kernel == "dkdv" and D > 64
+        # Also measured for dq and not kept: its position gradients (dqv, dr) in a second pass over the keys, so
+        # that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 -> 32/20 B band causal,
+        # 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231 KB of shared
+        # memory), still spilling at 255 registers, for the scores, band product and dO V^T computed twice: +37%
+        # multiply-adds per step (1.31 M on 3.54 M); at D = 64 it spilled more (0 -> 8 B band causal)
+        # Measured for dk/dv and not kept: the key tile's dk / dv columns in two halves (grid axis 2), each program
+        # recomputing the scores, band product and dO V^T over all of D. With 32 keys at D = 128 (BAND_SPLIT):
+        # every mask + dropout 208/204 -> 28/24 B, two-stream 128/128 -> 0; at D = 64 (64 keys) 152/120 -> 56/40
+        # and 12/8 -> 4/4; with 64 keys at D = 128 (wgmma dk / dv dots) 492/464 B on 1 stage. Still spilling, for
+        # +75% multiply-adds per dk/dv step at D = 128 (3.67 M against 2.10 M), +67% at D = 64 (2.62 M / 1.57 M)
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
         cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
     cfg["BLOCK_D"] = block_d
+    cfg.setdefault("BAND_SPLIT", False)  # position._pos_band
     # rows of r one (row tile, key tile) pair uses when its rows are consecutive: BLOCK_M + BLOCK_N - 1
     cfg["BAND"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"])
     return cfg, warps

@@ -38,23 +38,61 @@ def _band_rows(R_bh, s_rt, t_band, R, offs_d, D: tl.constexpr):
 
 
 @triton.jit
-def _pos_band(qv, r_band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Position term for consecutive rows: local row m, key n uses band row (BLOCK_M - 1 - m) + n. One dot
-    against the band (tensor cores), then the diagonal select.
+def _band(R_bh, s_rt, t0, R, offs_d, D: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
+          SPLIT: tl.constexpr):
+    """The band of r a (row tile, key tile) pair uses, rows t0 + [0, BAND), in _band_piece(BLOCK_M, BAND, SPLIT)
+    rows a piece: (first piece, its rows exist, second piece, its rows exist). Split band-major tiles have BAND =
+    128 (BLOCK_M = 64 plus at most 64 keys) in two pieces of 64 rows; else one piece (the second 0)."""
+    PIECE: tl.constexpr = _band_piece(BLOCK_M, BAND, SPLIT)
+    r0, ok0 = _band_rows(R_bh, s_rt, t0 + tl.arange(0, PIECE), R, offs_d, D)
+    r1 = 0
+    ok1 = 0
+    if PIECE < BAND:
+        tl.static_assert(2 * PIECE == BAND, "band-major tiles: a band of two pieces")
+        r1, ok1 = _band_rows(R_bh, s_rt, t0 + PIECE + tl.arange(0, PIECE), R, offs_d, D)
+    return r0, ok0, r1, ok1
+
+
+@triton.jit
+def _pos_band(qv, band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, SPLIT: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Position term for consecutive rows: local row m, key n uses band row c = (BLOCK_M - 1 - m) + n (band:
+    _band). One dot against each piece of the band (tensor cores), then the diagonal select.
 
     With 64-row tiles (wgmma) the dot is band-major, r_band qv^T ([BAND, BLOCK_M]): its result feeds the
     probabilities, hence further dots, and Triton lays such a chained dot's warps along M alone, so with M =
     BLOCK_M = 64 on 8 warps both warpgroups would each hold (and compute) the whole [64, BAND] float32 tile;
     with M = BAND each warp owns its rows (sm_90, bf16 D = 128: 372 -> 256 spill bytes in dq, 592 -> 360 in
-    dk/dv). Smaller tiles (float32, mma.sync) keep qv r_band^T: band-major, its tf32x3 product spilled more."""
-    if _band_major(BLOCK_M):
-        pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M]
+    dk/dv). SPLIT (launch._config): two [64, BLOCK_M] dots instead, one per 64-row piece of the band, each
+    selected into the position term: the same multiply-adds, but a 64-row chained dot is held by both
+    warpgroups again, so it pays only in some kernels (launch._config). Smaller tiles (float32, mma.sync) keep
+    qv r_band^T: band-major, its tf32x3 product spilled more."""
+    r0, ok0, r1, ok1 = band
+    if _band_major(BLOCK_M) and SPLIT:
+        PIECE: tl.constexpr = _band_piece(BLOCK_M, BAND, SPLIT)
+        c = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
+        lo = c < PIECE
+        post = tl.gather(dot(r0, tl.trans(qv), None, PREC, UPCAST), tl.where(lo, c, 0), axis=0)
+        post = tl.where(lo, post, tl.gather(dot(r1, tl.trans(qv), None, PREC, UPCAST), tl.where(lo, 0, c - PIECE),
+                                            axis=0))
+        return tl.trans(post)
+    elif _band_major(BLOCK_M):
+        pbt = dot(r0, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M]
         idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
         return tl.trans(tl.gather(pbt, idx, axis=0))
     else:
-        pb = dot(qv, tl.trans(r_band), None, PREC, UPCAST)  # [BLOCK_M, BAND]
+        pb = dot(qv, tl.trans(r0), None, PREC, UPCAST)  # [BLOCK_M, BAND]
         idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
         return tl.gather(pb, idx, axis=1)
+
+
+@triton.jit
+def _band_piece(BLOCK_M: tl.constexpr, BAND: tl.constexpr, SPLIT: tl.constexpr):
+    """Rows of the band one band product covers: 64 (wgmma's M) on split band-major tiles, else the whole band."""
+    if _band_major(BLOCK_M) and SPLIT:
+        return 64
+    else:
+        return BAND
 
 
 @triton.jit
