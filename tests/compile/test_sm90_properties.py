@@ -52,9 +52,11 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # 32 x 32 tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
     "relative_attention-bf16": (360, 344, 11),
     "relative_attention-fp16": (360, 344, 11),
-    # float32 keeps 32 x 32 tiles (dk/dv 16 x 16 on 4 warps at D = 128: 32 x 32 on 8 warps spilled 10-19 KB at
-    # 32 registers); the worst the two-stream dq at D = 128, 18 of 24 compiles (2592/2052 B in 12 of 16 before)
-    "relative_attention-fp32": (2852, 2608, 18),
+    # float32 (tf32x3 on mma.sync): none at D = 64 and in every forward since the tiles were cut (relative_attention
+    # /launch._config: dq and dk/dv 16 x 16, forward 16 x 32 at D = 128) and the dq kernel's dr chunks became a
+    # loop; left: dq (128-280 B) and dk/dv (116-588 B, the worst the two-stream dk/dv) at D = 128, 7 of 24 compiles
+    # (2852/2608 B in 18 with 32 x 32 tiles before; 2592/2052 B in 12 of 16 before the Hopper rewrite)
+    "relative_attention-fp32": (588, 552, 7),
 }
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.

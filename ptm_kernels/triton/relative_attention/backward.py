@@ -97,13 +97,29 @@ def _tile_grad(S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv
 
 
 @triton.jit
+def _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D: tl.constexpr, DR_CHUNK: tl.constexpr,
+              BAND_MAJOR: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dr[t_band, d0:d0 + DR_CHUNK] += dpb^T qv[:, d0:d0 + DR_CHUNK] (float32 atomics); dpb in _band_grad's
+    layout."""
+    offs_c = d0 + tl.arange(0, DR_CHUNK)
+    c_ok = offs_c < D
+    qv_c = tl.load(QV_row + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    if BAND_MAJOR:
+        dr_c = dot(dpb, qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
+    else:
+        dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)
+    tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c, mask=band_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
 def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs): dqu, dqv, dseg of its rows (args.StreamGrads), and its
     share of dr."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
-    DR_CHUNK: tl.constexpr = min(BLOCK_D, 32)
+    # float32: 16 columns (the three tf32x3 products of a chunk; 32: 32 / 20 B spilled two-stream at D = 64)
+    DR_CHUNK: tl.constexpr = min(BLOCK_D, 16 if PREC == "tf32x3" else 32)
     Lr = S.Lr
     R_len = keys.R
     if pid_m * BLOCK_M < Lr:
@@ -174,17 +190,17 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                 else:
                     dqv += dot(dpb, r_band, None, PREC, UPCAST)
                 # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in
-                # the registers beside the accumulators at D = 128
-                for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
-                    offs_c = d0 + tl.arange(0, DR_CHUNK)
-                    c_ok = offs_c < D
-                    qv_c = tl.load(QV_row + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                    if BAND_MAJOR:
-                        dr_c = dot(dpb, qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
-                    else:
-                        dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)
-                    tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c,
-                                  mask=band_ok[:, None] & c_ok[None, :])
+                # the registers beside the accumulators at D = 128. Float32 (tf32x3) steps through the chunks in a
+                # loop: unrolled, their split operands were live at once (sm_90, 16 x 16 tiles at D = 64, 4 warps:
+                # 1856 -> 136 spill bytes)
+                if PREC == "tf32x3":
+                    for d0 in range(0, BLOCK_D, DR_CHUNK):
+                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
+                                  UPCAST)
+                else:
+                    for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
+                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
+                                  UPCAST)
         if not GATHER:
             if BAND_MAJOR:
                 dqv = tl.trans(dqv)

@@ -21,10 +21,21 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
     block_d = C.block_d(D)
     if C.interpreted(device):
         cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=min(block_d, 16)), 4
-    elif dtype == torch.float32:  # tf32 / tf32x3 dots (mma.sync): smaller tiles keep the three products in registers
-        cfg, warps = dict(BLOCK_M=32, BLOCK_N=32, D_CHUNK=8), 8
-        if kernel == "dkdv" and D > 64:  # 32 x 32 on 8 warps: ptxas kept 32 registers and spilled 10-19 KB
-            cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=8), 4
+    elif dtype == torch.float32:
+        # tf32x3 dots on mma.sync: each operand is split into two tf32 parts, held in registers, so the tiles are
+        # small: a step down for float32 (the 16-bit paths are what an H100 user runs). The largest that compile
+        # without spilling (sm_90, triton 3.7.1, spill bytes over the compile harness's four mask families, 3
+        # stages): forward 32 x 32 on 8 warps at D = 64 and 16 x 32 on 4 warps at D = 128 (32 x 32: 32-744 B,
+        # 32 x 16: 584-772 B); dq 16 x 16 on 8 warps (16 x 32: 44-364 B, 32 x 32: 440-2852 B; 4 warps: 280-756 B
+        # at D = 128); dk/dv 16 x 16 on 4 warps at D = 64 (16 x 32: 16-340 B, 32 x 32: 40-1592 B). The gather
+        # form's products [16, 16, 2] (D_CHUNK 4: 16-76 B, 8: 4-88 B). Not reached: at D = 128 the dq (128-280 B)
+        # and dk/dv (116-588 B; 4 warps 280-1444 B) still spill on 16 x 16, the smallest tl.dot tile, whose
+        # K = 128 operands take 64 registers per split part
+        if kernel == "fwd":
+            cfg, warps = (dict(BLOCK_M=32, BLOCK_N=32, D_CHUNK=8), 8) if D <= 64 else \
+                (dict(BLOCK_M=16, BLOCK_N=32, D_CHUNK=8), 4)
+        else:
+            cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=2), (4 if kernel == "dkdv" and D <= 64 else 8)
     else:
         # 16-bit: tiles of 64 rows, wgmma's smallest M, for every dot, on 8 warps (4 warps spilled 2-4x more: the
         # accumulators then take twice the registers per thread). The dq kernel's band dots have M = BAND, so it
@@ -50,7 +61,7 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
 # shared memory, and software pipelining multiplies the loads' buffers. Compiled for sm_90 (triton 3.7.1), 16-bit
 # inputs with 3 stages need 147 / 262 KB (forward), 143 / 254 KB (dq) and 206 / 378 KB (dk/dv) at D = 64 / 128;
 # an H100 / H200 block may have 227 KB, so at D = 128 the forward and dq run with 2 stages, dk/dv with 1. Float32
-# (32 x 32 tiles) steps down the same way. A kernel that does not fit raises OutOfResources when it is loaded,
+# tiles fit with 3 stages (at most 170 KB, the forward at D = 128). A kernel that does not fit raises OutOfResources when it is loaded,
 # before it runs (nothing written yet), and the next option is tried; the choice is kept per specialisation.
 # Last resort: every stream on the gather path (BAND = 0), the form that needs the least shared memory. GPUs with
 # less shared memory per block step down the same way.
