@@ -52,11 +52,11 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # 32 x 32 tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
     "relative_attention-bf16": (360, 344, 11),
     "relative_attention-fp16": (360, 344, 11),
-    # float32 (tf32x3 on mma.sync): none at D = 64 and in every forward since the tiles were cut (relative_attention
-    # /launch._config: dq and dk/dv 16 x 16, forward 16 x 32 at D = 128) and the dq kernel's dr chunks became a
-    # loop; left: dq (128-280 B) and dk/dv (116-588 B, the worst the two-stream dk/dv) at D = 128, 7 of 24 compiles
-    # (2852/2608 B in 18 with 32 x 32 tiles before; 2592/2052 B in 12 of 16 before the Hopper rewrite)
-    "relative_attention-fp32": (588, 552, 7),
+    # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
+    # backward 16 x 32) and the backward's head-dim dots in 32-column chunks read from memory
+    # (backward._head_dim_dots): none but the two-stream dq, 8/4 B at D = 64 and 60/28 B at D = 128 (2852/2608 B
+    # in 18 of 24 compiles with 32 x 32 tiles before; 2592/2052 B in 12 of 16 before the Hopper rewrite)
+    "relative_attention-fp32": (60, 28, 2),
 }
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.
@@ -74,7 +74,7 @@ DROPOUT_RATIO_BUDGET = {
     # (bf16 1.384 since the band-major band products, was 1.373)
     "relative_attention-bf16": 1.39,
     "relative_attention-fp16": 1.39,
-    "relative_attention-fp32": 1.17,  # 1.16: forward 1.09-1.16, dq 1.10-1.11, dk/dv 1.03-1.06
+    "relative_attention-fp32": 1.17,  # 1.16: forward 1.07-1.16, dq 1.09-1.11, dk/dv 1.10-1.14
 }
 
 
