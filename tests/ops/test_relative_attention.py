@@ -401,8 +401,22 @@ def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
     _several_row_and_key_tiles("triton", rng)
 
 
-def _several_row_and_key_tiles(impl, rng):
-    B, H, D, Lq, M = 1, 2, 16, rng.randint(33, 40), rng.randint(5, 12)
+@pytest.mark.skipif(not backend.triton_interpreted(),
+                    reason="forces the GPU's float32 dot precision on the interpreter; a GPU chooses it itself")
+@pytest.mark.parametrize("D", [16, 64])
+def test_float32_gpu_paths_interpreted(rng, monkeypatch, D):
+    """The GPU's float32 backward (input_precision tf32x3, which the interpreter computes exactly), paths an
+    ieee-precision run never takes: at D >= 64 the head-dim dots run in chunks read from memory, dqv and dr per
+    chunk (triton/relative_attention/backward._head_dim_dots; D = 64: two chunks); below, on whole tiles, the dq
+    kernel's dr chunks are a loop. Same cases and tolerances as test_several_row_and_key_tiles."""
+    from ptm_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "precision", lambda dtype, device: "tf32x3")
+    _several_row_and_key_tiles("triton", rng, D=D)
+
+
+def _several_row_and_key_tiles(impl, rng, D=16):
+    B, H, Lq, M = 1, 2, rng.randint(33, 40), rng.randint(5, 12)
     Lk = Lq + M
     Lg = rng.randint(3, Lq)
     q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
-from .position import _band, _band_grad, _band_major, _pos_band, _pos_gather
-from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _visible
+from .position import _band, _band_grad, _band_major, _band_select, _pos_band, _pos_gather
+from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
 
@@ -58,13 +58,54 @@ def _row_tile(S, grads, keys, dims, pid_m, bh, BLOCK_M: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
-def _tile_grad(S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
+def _cols(T, b64, h64, idx, ok, offs_c, D: tl.constexpr):
+    """Columns offs_c of rows idx of the [B, H, L, D] tensor T (args.Rows) at (b, h); 0 outside ok or past D."""
+    return tl.load(T.ptr + b64 * T.s_b + h64 * T.s_h + idx.to(tl.int64)[:, None] * T.s_l + offs_c[None, :],
+                   mask=ok[:, None] & (offs_c < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _head_dim_chunked(PREC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Whether the backward runs its head-dim dots in chunks read from memory (_head_dim_dots; the dq kernel's
+    dqv and dr too): float32 (tf32x3) at D >= 64."""
+    return PREC == "tf32x3" and BLOCK_D >= 64
+
+
+@triton.jit
+def _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, band_ok, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
+    """qu k^T, qv r_band^T (band form, else 0) and dO v^T of a tile pair, each summed over 32-column chunks of the
+    head dim read from memory (cached). For float32 at D >= 64: tf32x3 splits each dot operand in two tf32 parts,
+    and a 16-row operand with K = 128 takes 64 registers per part; held whole, the three dots spilled (sm_90,
+    D = 128, 16 x 16 tiles: dk/dv 116-588 B, dq 128-280 B; chunked, 16 x 32 tiles fit)."""
+    CHUNK: tl.constexpr = 32
+    qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    pb = 0
+    if not GATHER:
+        pb = tl.zeros([BLOCK_M, BAND], dtype=tl.float32)
+    for d0 in range(0, BLOCK_D, CHUNK):
+        offs_c = d0 + tl.arange(0, CHUNK)
+        qk += dot(_cols(S.qu, b64, h64, rows, row_ok, offs_c, D),
+                  tl.trans(_cols(keys.k, b64, h64, offs_n, col_ok, offs_c, D)), None, PREC, UPCAST)
+        if not GATHER:
+            pb += dot(_cols(S.qv, b64, h64, rows, row_ok, offs_c, D),
+                      tl.trans(_cols(keys.r, b64, h64, t_band, band_ok, offs_c, D)), None, PREC, UPCAST)
+        dp += dot(_cols(DO, b64, h64, rows, row_ok, offs_c, D),
+                  tl.trans(_cols(keys.v, b64, h64, offs_n, col_ok, offs_c, D)), None, PREC, UPCAST)
+    return qk, pb, dp
+
+
+@triton.jit
+def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
                k, v, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
                D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
                UPCAST: tl.constexpr, GATHER: tl.constexpr):
     """The probabilities of a (row tile, key tile k / v at start_n) pair recomputed, and the gradient of the
     unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, band (position._band), t_band: the
-    band's rows of r, BAND of them (band form; else 0))."""
+    band's rows of r, BAND of them (band form; else 0)). DO: dO's args.Rows."""
+    CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)  # else on the whole tiles qu, qv, do, k, v
     ip, base, t_last, seg0, seg1, qid, klen, plen = row
     Lk = keys.Lk
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -78,11 +119,20 @@ def _tile_grad(S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv
     else:
         t_band = t_last + start_n + tl.arange(0, BAND)
         band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BAND, BAND_SPLIT)
-        pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
-    s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
+        if not CHUNKED:
+            pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
+    if CHUNKED:  # the band in one piece (float32 never splits it: launch._config)
+        qk, pb, dp = _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, band[1], BLOCK_M,
+                                    BLOCK_N, BAND, BLOCK_D, D, PREC, UPCAST, GATHER)
+        if not GATHER:
+            pos = _band_select(pb, BLOCK_M, BLOCK_N)
+        s = _scores_of(qk, pos, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None)
+    else:
+        s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
     vis = _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk)
     pr = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-    dp = dot(do, tl.trans(v), None, PREC, UPCAST)
+    if not CHUNKED:
+        dp = dot(do, tl.trans(v), None, PREC, UPCAST)
     if drop is not None:
         keep = dropout_keep(drop.seed + stream, bh64, rows, start_n, S.Lr, Lk, drop.threshold, BLOCK_N)
         pd = tl.where(keep, pr * drop.scale, 0.0)
@@ -96,13 +146,31 @@ def _tile_grad(S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv
 
 
 @triton.jit
+def _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D: tl.constexpr, DR_CHUNK: tl.constexpr,
+              BAND_MAJOR: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dr[t_band, d0:d0 + DR_CHUNK] += dpb^T qv[:, d0:d0 + DR_CHUNK] (float32 atomics); dpb in _band_grad's
+    layout."""
+    offs_c = d0 + tl.arange(0, DR_CHUNK)
+    c_ok = offs_c < D
+    qv_c = tl.load(QV_row + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    if BAND_MAJOR:
+        dr_c = dot(dpb, qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
+    else:
+        dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)
+    tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c, mask=band_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
 def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs): dqu, dqv, dseg of its rows (args.StreamGrads), and its
     share of dr."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
-    DR_CHUNK: tl.constexpr = min(BLOCK_D, 32)
+    CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)
+    # float32 on whole tiles: 16 columns (the three tf32x3 products of a chunk; 32: 32 / 20 B spilled two-stream at
+    # D = 64); chunked with dqv (_head_dim_chunked), 32 (16: 20 / 16 B spilled with every mask at D = 128)
+    DR_CHUNK: tl.constexpr = min(BLOCK_D, 16 if PREC == "tf32x3" and not CHUNKED else 32)
     Lr = S.Lr
     R_len = keys.R
     if pid_m * BLOCK_M < Lr:
@@ -142,8 +210,8 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
             v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
             pd, g, offs_n, col_ok, band, t_band = _tile_grad(
-                S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-                v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
+                S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta,
+                row, k, v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
             dqu += dot(g.to(k.dtype), k, None, PREC, UPCAST)
             if S.seg is not None:
                 kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
@@ -169,23 +237,34 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
                 r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
                 dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
-                if BAND_MAJOR:
+                if CHUNKED:
+                    pass  # dqv with dr below
+                elif BAND_MAJOR:
                     dqv += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
                 else:
                     dqv += dot(dpb, r_band, None, PREC, UPCAST)
                 # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in
-                # the registers beside the accumulators at D = 128
-                for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
-                    offs_c = d0 + tl.arange(0, DR_CHUNK)
-                    c_ok = offs_c < D
-                    qv_c = tl.load(QV_row + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                    if BAND_MAJOR:
-                        dr_c = dot(dpb, qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
-                    else:
-                        dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)
-                    tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c,
-                                  mask=band_ok[:, None] & c_ok[None, :])
-        if not GATHER:
+                # the registers beside the accumulators at D = 128. Float32 (tf32x3) steps through the chunks in a
+                # loop: unrolled, their split operands were live at once (sm_90, 16 x 16 tiles at D = 64, 4 warps:
+                # 1856 -> 136 spill bytes)
+                if CHUNKED:  # dqv read, added and written per chunk (float32 DQV, rows owned), beside dr
+                    for d0 in range(0, BLOCK_D, DR_CHUNK):
+                        offs_c = d0 + tl.arange(0, DR_CHUNK)
+                        dqv_ptr = DQV_bh + rows64[:, None] * D + offs_c[None, :]
+                        cmask = row_ok[:, None] & (offs_c < D)[None, :]
+                        dqv_c = dot(dpb, _cols(keys.r, b64, h64, t_band, band_ok, offs_c, D), None, PREC, UPCAST)
+                        tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + dqv_c, mask=cmask)
+                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
+                                  UPCAST)
+                elif PREC == "tf32x3":
+                    for d0 in range(0, BLOCK_D, DR_CHUNK):
+                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
+                                  UPCAST)
+                else:
+                    for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
+                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
+                                  UPCAST)
+        if not GATHER and not CHUNKED:
             if BAND_MAJOR:
                 dqv = tl.trans(dqv)
             tl.store(DQV_bh + rows64[:, None] * D + offs_d[None, :], dqv, mask=rd_ok)
@@ -227,8 +306,8 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
         k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         pd, g, offs_n, col_ok, band, t_band = _tile_grad(
-            S, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k, v,
-            start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER)
+            S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
+            v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER)
         dv += dot(tl.trans(pd.to(do.dtype)), do, None, PREC, UPCAST)
         dk += dot(tl.trans(g.to(qu.dtype)), qu, None, PREC, UPCAST)
     return dk, dv

@@ -21,10 +21,21 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
     block_d = C.block_d(D)
     if C.interpreted(device):
         cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=min(block_d, 16)), 4
-    elif dtype == torch.float32:  # tf32 / tf32x3 dots (mma.sync): smaller tiles keep the three products in registers
-        cfg, warps = dict(BLOCK_M=32, BLOCK_N=32, D_CHUNK=8), 8
-        if kernel == "dkdv" and D > 64:  # 32 x 32 on 8 warps: ptxas kept 32 registers and spilled 10-19 KB
-            cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=8), 4
+    elif dtype == torch.float32:
+        # tf32x3 dots on mma.sync: each operand is split into two tf32 parts, held in registers, so the tiles are
+        # small: a step down for float32 (the 16-bit paths are what an H100 user runs). The largest that compile
+        # without spilling (sm_90, triton 3.7.1, spill bytes over the compile harness's four mask families, 3
+        # stages). Forward: 32 x 32 on 8 warps at D = 64, 16 x 32 on 4 warps at D = 128 (32 x 32: 32-744 B, 32 x 16:
+        # 584-772 B). Backward: 16 x 32 on 8 warps, its head-dim dots in 32-column chunks read from memory
+        # (backward._head_dim_dots; on whole tiles 16 x 16 was the largest at D = 64 and spilled 116-588 B at
+        # D = 128); dq 32 x 16: 408-1096 B, 4 warps: 40-348 B. The gather form's [16, 32, D_CHUNK] products:
+        # D_CHUNK 1 for dq at D = 128 (2, with 16-column dr chunks: 20-68 B; 1: 20-36 B), else 2. Not reached: the
+        # two-stream dq (both streams' bodies in one kernel) spills 8 / 4 B at D = 64 and 60 / 28 B at D = 128
+        if kernel == "fwd":
+            cfg, warps = (dict(BLOCK_M=32, BLOCK_N=32, D_CHUNK=8), 8) if D <= 64 else \
+                (dict(BLOCK_M=16, BLOCK_N=32, D_CHUNK=8), 4)
+        else:
+            cfg, warps = dict(BLOCK_M=16, BLOCK_N=32, D_CHUNK=1 if kernel == "dq" and D > 64 else 2), 8
     else:
         # 16-bit: tiles of 64 rows, wgmma's smallest M, for every dot, on 8 warps (4 warps spilled 2-4x more: the
         # accumulators then take twice the registers per thread). The dq kernel's band dots have M = BAND, so it
@@ -67,8 +78,9 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
 # shared memory, and software pipelining multiplies the loads' buffers. Compiled for sm_90 (triton 3.7.1), 16-bit
 # inputs with 3 stages need 147 / 262 KB (forward), 143 / 254 KB (dq) and 206 / 378 KB (dk/dv) at D = 64 / 128;
 # an H100 / H200 block may have 227 KB, so at D = 128 the forward and dq run with 2 stages, dk/dv with 1. Float32
-# (32 x 32 tiles) steps down the same way. A kernel that does not fit raises OutOfResources when it is loaded,
-# before it runs (nothing written yet), and the next option is tried; the choice is kept per specialisation.
+# tiles fit with 3 stages (at most 170 KB, the forward at D = 128). A kernel that does not fit raises
+# OutOfResources when it is loaded, before it runs (nothing written yet), and the next option is tried; the
+# choice is kept per specialisation.
 # Last resort: every stream on the gather path (BAND = 0), the form that needs the least shared memory. GPUs with
 # less shared memory per block step down the same way.
 _GPU_OPTIONS = ((True, 3), (True, 2), (True, 1), (False, 3), (False, 1))

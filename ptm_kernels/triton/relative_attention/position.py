@@ -81,9 +81,14 @@ def _pos_band(qv, band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.c
         idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
         return tl.trans(tl.gather(pbt, idx, axis=0))
     else:
-        pb = dot(qv, tl.trans(r0), None, PREC, UPCAST)  # [BLOCK_M, BAND]
-        idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
-        return tl.gather(pb, idx, axis=1)
+        return _band_select(dot(qv, tl.trans(r0), None, PREC, UPCAST), BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _band_select(pb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The diagonal select of _pos_band from pb = qv r_band^T ([BLOCK_M, BAND]): -> [BLOCK_M, BLOCK_N]."""
+    idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
+    return tl.gather(pb, idx, axis=1)
 
 
 @triton.jit

@@ -39,7 +39,13 @@ def _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, scale2, HAS_SEG: tl.cons
             UPCAST: tl.constexpr):
     """Scaled scores (base 2) of a row tile against the key tile k (keys offs_n), before the mask; pos: the
     position term (_pos_gather or _pos_band); row: _row_terms."""
-    s = dot(qu, tl.trans(k), None, PREC, UPCAST) + pos
+    return _scores_of(dot(qu, tl.trans(k), None, PREC, UPCAST), pos, keys, b64, row, offs_n, col_ok, scale2, HAS_SEG)
+
+
+@triton.jit
+def _scores_of(qk, pos, keys, b64, row, offs_n, col_ok, scale2, HAS_SEG: tl.constexpr):
+    """_scores from the content term qk = qu k^T."""
+    s = qk + pos
     if HAS_SEG:
         ip, base, t_last, seg0, seg1, qid, klen, plen = row
         kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
