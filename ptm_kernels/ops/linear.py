@@ -3,8 +3,9 @@
 A decode step multiplies one row per sequence by every weight matrix, and on a CPU the BLAS handles those
 shapes badly (csrc/cpu/linear.cpp says how, with figures): one row runs as the C++ backend's own GEMV, up to
 64 rows with the weight as the GEMM's left operand. Every other call is `F.linear` itself, not an op: on a GPU
-(cuBLAS, and torch.compile fuses what follows it), for more rows (prefill, training) and other dtypes than
-float32. Results are torch's up to float32 rounding (another summation order).
+(cuBLAS, and torch.compile fuses what follows it), for more rows (prefill, training), other dtypes than
+float32, and under torch.func transforms (vmap, grad). Results are torch's up to float32 rounding (another
+summation order).
 
 The backward is plain PyTorch: dx = dy W, dW = dy^T x, db = sum of dy's rows.
 """
@@ -65,6 +66,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     is F.linear (see the module docstring)."""
     if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return F.linear(x, weight, bias)
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return F.linear(x, weight, bias)  # vmap / torch.func.grad: torch's linear has their rules
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     N = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else 0
     if not (0 < rows <= FEW_ROWS and N > 0 and _like(weight, x, (N, x.shape[-1]))

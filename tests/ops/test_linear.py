@@ -128,6 +128,15 @@ def test_compiles_without_graph_breaks():
         assert "ptm.linear" in graphs[-1]  # the op itself, not F.linear, is what the graph holds
 
 
+def test_torch_func_transforms_work_as_with_f_linear():
+    x, w, _ = _inputs(3, 8, 5)
+    got = torch.vmap(lambda xi: pk.linear(xi, w))(x[:, None])
+    assert_close(got, F.linear(x.double(), w.double())[:, None], name="vmap")
+    dw = torch.func.grad(lambda ww: pk.linear(x[:1], ww).square().sum())(w)
+    want = torch.func.grad(lambda ww: F.linear(x[:1].double(), ww).square().sum())(w.double())
+    assert_close(dw, want, name="torch.func.grad")
+
+
 def test_linear_module_is_nn_linear():
     torch.manual_seed(0)
     ours = pk.nn.Linear(30, 20)
