@@ -65,6 +65,16 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # every mask + dropout 208/204 -> 28/24 B, two-stream 128/128 -> 0; at D = 64 (64 keys) 152/120 -> 56/40
         # and 12/8 -> 4/4; with 64 keys at D = 128 (wgmma dk / dv dots) 492/464 B on 1 stage. Still spilling, for
         # +75% multiply-adds per dk/dv step at D = 128 (3.67 M against 2.10 M), +67% at D = 64 (2.62 M / 1.57 M)
+        # Measured and not kept: tiles of 128 query rows on 8 warps, so that each warpgroup owns 64 rows of every
+        # chained dot (bf16, spill store/load bytes over band causal, every mask + dropout, two-stream). The band
+        # whole (BAND = next_pow2(128 + BLOCK_N) = 256, band-major): dq (16 keys) 1440-2088 B at D = 64 (1 stage),
+        # 2572-3060 B at D = 128 and no stage fits (288 KB), dk/dv (32 keys, two 128-row pieces) 756-1512 B, 240 KB
+        # on 1 stage. Each 64-row half against its own 128-row band (two band-major [128, 64] dots, the halves'
+        # position terms joined): forward D = 64 0 / 228 / 212 B (was 0 / 0 / 0), D = 128 88 / 228 / 724 B on 1
+        # stage (was 0 / 12 / 0); dk/dv D = 64 with 64 keys 228 / 532 / 128 B (was 0 / 152 / 12), with 32 keys
+        # 16 / 400 / 28 B; D = 128 with 32 keys 68 / 424 / 36 B (240 KB on 1 stage), with 16 keys 16 / 84 / 8 B
+        # (qv halves loaded apart: 44 / 108 / 4 B) but 237568 B of shared memory on 1 stage, over the 232448 an
+        # H100 block may have, so the launcher ran the gather form (position term on CUDA cores)
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
         cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
     cfg["BLOCK_D"] = block_d
