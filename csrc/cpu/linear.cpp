@@ -33,33 +33,17 @@ PTM_CPU_DECLARE_KERNEL(gemv_rows, (const GemvArgs&, int64_t, int64_t))
 namespace PTM_CPU_ISA {
 namespace {
 
-constexpr int64_t kLanes = Vec::size();
-
-inline float sum_lanes(const Vec& v) {
-  float lanes[kLanes];
-  v.store(lanes);
-  float s = 0.f;
-  for (int64_t i = 0; i < kLanes; ++i) s += lanes[i];
-  return s;
-}
-
-// The dot products of `R` consecutive weight rows with x.
+// The dot products of `R` consecutive weight rows with x, a block (two vectors) of x feeding 2R FMAs.
 template <int R>
 inline void dot_rows(const GemvArgs& a, int64_t n) {
-  Vec acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = Vec(0.f);
+  V2 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V2(0.f);
   const float* w = a.w + n * a.ldw;
-  int64_t k = 0;
-  for (; k + kLanes <= a.K; k += kLanes) {
-    const Vec xv = Vec::loadu(a.x + k);
-    for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec::loadu(w + r * a.ldw + k), xv, acc[r]);
-  }
-  if (k < a.K) {  // the tail: lanes past K load as zeros
-    const int64_t rest = a.K - k;
-    const Vec xv = Vec::loadu(a.x + k, rest);
-    for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec::loadu(w + r * a.ldw + k, rest), xv, acc[r]);
-  }
-  for (int r = 0; r < R; ++r) a.y[n + r] = sum_lanes(acc[r]) + (a.bias ? a.bias[n + r] : 0.f);
+  for_blocks(a.K, [&](int64_t k, auto blk) {  // a partial last block loads zeros past K
+    const V2 xv = load(a.x + k, blk);
+    for (int r = 0; r < R; ++r) acc[r] = fmadd(load(w + r * a.ldw + k, blk), xv, acc[r]);
+  });
+  for (int r = 0; r < R; ++r) a.y[n + r] = reduce_add(acc[r]) + (a.bias ? a.bias[n + r] : 0.f);
 }
 
 }  // namespace
