@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
 from .position import _band, _band_grad, _band_major, _band_select, _pos_band, _pos_gather
-from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
+from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
 
@@ -55,13 +55,6 @@ def _row_tile(S, grads, keys, dims, pid_m, bh, BLOCK_M: tl.constexpr, BLOCK_D: t
     delta = tl.load(grads.delta + bh64 * Lr + rows, mask=row_ok, other=0.0)
     row = _row_terms(S, keys, dims, pid_m, b, b64, bh64, rows, rows64, row_ok, BLOCK_M)
     return rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row
-
-
-@triton.jit
-def _cols(T, b64, h64, idx, ok, offs_c, D: tl.constexpr):
-    """Columns offs_c of rows idx of the [B, H, L, D] tensor T (args.Rows) at (b, h); 0 outside ok or past D."""
-    return tl.load(T.ptr + b64 * T.s_b + h64 * T.s_h + idx.to(tl.int64)[:, None] * T.s_l + offs_c[None, :],
-                   mask=ok[:, None] & (offs_c < D)[None, :], other=0.0)
 
 
 @triton.jit

@@ -29,9 +29,14 @@ def _for_stream(BODY: tl.constexpr, S0, S1, X0, X1, keys, dims, drop, BLOCK_M: t
 @triton.jit
 def _key_tile(T, b64, h64, offs_n, col_ok, BLOCK_D: tl.constexpr, D: tl.constexpr):
     """Rows offs_n of the [B, H, L, D] tensor T (args.Rows) at (b, h): [BLOCK_N, BLOCK_D], 0 past the end."""
-    offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(T.ptr + b64 * T.s_b + h64 * T.s_h + offs_n[:, None].to(tl.int64) * T.s_l + offs_d[None, :],
-                   mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    return _cols(T, b64, h64, offs_n, col_ok, tl.arange(0, BLOCK_D), D)
+
+
+@triton.jit
+def _cols(T, b64, h64, idx, ok, offs_c, D: tl.constexpr):
+    """Columns offs_c of rows idx of the [B, H, L, D] tensor T (args.Rows) at (b, h); 0 outside ok or past D."""
+    return tl.load(T.ptr + b64 * T.s_b + h64 * T.s_h + idx.to(tl.int64)[:, None] * T.s_l + offs_c[None, :],
+                   mask=ok[:, None] & (offs_c < D)[None, :], other=0.0)
 
 
 @triton.jit
