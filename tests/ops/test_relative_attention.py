@@ -415,7 +415,18 @@ def test_float32_gpu_paths_interpreted(rng, monkeypatch, D):
     _several_row_and_key_tiles("triton", rng, D=D)
 
 
-def _several_row_and_key_tiles(impl, rng, D=16):
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+def test_dropout_matches_reference_given_the_backends_mask(impl, rng, monkeypatch):
+    """Dropout (p = 0.3) forward and every gradient, one stream and both streams (the query stream draws with
+    seed + 1), against the float64 reference computing with this backend's own keep-mask, so that a mask that
+    differs between the forward, dq and dk / dv kernels (or between streams) fails. Same cases as
+    test_several_row_and_key_tiles."""
+    monkeypatch.setattr(reference_relative, "attention_dropout_mask", backend.module(impl).attention_dropout_mask)
+    _several_row_and_key_tiles(impl, rng, dropout=dict(dropout_p=0.3, seed=rng.randrange(2**31)))
+
+
+def _several_row_and_key_tiles(impl, rng, D=16, dropout=None):
+    dropout = dropout or {}
     B, H, Lq, M = 1, 2, rng.randint(33, 40), rng.randint(5, 12)
     Lk = Lq + M
     Lg = rng.randint(3, Lq)
@@ -429,14 +440,15 @@ def _several_row_and_key_tiles(impl, rng, D=16):
     window = AttentionMask.causal() & AttentionMask.sliding_window(19, 0)
 
     def single(q, k, v, r, u, vb):
-        return pk.relative_attention(q, k, v, r, u, vb, r_offset=r_offset, mask=window)
+        return pk.relative_attention(q, k, v, r, u, vb, r_offset=r_offset, mask=window, **dropout)
 
     def all_rows(q, qg, k, v, r, u, vb):
         return pk.two_stream_attention(q, qg, k, v, r, u, vb, r_offset=r_offset, query_mask=AttentionMask.causal(),
-                                       **seg)
+                                       **seg, **dropout)
 
     def targets(q, qg, k, v, r, u, vb):
-        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos, r_offset=r_offset, **seg)
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos, r_offset=r_offset, **seg,
+                                       **dropout)
 
     cases = [("causal window", [q, k, v, r, u, vb], single),
              ("two streams, all rows", [q, q.flip(2), k, v, r, u, vb], all_rows),
