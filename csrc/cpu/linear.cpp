@@ -6,7 +6,8 @@
 // a few rows, MKL's GEMM packs the weight (the big operand) on every call. So:
 // - one row: this file's GEMV, each output a dot product of a weight row with x, output features split over
 //   the threads (2.3-3.3x MKL's fastest layout on this project's 2-core CPU, [K, N] in {512, 1376} x {512,
-//   1024, 1376, 8000});
+//   1024, 1376, 8000}); for a weight stored [K, N] (transformers' Conv1D, passed transposed) the columns
+//   are summed down the rows instead, again split over the threads;
 // - 2..kFewRows rows: (W x^T)^T, the weight as the left operand (1.1-2.8x x W^T at 4, 16 and 64 rows, the same
 //   shapes);
 // - more rows: at::linear.
@@ -20,7 +21,7 @@
 namespace ptm::cpu {
 
 struct GemvArgs {
-  const float* w;     // [N, K], row stride ldw, unit column stride
+  const float* w;     // gemv_rows: [N, K], row stride ldw, unit column stride; gemv_cols: [K, N], the same
   const float* x;     // [K]
   const float* bias;  // [N] or nullptr
   float* y;           // [N]
@@ -28,6 +29,7 @@ struct GemvArgs {
 };
 
 PTM_CPU_DECLARE_KERNEL(gemv_rows, (const GemvArgs&, int64_t, int64_t))
+PTM_CPU_DECLARE_KERNEL(gemv_cols, (const GemvArgs&, int64_t, int64_t))
 
 // ---------------------------------------------------------------------------------------------- kernels
 namespace PTM_CPU_ISA {
@@ -46,12 +48,39 @@ inline void dot_rows(const GemvArgs& a, int64_t n) {
   for (int r = 0; r < R; ++r) a.y[n + r] = reduce_add(acc[r]) + (a.bias ? a.bias[n + r] : 0.f);
 }
 
+// Outputs [n, n + C blocks) of x W for a [K, N] weight (transformers' Conv1D): C accumulators of columns, each
+// summing over k in order, one broadcast of x[k] feeding C FMAs. The last block may be partial (last).
+template <int C, typename Last>
+inline void sum_cols(const GemvArgs& a, int64_t n, Last last) {
+  V2 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = V2(0.f);
+  const float* w = a.w + n;
+  for (int64_t k = 0; k < a.K; ++k, w += a.ldw) {
+    const V2 xk(a.x[k]);
+    for (int c = 0; c < C - 1; ++c) acc[c] = fmadd(load(w + c * kBlock, Full{}), xk, acc[c]);
+    acc[C - 1] = fmadd(load(w + (C - 1) * kBlock, last), xk, acc[C - 1]);
+  }
+  auto put = [&](int c, auto blk) {
+    const int64_t j = n + c * kBlock;
+    store(a.y + j, a.bias ? acc[c] + load(a.bias + j, blk) : acc[c], blk);
+  };
+  for (int c = 0; c < C - 1; ++c) put(c, Full{});
+  put(C - 1, last);
+}
+
 }  // namespace
 
 void gemv_rows(const GemvArgs& a, int64_t begin, int64_t end) {
   int64_t n = begin;
   for (; n + 4 <= end; n += 4) dot_rows<4>(a, n);
   for (; n < end; ++n) dot_rows<1>(a, n);
+}
+
+void gemv_cols(const GemvArgs& a, int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + 4 * kBlock <= end; n += 4 * kBlock) sum_cols<4>(a, n, Full{});
+  for (; n + kBlock <= end; n += kBlock) sum_cols<1>(a, n, Full{});
+  if (n < end) sum_cols<1>(a, n, Part{end - n});
 }
 
 }  // namespace PTM_CPU_ISA
@@ -77,6 +106,20 @@ Tensor linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias) 
                 x.scalar_type(), ", got ", bias->scalar_type(), " ", bias->sizes());
   }
   const bool float32 = x.scalar_type() == at::kFloat;
+  if (float32 && M == 1 && N > 1 && weight.stride(0) == 1) {
+    // the transpose of a [K, N] matrix (x W for transformers' Conv1D, passed as W^T): sums down its columns
+    const Tensor xc = x.contiguous();
+    const Tensor bc = bias ? bias->contiguous() : Tensor();
+    Tensor y = at::empty({1, N}, x.options());
+    const GemvArgs a{weight.data_ptr<float>(), xc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
+                     y.data_ptr<float>(), K, weight.stride(1)};
+    const auto kernel = PTM_CPU_KERNEL(gemv_cols);
+    // about GRAIN_SIZE weight elements per task, in whole groups of 128 columns (four blocks of 32 on AVX-512)
+    const int64_t grain = (std::max<int64_t>(128, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)) + 127) / 128
+                          * 128;
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+    return y;
+  }
   if (float32 && M == 1 && N > 0 && weight.stride(1) == 1) {
     const Tensor xc = x.contiguous();
     const Tensor bc = bias ? bias->contiguous() : Tensor();

@@ -52,7 +52,7 @@ def patch_gpt2(model: nn.Module, opts: PatchOptions, patcher: Patcher) -> None:
             patcher.set_method(block.ln_1, "forward", layer_norm_forward)
         if opts.mlp:
             patcher.set_method(block.mlp, "forward", bias_gelu_mlp_forward, conv1d=not neo,
-                               approximate=approximate)
+                               approximate=approximate, linear=opts.linear)
         if opts.attention and neo:
             attn = block.attn.attention
             window = config.window_size - 1 if attn.attention_type == "local" else None
@@ -108,10 +108,13 @@ def neo_block_forward(self, hidden_states: Tensor, layer_past=None, attention_ma
     return residual + self.mlp(hidden_states), weights
 
 
-def bias_gelu_mlp_forward(self, x: Tensor, conv1d: bool = True, approximate: str = "none") -> Tensor:
-    """c_proj(gelu(c_fc(x))) with c_fc's bias inside the GELU. GPT-2's Conv1D keeps its weight as [in, out]."""
+def bias_gelu_mlp_forward(self, x: Tensor, conv1d: bool = True, approximate: str = "none",
+                          linear: bool = False) -> Tensor:
+    """c_proj(gelu(c_fc(x))) with c_fc's bias inside the GELU. GPT-2's Conv1D keeps its weight as [in, out].
+    linear: c_fc's product through pk.linear (apply's linear=True: hf/linear.py), else torch's."""
     fc = self.c_fc
-    h = x @ fc.weight if conv1d else nn.functional.linear(x, fc.weight)
+    w = fc.weight.t() if conv1d else fc.weight
+    h = pk.linear(x, w) if linear else nn.functional.linear(x, w)
     h = pk.bias_gelu(h, fc.bias, approximate) if fc.bias is not None else pk.gelu(h, approximate)
     return self.dropout(self.c_proj(h))
 

@@ -112,3 +112,26 @@ def test_gpt2_cross_attention_with_padded_encoder():
     assert_close(got[0], want[0], name="loss")
     for name, g in want[1].items():
         assert_close(got[1][name], g, name=f"grad {name}")
+
+
+def test_conv1d_runs_ptm_linear_until_reverted():
+    """Every Conv1D of GPT-2 (weight [in, out]) gets ops.linear over its transposed weight as its forward:
+    beyond ops.linear's few CPU rows that is the same addmm (bit-identical), one-row decoding (the C++ GEMV down
+    the columns on a CPU) gives transformers' tokens; revert removes the forwards."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = build("gpt2")
+    convs = [m for m in model.modules() if type(m) is Conv1D]
+    ids = torch.randint(1, VOCAB, (1, 9))
+    want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    x = torch.randn(3, 40, 64)  # 120 rows: F.linear, the same product as Conv1D's addmm
+    many = convs[0](x)
+    w, b = convs[0].weight.detach().double(), convs[0].bias.detach().double()
+    one = x[:1, :1].double() @ w + b
+    hf.apply(model, attention=False, norms=False, mlp=False, loss=False)
+    assert len(convs) == 4 * 2 and all("forward" in m.__dict__ for m in convs)
+    assert torch.equal(convs[0](x), many)
+    assert_close(convs[0](x[:1, :1]), one, name="one row (GEMV)")
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), want)
+    hf.revert(model)
+    assert not any("forward" in m.__dict__ for m in convs)

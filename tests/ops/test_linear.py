@@ -18,9 +18,10 @@ ROWS = (1, 3, 16, FEW_ROWS, FEW_ROWS + 1)
 SHAPES = ((1, 1), (7, 5), (16, 33), (130, 67), (512, 260))  # (K, N)
 
 
-def _inputs(rows, K, N, bias=True, seed_shape=()):
+def _inputs(rows, K, N, bias=True, seed_shape=(), stored_kn=False):
+    """stored_kn: the weight is the transpose of a [K, N] matrix (transformers' Conv1D passes W^T)."""
     x = torch.randn(*seed_shape, rows, K, device=DEVICE)
-    w = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    w = (torch.randn(K, N, device=DEVICE).t() if stored_kn else torch.randn(N, K, device=DEVICE)) / K ** 0.5
     b = torch.randn(N, device=DEVICE) if bias else None
     return x, w, b
 
@@ -28,14 +29,15 @@ def _inputs(rows, K, N, bias=True, seed_shape=()):
 @pytest.mark.parametrize("impl", backend_params("linear"))
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_linear_matches_float64(impl, rows, bias):
-    for K, N in SHAPES:
-        x, w, b = _inputs(rows, K, N, bias)
+@pytest.mark.parametrize("stored_kn", [False, True], ids=["weight_NK", "weight_KN_transposed"])
+def test_linear_matches_float64(impl, rows, bias, stored_kn):
+    for K, N in SHAPES + ((96, 300),):  # 300 columns: groups of 128 (AVX-512), single blocks and a partial one
+        x, w, b = _inputs(rows, K, N, bias, stored_kn=stored_kn)
         truth = F.linear(x.double(), w.double(), b.double() if bias else None)
         with backend.use(linear=impl):
             y = pk.linear(x, w, b)
         assert y.dtype == torch.float32 and y.is_contiguous()
-        assert_close(y, truth, name=f"{impl} rows={rows} K={K} N={N}")
+        assert_close(y, truth, name=f"{impl} rows={rows} K={K} N={N} weight strides {w.stride()}")
 
 
 def test_leading_dims_and_strided_inputs():
@@ -50,11 +52,12 @@ def test_leading_dims_and_strided_inputs():
             assert_close(y, F.linear(xs.double(), w.double()), name=f"w strides {w.stride()}")
 
 
-def test_nonfinite_values_propagate_as_in_torch():
-    x, w, b = _inputs(1, 20, 9)
+@pytest.mark.parametrize("stored_kn", [False, True], ids=["weight_NK", "weight_KN_transposed"])
+def test_nonfinite_values_propagate_as_in_torch(stored_kn):
+    x, w, b = _inputs(1, 20, 9, stored_kn=stored_kn)
     x[0, 3] = float("nan")
     assert torch.isnan(pk.linear(x, w, b)).all()
-    x, w, b = _inputs(2, 20, 9)
+    x, w, b = _inputs(2, 20, 9, stored_kn=stored_kn)
     w[4, 2] = float("inf")
     want = F.linear(x, w, b)
     for rows in (x[:1], x):
