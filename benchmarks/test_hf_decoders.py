@@ -9,7 +9,8 @@ weights, unpatched, attn_implementation="sdpa". Loss and logits are checked agai
   freed), so the recorded peak memory growth is what the step adds beyond weights, gradients and the AdamW
   state: activations and the logits.
 - decode-b1 / decode-b16: greedy generate, NEW tokens after a PROMPT-token prompt (prefill included), with
-  the KV cache; tokens/s in extra_info.
+  the KV cache; tokens/s in extra_info. The LLaMA model above, and a GPT-2 of the same size (4 layers, d 512,
+  8 heads, MLP 2048, vocab 32000: Conv1D projections, whose [in, out] weights ops.linear reads transposed).
 """
 
 from __future__ import annotations
@@ -30,16 +31,21 @@ PROMPT, NEW = 64, 32
 VOCAB = 32000
 
 
-def _config():
-    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-                                    bos_token_id=None, eos_token_id=None, pad_token_id=None)
+def _build(kind: str):
+    if kind == "gpt2":  # Conv1D projections ([in, out] weights), GELU MLP 4 x d, tied LM head
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=512, n_layer=4, n_head=8, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None))
 
 
-def _model(impl: str):
+def _model(impl: str, kind: str = "llama"):
     """The model for impl, and the unpatched twin it is validated against (same weights)."""
     torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(_config())
+    reference = _build(kind)
     reference.set_attn_implementation("sdpa")
     with torch.no_grad():  # norm weights start at 1: move them so that a wrong weight mapping would show
         for n, p in reference.named_parameters():
@@ -80,10 +86,11 @@ def test_hf_llama_train_step(benchmark, impl):
 
 @pytest.mark.parametrize("B", [1, 16])
 @pytest.mark.parametrize("impl", ["ptm", "sdpa"])
-def test_hf_llama_decode(benchmark, impl, B):
-    model, reference = _model(impl)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_hf_decode(benchmark, kind, impl, B):
+    model, reference = _model(impl, kind)
     prompt = random_ids(B, PROMPT, 0, VOCAB, seed=1)
-    _validate(model, reference, prompt, "hf-llama decode")
+    _validate(model, reference, prompt, f"hf-{kind} decode")
     model.eval()
     mask = torch.ones_like(prompt)
 
@@ -93,6 +100,6 @@ def test_hf_llama_decode(benchmark, impl, B):
 
     assert gen().shape == (B, PROMPT + NEW)
     del reference
-    measure(benchmark, gen, group="hf-llama-decode", case=f"llama-4l-d512-v32k prompt{PROMPT}+{NEW}", impl=impl,
+    measure(benchmark, gen, group=f"hf-{kind}-decode", case=f"{kind}-4l-d512-v32k prompt{PROMPT}+{NEW}", impl=impl,
             passes=f"decode-b{B}", rounds=ROUNDS)
     record_tokens_per_s(benchmark, B * NEW)
