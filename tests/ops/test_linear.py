@@ -94,14 +94,19 @@ def test_bad_arguments_give_torch_errors():
 
 
 @pytest.mark.parametrize("rows", [1, 16])
-def test_gradients(rows):
-    x, w, b = _inputs(rows, 70, 37)
-    for t in (x, w, b):
+@pytest.mark.parametrize("stored_kn", [False, True], ids=["weight_NK", "weight_KN_transposed"])
+def test_gradients(rows, stored_kn):
+    x, w, b = _inputs(rows, 70, 37, stored_kn=stored_kn)
+    if stored_kn:  # the leaf is the [K, N] parameter (Conv1D's), w its transposed view
+        leaf = w.t().detach().requires_grad_(True)
+        w = leaf.t()
+    for t in (x, b) if stored_kn else (x, w, b):
         t.requires_grad_(True)
     dy = torch.randn(rows, 37, device=DEVICE)
-    grads = torch.autograd.grad(pk.linear(x, w, b), (x, w, b), dy)
+    grads = torch.autograd.grad(pk.linear(x, w, b), (x, leaf if stored_kn else w, b), dy)
     x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
     truth = torch.autograd.grad(F.linear(x64, w64, b64), (x64, w64, b64), dy.double())
+    truth = (truth[0], truth[1].t() if stored_kn else truth[1], truth[2])
     for name, g, t in zip(("dx", "dw", "db"), grads, truth):
         assert_close(g, t, name=name)
 
@@ -110,6 +115,7 @@ def test_gradients(rows):
 def test_opcheck(rows):
     x, w, b = _inputs(rows, 33, 21)
     torch.library.opcheck(_linear, (x, w, b))
+    torch.library.opcheck(_linear, (x, w.t().contiguous().t(), b))  # a weight stored [K, N]
     torch.library.opcheck(_linear, (x.requires_grad_(True), w.requires_grad_(True), None))
 
 
