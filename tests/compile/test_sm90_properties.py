@@ -56,11 +56,10 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     "relative_attention-bf16": (212, 204, 10),
     "relative_attention-fp16": (212, 204, 10),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
-    # backward 16 x 32) and the backward's head-dim dots in 32-column chunks read from memory
-    # (backward._head_dim_dots): none but the two-stream dq at D = 128, since it runs one launch per stream
-    # (launch._bwd) its band stream's 8/8 B (one two-stream kernel: 8/4 B at D = 64, 60/28 B at D = 128; 2852/2608 B
-    # in 18 of 24 compiles with 32 x 32 tiles before; 2592/2052 B in 12 of 16 before the Hopper rewrite)
-    "relative_attention-fp32": (8, 8, 1),
+    # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
+    # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;
+    # 2852/2608 B in 18 of 24 compiles with 32 x 32 tiles before, 2592/2052 B in 12 of 16 before the Hopper rewrite)
+    "relative_attention-fp32": (0, 0, 0),
 }
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.

@@ -129,12 +129,9 @@ def dims_args(H: int, p: RelativeParams) -> Dims:
     return Dims(H, int(p.q_len), int(p.r_offset), float(p.scale) * C.LOG2E, float(p.scale))
 
 
-def dropout_args(d: Dropout, stream: int = 0) -> Optional[DropoutArgs]:
-    """None without dropout (the kernels compile it out). stream: the index of the stream when a launch runs
-    that stream alone as its stream 0: its seed is then seed + stream, as the kernel adds for stream s."""
+def dropout_args(d: Dropout) -> Optional[DropoutArgs]:
+    """None without dropout (the kernels compile it out)."""
     if d.p <= 0:
         return None
     p = float(d.p)
-    seed = C.dropout_seed(d.seed_value) + stream
-    seed = (seed + (1 << 63)) % (1 << 64) - (1 << 63)  # int64 wrap-around, as the kernel's seed + s
-    return DropoutArgs(seed, C.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1.0 else 0.0)
+    return DropoutArgs(C.dropout_seed(d.seed_value), C.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1.0 else 0.0)

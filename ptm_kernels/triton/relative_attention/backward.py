@@ -68,11 +68,13 @@ def _head_dim_chunked(PREC: tl.constexpr, BLOCK_D: tl.constexpr):
 def _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, band_ok, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
-    """qu k^T, qv r_band^T (band form, else 0) and dO v^T of a tile pair, each summed over 32-column chunks of the
+    """qu k^T, qv r_band^T (band form, else 0) and dO v^T of a tile pair, each summed over 16-column chunks of the
     head dim read from memory (cached). For float32 at D >= 64: tf32x3 splits each dot operand in two tf32 parts,
     and a 16-row operand with K = 128 takes 64 registers per part; held whole, the three dots spilled (sm_90,
-    D = 128, 16 x 16 tiles: dk/dv 116-588 B, dq 128-280 B; chunked, 16 x 32 tiles fit)."""
-    CHUNK: tl.constexpr = 32
+    D = 128, 16 x 16 tiles: dk/dv 116-588 B, dq 128-280 B; chunked, 16 x 32 tiles fit). 16 columns rather than
+    32: with 32 the two-stream dq spilled 8 / 4 B at D = 64 and 60 / 28 B at D = 128, with 16 no float32 kernel
+    spills (triton 3.7.1), and the dk/dv kernel needs half the shared memory (45056 -> 22528 B)."""
+    CHUNK: tl.constexpr = 16
     qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     pb = 0

@@ -26,11 +26,11 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # small: a step down for float32 (the 16-bit paths are what an H100 user runs). The largest that compile
         # without spilling (sm_90, triton 3.7.1, spill bytes over the compile harness's four mask families, 3
         # stages). Forward: 32 x 32 on 8 warps at D = 64, 16 x 32 on 4 warps at D = 128 (32 x 32: 32-744 B, 32 x 16:
-        # 584-772 B). Backward: 16 x 32 on 8 warps, its head-dim dots in 32-column chunks read from memory
+        # 584-772 B). Backward: 16 x 32 on 8 warps, its head-dim dots in 16-column chunks read from memory
         # (backward._head_dim_dots; on whole tiles 16 x 16 was the largest at D = 64 and spilled 116-588 B at
         # D = 128); dq 32 x 16: 408-1096 B, 4 warps: 40-348 B. The gather form's [16, 32, D_CHUNK] products:
-        # D_CHUNK 1 for dq at D = 128 (2, with 16-column dr chunks: 20-68 B; 1: 20-36 B), else 2. Not reached: the
-        # two-stream dq's band stream spills 8 / 8 B at D = 128 (one launch per stream: _bwd)
+        # D_CHUNK 1 for dq at D = 128 (2, with 16-column dr chunks: 20-68 B; 1: 20-36 B), else 2. No float32 kernel
+        # spills (the head-dim chunks of 32 columns left the two-stream dq 8 / 4 B at D = 64, 60 / 28 B at D = 128)
         if kernel == "fwd":
             cfg, warps = (dict(BLOCK_M=32, BLOCK_N=32, D_CHUNK=8), 8) if D <= 64 else \
                 (dict(BLOCK_M=16, BLOCK_N=32, D_CHUNK=8), 4)
@@ -147,8 +147,8 @@ def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
 
 
 def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list):
-    """-> ([(dqu, dqv, dseg)] per stream, dk, dv, dr); dk, dv, dr summed over the streams. Two kernels: dq (row
-    tiles, with dr; float32: one launch per stream) and dk / dv (key tiles of both streams, one launch)."""
+    """-> ([(dqu, dqv, dseg)] per stream, dk, dv, dr); dk, dv, dr summed over the streams. Two launches: dq (row
+    tiles of both streams, with dr) and dk / dv (key tiles)."""
     B, H, Lk, D = k.shape
     dr = torch.zeros(B, H, r.shape[2], D, dtype=torch.float32, device=k.device)
     # dqu is written with qu's strides and dqv is contiguous: the backward takes qu / qv contiguous
@@ -162,22 +162,12 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
             torch.zeros(B, H, Lr, D, dtype=torch.float32, device=k.device),
             torch.zeros(B, H, Lr, 2, dtype=torch.float32, device=k.device) if s.seg is not None else None, dr))
     none = [None] * (2 - len(streams))
-    keys, dims = keys_args(k, v, r, p), dims_args(H, p)
+    args = (*[stream_args(s) for s in streams], *none, *grads, *none, keys_args(k, v, r, p), dims_args(H, p),
+            dropout_args(p.dropout))
     kw = dict(D=D, PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
     cfg, warps = _config(D, k.dtype, k.device, "dq")
-    args = (*[stream_args(s) for s in streams], *none, *grads, *none, keys, dims, dropout_args(p.dropout))
-    if k.dtype == torch.float32 and len(streams) == 2:
-        # float32 dq: one launch per stream, each kernel compiled for its stream alone (the rows are independent;
-        # both add into dr with atomics). Compiled as one kernel, the two-stream dq spilled 8 / 4 B at D = 64 and
-        # 60 / 28 B at D = 128; per stream 0 and 8 / 8 B (the band stream; the gather stream 0). Not for 16-bit
-        # inputs, whose band stream alone spilled more than both in one kernel: 44 / 24 -> 124 / 80 B at D = 64,
-        # 116 / 88 -> 172 / 144 B at D = 128 (sm_90, triton 3.7.1, the compile harness's two-stream case)
-        for i, (s, g) in enumerate(zip(streams, grads)):
-            _launch(_rel_bwd_dq_kernel, (triton.cdiv(s.qu.shape[2], cfg["BLOCK_M"]), B * H, 1), k.device, cfg,
-                    warps, stream_args(s), None, g, None, keys, dims, dropout_args(p.dropout, stream=i), **kw)
-    else:
-        grid = (triton.cdiv(max(s.qu.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
-        _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
+    grid = (triton.cdiv(max(s.qu.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
+    _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
     cfg, warps = _config(D, k.dtype, k.device, "dkdv")
