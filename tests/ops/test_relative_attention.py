@@ -387,6 +387,48 @@ def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
     (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take;
     band_split: the band in two 64-row pieces, one dot each (BAND_SPLIT, as the GPU's D = 128 dk/dv), in every
     kernel. Same cases and tolerances as test_several_row_and_key_tiles."""
+    _row_tiles_of_64(monkeypatch, band_split=band_split)
+    _several_row_and_key_tiles("triton", rng)
+
+
+@pytest.mark.skipif(not backend.triton_interpreted(),
+                    reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
+def test_rolled_band_interpreted(rng, monkeypatch):
+    """64 x 64 tiles with the band rolled along the key loop (position._band_rolls: forward and dq carry a band
+    piece from one key step to the next; dk/dv splits it) under the interpreter, over rows and keys of several
+    tiles: a left window that starts the key loop at a later tile, a causal end inside a key tile, r too short at
+    both ends, both streams. Against the formula in float64 (same tolerances as test_several_row_and_key_tiles),
+    and with dropout and every mask part against the interpreter's own 16 x 16 tiles (same keep-mask)."""
+    import functools
+
+    from ptm_kernels.triton.relative_attention import launch
+
+    B, H, D, Lq, M = 1, 2, 16, rng.randint(100, 128), rng.randint(20, 40)
+    Lk = Lq + M
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r = randn(H, Lk + rng.randint(0, 5), D)
+    u, vb, sb, se = randn(H, D), randn(H, D), randn(H, D), randn(2, H, D)
+    ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
+    dense = AttentionMask.dense(torch.rand(B, 1, Lq, Lk, device=DEVICE) > 0.2)
+    lengths = AttentionMask.key_padding(lengths=torch.tensor([Lk - 7]))
+    every = dense & lengths & AttentionMask.segments(ids, torch.randint(0, 2, (B, Lk), device=DEVICE))
+    dropped = functools.partial(pk.two_stream_attention, segment_ids=ids, seg_embed=se, s_bias=sb, r_offset=Lk - 2,
+                                content_mask=every, query_mask=every & AttentionMask.causal(), dropout_p=0.2, seed=11)
+    inputs = [q, q.flip(2), k, v, r, u, vb]
+    gout = [randn(B, H, Lq, D) for _ in range(2)]
+    with backend.use(relative_attention="triton"):
+        tiles_16 = run(dropped, inputs, gout)
+        _row_tiles_of_64(monkeypatch, band_split=True, keys=64)
+        cfg, _ = launch._config(D, torch.float32, torch.device(DEVICE), "dq")
+        assert cfg["BLOCK_N"] == 64 and cfg["BAND_SPLIT"]  # the rolled band (position._band_rolls)
+        tiles_64 = run(dropped, inputs, gout)
+    for i, (a, t) in enumerate(zip([*tiles_64[0], *tiles_64[1]], [*tiles_16[0], *tiles_16[1]])):
+        assert_close(a, t, name=f"dropout, every mask part: output/gradient {i}", **F32_TOL)
+    _several_row_and_key_tiles("triton", rng, Lq=(100, 128), M=(20, 40))
+
+
+def _row_tiles_of_64(monkeypatch, band_split, keys=None):
+    """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`)."""
     import triton
 
     from ptm_kernels.triton.relative_attention import launch
@@ -395,10 +437,10 @@ def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
 
     def row_tiles_of_64(D, dtype, device, kernel="fwd"):
         cfg, warps = interpreter_config(D, dtype, device, kernel)
-        return dict(cfg, BLOCK_M=64, BAND=triton.next_power_of_2(64 + cfg["BLOCK_N"]), BAND_SPLIT=band_split), warps
+        n = keys or cfg["BLOCK_N"]
+        return dict(cfg, BLOCK_M=64, BLOCK_N=n, BAND=triton.next_power_of_2(64 + n), BAND_SPLIT=band_split), warps
 
     monkeypatch.setattr(launch, "_config", row_tiles_of_64)
-    _several_row_and_key_tiles("triton", rng)
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(),
@@ -425,9 +467,9 @@ def test_dropout_matches_reference_given_the_backends_mask(impl, rng, monkeypatc
     _several_row_and_key_tiles(impl, rng, dropout=dict(dropout_p=0.3, seed=rng.randrange(2**31)))
 
 
-def _several_row_and_key_tiles(impl, rng, D=16, dropout=None):
+def _several_row_and_key_tiles(impl, rng, D=16, Lq=(33, 40), M=(5, 12), dropout=None):
     dropout = dropout or {}
-    B, H, Lq, M = 1, 2, rng.randint(33, 40), rng.randint(5, 12)
+    B, H, Lq, M = 1, 2, rng.randint(*Lq), rng.randint(*M)
     Lk = Lq + M
     Lg = rng.randint(3, Lq)
     q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))

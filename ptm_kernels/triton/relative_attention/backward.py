@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
-from .position import _band, _band_grad, _band_major, _band_select, _pos_band, _pos_gather
+from .position import (_band, _band_grad, _band_major, _band_rolls, _band_rows, _band_select, _piece_product,
+                       _pos_band, _pos_gather, _rolled_image, _rolled_piece, _rolled_pos)
 from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -94,12 +95,13 @@ def _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, 
 
 @triton.jit
 def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
-               k, v, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
-               D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr, GATHER: tl.constexpr):
+               k, v, start_n, band_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr,
+               BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr, D: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
     """The probabilities of a (row tile, key tile k / v at start_n) pair recomputed, and the gradient of the
     unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, band (position._band), t_band: the
-    band's rows of r, BAND of them (band form; else 0)). DO: dO's args.Rows."""
+    band's rows of r, BAND of them (band form; else 0)). DO: dO's args.Rows. band_pos: the position term where
+    the caller computed it (a rolled band, position._band_rolls; band and t_band are then 0), else None."""
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)  # else on the whole tiles qu, qv, do, k, v
     ip, base, t_last, seg0, seg1, qid, klen, plen = row
     Lk = keys.Lk
@@ -109,7 +111,9 @@ def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu
     R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
     t_band = 0
     band = (0, 0, 0, 0)
-    if GATHER:
+    if band_pos is not None:
+        pos = band_pos
+    elif GATHER:
         pos = _pos_gather(QV_row, R_bh, keys.r.s_l, base, offs_n, row_ok, col_ok, keys.R, BLOCK_D, D_CHUNK, D)
     else:
         t_band = t_last + start_n + tl.arange(0, BAND)
@@ -156,13 +160,37 @@ def _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D: tl.constexpr, 
 
 
 @triton.jit
+def _band_grad_dots(dqv, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D: tl.constexpr,
+                    D: tl.constexpr, DR_CHUNK: tl.constexpr, BAND_MAJOR: tl.constexpr, PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """The position gradients of dS's band image dpb (input dtype, _band_grad's layout) over the band rows t_band
+    of r (r_band; band_ok: which exist): -> dqv + dpb r_band (in _pos_band's layout: band-major tiles hold dqv^T),
+    and dr[t_band] += dpb^T qv (float32 atomics)."""
+    if BAND_MAJOR:
+        dqv += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
+    else:
+        dqv += dot(dpb, r_band, None, PREC, UPCAST)
+    # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in the registers
+    # beside the accumulators at D = 128. Float32 (tf32x3) steps through the chunks in a loop: unrolled, their
+    # split operands were live at once (sm_90, 16 x 16 tiles at D = 64, 4 warps: 1856 -> 136 spill bytes)
+    if PREC == "tf32x3":
+        for d0 in range(0, BLOCK_D, DR_CHUNK):
+            _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+    else:
+        for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
+            _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+    return dqv
+
+
+@triton.jit
 def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs): dqu, dqv, dseg of its rows (args.StreamGrads), and its
-    share of dr."""
+    share of dr. The band rolled along the key loop where it can (position._band_rolls)."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)
+    ROLL: tl.constexpr = not GATHER and not CHUNKED and _band_rolls(BLOCK_M, BLOCK_N, BAND_SPLIT)
     # float32 on whole tiles: 16 columns (the three tf32x3 products of a chunk; 32: 32 / 20 B spilled two-stream at
     # D = 64); chunked with dqv (_head_dim_chunked), 32 (16: 20 / 16 B spilled with every mask at D = 128)
     DR_CHUNK: tl.constexpr = min(BLOCK_D, 16 if PREC == "tf32x3" and not CHUNKED else 32)
@@ -191,6 +219,9 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         dseg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dseg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dc = tl.arange(0, D_CHUNK)
+        if ROLL:  # the lower piece's band product of the first key step, and no upper piece of dS's band image yet
+            p_lo = _piece_product(R_bh, keys.r.s_l, t_last + lo, R_len, offs_d, qv, D, PREC, UPCAST)
+            g_prev = tl.zeros([BLOCK_M, BLOCK_M], dtype=qv.dtype)  # the last step's _rolled_image
         for start_n in range(lo, hi, BLOCK_N):
             if BLOCK_D <= 64:
                 # qu and dO read again each step (cached) rather than held across the loop: as the A operands of
@@ -204,9 +235,13 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
             v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+            pos = None
+            if ROLL:  # band rows t_last + start_n + [0, 2 BLOCK_M): the lower piece's product carried
+                pos, p_lo = _rolled_pos(p_lo, R_bh, keys.r.s_l, t_last + start_n + BLOCK_M, R_len, offs_d, qv,
+                                        BLOCK_M, BLOCK_N, D, PREC, UPCAST)
             pd, g, offs_n, col_ok, band, t_band = _tile_grad(
                 S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta,
-                row, k, v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
+                row, k, v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
             dqu += dot(g.to(k.dtype), k, None, PREC, UPCAST)
             if S.seg is not None:
                 kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
@@ -229,19 +264,20 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                     qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
                     tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
                                   g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
+            elif ROLL:
+                # band rows t_last + start_n + [0, BLOCK_M) collect the upper piece of dS's band image from the
+                # last step and the lower piece of this one; the upper piece waits for the next step (BLOCK_M x D
+                # atomics a step instead of BAND x D)
+                t_band = t_last + start_n + tl.arange(0, BLOCK_M)
+                r_lo, lo_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
+                g_img = _rolled_image(g, BLOCK_M).to(qv.dtype)
+                dpb = _rolled_piece(g_img, g_prev, BLOCK_M)
+                g_prev = g_img
+                dqv = _band_grad_dots(dqv, dpb, r_lo, t_band, lo_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
+                                      BAND_MAJOR, PREC, UPCAST)
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
                 r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
                 dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
-                if CHUNKED:
-                    pass  # dqv with dr below
-                elif BAND_MAJOR:
-                    dqv += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
-                else:
-                    dqv += dot(dpb, r_band, None, PREC, UPCAST)
-                # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in
-                # the registers beside the accumulators at D = 128. Float32 (tf32x3) steps through the chunks in a
-                # loop: unrolled, their split operands were live at once (sm_90, 16 x 16 tiles at D = 64, 4 warps:
-                # 1856 -> 136 spill bytes)
                 if CHUNKED:  # dqv read, added and written per chunk (float32 DQV, rows owned), beside dr
                     for d0 in range(0, BLOCK_D, DR_CHUNK):
                         offs_c = d0 + tl.arange(0, DR_CHUNK)
@@ -251,14 +287,15 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                         tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + dqv_c, mask=cmask)
                         _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
                                   UPCAST)
-                elif PREC == "tf32x3":
-                    for d0 in range(0, BLOCK_D, DR_CHUNK):
-                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
-                                  UPCAST)
                 else:
-                    for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
-                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
-                                  UPCAST)
+                    dqv = _band_grad_dots(dqv, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D,
+                                          DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+        if ROLL:  # the last step's upper piece: band rows from t_last + the end of the key steps
+            t_band = t_last + lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_M)
+            r_end, end_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
+            dpb = _rolled_piece(tl.zeros_like(g_prev), g_prev, BLOCK_M)
+            dqv = _band_grad_dots(dqv, dpb, r_end, t_band, end_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
+                                  BAND_MAJOR, PREC, UPCAST)
         if not GATHER and not CHUNKED:
             if BAND_MAJOR:
                 dqv = tl.trans(dqv)
@@ -302,7 +339,7 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
         v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         pd, g, offs_n, col_ok, band, t_band = _tile_grad(
             S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-            v, start_n, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER)
+            v, start_n, None, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER)
         dv += dot(tl.trans(pd.to(do.dtype)), do, None, PREC, UPCAST)
         dk += dot(tl.trans(g.to(qu.dtype)), qu, None, PREC, UPCAST)
     return dk, dv

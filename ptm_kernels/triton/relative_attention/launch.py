@@ -16,8 +16,29 @@ from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
 
 
+# The kernels of 16-bit inputs whose band rolls along the key loop (position._band_rolls; "fwd", "dq"): none, as
+# measured (sm_90, triton 3.7.1, bf16; spill store / load bytes of the launched compile, band causal / every mask
+# + dropout / two-stream; a kernel in ROLLED_BAND takes BAND_SPLIT, the dq kernel 64 keys a step):
+# - forward: one [64, 64] band piece product a key step instead of the [128, 64] band product (QK^T, band, P.V:
+#   3 units of 64 * 64 * D multiply-adds a step instead of 4), but the carried piece and the two-piece select
+#   cost registers: D = 64 0 / 8 / 0 B (today 0 / 0 / 0; band causal 196 registers, today 186), D = 128
+#   0 / 44 / 12 B on 3 stages (the band half the size: 213-223 KB of shared memory), 0 / 4 / 8 B on 2 (today
+#   0 / 12 / 0 on 2). Other selects (position._rolled_pos): separate index tiles for the two gathers
+#   0 / 24 / 12 and 4 / 124 / 0 B; the pieces joined into one [128, 64] tile for one gather 0 / 136 / 0 and
+#   12 / 324 / 0 B; the lower select carried instead of the piece 0 / 52 / 44 and 36 / 172 / 4 B.
+# - dq: 64 keys a step: per 64 keys 6 units of 64 * 64 * D (scores, dP, dqu, the band piece, dqv^T, dr) instead of
+#   27 with 16 keys a step (3 + 4 x (band, dqv^T, dr: 2 units each)), and 64 x D dr atomics instead of 512 x D;
+#   but four [64, 64] float32 tiles (scores, P, dP, dS) and the carries beside the dqu and dqv^T accumulators:
+#   D = 64 212 / 700 / 788 B (today 0 / 156 / 44), D = 128 368 / 760 / 1316 B on 1 stage (today 108 / 212 / 116
+#   on 2); the gather form (positions), on the same tiles, 0 -> 208 B at D = 64, 0 -> 396 B at D = 128. With the
+#   band image in two gathers a step (upper piece carried): 564 / 1052 / 1036 and 924 / 1280 / 2280 B; dqv^T read,
+#   added and written each step instead of held: 200 / 704 / 784 and 360 / 728 / 1256 B
+ROLLED_BAND: frozenset = frozenset()
+
+
 def _config(D: int, dtype, device, kernel: str = "fwd"):
     """(constexprs, warps) of kernel "fwd", "dq" or "dkdv"."""
+    roll = kernel in ROLLED_BAND
     block_d = C.block_d(D)
     if C.interpreted(device):
         cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=min(block_d, 16)), 4
@@ -47,14 +68,14 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # band term gathered to [BLOCK_N, BLOCK_M], dropout_keep TRANS, as the tutorial's dkdv) spilled more in
         # every config: worst 956/968 B with 64 keys at D = 128 (1172/1048 with 32 keys; 2196/2328 with 128),
         # 456/380 at D = 64 with 64 keys (152/120 row-major), 864/852 on 4 warps; not kept
-        n = {"dq": 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
+        n = {"dq": 64 if roll else 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
         # dk / dv at D = 128: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT): 360/344 ->
         # 208/204 spill bytes with every mask + dropout, 44/32 -> 0 band causal, 144/240 -> 128/128 two-stream.
         # Not elsewhere: a 64-row piece is held by both warpgroups (a chained dot's warps lie along M), which cost
         # more than it saved at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward
         # (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
-        cfg["BAND_SPLIT"] = kernel == "dkdv" and D > 64
+        cfg["BAND_SPLIT"] = (kernel == "dkdv" and D > 64) or roll
         # Also measured for dq and not kept: its position gradients (dqv, dr) in a second pass over the keys, so
         # that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 -> 32/20 B band causal,
         # 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231 KB of shared
