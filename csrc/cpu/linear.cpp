@@ -91,6 +91,23 @@ void gemv_cols(const GemvArgs& a, int64_t begin, int64_t end) {
 // Rows up to which the weight goes on the left of the GEMM (see the file comment).
 constexpr int64_t kFewRows = 64;
 
+// One row (x [1, K]) through a GEMV kernel over the outputs [0, N), split across threads in tasks of about
+// GRAIN_SIZE weight elements, whole groups of `group` outputs each; ldw: the weight's stride (GemvArgs).
+template <typename Kernel>
+Tensor gemv(const Tensor& x, const Tensor& weight, const OptTensor& bias, Kernel kernel, int64_t ldw,
+            int64_t group) {
+  const int64_t N = weight.size(0), K = x.size(1);
+  const Tensor xc = x.contiguous();
+  const Tensor bc = bias ? bias->contiguous() : Tensor();
+  Tensor y = at::empty({1, N}, x.options());
+  const GemvArgs a{weight.data_ptr<float>(), xc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
+                   y.data_ptr<float>(), K, ldw};
+  const int64_t grain = (std::max<int64_t>(group, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)) + group - 1) /
+                        group * group;
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  return y;
+}
+
 Tensor linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "ptm_kernels cpu: linear x and weight must be "
               "CPU tensors, got ", x.device(), " and ", weight.device());
@@ -107,30 +124,12 @@ Tensor linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias) 
   }
   const bool float32 = x.scalar_type() == at::kFloat;
   if (float32 && M == 1 && N > 1 && weight.stride(0) == 1) {
-    // the transpose of a [K, N] matrix (x W for transformers' Conv1D, passed as W^T): sums down its columns
-    const Tensor xc = x.contiguous();
-    const Tensor bc = bias ? bias->contiguous() : Tensor();
-    Tensor y = at::empty({1, N}, x.options());
-    const GemvArgs a{weight.data_ptr<float>(), xc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
-                     y.data_ptr<float>(), K, weight.stride(1)};
-    const auto kernel = PTM_CPU_KERNEL(gemv_cols);
-    // about GRAIN_SIZE weight elements per task, in whole groups of 128 columns (four blocks of 32 on AVX-512)
-    const int64_t grain = (std::max<int64_t>(128, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)) + 127) / 128
-                          * 128;
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
-    return y;
+    // the transpose of a [K, N] matrix (x W for transformers' Conv1D, passed as W^T): down its columns, in
+    // groups of 128 (four blocks of 32 on AVX-512)
+    return gemv(x, weight, bias, PTM_CPU_KERNEL(gemv_cols), weight.stride(1), 128);
   }
   if (float32 && M == 1 && N > 0 && weight.stride(1) == 1) {
-    const Tensor xc = x.contiguous();
-    const Tensor bc = bias ? bias->contiguous() : Tensor();
-    Tensor y = at::empty({1, N}, x.options());
-    const GemvArgs a{weight.data_ptr<float>(), xc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
-                     y.data_ptr<float>(), K, weight.stride(0)};
-    const auto kernel = PTM_CPU_KERNEL(gemv_rows);
-    // about GRAIN_SIZE weight elements per task, in whole groups of four rows
-    const int64_t grain = (std::max<int64_t>(4, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)) + 3) / 4 * 4;
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
-    return y;
+    return gemv(x, weight, bias, PTM_CPU_KERNEL(gemv_rows), weight.stride(0), 4);  // weight rows, four a group
   }
   if (float32 && M > 1 && M <= kFewRows) {
     const Tensor yt = bias ? at::addmm(bias->unsqueeze(1), weight, x.t()) : at::mm(weight, x.t());  // [N, M]
