@@ -12,9 +12,10 @@
 //   shapes);
 // - more rows: at::linear.
 //
-// Kernel half: output features [begin, end) of the one-row product, four weight rows at a time so that each
-// loaded block of x feeds four FMAs; compiled once per instruction set (see common.h). Host half: checks,
-// the choice above, at::parallel_for over output features.
+// Kernel half: output features [begin, end) of the one-row product: gemv_rows takes four weight rows at a time
+// so that each loaded block of x feeds four FMAs, gemv_cols four blocks of columns at a time so that each
+// broadcast x[k] feeds four FMAs; compiled once per instruction set (see common.h). Host half: checks, the
+// choice above, at::parallel_for over groups of output features.
 #include "common.h"
 #include "vec_utils.h"
 
@@ -91,8 +92,9 @@ void gemv_cols(const GemvArgs& a, int64_t begin, int64_t end) {
 // Rows up to which the weight goes on the left of the GEMM (see the file comment).
 constexpr int64_t kFewRows = 64;
 
-// One row (x [1, K]) through a GEMV kernel over the outputs [0, N), split across threads in tasks of about
-// GRAIN_SIZE weight elements, whole groups of `group` outputs each; ldw: the weight's stride (GemvArgs).
+// One row (x [1, K]) through a GEMV kernel over the outputs [0, N), split across threads in whole groups of
+// `group` outputs (at::parallel_for splits its range evenly, ignoring the grain's multiples, so the range is
+// groups), about GRAIN_SIZE weight elements a task; ldw: the weight's stride (GemvArgs).
 template <typename Kernel>
 Tensor gemv(const Tensor& x, const Tensor& weight, const OptTensor& bias, Kernel kernel, int64_t ldw,
             int64_t group) {
@@ -102,9 +104,11 @@ Tensor gemv(const Tensor& x, const Tensor& weight, const OptTensor& bias, Kernel
   Tensor y = at::empty({1, N}, x.options());
   const GemvArgs a{weight.data_ptr<float>(), xc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
                    y.data_ptr<float>(), K, ldw};
-  const int64_t grain = (std::max<int64_t>(group, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)) + group - 1) /
-                        group * group;
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  const int64_t groups = (N + group - 1) / group;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(K * group, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    kernel(a, begin * group, std::min(end * group, N));
+  });
   return y;
 }
 

@@ -3,7 +3,7 @@
 
 ops.linear is F.linear except for the few rows of a CPU decode step (float32, at most 64 rows), which it runs
 faster (csrc/cpu/linear.cpp): a transformers model's `generate` on a CPU gets the GEMV without any conversion.
-Conv1D (GPT-2, OpenAI GPT, ImageGPT, ...) computes x W + b with its weight stored [in, out]: it goes through
+GPT-2's Conv1D computes x W + b with its weight stored [in, out]: it goes through
 ops.linear as W^T, a view (no copy), which the GEMV reads down its columns. Only modules whose class is exactly
 nn.Linear or Conv1D are patched: subclasses (quantized or adapter layers) have their own forward, which is
 theirs to keep.

@@ -53,8 +53,8 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # mask + dropout 360/344 -> 208/204 B, two-stream 144/240 -> 128/128 B; the worst now the dq at D = 128 with
     # every mask + dropout (212/188 B). The band rolled along the key loop (launch.ROLLED_BAND: forward 3 band
     # units of 64 * 64 * D a step instead of 4, dq 6 per 64 keys instead of 27) spilled more and is off: forward
-    # up to 44/44 B, dq up to 1316/1316 B (figures in launch.py). Before the Hopper rewrite (one backward, 32 x 32 tiles, mma.sync + tf32,
-    # 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
+    # up to 44/44 B, dq up to 1316/1316 B (figures in launch.py). Before the Hopper rewrite (one backward, 32 x 32
+    # tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
     "relative_attention-bf16": (212, 204, 10),
     "relative_attention-fp16": (212, 204, 10),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,

@@ -1,5 +1,7 @@
 """hf.apply on GPT-2 and GPT-Neo: patched vs unpatched transformers on the same weights."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -114,7 +116,7 @@ def test_gpt2_cross_attention_with_padded_encoder():
         assert_close(got[1][name], g, name=f"grad {name}")
 
 
-def test_conv1d_runs_ptm_linear_until_reverted():
+def test_conv1d_runs_ptm_linear_until_reverted(monkeypatch):
     """Every Conv1D of GPT-2 (weight [in, out]) gets ops.linear over its transposed weight as its forward:
     beyond ops.linear's few CPU rows that is the same addmm (bit-identical), one-row decoding (the C++ GEMV down
     the columns on a CPU) gives transformers' tokens; revert removes the forwards."""
@@ -131,7 +133,12 @@ def test_conv1d_runs_ptm_linear_until_reverted():
     hf.apply(model, attention=False, norms=False, mlp=False, loss=False)
     assert len(convs) == 4 * 2 and all("forward" in m.__dict__ for m in convs)
     assert torch.equal(convs[0](x), many)
+    linear_op = importlib.import_module("ptm_kernels.ops.linear")  # the module (ptm_kernels.ops.linear is the op)
+    ops_called, call = [], linear_op._fast_path.call
+    monkeypatch.setattr(linear_op._fast_path, "call", lambda op, *args: ops_called.append(op) or call(op, *args))
     assert_close(convs[0](x[:1, :1]), one, name="one row (GEMV)")
+    assert ops_called == [linear_op._linear]  # the op (the C++ GEMV on a CPU), not F.linear
+    monkeypatch.undo()
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), want)
     hf.revert(model)
     assert not any("forward" in m.__dict__ for m in convs)

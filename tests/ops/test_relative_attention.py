@@ -420,7 +420,8 @@ def test_rolled_band_interpreted(rng, monkeypatch):
         tiles_16 = run(dropped, inputs, gout)
         _row_tiles_of_64(monkeypatch, band_split=True, keys=64)
         cfg, _ = launch._config(D, torch.float32, torch.device(DEVICE), "dq")
-        assert cfg["BLOCK_N"] == 64 and cfg["BAND_SPLIT"]  # the rolled band (position._band_rolls)
+        # the condition of position._band_rolls (band-major, split, as many keys as rows): the rolled kernels run
+        assert cfg["BLOCK_M"] >= 64 and cfg["BAND_SPLIT"] and cfg["BLOCK_N"] == cfg["BLOCK_M"]
         tiles_64 = run(dropped, inputs, gout)
     for i, (a, t) in enumerate(zip([*tiles_64[0], *tiles_64[1]], [*tiles_16[0], *tiles_16[1]])):
         assert_close(a, t, name=f"dropout, every mask part: output/gradient {i}", **F32_TOL)
@@ -449,7 +450,8 @@ def _row_tiles_of_64(monkeypatch, band_split, keys=None):
 def test_float32_gpu_paths_interpreted(rng, monkeypatch, D):
     """The GPU's float32 backward (input_precision tf32x3, which the interpreter computes exactly), paths an
     ieee-precision run never takes: at D >= 64 the head-dim dots run in chunks read from memory, dqv and dr per
-    chunk (triton/relative_attention/backward._head_dim_dots; D = 64: two chunks); below, on whole tiles, the dq
+    chunk (triton/relative_attention/backward._head_dim_dots; D = 64: four 16-column chunks for the dots, two
+    32-column chunks for dqv and dr); below, on whole tiles, the dq
     kernel's dr chunks are a loop. Same cases and tolerances as test_several_row_and_key_tiles."""
     from ptm_kernels.triton import _common
 

@@ -17,8 +17,8 @@ from .forward import _rel_fwd_kernel
 
 
 # The kernels of 16-bit inputs whose band rolls along the key loop (position._band_rolls; "fwd", "dq"): none, as
-# measured (sm_90, triton 3.7.1, bf16; spill store / load bytes of the launched compile, band causal / every mask
-# + dropout / two-stream; a kernel in ROLLED_BAND takes BAND_SPLIT, the dq kernel 64 keys a step):
+# measured (sm_90, triton 3.7.1, bf16; spill store bytes of the launched compile, band causal / every mask +
+# dropout / two-stream; a kernel in ROLLED_BAND takes BAND_SPLIT, the dq kernel 64 keys a step; dk/dv cannot roll):
 # - forward: one [64, 64] band piece product a key step instead of the [128, 64] band product (QK^T, band, P.V:
 #   3 units of 64 * 64 * D multiply-adds a step instead of 4), but the carried piece and the two-piece select
 #   cost registers: D = 64 0 / 8 / 0 B (today 0 / 0 / 0; band causal 196 registers, today 186), D = 128
@@ -38,6 +38,7 @@ ROLLED_BAND: frozenset = frozenset()
 
 def _config(D: int, dtype, device, kernel: str = "fwd"):
     """(constexprs, warps) of kernel "fwd", "dq" or "dkdv"."""
+    assert ROLLED_BAND <= {"fwd", "dq"}, f"launch.ROLLED_BAND: only 'fwd' and 'dq' roll, got {set(ROLLED_BAND)}"
     roll = kernel in ROLLED_BAND
     block_d = C.block_d(D)
     if C.interpreted(device):

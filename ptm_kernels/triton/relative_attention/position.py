@@ -160,7 +160,6 @@ def _band_grad(g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constex
         return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
 
 
-
 @triton.jit
 def _rolled_image(g, BLOCK_M: tl.constexpr):
     """dS's band image for a rolled band (_band_rolls), band-major: G[c, m] = g[m, (c + m + 1) % BLOCK_M]
