@@ -7,7 +7,7 @@ Needs transformers; `import ptm_kernels` never imports this package.
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ptm")
 
     ptm_kernels.hf.apply(model)       # + fused norms, RoPE, MLP, the fused loss (see the family modules), and
-                                      #   nn.Linear through ptm_kernels.linear (hf/linear.py)
+                                      #   nn.Linear / Conv1D through ptm_kernels.linear (hf/linear.py)
     ptm_kernels.hf.revert(model)      # back to exactly the modules and functions it had
 
 `apply` patches one model *instance* in place, dispatched on `model.config.model_type` (the table in

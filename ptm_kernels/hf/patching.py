@@ -34,7 +34,7 @@ class PatchOptions:
     rope: bool = True       # rotary embeddings
     mlp: bool = True        # activations / gated MLPs / bias+GELU
     loss: bool = True       # fused (linear) cross-entropy in *ForCausalLM / *ForMaskedLM / *ForConditionalGeneration
-    linear: bool = True     # every nn.Linear through ptm_kernels.linear (a CPU decode step's GEMV; hf/linear.py)
+    linear: bool = True     # nn.Linear / Conv1D through ptm_kernels.linear (a CPU decode step GEMV; hf/linear.py)
 
 
 class Patcher:

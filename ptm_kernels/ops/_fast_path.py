@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 # The argument types that may skip the dispatcher: exactly these (a subclass, e.g. FakeTensor, DTensor, an fx
-# Proxy, or an int subclass, takes the dispatcher).
-_TENSORS = frozenset((Tensor, nn.Parameter))
-_PLAIN_TYPES = _TENSORS | {bool, int, float, str, type(None)}
+# Proxy, or an int subclass, takes the dispatcher). TENSORS: the plain tensor types, which ops/linear.py's
+# few-row forms also require.
+TENSORS = frozenset((Tensor, nn.Parameter))
+_PLAIN_TYPES = TENSORS | {bool, int, float, str, type(None)}
 
 
 def custom_op(name: str) -> Callable:
@@ -50,7 +51,7 @@ def skips_dispatch(args) -> bool:
         return False
     if torch.is_grad_enabled():
         for a in args:
-            if type(a) in _TENSORS and a.requires_grad:
+            if type(a) in TENSORS and a.requires_grad:
                 return False
     return True
 

@@ -16,12 +16,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import backend
 from . import _fast_path
-
-_PLAIN = (Tensor, nn.Parameter)
 
 # Rows up to which the op runs instead of F.linear (the C++ backend's few-row forms; kFewRows in linear.cpp).
 FEW_ROWS = 64
@@ -56,7 +54,7 @@ _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 def _like(t, x: Tensor, shape) -> bool:
     # plain tensors only: a subclass (DTensor, a quantized or wrapped weight) has its own linear
-    return type(t) in _PLAIN and t.shape == shape and t.dtype == x.dtype and t.device == x.device
+    return type(t) in _fast_path.TENSORS and t.shape == shape and t.dtype == x.dtype and t.device == x.device
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -64,7 +62,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
     On CPU float32 with at most 64 rows (x's leading dimensions flattened) it runs `ptm::linear`; otherwise it
     is F.linear (see the module docstring)."""
-    if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
+    if type(x) not in _fast_path.TENSORS or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() == 0:
         return F.linear(x, weight, bias)
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
         return F.linear(x, weight, bias)  # vmap / torch.func.grad: torch's linear has their rules
