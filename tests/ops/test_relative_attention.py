@@ -392,6 +392,32 @@ def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(),
+                    reason="forces the GPU's 16-bit dk / dv layout on float32 inputs, which only the interpreter "
+                           "computes exactly")
+@pytest.mark.parametrize("rows", [16, 64], ids=["interpreter_tiles", "gpu_tiles_band_in_two_pieces"])
+def test_dkdv_transposed_interpreted(rng, monkeypatch, rows):
+    """dk^T and dv^T accumulated (DKDV_T: the GPU's 16-bit dk / dv kernel, so that its dots have M = D rows) on
+    float32 inputs, so the float64 comparison keeps float32 tolerances: the interpreter's 16 x 16 tiles, and the
+    GPU's 64-row tiles with 32 keys and the band in two pieces (its D = 128 config). Same cases and tolerances as
+    test_several_row_and_key_tiles (both streams among them)."""
+    from ptm_kernels.triton.relative_attention import launch
+
+    if rows == 64:
+        _row_tiles_of_64(monkeypatch, band_split=True, keys=32)
+    config = launch._config
+
+    def transposed(D, dtype, device, kernel="fwd", streams=1):
+        cfg, warps = config(D, dtype, device, kernel, streams)
+        if kernel == "dkdv":
+            assert cfg["DKDV_T"] is False  # float32 keeps [BLOCK_N, D]: the flag below is what changes the path
+            cfg = dict(cfg, DKDV_T=True)
+        return cfg, warps
+
+    monkeypatch.setattr(launch, "_config", transposed)
+    _several_row_and_key_tiles("triton", rng)
+
+
+@pytest.mark.skipif(not backend.triton_interpreted(),
                     reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
 def test_rolled_band_interpreted(rng, monkeypatch):
     """64 x 64 tiles with the band rolled along the key loop (position._band_rolls: forward and dq carry a band
@@ -436,8 +462,8 @@ def _row_tiles_of_64(monkeypatch, band_split, keys=None):
 
     interpreter_config = launch._config
 
-    def row_tiles_of_64(D, dtype, device, kernel="fwd"):
-        cfg, warps = interpreter_config(D, dtype, device, kernel)
+    def row_tiles_of_64(D, dtype, device, kernel="fwd", streams=1):
+        cfg, warps = interpreter_config(D, dtype, device, kernel, streams)
         n = keys or cfg["BLOCK_N"]
         return dict(cfg, BLOCK_M=64, BLOCK_N=n, BAND=triton.next_power_of_2(64 + n), BAND_SPLIT=band_split), warps
 

@@ -322,9 +322,11 @@ def _rel_bwd_dq_kernel(S0, S1, G0, G1, keys, dims, drop, BLOCK_M: tl.constexpr, 
 @triton.jit
 def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-                 BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """dk, dv ([BLOCK_N, BLOCK_D] float32) of key tile pid_n plus the share of stream S's rows. The key tile is
-    read again for each row tile (cached): kept across the loop, it cost registers that the compiler spilled."""
+                 BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 DKDV_T: tl.constexpr):
+    """dk, dv (float32 [BLOCK_N, BLOCK_D], or their transposes [BLOCK_D, BLOCK_N] with DKDV_T) of key tile
+    pid_n plus the share of stream S's rows. The key tile is read again for each row tile (cached): kept across
+    the loop, it cost registers that the compiler spilled."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
     start_n = pid_n * BLOCK_N
     m_lo = 0
@@ -340,27 +342,40 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
         pd, g, offs_n, col_ok, band, t_band = _tile_grad(
             S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
             v, start_n, None, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER)
-        dv += dot(tl.trans(pd.to(do.dtype)), do, None, PREC, UPCAST)
-        dk += dot(tl.trans(g.to(qu.dtype)), qu, None, PREC, UPCAST)
+        if DKDV_T:  # dk^T += qu^T dS, dv^T += dO^T Pd (dk first: 140 -> 132 spill bytes, launch._config)
+            dk += dot(tl.trans(qu), g.to(qu.dtype), None, PREC, UPCAST)
+            dv += dot(tl.trans(do), pd.to(do.dtype), None, PREC, UPCAST)
+        else:
+            dv += dot(tl.trans(pd.to(do.dtype)), do, None, PREC, UPCAST)
+            dk += dot(tl.trans(g.to(qu.dtype)), qu, None, PREC, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
-                         D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                         D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, DKDV_T: tl.constexpr):
     """Grid (key tiles, B * H): dk, dv (contiguous [B, H, Lk, D], k's dtype) of one key tile, summed over the
-    rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s)."""
+    rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s). DKDV_T
+    (launch._config): accumulate dk^T and dv^T, whose dots have M = BLOCK_D rows rather than BLOCK_N (wgmma
+    takes M >= 64: a 32-key tile's dk / dv dots ran on mma.sync)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if DKDV_T:
+        dk = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S0, G0, keys, dims, drop, 0, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK,
-                          BAND_SPLIT, D, PREC, UPCAST)
+                          BAND_SPLIT, D, PREC, UPCAST, DKDV_T)
     if S1 is not None:
         dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S1, G1, keys, dims, drop, 1, BLOCK_M, BLOCK_N, BAND, BLOCK_D,
-                              D_CHUNK, BAND_SPLIT, D, PREC, UPCAST)
+                              D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, DKDV_T)
+    if DKDV_T:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
     offs_d = tl.arange(0, BLOCK_D)
     ptr = bh.to(tl.int64) * keys.Lk * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     ok = (offs_n < keys.Lk)[:, None] & (offs_d < D)[None, :]

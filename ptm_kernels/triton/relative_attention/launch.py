@@ -36,8 +36,8 @@ from .forward import _rel_fwd_kernel
 ROLLED_BAND: frozenset = frozenset()
 
 
-def _config(D: int, dtype, device, kernel: str = "fwd"):
-    """(constexprs, warps) of kernel "fwd", "dq" or "dkdv"."""
+def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1):
+    """(constexprs, warps) of kernel "fwd", "dq" or "dkdv" for one or two query streams."""
     assert ROLLED_BAND <= {"fwd", "dq"}, f"launch.ROLLED_BAND: only 'fwd' and 'dq' roll, got {set(ROLLED_BAND)}"
     roll = kernel in ROLLED_BAND
     block_d = C.block_d(D)
@@ -71,12 +71,13 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         # 456/380 at D = 64 with 64 keys (152/120 row-major), 864/852 on 4 warps; not kept
         n = {"dq": 64 if roll else 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
-        # dk / dv at D = 128: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT): 360/344 ->
-        # 208/204 spill bytes with every mask + dropout, 44/32 -> 0 band causal, 144/240 -> 128/128 two-stream.
-        # Not elsewhere: a 64-row piece is held by both warpgroups (a chained dot's warps lie along M), which cost
-        # more than it saved at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward
-        # (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
-        cfg["BAND_SPLIT"] = (kernel == "dkdv" and D > 64) or roll
+        # dk / dv at D = 128, one stream: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT):
+        # 244/240 -> 132/128 spill bytes with every mask + dropout, 72/64 -> 4/4 band causal (DKDV_T). Not
+        # elsewhere: a 64-row piece is held by both warpgroups (a chained dot's warps lie along M), which cost more
+        # than it saved with two streams (0 -> 68/68 B at D = 128), at D = 64 (dk/dv 0 -> 56 B band causal, dq 156
+        # -> 196 B every mask), in the forward (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156
+        # B; 212 -> 168 B with every mask)
+        cfg["BAND_SPLIT"] = (kernel == "dkdv" and D > 64 and streams == 1) or roll
         # Also measured for dq and not kept: its position gradients (dqv, dr) in a second pass over the keys, so
         # that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 -> 32/20 B band causal,
         # 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231 KB of shared
@@ -101,6 +102,14 @@ def _config(D: int, dtype, device, kernel: str = "fwd"):
         cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
     cfg["BLOCK_D"] = block_d
     cfg.setdefault("BAND_SPLIT", False)  # position._pos_band
+    if kernel == "dkdv":
+        # 16-bit: dk^T and dv^T accumulated (backward._rel_bwd_dkdv_kernel), so that their dots have M = D >= 64
+        # and run on wgmma; the 32-key tiles at D = 128 ran them on mma.sync (M = BLOCK_N). Spill bytes (sm_90,
+        # triton 3.7.1, bf16; band causal / every mask + dropout / two-stream) at D = 128: 0 / 208 / 128 -> 4 / 132
+        # / 0 (two streams unsplit, above); at D = 64 (64 keys, wgmma either way): 0 / 152 / 12 -> 0 / 136 / 0.
+        # With 64 keys at D = 128 it spilled 208 / 528 / 448 B on 1 stage. Float32 (tf32x3 on mma.sync, 32 keys)
+        # keeps [BLOCK_N, D], the layout measured to spill nothing there
+        cfg["DKDV_T"] = dtype != torch.float32
     # rows of r one (row tile, key tile) pair uses when its rows are consecutive: BLOCK_M + BLOCK_N - 1
     cfg["BAND"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"])
     return cfg, warps
@@ -192,7 +201,7 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
-    cfg, warps = _config(D, k.dtype, k.device, "dkdv")
+    cfg, warps = _config(D, k.dtype, k.device, "dkdv", len(streams))
     _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, *args, dk, dv, **kw)
     res = [(g.dqu.ptr, g.dqv.to(s.qv.dtype), g.dseg if g.dseg is not None else s.qu.new_empty(0, dtype=torch.float32))
            for s, g in zip(streams, grads)]
