@@ -80,7 +80,12 @@ inline void read_params(pybind11::handle o, cpu::RelativeParams& p) {
 }
 
 inline void read_params(pybind11::handle o, cpu::RelativeStream& s) {
-  read(o, "qu", s.qu, "qv", s.qv, "seg", s.seg, "q_ids", s.q_ids, "positions", s.positions, "vis", s.vis);
+  read(o, "q", s.q, "u", s.u, "v_bias", s.v_bias, "seg", s.seg, "q_ids", s.q_ids, "positions", s.positions, "vis",
+       s.vis);
+  // the biased queries as Python forms them (one definition of the rounding to q's dtype)
+  const auto biased = o.attr("biased")().cast<std::tuple<at::Tensor, at::Tensor>>();
+  s.qu = std::get<0>(biased);
+  s.qv = std::get<1>(biased);
 }
 
 }  // namespace ptm::binding

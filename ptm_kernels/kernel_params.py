@@ -8,8 +8,8 @@
     AttentionParams  everything of ptm::attention but q, k, v: scale, Visibility, Bias, Dropout
     RelativeParams   what the query streams of relative attention share: key segment ids, scale, r_offset,
                      q_len, Dropout
-    RelativeStream   one query stream of relative attention: q + u, q + v_bias, the segment term, the rows'
-                     segment ids and positions, its Visibility
+    RelativeStream   one query stream of relative attention: q, the biases u and v_bias, the segment term, the
+                     rows' segment ids and positions, its Visibility
 
 Every layer passes these objects whole: the public ops build them (`AttentionMask.visibility()` gives the
 Visibility), every backend takes them (reference_kernels.py, reference_relative.py, the Triton launchers
@@ -25,7 +25,7 @@ kernel_params_py.h, and the kernels that use it; no argument list elsewhere chan
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import Tensor
 
@@ -126,18 +126,30 @@ class RelativeParams:
 
 @_params_class
 class RelativeStream:
-    """One query stream of relative attention (see reference_relative.py)."""
+    """One query stream of relative attention (see reference_relative.py). The kernels score with q + u (content
+    term) and q + v_bias (position term), `biased()`; the backward returns the gradients of q, u and v_bias, so
+    that dq = d(q + u) + d(q + v_bias) needs one accumulator and q + u, q + v_bias are never saved."""
 
-    qu: Tensor  # [B, H, Lr, D]: q + u
-    qv: Tensor  # [B, H, Lr, D]: q + v_bias
+    q: Tensor  # [B, H, Lr, D]
+    u: Optional[Tensor] = None  # [H, D]: the content bias (Transformer-XL r_w_bias), None for 0
+    v_bias: Optional[Tensor] = None  # [H, D]: the position bias (r_r_bias), None for 0
     seg: Optional[Tensor] = None  # float32 [B, H, Lr, 2]: the segment term (same, other segment)
     q_ids: Optional[Tensor] = None  # int64 [B, Lr]: the rows' segment ids (with seg)
     positions: Optional[Tensor] = None  # int64 [B, Lr]: each row's position, None for 0 .. Lr - 1
     vis: Visibility = Visibility()
 
     def expanded(self, B: int, H: int, Lk: int) -> "RelativeStream":
-        vis = self.vis.expanded(B, H, self.qu.shape[2], Lk)
+        vis = self.vis.expanded(B, H, self.q.shape[2], Lk)
         return self if vis is self.vis else replaced(self, vis=vis)
+
+    def biased(self) -> Tuple[Tensor, Tensor]:
+        """(q + u, q + v_bias) in q's dtype, as the eager models form them (q itself where a bias is None); the
+        kernels' inputs."""
+        return _plus(self.q, self.u), _plus(self.q, self.v_bias)
+
+
+def _plus(q: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return q if bias is None else (q + bias[None, :, None, :]).to(q.dtype)
 
 
 def replaced(obj, **changes):

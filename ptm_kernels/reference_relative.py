@@ -7,8 +7,8 @@
 The public ops (ptm_kernels/ops/relative_attention.py) hand every backend already-prepared tensors, grouped
 as in ptm_kernels/kernel_params.py (a stream's fields, then what the streams share in RelativeParams):
 
-    qu   [B, H, Lr, D]  q + u        (content term:  qu_i . k_j)
-    qv   [B, H, Lr, D]  q + v_bias   (position term: qv_i . r[t(i, j)])
+    q    [B, H, Lr, D]; u, v_bias [H, D] or None (0): the scores take qu = q + u (content term: qu_i . k_j)
+         and qv = q + v_bias (position term: qv_i . r[t(i, j)]), formed in q's dtype (RelativeStream.biased)
     seg  float32 [B, H, Lr, 2] or None: seg[b, h, i, s] = (q_i + s_bias) . seg_embed[s] (XLNet's segment term),
          added as seg[..., 0] where q_ids[b, i] == k_ids[b, j] (same segment) and seg[..., 1] otherwise
     q_ids int64 [B, Lr], k_ids int64 [B, Lk] (or None, with seg None)
@@ -32,7 +32,7 @@ stream), and the weighted sum of v. All math in float32 (float64 for float64 inp
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -80,12 +80,12 @@ def _scores(qu, qv, k, r, seg, q_ids, k_ids, positions, scale, r_offset, q_len):
     return s * scale, tc, valid, diff
 
 
-def _probs(k, r, p: RelativeParams, st: RelativeStream):
-    B, H, Lr, _ = st.qu.shape
+def _probs(k, r, p: RelativeParams, st: RelativeStream, qu: Tensor, qv: Tensor):
+    B, H, Lr, _ = qu.shape
     Lk = k.shape[2]
-    s, tc, valid, diff = _scores(st.qu, st.qv, k, r, st.seg, st.q_ids, p.k_ids, st.positions, p.scale, p.r_offset,
+    s, tc, valid, diff = _scores(qu, qv, k, r, st.seg, st.q_ids, p.k_ids, st.positions, p.scale, p.r_offset,
                                  p.q_len)
-    vis = relative_visibility(B, H, Lr, Lk, p.q_len, st.positions, st.qu.device, st.vis)
+    vis = relative_visibility(B, H, Lr, Lk, p.q_len, st.positions, qu.device, st.vis)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # A +inf score makes the row NaN, as torch's softmax does (exp(inf - inf)); torch.logsumexp would say +inf.
@@ -96,31 +96,33 @@ def _probs(k, r, p: RelativeParams, st: RelativeStream):
 
 
 def relative_attention_fwd(k, v, r, p: RelativeParams, s: RelativeStream):
-    """One stream -> (out [B, H, Lr, D] in qu's dtype, lse [B, H, Lr] float32)."""
-    probs, lse, _, _, _ = _probs(k, r, p, s)
+    """One stream -> (out [B, H, Lr, D] in q's dtype, lse [B, H, Lr] float32)."""
+    probs, lse, _, _, _ = _probs(k, r, p, s, *s.biased())
     drop = p.dropout
     if drop.p > 0:
         B, H, Lr, Lk = probs.shape
-        keep = attention_dropout_mask(drop.seed_value, drop.p, B, H, Lr, Lk, s.qu.device)
+        keep = attention_dropout_mask(drop.seed_value, drop.p, B, H, Lr, Lk, s.q.device)
         probs = probs * keep / (1.0 - drop.p)
-    out = (probs @ v.to(probs.dtype)).to(s.qu.dtype)
+    out = (probs @ v.to(probs.dtype)).to(s.q.dtype)
     return out, (lse if lse.dtype == torch.float64 else lse.float())
 
 
 def relative_attention_bwd(dout, out, lse, k, v, r, params: RelativeParams, s: RelativeStream):
-    """One stream -> (dqu, dqv, dk, dv, dr, dseg).
+    """One stream -> (dq, du, dv_bias, dk, dv, dr, dseg), from the gradients of qu = q + u and qv = q + v_bias:
 
     With P the probabilities, Pd = P * keep / (1 - p) (dropout), dP = dO V^T * keep / (1 - p),
     delta_i = sum_d dO_id O_id and G = scale * P * (dP - delta) (the gradient of the unscaled score sum):
         dqu = G K,  dk = G^T QU,  dv = Pd^T dO
         dqv_i = sum_j G_ij r[t_ij],  dr[t] = sum_{(i, j): t_ij = t} G_ij qv_i   (valid t only)
         dseg[i, 0] = sum_{j same segment} G_ij,  dseg[i, 1] = sum_{j other segment} G_ij
-    dqu, dqv in qu's dtype; dk, dv in k's dtype; dr float32 [B, H, R, D]; dseg float32 [B, H, Lr, 2] (empty
-    without seg).
+        dq = dqu + dqv,  du = sum_{b, i} dqu,  dv_bias = sum_{b, i} dqv
+    dq in q's dtype; du, dv_bias float32 [H, D] (empty where the bias is None); dk, dv in k's dtype; dr float32
+    [B, H, R, D]; dseg float32 [B, H, Lr, 2] (empty without seg). The float32 results are float64 for float64.
     """
-    qu, qv, seg, scale, drop = s.qu, s.qv, s.seg, params.scale, params.dropout
+    seg, scale, drop = s.seg, params.scale, params.dropout
+    qu, qv = s.biased()
     cd = _compute_dtype(qu)
-    p, _, tc, valid, diff = _probs(k, r, params, s)
+    p, _, tc, valid, diff = _probs(k, r, params, s, qu, qv)
     B, H, Lr, Lk = p.shape
     R = r.shape[2]
     do = dout.to(cd)
@@ -146,7 +148,14 @@ def relative_attention_bwd(dout, out, lse, k, v, r, params: RelativeParams, s: R
         dseg = stat(dseg)
     else:
         dseg = empty_stats(qu)
-    return dqu.to(qu.dtype), dqv.to(qv.dtype), dk.to(k.dtype), dv.to(v.dtype), stat(dr), dseg
+    return ((dqu + dqv).to(s.q.dtype), *query_bias_grads(s, dqu, dqv, stat), dk.to(k.dtype), dv.to(v.dtype),
+            stat(dr), dseg)
+
+
+def query_bias_grads(s: RelativeStream, dqu: Tensor, dqv: Tensor, stat) -> Tuple[Tensor, Tensor]:
+    """(du, dv_bias): the row sums of dqu, dqv over batch and rows ([H, D], `stat`'s dtype), empty where the
+    bias is None."""
+    return tuple(stat(d.sum((0, 2))) if b is not None else empty_stats(s.q) for b, d in ((s.u, dqu), (s.v_bias, dqv)))
 
 
 # Two streams (XLNet): the content stream (c) and the query stream (g) against the same k, v, r. The query
@@ -169,9 +178,11 @@ def two_stream_attention_fwd(k, v, r, p: RelativeParams, c: RelativeStream, g: R
 
 def two_stream_attention_bwd(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, p: RelativeParams,
                              c: RelativeStream, g: RelativeStream):
-    """-> (dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr); dk, dv, dr summed over both streams."""
-    dqu_c, dqv_c, dk_c, dv_c, dr_c, dseg_c = relative_attention_bwd(dout_c, out_c, lse_c, k, v, r, p, c)
-    dqu_g, dqv_g, dk_g, dv_g, dr_g, dseg_g = relative_attention_bwd(dout_g, out_g, lse_g, k, v, r, _query_stream(p), g)
+    """-> (dq_c, du_c, dv_bias_c, dseg_c, dq_g, du_g, dv_bias_g, dseg_g, dk, dv, dr) (each stream's as in
+    relative_attention_bwd); dk, dv, dr summed over both streams."""
+    dq_c, du_c, dvb_c, dk_c, dv_c, dr_c, dseg_c = relative_attention_bwd(dout_c, out_c, lse_c, k, v, r, p, c)
+    dq_g, du_g, dvb_g, dk_g, dv_g, dr_g, dseg_g = relative_attention_bwd(dout_g, out_g, lse_g, k, v, r,
+                                                                         _query_stream(p), g)
     dk = (dk_c.to(_compute_dtype(k)) + dk_g.to(_compute_dtype(k))).to(k.dtype)
     dv = (dv_c.to(_compute_dtype(v)) + dv_g.to(_compute_dtype(v))).to(v.dtype)
-    return dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr_c + dr_g
+    return dq_c, du_c, dvb_c, dseg_c, dq_g, du_g, dvb_g, dseg_g, dk, dv, dr_c + dr_g

@@ -46,7 +46,9 @@ struct RelativeParams {
 };
 
 struct RelativeStream {
-  Tensor qu, qv;
+  Tensor qu, qv;   // q + u, q + v_bias (Python's RelativeStream.biased())
+  Tensor q;
+  OptTensor u, v_bias;  // None: that bias is 0 (no gradient returned for it)
   OptTensor seg, q_ids, positions;
   Visibility vis;
 };

@@ -432,6 +432,15 @@ Tensor dseg_or_empty(const StreamGrads& G, const Tensor& qu) {
   return G.dseg.defined() ? G.dseg : at::empty({0}, qu.options());
 }
 
+// (dq in q's dtype, du, dv_bias) from the float32 gradients of q + u and q + v_bias: dq = dqu + dqv, and a bias's
+// gradient is the sum over batch and rows (float32 [H, D]; empty where the bias is None).
+std::tuple<Tensor, Tensor, Tensor> query_grads(const StreamGrads& G, const RelativeStream& s) {
+  auto bias = [&](const OptTensor& b, const Tensor& d) {
+    return b.has_value() && b->defined() ? d.sum({0, 2}) : at::empty({0}, s.q.options());
+  };
+  return {(G.dqu + G.dqv).to(s.q.scalar_type()), bias(s.u, G.dqu), bias(s.v_bias, G.dqv)};
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------ entry points
@@ -448,7 +457,7 @@ std::tuple<Tensor, Tensor> relative_attention_fwd(const Tensor& k, const Tensor&
   return {outs[0].out.to(s.qu.scalar_type()), outs[0].lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
     const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& k, const Tensor& v, const Tensor& r,
     const RelativeParams& p, const RelativeStream& s) {
   const Shared S(k, v, r, p);
@@ -456,8 +465,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bw
   const std::vector<StreamGrads> grads{stream_grads(S, T, dout, out, lse)};
   const SharedGrads SG = backward(S, {&T}, grads);
   const StreamGrads& G = grads[0];
-  return {G.dqu.to(s.qu.scalar_type()), G.dqv.to(s.qv.scalar_type()), SG.dk.to(k.scalar_type()),
-          SG.dv.to(v.scalar_type()), SG.dr, dseg_or_empty(G, s.qu)};
+  const auto [dq, du, dv_bias] = query_grads(G, s);
+  return {dq, du, dv_bias, SG.dk.to(k.scalar_type()), SG.dv.to(v.scalar_type()), SG.dr, dseg_or_empty(G, s.qu)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd(const Tensor& k, const Tensor& v, const Tensor& r,
@@ -469,7 +478,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd(const Tensor
   return {outs[0].out.to(c.qu.scalar_type()), outs[0].lse, outs[1].out.to(g.qu.scalar_type()), outs[1].lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> two_stream_attention_bwd(
+TwoStreamGrads two_stream_attention_bwd(
     const Tensor& dout_c, const Tensor& out_c, const Tensor& lse_c, const Tensor& dout_g, const Tensor& out_g,
     const Tensor& lse_g, const Tensor& k, const Tensor& v, const Tensor& r, const RelativeParams& p,
     const RelativeStream& c, const RelativeStream& g) {
@@ -479,9 +488,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                                        stream_grads(S, G, dout_g, out_g, lse_g)};
   const SharedGrads SG = backward(S, {&C, &G}, grads);
   const StreamGrads &gc = grads[0], &gg = grads[1];
-  return {gc.dqu.to(c.qu.scalar_type()), gc.dqv.to(c.qv.scalar_type()), dseg_or_empty(gc, c.qu),
-          gg.dqu.to(g.qu.scalar_type()), gg.dqv.to(g.qv.scalar_type()), dseg_or_empty(gg, g.qu),
-          SG.dk.to(k.scalar_type()),     SG.dv.to(v.scalar_type()),     SG.dr};
+  const auto [dq_c, du_c, dvb_c] = query_grads(gc, c);
+  const auto [dq_g, du_g, dvb_g] = query_grads(gg, g);
+  return {dq_c, du_c, dvb_c, dseg_or_empty(gc, c.qu), dq_g, du_g, dvb_g, dseg_or_empty(gg, g.qu),
+          SG.dk.to(k.scalar_type()), SG.dv.to(v.scalar_type()), SG.dr};
 }
 
 }  // namespace ptm::cpu

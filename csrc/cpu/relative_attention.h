@@ -17,8 +17,10 @@ namespace ptm::cpu {
 std::tuple<Tensor, Tensor> relative_attention_fwd(const Tensor& k, const Tensor& v, const Tensor& r,
                                                   const RelativeParams& p, const RelativeStream& s);
 
-// -> (dqu, dqv, dk, dv, dr float32 [B, H, R, D], dseg float32 [B, H, Lr, 2] or empty)
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
+// -> (dq, du, dv_bias, dk, dv, dr float32 [B, H, R, D], dseg float32 [B, H, Lr, 2] or empty): dq = the gradients of
+// q + u and q + v_bias summed, in q's dtype; du, dv_bias float32 [H, D] (their sums over batch and rows), empty
+// where that bias is None.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
     const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& k, const Tensor& v, const Tensor& r,
     const RelativeParams& p, const RelativeStream& s);
 
@@ -28,8 +30,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> two_stream_attention_fwd(const Tensor
                                                                     const RelativeParams& p, const RelativeStream& c,
                                                                     const RelativeStream& g);
 
-// -> (dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr); dk, dv, dr summed over both streams.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> two_stream_attention_bwd(
+// -> (dq_c, du_c, dv_bias_c, dseg_c, dq_g, du_g, dv_bias_g, dseg_g, dk, dv, dr); dk, dv, dr summed over both
+// streams.
+using TwoStreamGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                  Tensor>;
+TwoStreamGrads two_stream_attention_bwd(
     const Tensor& dout_c, const Tensor& out_c, const Tensor& lse_c, const Tensor& dout_g, const Tensor& out_g,
     const Tensor& lse_g, const Tensor& k, const Tensor& v, const Tensor& r, const RelativeParams& p,
     const RelativeStream& c, const RelativeStream& g);

@@ -70,7 +70,7 @@ class OpArgs:
         for (name, t), (_, fields) in zip(groups, self._groups):
             prefix = (name,) if name else ()
             leaves += [(prefix, t)] if fields is None else fields.leaves(prefix)
-        self.paths = [".".join(p) for p, _ in leaves]  # "q", "vis.causal", "c.qu", ...
+        self.paths = [".".join(p) for p, _ in leaves]  # "q", "vis.causal", "c.q", ...
         self.types = [t for _, t in leaves]
         self._index = {p: i for i, p in enumerate(self.paths)}
         if len(self._index) != len(self.paths):

@@ -36,10 +36,12 @@ aligned, i.e. key j visible iff j <= p'; sliding_window(M, 0) & causal() is Tran
 XLNet permutation / padding mask goes in as a dense bool part, True = visible); additive bias and Toeplitz
 parts are refused (the position term is the bias). A row that sees no key gives zeros.
 
-Implementation: q + u and q + v_bias are formed here (in q's dtype, as the eager models do) and the segment
-term is reduced to two numbers per row, (q_i + s_bias)·seg_embed[0|1] (float32, [B, H, Lq, 2]), before the op:
-autograd carries their gradients to q, u, v_bias, s_bias and seg_embed. The op takes them, k, v, r, the ids and
-the mask's visibility, as a RelativeParams and one RelativeStream per stream (ptm_kernels/kernel_params.py;
+Implementation: the op takes q, u and v_bias and returns their gradients itself: q + u and q + v_bias are formed
+inside it (in q's dtype, as the eager models do; RelativeStream.biased) and never saved for the backward, and
+dq = d(q + u) + d(q + v_bias) comes out of the kernels summed (the Triton dq kernel keeps one accumulator for it).
+The segment term is reduced to two numbers per row, (q_i + s_bias)·seg_embed[0|1] (float32, [B, H, Lq, 2]),
+before the op: autograd carries its gradients to q, s_bias and seg_embed. The op takes these, k, v, r, the ids
+and the mask's visibility, as a RelativeParams and one RelativeStream per stream (ptm_kernels/kernel_params.py;
 kernel interface: ptm_kernels/reference_relative.py).
 """
 
@@ -83,18 +85,30 @@ def _expand(k: Tensor, r: Tensor, *streams: RelativeStream):
 
 
 def _stream_fake(s: RelativeStream, v: Tensor):
-    B, H, Lr, _ = s.qu.shape
-    return s.qu.new_empty(B, H, Lr, v.shape[-1]), s.qu.new_empty(B, H, Lr, dtype=compute_dtype(s.qu))
+    B, H, Lr, _ = s.q.shape
+    return s.q.new_empty(B, H, Lr, v.shape[-1]), s.q.new_empty(B, H, Lr, dtype=compute_dtype(s.q))
 
 
-def _stream_grads(name: str, s: RelativeStream, dqu, dqv, dseg) -> dict:
-    return {f"{name}.qu": dqu, f"{name}.qv": dqv, f"{name}.seg": dseg if s.seg is not None else None}
+def _stream_grads_fake(s: RelativeStream):
+    """(dq, du, dv_bias, dseg) of the kernel interface's backward (reference_relative.relative_attention_bwd)."""
+    def bias(b):
+        return s.q.new_empty(b.shape, dtype=compute_dtype(s.q)) if b is not None else s.q.new_empty(0)
+
+    dseg = s.seg.new_empty(s.seg.shape) if s.seg is not None else s.q.new_empty(0)
+    return s.q.new_empty(s.q.shape), bias(s.u), bias(s.v_bias), dseg
+
+
+def _stream_grads(name: str, s: RelativeStream, dq, du, dv_bias, dseg) -> dict:
+    """The gradients of one stream's op arguments (the biases' in their own dtype)."""
+    return {f"{name}.q": dq, f"{name}.u": du.to(s.u.dtype) if s.u is not None else None,
+            f"{name}.v_bias": dv_bias.to(s.v_bias.dtype) if s.v_bias is not None else None,
+            f"{name}.seg": dseg if s.seg is not None else None}
 
 
 @ARGS.custom_op("ptm::relative_attention", returns=Tuple[Tensor, Tensor])
 def _relative_attention(k: Tensor, v: Tensor, r: Tensor, params: RelativeParams, s: RelativeStream):
     r, s = _expand(k, r, s)
-    out, lse = backend.kernels(_OP, s.qu, k).relative_attention_fwd(k, v, r, params, s)
+    out, lse = backend.kernels(_OP, s.q, k).relative_attention_fwd(k, v, r, params, s)
     return out, lse
 
 
@@ -103,20 +117,20 @@ def _(k, v, r, params, s):
     return _stream_fake(s, v)
 
 
-@BACKWARD_ARGS.custom_op("ptm::relative_attention_backward", returns=Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
+@BACKWARD_ARGS.custom_op("ptm::relative_attention_backward",
+                         returns=Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
 def _relative_attention_backward(dout: Tensor, out: Tensor, lse: Tensor, k: Tensor, v: Tensor, r: Tensor,
                                  params: RelativeParams, s: RelativeStream):
     r_full, s = _expand(k, r, s)
-    dqu, dqv, dk, dv, dr, dseg = backend.kernels(_OP, s.qu, k).relative_attention_bwd(
+    dq, du, dv_bias, dk, dv, dr, dseg = backend.kernels(_OP, s.q, k).relative_attention_bwd(
         dout, out, lse, k, v, r_full, params, s)
-    return dqu, dqv, dk, dv, dr.sum_to_size(r.shape).to(r.dtype), dseg
+    return dq, du, dv_bias, dk, dv, dr.sum_to_size(r.shape).to(r.dtype), dseg
 
 
 @BACKWARD_ARGS.register_fake(_relative_attention_backward)
 def _(dout, out, lse, k, v, r, params, s):
-    dseg = s.seg.new_empty(s.seg.shape) if s.seg is not None else s.qu.new_empty(0)
-    return (s.qu.new_empty(s.qu.shape), s.qv.new_empty(s.qv.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            r.new_empty(r.shape), dseg)
+    dq, du, dv_bias, dseg = _stream_grads_fake(s)
+    return dq, du, dv_bias, k.new_empty(k.shape), v.new_empty(v.shape), r.new_empty(r.shape), dseg
 
 
 def _rel_setup(ctx, inputs, output):
@@ -127,9 +141,9 @@ def _rel_setup(ctx, inputs, output):
 
 def _rel_grad(ctx, dout, _dlse):
     (out, lse), (k, v, r, params, s) = ARGS.saved(ctx)
-    dqu, dqv, dk, dv, dr, dseg = BACKWARD_ARGS.call(_relative_attention_backward, _unit_stride(dout), out, lse, k, v, r,
-                                                    params, s)
-    return ARGS.grads({"k": dk, "v": dv, "r": dr, **_stream_grads("s", s, dqu, dqv, dseg)})
+    dq, du, dv_bias, dk, dv, dr, dseg = BACKWARD_ARGS.call(_relative_attention_backward, _unit_stride(dout), out,
+                                                           lse, k, v, r, params, s)
+    return ARGS.grads({"k": dk, "v": dv, "r": dr, **_stream_grads("s", s, dq, du, dv_bias, dseg)})
 
 
 _relative_attention.register_autograd(_rel_grad, setup_context=_rel_setup)
@@ -138,7 +152,7 @@ _relative_attention.register_autograd(_rel_grad, setup_context=_rel_setup)
 @TWO_STREAM_ARGS.custom_op("ptm::two_stream_attention", returns=Tuple[Tensor, Tensor, Tensor, Tensor])
 def _two_stream(k: Tensor, v: Tensor, r: Tensor, params: RelativeParams, c: RelativeStream, g: RelativeStream):
     r, c, g = _expand(k, r, c, g)
-    oc, lc, og, lg = backend.kernels(_OP, c.qu, k).two_stream_attention_fwd(k, v, r, params, c, g)
+    oc, lc, og, lg = backend.kernels(_OP, c.q, k).two_stream_attention_fwd(k, v, r, params, c, g)
     return oc, lc, og, lg
 
 
@@ -148,25 +162,20 @@ def _(k, v, r, params, c, g):
 
 
 @TWO_STREAM_BACKWARD_ARGS.custom_op("ptm::two_stream_attention_backward",
-                                    returns=Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
+                                    returns=Tuple[(Tensor,) * 11])
 def _two_stream_backward(dout_c: Tensor, out_c: Tensor, lse_c: Tensor, dout_g: Tensor, out_g: Tensor, lse_g: Tensor,
                          k: Tensor, v: Tensor, r: Tensor, params: RelativeParams, c: RelativeStream,
                          g: RelativeStream):
     r_full, c, g = _expand(k, r, c, g)
-    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = backend.kernels(_OP, c.qu, k).two_stream_attention_bwd(
+    *streams, dk, dv, dr = backend.kernels(_OP, c.q, k).two_stream_attention_bwd(
         dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r_full, params, c, g)
-    return dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr.sum_to_size(r.shape).to(r.dtype)
+    return (*streams, dk, dv, dr.sum_to_size(r.shape).to(r.dtype))
 
 
 @TWO_STREAM_BACKWARD_ARGS.register_fake(_two_stream_backward)
 def _(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, params, c, g):
-    e = c.qu.new_empty(0)
-
-    def stream(s):
-        return (s.qu.new_empty(s.qu.shape), s.qv.new_empty(s.qv.shape),
-                s.seg.new_empty(s.seg.shape) if s.seg is not None else e)
-
-    return stream(c) + stream(g) + (k.new_empty(k.shape), v.new_empty(v.shape), r.new_empty(r.shape))
+    return _stream_grads_fake(c) + _stream_grads_fake(g) + (k.new_empty(k.shape), v.new_empty(v.shape),
+                                                            r.new_empty(r.shape))
 
 
 def _ts_setup(ctx, inputs, output):
@@ -177,10 +186,11 @@ def _ts_setup(ctx, inputs, output):
 
 def _ts_grad(ctx, dout_c, _dlc, dout_g, _dlg):
     (oc, lc, og, lg), (k, v, r, params, c, g) = TWO_STREAM_ARGS.saved(ctx)
-    dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr = TWO_STREAM_BACKWARD_ARGS.call(
+    grads = TWO_STREAM_BACKWARD_ARGS.call(
         _two_stream_backward, _unit_stride(dout_c), oc, lc, _unit_stride(dout_g), og, lg, k, v, r, params, c, g)
-    return TWO_STREAM_ARGS.grads({"k": dk, "v": dv, "r": dr, **_stream_grads("c", c, dqu_c, dqv_c, dseg_c),
-                                  **_stream_grads("g", g, dqu_g, dqv_g, dseg_g)})
+    dk, dv, dr = grads[8:]
+    return TWO_STREAM_ARGS.grads({"k": dk, "v": dv, "r": dr, **_stream_grads("c", c, *grads[:4]),
+                                  **_stream_grads("g", g, *grads[4:8])})
 
 
 _two_stream.register_autograd(_ts_grad, setup_context=_ts_setup)
@@ -349,10 +359,8 @@ def _segments(q, Lk, segment_ids, key_segment_ids, seg_embed, s_bias) -> Optiona
 
 
 def _stream(mask_name, q, u, v_bias, seg_fn, positions, mask, Lk, Lq) -> RelativeStream:
-    """One stream's op arguments: q + u, q + v_bias, segment term, ids, positions, visibility."""
+    """One stream's op arguments: q, u, v_bias, segment term, ids, positions, visibility."""
     B, H, Lr, D = q.shape
-    qu = q if u is None else (q + u[None, :, None, :]).to(q.dtype)
-    qv = q if v_bias is None else (q + v_bias[None, :, None, :]).to(q.dtype)
     seg, q_ids = seg_fn(q, positions) if seg_fn is not None else (None, None)
     if mask is None:
         mask = AttentionMask()
@@ -363,7 +371,7 @@ def _stream(mask_name, q, u, v_bias, seg_fn, positions, mask, Lk, Lq) -> Relativ
         raise ValueError(f"{mask_name}: relative attention takes visibility parts only (causal, sliding_window, "
                          f"key_padding, prefix_lm, segments, dense); additive bias and Toeplitz parts are not "
                          f"supported (the position term r is the relative bias)")
-    return RelativeStream(qu=_unit_stride(qu), qv=_unit_stride(qv), seg=seg, q_ids=q_ids, positions=positions,
+    return RelativeStream(q=_unit_stride(q), u=u, v_bias=v_bias, seg=seg, q_ids=q_ids, positions=positions,
                           vis=mask.visibility(B, H, Lr, Lk, q.device))
 
 

@@ -282,7 +282,7 @@ def _stream(B, H, L, D, dt, flags):
                      q_segments=ids if "vseg" in flags else None, k_segments=ids if "vseg" in flags else None,
                      dense_mask=torch.ones(B, 1, L, L, dtype=torch.bool).expand(B, H, L, L) if "dense" in flags
                      else None)
-    return RelativeStream(torch.randn(B, H, L, D, dtype=dt), torch.randn(B, H, L, D, dtype=dt),
+    return RelativeStream(torch.randn(B, H, L, D, dtype=dt), torch.randn(H, D, dtype=dt), torch.randn(H, D, dtype=dt),
                           seg=torch.randn(B, H, L, 2) if "seg" in flags else None,
                           q_ids=ids if "seg" in flags else None,
                           positions=torch.arange(L).view(1, L).expand(B, L) if "pos" in flags else None, vis=vis)
@@ -306,14 +306,14 @@ def relative_cases(dn):
             p = RelativeParams(kids if "seg" in flags else None, 0.1, L, L, drop)
             yield f"relative_attention_fwd {dn} D={D} {name}", lambda: REL.relative_attention_fwd(k, v, r, p, s)
             yield (f"relative_attention_bwd {dn} D={D} {name}",
-                   lambda: REL.relative_attention_bwd(s.qu, s.qu, lse, k, v, r, p, s))
+                   lambda: REL.relative_attention_bwd(s.q, s.q, lse, k, v, r, p, s))
         for name, (f0, f1) in two.items():
             s0, s1 = _stream(B, H, L, D, dt, f0), _stream(B, H, L, D, dt, f1)
             p = RelativeParams(kids, 0.1, L, L, Dropout(0.1, torch.tensor(5)))
             yield (f"two_stream_attention_fwd {dn} D={D} {name}",
                    lambda: REL.two_stream_attention_fwd(k, v, r, p, s0, s1))
             yield (f"two_stream_attention_bwd {dn} D={D} {name}",
-                   lambda: REL.two_stream_attention_bwd(s0.qu, s0.qu, lse, s1.qu, s1.qu, lse, k, v, r, p, s0, s1))
+                   lambda: REL.two_stream_attention_bwd(s0.q, s0.q, lse, s1.q, s1.q, lse, k, v, r, p, s0, s1))
 
 
 FAMILIES = {

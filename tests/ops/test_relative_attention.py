@@ -588,7 +588,10 @@ def _op_args(rng, Lg):
 def test_opcheck(impl, rng):
     ra, shared, sc, sg = _op_args(rng, 4)  # shared: (k, v, r, RelativeParams); sc, sg: RelativeStream
     ops = torch.ops.ptm
-    one, two = ra.ARGS.flatten(*shared, sc), ra.TWO_STREAM_ARGS.flatten(*shared, sc, sg)
+    # leaves: the segment term is computed from q, itself an argument since the op takes q (opcheck runs
+    # autograd.grad more than once, and a path from seg back to q would be freed by the first)
+    leaves = lambda ts: [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in ts]
+    one, two = leaves(ra.ARGS.flatten(*shared, sc)), leaves(ra.TWO_STREAM_ARGS.flatten(*shared, sc, sg))
     with backend.use(relative_attention=impl):
         torch.library.opcheck(ops.relative_attention.default, one)
         torch.library.opcheck(ops.two_stream_attention.default, two)

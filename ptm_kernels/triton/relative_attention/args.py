@@ -94,7 +94,7 @@ class StreamGrads(NamedTuple):
     do: Rows
     lse: Tensor  # float32 [B, H, Lr] contiguous
     delta: Tensor  # float32 [B, H, Lr] contiguous: rowsum(dO * O)
-    dqu: Rows  # written with qu's strides
+    dqu: Rows  # float32 [B, H, Lr, D] contiguous
     dqv: Tensor  # float32 [B, H, Lr, D] contiguous, zeroed (the gather form adds into it)
     dseg: Optional[Tensor]  # float32 [B, H, Lr, 2] contiguous (with seg)
     dr: Tensor  # float32 [B, H, R, D] contiguous, zeroed: both streams' programs add into it
@@ -104,7 +104,8 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def stream_args(s: RelativeStream) -> StreamArgs:
+def stream_args(s: RelativeStream, qu: Tensor, qv: Tensor) -> StreamArgs:
+    """The stream's kernel arguments; qu, qv: its biased queries (RelativeStream.biased)."""
     vis = s.vis
     wl, wr = int(vis.window_left), int(vis.window_right)
     window = None
@@ -115,7 +116,7 @@ def stream_args(s: RelativeStream) -> StreamArgs:
         d = vis.dense_mask.view(torch.uint8)
         dense = DenseMask(d, *d.stride())
     return StreamArgs(
-        rows(s.qu), rows(s.qv), s.qu.shape[2], tl.constexpr(bool(vis.causal)), window,
+        rows(qu), rows(qv), qu.shape[2], tl.constexpr(bool(vis.causal)), window,
         None if s.seg is None else s.seg.float().contiguous(), _contiguous(s.q_ids), _contiguous(s.positions),
         _contiguous(vis.key_lengths), _contiguous(vis.prefix_lengths), _contiguous(vis.q_segments),
         _contiguous(vis.k_segments), dense)

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from .. import _common as C
 from .._common import SUPPORTED_DTYPES
-from ...kernel_params import RelativeParams, RelativeStream, replaced
+from ...kernel_params import RelativeParams, RelativeStream
+from ...reference_relative import query_bias_grads
 from .args import StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
 from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
@@ -164,13 +165,13 @@ def _check(*ts):
 
 def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
     """-> [(out, lse)] per stream; both streams in one launch (grid axis 2)."""
-    _check(k, v, r, streams[0].qu)
+    _check(k, v, r, streams[0].q)
     B, H, Lk, D = k.shape
     cfg, warps = _config(D, k.dtype, k.device)
-    outs = [StreamOut(rows(torch.empty(B, H, s.qu.shape[2], D, dtype=s.qu.dtype, device=k.device)),
-                      torch.empty(B, H, s.qu.shape[2], dtype=torch.float32, device=k.device)) for s in streams]
-    args = [stream_args(s) for s in streams] + [None] * (2 - len(streams))
-    grid = (triton.cdiv(max(s.qu.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
+    outs = [StreamOut(rows(torch.empty(B, H, s.q.shape[2], D, dtype=s.q.dtype, device=k.device)),
+                      torch.empty(B, H, s.q.shape[2], dtype=torch.float32, device=k.device)) for s in streams]
+    args = [stream_args(s, *s.biased()) for s in streams] + [None] * (2 - len(streams))
+    grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
     _launch(_rel_fwd_kernel, grid, k.device, cfg, warps, *args, *outs, *[None] * (2 - len(streams)),
             keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout), D=D,
             PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
@@ -178,34 +179,40 @@ def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
 
 
 def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list):
-    """-> ([(dqu, dqv, dseg)] per stream, dk, dv, dr); dk, dv, dr summed over the streams. Two launches: dq (row
-    tiles of both streams, with dr) and dk / dv (key tiles)."""
+    """-> ([(dq, du, dv_bias, dseg)] per stream, dk, dv, dr); dk, dv, dr summed over the streams. Two launches: dq
+    (row tiles of both streams, with dr) and dk / dv (key tiles)."""
     B, H, Lk, D = k.shape
     dr = torch.zeros(B, H, r.shape[2], D, dtype=torch.float32, device=k.device)
-    # dqu is written with qu's strides and dqv is contiguous: the backward takes qu / qv contiguous
-    streams = [replaced(s, qu=s.qu.contiguous(), qv=s.qv.contiguous()) for s in streams]
+    # the backward takes qu / qv contiguous (dqu and dqv are float32, contiguous)
+    biased = [tuple(t.contiguous() for t in s.biased()) for s in streams]
     grads = []
-    for s, do, (out, lse) in zip(streams, douts, outs_lses):
+    for s, (qu, _), do, (out, lse) in zip(streams, biased, douts, outs_lses):
         do = do.contiguous() if do.stride(-1) != 1 else do
-        Lr = s.qu.shape[2]
+        Lr = qu.shape[2]
         grads.append(StreamGrads(
-            rows(do), lse.contiguous(), (do.float() * out.float()).sum(-1).contiguous(), rows(torch.empty_like(s.qu)),
+            rows(do), lse.contiguous(), (do.float() * out.float()).sum(-1).contiguous(),
+            rows(torch.empty(qu.shape, dtype=torch.float32, device=k.device)),
             torch.zeros(B, H, Lr, D, dtype=torch.float32, device=k.device),
             torch.zeros(B, H, Lr, 2, dtype=torch.float32, device=k.device) if s.seg is not None else None, dr))
     none = [None] * (2 - len(streams))
-    args = (*[stream_args(s) for s in streams], *none, *grads, *none, keys_args(k, v, r, p), dims_args(H, p),
-            dropout_args(p.dropout))
+    args = (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *grads, *none,
+            keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
     kw = dict(D=D, PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
     cfg, warps = _config(D, k.dtype, k.device, "dq")
-    grid = (triton.cdiv(max(s.qu.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
+    grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
     _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
     cfg, warps = _config(D, k.dtype, k.device, "dkdv", len(streams))
     _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, *args, dk, dv, **kw)
-    res = [(g.dqu.ptr, g.dqv.to(s.qv.dtype), g.dseg if g.dseg is not None else s.qu.new_empty(0, dtype=torch.float32))
+    res = [(*_query_grads(s, g.dqu.ptr.float(), g.dqv), g.dseg if g.dseg is not None else s.q.new_empty(0))
            for s, g in zip(streams, grads)]
     return res, dk, dv, dr
+
+
+def _query_grads(s: RelativeStream, dqu: Tensor, dqv: Tensor):
+    """(dq in q's dtype, du, dv_bias) from the float32 gradients of q + u and q + v_bias."""
+    return (dqu + dqv).to(s.q.dtype), *query_bias_grads(s, dqu, dqv, lambda x: x)
 
 
 # ============================================================================ the kernel interface (Python)
@@ -219,8 +226,8 @@ def relative_attention_fwd(k, v, r, p: RelativeParams, s: RelativeStream):
 
 def relative_attention_bwd(dout, out, lse, k, v, r, p: RelativeParams, s: RelativeStream):
     res, dk, dv, dr = _bwd([dout], [(out, lse)], k, v, r, p, [s])
-    dqu, dqv, dseg = res[0]
-    return dqu, dqv, dk, dv, dr, dseg
+    dq, du, dv_bias, dseg = res[0]
+    return dq, du, dv_bias, dk, dv, dr, dseg
 
 
 def two_stream_attention_fwd(k, v, r, p: RelativeParams, c: RelativeStream, g: RelativeStream):
@@ -231,5 +238,4 @@ def two_stream_attention_fwd(k, v, r, p: RelativeParams, c: RelativeStream, g: R
 def two_stream_attention_bwd(dout_c, out_c, lse_c, dout_g, out_g, lse_g, k, v, r, p: RelativeParams,
                              c: RelativeStream, g: RelativeStream):
     res, dk, dv, dr = _bwd([dout_c, dout_g], [(out_c, lse_c), (out_g, lse_g)], k, v, r, p, [c, g])
-    (dqu_c, dqv_c, dseg_c), (dqu_g, dqv_g, dseg_g) = res
-    return dqu_c, dqv_c, dseg_c, dqu_g, dqv_g, dseg_g, dk, dv, dr
+    return (*res[0], *res[1], dk, dv, dr)
