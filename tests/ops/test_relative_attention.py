@@ -371,6 +371,64 @@ def test_mask_parts_padding_and_empty_rows(impl, rng):
     assert torch.equal(out[0], torch.zeros_like(out[0]))
 
 
+def _eager_relative(q, k, v, r, u, v_bias, scale, r_offset):
+    """The scores of reference_relative's docstring written with autograd's ops (causal, Transformer-XL's mask):
+    an oracle for the op's hand-written backward, in float64."""
+    Lq, Lk, R = q.shape[2], k.shape[2], r.shape[-2]
+    qu = q if u is None else q + u[None, :, None, :]
+    qv = q if v_bias is None else q + v_bias[None, :, None, :]
+    i, j = torch.arange(Lq, device=q.device)[:, None], torch.arange(Lk, device=q.device)[None, :]
+    t = r_offset - (i + Lk - Lq - j)
+    valid = (t >= 0) & (t < R)
+    pos = (qv @ r.transpose(-1, -2)).gather(-1, t.clamp(0, R - 1).expand(*q.shape[:2], Lq, Lk)) * valid
+    s = ((qu @ k.transpose(-1, -2) + pos) * scale).masked_fill(j > i + Lk - Lq, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("biases", ["u", "v_bias", "none", "both"])
+def test_bias_gradients(impl, biases, rng):
+    """The op returns the gradients of q, u and v_bias itself (q + u and q + v_bias are formed inside it): each
+    combination of given biases against autograd through the eager formula in float64 (row tiles of several key
+    tiles, memory, r rows missing at the end)."""
+    B, H, D = 2, 2, 16
+    Lq, M = rng.randint(20, 40), rng.randint(0, 20)
+    Lk = Lq + M
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r = randn(H, Lk - rng.randint(0, 4), D)
+    u = randn(H, D) if biases in ("u", "both") else None
+    vb = randn(H, D) if biases in ("v_bias", "both") else None
+    gout = [randn(B, H, Lq, D)]
+    scale, r_offset = 0.3, Lk - 1
+    with backend.use(relative_attention=impl):
+        outs, grads = run(lambda *a: pk.relative_attention(*a, scale=scale, r_offset=r_offset,
+                                                           mask=AttentionMask.causal()), [q, k, v, r, u, vb], gout)
+    truth_outs, truth = run(lambda *a: _eager_relative(*a, scale, r_offset),
+                            [None if t is None else t.double() for t in (q, k, v, r, u, vb)], gout)
+    assert_close(outs[0], truth_outs[0], name="out", **F32_TOL)
+    for g, t, n in zip(grads, truth, ("q", "k", "v", "r", "u", "v_bias")):
+        assert (g is None) == (t is None), f"d{n}: {g is None} / {t is None}"
+        if t is not None:
+            assert_close(g, t, name=f"d{n}", **F32_TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_saves_q_not_its_biased_copies(impl, rng):
+    """For the backward the op keeps q itself: q + u and q + v_bias are formed again there, not saved (one
+    [B, H, Lq, D] tensor per stream saved besides the output, where the eager models keep two)."""
+    B, H, Lq, D = 2, 2, 8, 16
+    q, k, v = (randn(B, H, Lq, D).requires_grad_(True) for _ in range(3))
+    r, u, vb = randn(H, Lq, D), randn(H, D).requires_grad_(True), randn(H, D).requires_grad_(True)
+    saved = []
+    with backend.use(relative_attention=impl), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        out = pk.relative_attention(q, k, v, r, u, vb, mask=AttentionMask.causal())
+    query_shaped = [t for t in saved if t.shape == q.shape]
+    assert len(query_shaped) == 4, [tuple(t.shape) for t in saved]  # q, k, v and the output
+    assert any(t.data_ptr() == q.data_ptr() for t in query_shaped), "q itself is not among the saved tensors"
+    assert any(t.data_ptr() == out.data_ptr() for t in query_shaped)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_several_row_and_key_tiles(impl, rng):
     """Rows and keys spanning several tiles (the Triton band path's per-tile offsets into r), r rows missing at

@@ -94,10 +94,12 @@ class StreamGrads(NamedTuple):
     do: Rows
     lse: Tensor  # float32 [B, H, Lr] contiguous
     delta: Tensor  # float32 [B, H, Lr] contiguous: rowsum(dO * O)
-    dqu: Rows  # float32 [B, H, Lr, D] contiguous
-    dqv: Tensor  # float32 [B, H, Lr, D] contiguous, zeroed (the gather form adds into it)
+    dq: Tensor  # float32 [B, H, Lr, D] contiguous: the gradient of q (through q + u and q + v_bias)
+    dqv: Tensor  # float32 [B, H, Lr, D] contiguous, zeroed: the gather and chunked forms add dqv into it
     dseg: Optional[Tensor]  # float32 [B, H, Lr, 2] contiguous (with seg)
     dr: Tensor  # float32 [B, H, R, D] contiguous, zeroed: both streams' programs add into it
+    vcol: Optional[Tensor]  # float32 [B, H, R] contiguous, zeroed (with u or v_bias): the band form's dS band image
+    #                         summed per row of r (backward._band_sums)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

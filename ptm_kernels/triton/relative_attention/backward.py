@@ -1,7 +1,9 @@
 """Relative attention backward, two kernels that recompute the probabilities from lse (as FlashAttention-2):
 
-- _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dqu, dseg and (band form) dqv in registers,
-  dr with float32 atomics. dr stays atomic: r row t collects the pairs (i, j) with j - i = t - c, a diagonal of
+- _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dq = dqu + dqv (the band form in one register
+  accumulator) and dseg, dr with float32 atomics; the band form also adds up the row sums of dS's band image
+  (vcol, BAND float32 atomics a step), from which the launcher tells dqv's share of dq apart for the biases'
+  gradients (the gather and chunked forms keep dqv in memory instead). dr stays atomic: r row t collects the pairs (i, j) with j - i = t - c, a diagonal of
   the score matrix that crosses every row tile and key tile, so no row-major or key-major program owns it. A
   diagonal-major third pass would recompute the probabilities once more: per (64 rows, 16 keys) step at D = 128
   the scores, the band term and dO V^T again (1.31 M multiply-adds on top of the 3.54 M of this kernel's step,
@@ -160,16 +162,27 @@ def _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D: tl.constexpr, 
 
 
 @triton.jit
-def _band_grad_dots(dqv, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D: tl.constexpr,
+def _band_sums(VCOL_bh, dpb, t_band, band_ok, BAND_MAJOR: tl.constexpr):
+    """vcol[t_band] += the row sums of dS's band image dpb (_band_grad's layout; float32 atomics), so that the sum
+    of dqv over the rows, sum_t vcol[t] r[t], is one product on the host."""
+    if BAND_MAJOR:
+        sums = tl.sum(dpb.to(tl.float32), 1)
+    else:
+        sums = tl.sum(dpb.to(tl.float32), 0)
+    tl.atomic_add(VCOL_bh + t_band, sums, mask=band_ok)
+
+
+@triton.jit
+def _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D: tl.constexpr,
                     D: tl.constexpr, DR_CHUNK: tl.constexpr, BAND_MAJOR: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr):
     """The position gradients of dS's band image dpb (input dtype, _band_grad's layout) over the band rows t_band
-    of r (r_band; band_ok: which exist): -> dqv + dpb r_band (in _pos_band's layout: band-major tiles hold dqv^T),
-    and dr[t_band] += dpb^T qv (float32 atomics)."""
+    of r (r_band; band_ok: which exist): -> dq + dpb r_band (dqv's share, in _pos_band's layout: band-major tiles
+    hold dq^T) and dr[t_band] += dpb^T qv (float32 atomics)."""
     if BAND_MAJOR:
-        dqv += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
+        dq += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
     else:
-        dqv += dot(dpb, r_band, None, PREC, UPCAST)
+        dq += dot(dpb, r_band, None, PREC, UPCAST)
     # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in the registers
     # beside the accumulators at D = 128. Float32 (tf32x3) steps through the chunks in a loop: unrolled, their
     # split operands were live at once (sm_90, 16 x 16 tiles at D = 64, 4 warps: 1856 -> 136 spill bytes)
@@ -179,15 +192,15 @@ def _band_grad_dots(dqv, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BL
     else:
         for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
             _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
-    return dqv
+    return dq
 
 
 @triton.jit
 def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One row tile of stream S (args.StreamArgs): dqu, dqv, dseg of its rows (args.StreamGrads), and its
-    share of dr. The band rolled along the key loop where it can (position._band_rolls)."""
+    """One row tile of stream S (args.StreamArgs): dq, dseg of its rows (args.StreamGrads), and its shares of dr
+    and (band form) vcol (_band_sums). The band rolled along the key loop where it can (position._band_rolls)."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)
     ROLL: tl.constexpr = not GATHER and not CHUNKED and _band_rolls(BLOCK_M, BLOCK_N, BAND_SPLIT)
@@ -206,16 +219,21 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         rd_ok = row_ok[:, None] & d_ok[None, :]
         R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
         DR_bh = grads.dr + bh64 * R_len * D  # float32 contiguous, zeroed
-        DQV_bh = grads.dqv + bh64 * Lr * D  # float32, zero-initialised
+        DQV_bh = grads.dqv + bh64 * Lr * D  # float32, zero-initialised: dqv of the gather and chunked forms
+        VCOL_bh = 0
+        if grads.vcol is not None:
+            VCOL_bh = grads.vcol + bh64 * R_len
         lo, hi = _key_range(S, row, row_ok, keys.Lk, BLOCK_N)
-        dqu = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # band path (the gather path adds into DQV), in _pos_band's layout: band-major tiles hold dqv^T, whose dot
-        # has M = BLOCK_D rather than the BLOCK_M = 64 of a chained dot
+        # dq = dqu + dqv (the gradient of q: q + u and q + v_bias both come from it) in one accumulator. The band
+        # forms hold it in _pos_band's layout: band-major tiles hold dq^T, whose dots have M = BLOCK_D rather than
+        # the BLOCK_M = 64 of a chained dot (dqu^T += k^T dS^T). The gather and chunked forms add dqv into DQV in
+        # memory and it joins dq at the end
         BAND_MAJOR: tl.constexpr = _band_major(BLOCK_M)
-        if BAND_MAJOR:
-            dqv = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        DQ_T: tl.constexpr = BAND_MAJOR and not GATHER and not CHUNKED
+        if DQ_T:
+            dq = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
         else:
-            dqv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dseg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dseg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         dc = tl.arange(0, D_CHUNK)
@@ -242,7 +260,10 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             pd, g, offs_n, col_ok, band, t_band = _tile_grad(
                 S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta,
                 row, k, v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
-            dqu += dot(g.to(k.dtype), k, None, PREC, UPCAST)
+            if DQ_T:
+                dq += dot(tl.trans(k), tl.trans(g.to(k.dtype)), None, PREC, UPCAST)
+            else:
+                dq += dot(g.to(k.dtype), k, None, PREC, UPCAST)
             if S.seg is not None:
                 kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
                 same = qid[:, None] == kid[None, :]
@@ -273,8 +294,10 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                 g_img = _rolled_image(g, BLOCK_M).to(qv.dtype)
                 dpb = _rolled_piece(g_img, g_prev, BLOCK_M)
                 g_prev = g_img
-                dqv = _band_grad_dots(dqv, dpb, r_lo, t_band, lo_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
-                                      BAND_MAJOR, PREC, UPCAST)
+                dq = _band_grad_dots(dq, dpb, r_lo, t_band, lo_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
+                                     BAND_MAJOR, PREC, UPCAST)
+                if grads.vcol is not None:
+                    _band_sums(VCOL_bh, dpb, t_band, lo_ok, BAND_MAJOR)
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
                 r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
                 dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
@@ -288,21 +311,23 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                         _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
                                   UPCAST)
                 else:
-                    dqv = _band_grad_dots(dqv, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D,
-                                          DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+                    dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D,
+                                         DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+                    if grads.vcol is not None:
+                        _band_sums(VCOL_bh, dpb, t_band, band_ok, BAND_MAJOR)
         if ROLL:  # the last step's upper piece: band rows from t_last + the end of the key steps
             t_band = t_last + lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_M)
             r_end, end_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
             dpb = _rolled_piece(tl.zeros_like(g_prev), g_prev, BLOCK_M)
-            dqv = _band_grad_dots(dqv, dpb, r_end, t_band, end_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
-                                  BAND_MAJOR, PREC, UPCAST)
-        if not GATHER and not CHUNKED:
-            if BAND_MAJOR:
-                dqv = tl.trans(dqv)
-            tl.store(DQV_bh + rows64[:, None] * D + offs_d[None, :], dqv, mask=rd_ok)
-        DQU = grads.dqu
-        tl.store(DQU.ptr + b64 * DQU.s_b + h64 * DQU.s_h + rows64[:, None] * DQU.s_l + offs_d[None, :],
-                 dqu.to(DQU.ptr.dtype.element_ty), mask=rd_ok)
+            dq = _band_grad_dots(dq, dpb, r_end, t_band, end_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
+                                 BAND_MAJOR, PREC, UPCAST)
+            if grads.vcol is not None:
+                _band_sums(VCOL_bh, dpb, t_band, end_ok, BAND_MAJOR)
+        if DQ_T:
+            dq = tl.trans(dq)
+        if GATHER or CHUNKED:  # + the dqv these forms added up in memory (rows owned by this program)
+            dq += tl.load(DQV_bh + rows64[:, None] * D + offs_d[None, :], mask=rd_ok, other=0.0)
+        tl.store(grads.dq + bh64 * Lr * D + rows64[:, None] * D + offs_d[None, :], dq, mask=rd_ok)
         if grads.dseg is not None:
             dseg_ptr = grads.dseg + (bh64 * Lr + rows64) * 2
             tl.store(dseg_ptr, dseg0, mask=row_ok)

@@ -11,7 +11,6 @@ from torch import Tensor
 from .. import _common as C
 from .._common import SUPPORTED_DTYPES
 from ...kernel_params import RelativeParams, RelativeStream
-from ...reference_relative import query_bias_grads
 from .args import StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
 from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
@@ -182,18 +181,19 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     """-> ([(dq, du, dv_bias, dseg)] per stream, dk, dv, dr); dk, dv, dr summed over the streams. Two launches: dq
     (row tiles of both streams, with dr) and dk / dv (key tiles)."""
     B, H, Lk, D = k.shape
-    dr = torch.zeros(B, H, r.shape[2], D, dtype=torch.float32, device=k.device)
-    # the backward takes qu / qv contiguous (dqu and dqv are float32, contiguous)
-    biased = [tuple(t.contiguous() for t in s.biased()) for s in streams]
+    R = r.shape[2]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    dr = torch.zeros(B, H, R, D, **f32)
+    biased = [tuple(t.contiguous() for t in s.biased()) for s in streams]  # the backward reads them contiguous
     grads = []
     for s, (qu, _), do, (out, lse) in zip(streams, biased, douts, outs_lses):
         do = do.contiguous() if do.stride(-1) != 1 else do
         Lr = qu.shape[2]
         grads.append(StreamGrads(
             rows(do), lse.contiguous(), (do.float() * out.float()).sum(-1).contiguous(),
-            rows(torch.empty(qu.shape, dtype=torch.float32, device=k.device)),
-            torch.zeros(B, H, Lr, D, dtype=torch.float32, device=k.device),
-            torch.zeros(B, H, Lr, 2, dtype=torch.float32, device=k.device) if s.seg is not None else None, dr))
+            torch.empty(B, H, Lr, D, **f32), torch.zeros(B, H, Lr, D, **f32),
+            torch.zeros(B, H, Lr, 2, **f32) if s.seg is not None else None, dr,
+            torch.zeros(B, H, R, **f32) if s.u is not None or s.v_bias is not None else None))
     none = [None] * (2 - len(streams))
     args = (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *grads, *none,
             keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
@@ -205,14 +205,22 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
     cfg, warps = _config(D, k.dtype, k.device, "dkdv", len(streams))
     _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, *args, dk, dv, **kw)
-    res = [(*_query_grads(s, g.dqu.ptr.float(), g.dqv), g.dseg if g.dseg is not None else s.q.new_empty(0))
+    res = [(*_query_grads(s, g, r), g.dseg if g.dseg is not None else s.q.new_empty(0))
            for s, g in zip(streams, grads)]
     return res, dk, dv, dr
 
 
-def _query_grads(s: RelativeStream, dqu: Tensor, dqv: Tensor):
-    """(dq in q's dtype, du, dv_bias) from the float32 gradients of q + u and q + v_bias."""
-    return (dqu + dqv).to(s.q.dtype), *query_bias_grads(s, dqu, dqv, lambda x: x)
+def _query_grads(s: RelativeStream, g: StreamGrads, r: Tensor):
+    """(dq in q's dtype, du, dv_bias): the sums of dqu and dqv over batch and rows (float32 [H, D]; empty where the
+    bias is None). dqv's: sum_t vcol[t] r[t] (band form) plus the dqv the gather and chunked forms left in memory
+    (each form writes one of the two; the other stays 0); dqu's: dq's sum less dqv's. That difference loses the
+    float32 rounding of the larger sum (~1e-7 of it), as adding dqu and dqv did; the kernels spilled when they
+    also summed dS over the rows for dqu (dk/dv at D = 64 with every mask: 136 -> 228 spill bytes, sm_90)."""
+    if g.vcol is None:
+        return g.dq.to(s.q.dtype), s.q.new_empty(0), s.q.new_empty(0)
+    dqv_sum = torch.einsum("bht,bhtd->hd", g.vcol, r.float()) + g.dqv.sum((0, 2))
+    du = g.dq.sum((0, 2)) - dqv_sum if s.u is not None else s.q.new_empty(0)
+    return g.dq.to(s.q.dtype), du, dqv_sum if s.v_bias is not None else s.q.new_empty(0)
 
 
 # ============================================================================ the kernel interface (Python)
