@@ -61,11 +61,12 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1):
     else:
         # 16-bit: tiles of 64 rows, wgmma's smallest M, for every dot, on 8 warps (4 warps spilled 2-4x more: the
         # accumulators then take twice the registers per thread). The dq kernel's band dots have M = BAND, so it
-        # takes 16 keys a step (its band terms and two accumulators leave few registers: 212 spill bytes at D = 128
-        # with every mask against 292 with 32 keys and 732 with 64, sm_90, triton 3.7.1). The dk / dv dots have
-        # M = BLOCK_N: 64 keys (wgmma) at D = 64; at D = 128 the two [64, 128] accumulators beside the recomputed
-        # tile spilled 708 bytes with 64 keys, 360 with 32 keys, whose two dk / dv dots run on mma.sync (16-bit
-        # operands). Recomputing the dk / dv kernel's tile key-major instead (S^T = k qu^T, dP^T = v dO^T, the
+        # takes 16 keys a step (its band terms leave few registers: with dqu and dqv^T apart, 212 spill bytes at
+        # D = 128 with every mask against 292 with 32 keys and 732 with 64, sm_90, triton 3.7.1; with one dq^T
+        # accumulator 132 against 252 with 32 keys, and 32 keys spilled more in every config but the two-stream
+        # one at D = 64: 108 -> 280 B with every mask at D = 64, 20 -> 72 band causal at D = 128). The dk / dv
+        # dots have M = BLOCK_N (DKDV_T below turns them to M = D): 64 keys at D = 64; at D = 128 the two [64, 128]
+        # accumulators beside the recomputed tile spilled 708 bytes with 64 keys, 360 with 32 keys. Recomputing the dk / dv kernel's tile key-major instead (S^T = k qu^T, dP^T = v dO^T, the
         # band term gathered to [BLOCK_N, BLOCK_M], dropout_keep TRANS, as the tutorial's dkdv) spilled more in
         # every config: worst 956/968 B with 64 keys at D = 128 (1172/1048 with 32 keys; 2196/2328 with 128),
         # 456/380 at D = 64 with 64 keys (152/120 row-major), 864/852 on 4 warps; not kept
