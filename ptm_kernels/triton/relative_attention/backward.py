@@ -3,13 +3,13 @@
 - _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dq = dqu + dqv (the band form in one register
   accumulator) and dseg, dr with float32 atomics; the band form also adds up the row sums of dS's band image
   (vcol, BAND float32 atomics a step), from which the launcher tells dqv's share of dq apart for the biases'
-  gradients (the gather and chunked forms keep dqv in memory instead). dr stays atomic: r row t collects the pairs (i, j) with j - i = t - c, a diagonal of
-  the score matrix that crosses every row tile and key tile, so no row-major or key-major program owns it. A
-  diagonal-major third pass would recompute the probabilities once more: per (64 rows, 16 keys) step at D = 128
-  the scores, the band term and dO V^T again (1.31 M multiply-adds on top of the 3.54 M of this kernel's step,
-  +37%, plus the masks, exp2 and dropout bits a second time) to save the step's atomics: BAND x D = 16 K float32
-  adds (64 KB; 79 of the 128 band rows non-zero). Without a GPU to weigh the two (no timing here), atomics stay.
-  The band form adds BAND x D per tile pair.
+  gradients (the gather and chunked forms keep dqv in memory instead). dr stays atomic: r row t collects the
+  pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key tile, so no
+  row-major or key-major program owns it. A diagonal-major third pass would recompute the probabilities once
+  more: per (64 rows, 16 keys) step at D = 128 the scores, the band term and dO V^T again (1.31 M multiply-adds
+  on top of the 3.54 M of this kernel's step, +37%, plus the masks, exp2 and dropout bits a second time) to save
+  the step's atomics: BAND x D = 16 K float32 adds (64 KB; 79 of the 128 band rows non-zero). Without a GPU to
+  weigh the two (no timing here), atomics stay. The band form adds BAND x D per tile pair.
 - _rel_bwd_dkdv_kernel, one program per (key tile, b * h): walks the row tiles of both streams and owns dk and
   dv (registers, stored once, no atomics).
 

@@ -66,10 +66,11 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1):
         # accumulator 132 against 252 with 32 keys, and 32 keys spilled more in every config but the two-stream
         # one at D = 64: 108 -> 280 B with every mask at D = 64, 20 -> 72 band causal at D = 128). The dk / dv
         # dots have M = BLOCK_N (DKDV_T below turns them to M = D): 64 keys at D = 64; at D = 128 the two [64, 128]
-        # accumulators beside the recomputed tile spilled 708 bytes with 64 keys, 360 with 32 keys. Recomputing the dk / dv kernel's tile key-major instead (S^T = k qu^T, dP^T = v dO^T, the
-        # band term gathered to [BLOCK_N, BLOCK_M], dropout_keep TRANS, as the tutorial's dkdv) spilled more in
-        # every config: worst 956/968 B with 64 keys at D = 128 (1172/1048 with 32 keys; 2196/2328 with 128),
-        # 456/380 at D = 64 with 64 keys (152/120 row-major), 864/852 on 4 warps; not kept
+        # accumulators beside the recomputed tile spilled 708 bytes with 64 keys, 360 with 32 keys. Recomputing
+        # the dk / dv kernel's tile key-major instead (S^T = k qu^T, dP^T = v dO^T, the band term gathered to
+        # [BLOCK_N, BLOCK_M], dropout_keep TRANS, as the tutorial's dkdv) spilled more in every config: worst
+        # 956/968 B with 64 keys at D = 128 (1172/1048 with 32 keys; 2196/2328 with 128), 456/380 at D = 64 with 64
+        # keys (152/120 row-major), 864/852 on 4 warps; not kept
         n = {"dq": 64 if roll else 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
         # dk / dv at D = 128, one stream: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT):
