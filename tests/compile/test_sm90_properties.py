@@ -58,12 +58,13 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # one accumulator (the op returns q's gradient, not those of q + u and q + v_bias), still 9, the worst now
     # 136/128 B (dk/dv at D = 64 and 128 with every mask + dropout): dq at D = 128 band causal 108/88 -> 20/12 B,
     # every mask + dropout 212/188 -> 132/120, two-stream 116/88 -> 48/40; at D = 64 156/116 -> 108/88 and 44/24 ->
-    # 48/32. The band rolled along the key loop (launch.ROLLED_BAND: forward 3 band
+    # 48/32. Since the dk/dv kernel at D = 64 takes 32 keys a step for a stream with four [rows x keys] mask
+    # terms (launch._mask_terms), 8: that compile (every mask + dropout) 136/124 B -> 0. The band rolled along the key loop (launch.ROLLED_BAND: forward 3 band
     # units of 64 * 64 * D a step instead of 4, dq 6 per 64 keys instead of 27) spilled more and is off: forward
     # up to 44/44 B, dq up to 1316/1316 B (figures in launch.py). Before the Hopper rewrite (one backward, 32 x 32
     # tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
-    "relative_attention-bf16": (136, 128, 9),
-    "relative_attention-fp16": (136, 128, 9),
+    "relative_attention-bf16": (132, 128, 8),
+    "relative_attention-fp16": (132, 128, 8),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
     # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
     # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;

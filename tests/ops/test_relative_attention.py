@@ -452,20 +452,20 @@ def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
 @pytest.mark.skipif(not backend.triton_interpreted(),
                     reason="forces the GPU's 16-bit dk / dv layout on float32 inputs, which only the interpreter "
                            "computes exactly")
-@pytest.mark.parametrize("rows", [16, 64], ids=["interpreter_tiles", "gpu_tiles_band_in_two_pieces"])
-def test_dkdv_transposed_interpreted(rng, monkeypatch, rows):
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu_d128", "gpu_d64_four_mask_terms"])
+def test_dkdv_transposed_interpreted(rng, monkeypatch, tiles):
     """dk^T and dv^T accumulated (DKDV_T: the GPU's 16-bit dk / dv kernel, so that its dots have M = D rows) on
     float32 inputs, so the float64 comparison keeps float32 tolerances: the interpreter's 16 x 16 tiles, and the
-    GPU's 64-row tiles with 32 keys and the band in two pieces (its D = 128 config). Same cases and tolerances as
-    test_several_row_and_key_tiles (both streams among them)."""
+    GPU's 64-row tiles with 32 keys, the band in two pieces (its D = 128 config) or whole (D = 64 with four mask
+    terms). Same cases and tolerances as test_several_row_and_key_tiles (both streams among them)."""
     from ptm_kernels.triton.relative_attention import launch
 
-    if rows == 64:
-        _row_tiles_of_64(monkeypatch, band_split=True, keys=32)
+    if tiles != "interpreter":
+        _row_tiles_of_64(monkeypatch, band_split=tiles == "gpu_d128", keys=32)
     config = launch._config
 
-    def transposed(D, dtype, device, kernel="fwd", streams=1):
-        cfg, warps = config(D, dtype, device, kernel, streams)
+    def transposed(D, dtype, device, kernel="fwd", streams=1, mask_terms=0):
+        cfg, warps = config(D, dtype, device, kernel, streams, mask_terms)
         if kernel == "dkdv":
             assert cfg["DKDV_T"] is False  # float32 keeps [BLOCK_N, D]: the flag below is what changes the path
             cfg = dict(cfg, DKDV_T=True)
@@ -520,8 +520,8 @@ def _row_tiles_of_64(monkeypatch, band_split, keys=None):
 
     interpreter_config = launch._config
 
-    def row_tiles_of_64(D, dtype, device, kernel="fwd", streams=1):
-        cfg, warps = interpreter_config(D, dtype, device, kernel, streams)
+    def row_tiles_of_64(D, dtype, device, kernel="fwd", streams=1, mask_terms=0):
+        cfg, warps = interpreter_config(D, dtype, device, kernel, streams, mask_terms)
         n = keys or cfg["BLOCK_N"]
         return dict(cfg, BLOCK_M=64, BLOCK_N=n, BAND=triton.next_power_of_2(64 + n), BAND_SPLIT=band_split), warps
 

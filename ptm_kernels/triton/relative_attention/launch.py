@@ -36,8 +36,9 @@ from .forward import _rel_fwd_kernel
 ROLLED_BAND: frozenset = frozenset()
 
 
-def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1):
-    """(constexprs, warps) of kernel "fwd", "dq" or "dkdv" for one or two query streams."""
+def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_terms: int = 0):
+    """(constexprs, warps) of kernel "fwd", "dq" or "dkdv" for one or two query streams, the most
+    [rows x keys] terms of a stream's mask (_mask_terms) among them."""
     assert ROLLED_BAND <= {"fwd", "dq"}, f"launch.ROLLED_BAND: only 'fwd' and 'dq' roll, got {set(ROLLED_BAND)}"
     roll = kernel in ROLLED_BAND
     block_d = C.block_d(D)
@@ -71,7 +72,12 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1):
         # [BLOCK_N, BLOCK_M], dropout_keep TRANS, as the tutorial's dkdv) spilled more in every config: worst
         # 956/968 B with 64 keys at D = 128 (1172/1048 with 32 keys; 2196/2328 with 128), 456/380 at D = 64 with 64
         # keys (152/120 row-major), 864/852 on 4 warps; not kept
-        n = {"dq": 64 if roll else 16, "dkdv": 64 if D <= 64 else 32}.get(kernel, 64)
+        # dk / dv at D = 64 with four [rows x keys] mask terms (a dense mask, segment visibility, the segment term,
+        # dropout): 32 keys, as at D = 128. Each term holds a [64, BLOCK_N] tile of predicates or values beside the
+        # scores; with 64 keys that spilled 136 / 124 B, with 32 none (band causal and two-stream with three terms
+        # spill nothing either way), for 33% more tensor-core work per key (the band product stays [128, 64] x D a
+        # step: 32.8 K multiply-adds per key against 24.6 K)
+        n = {"dq": 64 if roll else 16, "dkdv": 64 if D <= 64 and mask_terms < 4 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
         # dk / dv at D = 128, one stream: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT):
         # 244/240 -> 132/128 spill bytes with every mask + dropout, 72/64 -> 4/4 band causal (DKDV_T). Not
@@ -205,11 +211,17 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
-    cfg, warps = _config(D, k.dtype, k.device, "dkdv", len(streams))
+    cfg, warps = _config(D, k.dtype, k.device, "dkdv", len(streams), max(_mask_terms(s, p) for s in streams))
     _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, *args, dk, dv, **kw)
     res = [(*_query_grads(s, g, r), g.dseg if g.dseg is not None else s.q.new_empty(0))
            for s, g in zip(streams, grads)]
     return res, dk, dv, dr
+
+
+def _mask_terms(s: RelativeStream, p: RelativeParams) -> int:
+    """How many [rows x keys] terms stream s adds to its scores and mask: a dense mask, segment visibility, the
+    segment term, dropout (each a tile of predicates or values beside the scores: _config)."""
+    return sum((s.vis.dense_mask is not None, s.vis.q_segments is not None, s.seg is not None, p.dropout.p > 0))
 
 
 def _query_grads(s: RelativeStream, g: StreamGrads, r: Tensor):
