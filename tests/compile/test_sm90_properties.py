@@ -59,8 +59,9 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # 136/128 B (dk/dv at D = 64 and 128 with every mask + dropout): dq at D = 128 band causal 108/88 -> 20/12 B,
     # every mask + dropout 212/188 -> 132/120, two-stream 116/88 -> 48/40; at D = 64 156/116 -> 108/88 and 44/24 ->
     # 48/32. Since the dk/dv kernel at D = 64 takes 32 keys a step for a stream with four [rows x keys] mask
-    # terms (launch._mask_terms), 8: that compile (every mask + dropout) 136/124 B -> 0. The band rolled along the key loop (launch.ROLLED_BAND: forward 3 band
-    # units of 64 * 64 * D a step instead of 4, dq 6 per 64 keys instead of 27) spilled more and is off: forward
+    # terms (launch._mask_terms), 8: that compile (every mask + dropout) 136/124 B -> 0. The band rolled along the
+    # key loop (launch.ROLLED_BAND: forward 3 band units of 64 * 64 * D a step instead of 4, dq 6 per 64 keys
+    # instead of 27) spilled more and is off: forward
     # up to 44/44 B, dq up to 1316/1316 B (figures in launch.py). Before the Hopper rewrite (one backward, 32 x 32
     # tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
     "relative_attention-bf16": (132, 128, 8),

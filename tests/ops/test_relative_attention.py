@@ -391,8 +391,22 @@ def test_bias_gradients(impl, biases, rng):
     """The op returns the gradients of q, u and v_bias itself (q + u and q + v_bias are formed inside it): each
     combination of given biases against autograd through the eager formula in float64 (row tiles of several key
     tiles, memory, r rows missing at the end)."""
+    _bias_gradients(impl, biases, rng)
+
+
+@pytest.mark.skipif(not backend.triton_interpreted(),
+                    reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
+@pytest.mark.parametrize("biases", ["u", "v_bias", "none"])
+def test_bias_gradients_gpu_tiles_interpreted(biases, rng, monkeypatch):
+    """test_bias_gradients on the GPU's 16-bit tiles (64 rows, band-major: the dq kernel's one accumulator is
+    dq^T there), under the interpreter."""
+    _row_tiles_of_64(monkeypatch, band_split=False)
+    _bias_gradients("triton", biases, rng)
+
+
+def _bias_gradients(impl, biases, rng):
     B, H, D = 2, 2, 16
-    Lq, M = rng.randint(20, 40), rng.randint(0, 20)
+    Lq, M = rng.randint(20, 80), rng.randint(0, 20)
     Lk = Lq + M
     q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
     r = randn(H, Lk - rng.randint(0, 4), D)

@@ -14,7 +14,7 @@ tensor in memory. Two forms, chosen per stream by a constexpr flag:
   (j - n0)] with tl.gather; the backward forms the band image of dS the same way (DPB[i, c] = dS[i, c - (m0 +
   BLOCK_M - 1 - i)]) and takes dqv += DPB . band, dr[band] += DPB^T . qv_tile: two dots and BAND x D atomics per
   tile instead of BLOCK_M x BLOCK_N x D loads and atomics. With 64-row tiles (16-bit inputs on a GPU) these band
-  products are band-major (PB^T = band . qv_tile^T, DPB^T, dqv^T): see position._pos_band. With as many keys
+  products are band-major (PB^T = band . qv_tile^T, DPB^T, dq^T): see position._pos_band. With as many keys
   as rows a tile's band is two pieces whose upper one is the next key tile's lower one, so the forward and dq
   kernels can roll it along the key loop, one piece product a step (position._band_rolls; launch.ROLLED_BAND,
   off where it spilled more).
@@ -24,9 +24,9 @@ tensor in memory. Two forms, chosen per stream by a constexpr flag:
 
 Forward: one program per (row tile, b * h, stream); online softmax in base 2, float32 accumulation; the two streams
 of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward (backward.py), two kernels that
-recompute the probabilities from lse: dq, one program per (row tile, b * h, stream), accumulates dqu, dseg and
-(band form) dqv in registers (the gather form adds dqv chunks into its float32 buffer) and adds dr into a float32
-buffer with atomics; dkdv, one program per (key tile, b * h), walks the row tiles of both streams and owns dk and
+recompute the probabilities from lse: dq, one program per (row tile, b * h, stream), accumulates dq = dqu + dqv
+(the gradient of q, through q + u and q + v_bias) and dseg in registers (the gather form adds dqv chunks into a
+float32 buffer, joined to dq at the end) and adds dr into a float32 buffer with atomics; dkdv, one program per (key tile, b * h), walks the row tiles of both streams and owns dk and
 dv. Dropout: attention's (_common.dropout_keep) with Lr rows, the query stream with seed + 1; deterministic per
 seed (its own mask, not the reference's).
 

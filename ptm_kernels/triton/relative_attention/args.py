@@ -98,8 +98,8 @@ class StreamGrads(NamedTuple):
     dqv: Tensor  # float32 [B, H, Lr, D] contiguous, zeroed: the gather and chunked forms add dqv into it
     dseg: Optional[Tensor]  # float32 [B, H, Lr, 2] contiguous (with seg)
     dr: Tensor  # float32 [B, H, R, D] contiguous, zeroed: both streams' programs add into it
-    vcol: Optional[Tensor]  # float32 [B, H, R] contiguous, zeroed (with u or v_bias): the band form's dS band image
-    #                         summed per row of r (backward._band_sums)
+    band_sums: Optional[Tensor]  # float32 [B, H, R] contiguous, zeroed (with u or v_bias): the band form's dS band
+    #                              image summed over the rows, per row of r (backward._band_sums)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -2,7 +2,7 @@
 
 - _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dq = dqu + dqv (the band form in one register
   accumulator) and dseg, dr with float32 atomics; the band form also adds up the row sums of dS's band image
-  (vcol, BAND float32 atomics a step), from which the launcher tells dqv's share of dq apart for the biases'
+  (band_sums, BAND float32 atomics a step), from which the launcher tells dqv's share of dq apart for the biases'
   gradients (the gather and chunked forms keep dqv in memory instead). dr stays atomic: r row t collects the
   pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key tile, so no
   row-major or key-major program owns it. A diagonal-major third pass would recompute the probabilities once
@@ -162,14 +162,14 @@ def _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D: tl.constexpr, 
 
 
 @triton.jit
-def _band_sums(VCOL_bh, dpb, t_band, band_ok, BAND_MAJOR: tl.constexpr):
-    """vcol[t_band] += the row sums of dS's band image dpb (_band_grad's layout; float32 atomics), so that the sum
-    of dqv over the rows, sum_t vcol[t] r[t], is one product on the host."""
+def _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR: tl.constexpr):
+    """band_sums[t_band] += the row sums of dS's band image dpb (_band_grad's layout; float32 atomics), so that the
+    sum of dqv over the rows, sum_t band_sums[t] r[t], is one product on the host."""
     if BAND_MAJOR:
         sums = tl.sum(dpb.to(tl.float32), 1)
     else:
         sums = tl.sum(dpb.to(tl.float32), 0)
-    tl.atomic_add(VCOL_bh + t_band, sums, mask=band_ok)
+    tl.atomic_add(BAND_SUMS_bh + t_band, sums, mask=band_ok)
 
 
 @triton.jit
@@ -200,7 +200,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs): dq, dseg of its rows (args.StreamGrads), and its shares of dr
-    and (band form) vcol (_band_sums). The band rolled along the key loop where it can (position._band_rolls)."""
+    and (band form) band_sums (_band_sums). The band rolled along the key loop where it can (position._band_rolls)."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)
     ROLL: tl.constexpr = not GATHER and not CHUNKED and _band_rolls(BLOCK_M, BLOCK_N, BAND_SPLIT)
@@ -220,9 +220,9 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
         DR_bh = grads.dr + bh64 * R_len * D  # float32 contiguous, zeroed
         DQV_bh = grads.dqv + bh64 * Lr * D  # float32, zero-initialised: dqv of the gather and chunked forms
-        VCOL_bh = 0
-        if grads.vcol is not None:
-            VCOL_bh = grads.vcol + bh64 * R_len
+        BAND_SUMS_bh = 0
+        if grads.band_sums is not None:
+            BAND_SUMS_bh = grads.band_sums + bh64 * R_len
         lo, hi = _key_range(S, row, row_ok, keys.Lk, BLOCK_N)
         # dq = dqu + dqv (the gradient of q: q + u and q + v_bias both come from it) in one accumulator. The band
         # forms hold it in _pos_band's layout: band-major tiles hold dq^T, whose dots have M = BLOCK_D rather than
@@ -296,8 +296,8 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                 g_prev = g_img
                 dq = _band_grad_dots(dq, dpb, r_lo, t_band, lo_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
                                      BAND_MAJOR, PREC, UPCAST)
-                if grads.vcol is not None:
-                    _band_sums(VCOL_bh, dpb, t_band, lo_ok, BAND_MAJOR)
+                if grads.band_sums is not None:
+                    _band_sums(BAND_SUMS_bh, dpb, t_band, lo_ok, BAND_MAJOR)
             else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
                 r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
                 dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
@@ -313,19 +313,22 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                 else:
                     dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D,
                                          DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
-                    if grads.vcol is not None:
-                        _band_sums(VCOL_bh, dpb, t_band, band_ok, BAND_MAJOR)
+                    if grads.band_sums is not None:
+                        _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
         if ROLL:  # the last step's upper piece: band rows from t_last + the end of the key steps
             t_band = t_last + lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_M)
             r_end, end_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
             dpb = _rolled_piece(tl.zeros_like(g_prev), g_prev, BLOCK_M)
             dq = _band_grad_dots(dq, dpb, r_end, t_band, end_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
                                  BAND_MAJOR, PREC, UPCAST)
-            if grads.vcol is not None:
-                _band_sums(VCOL_bh, dpb, t_band, end_ok, BAND_MAJOR)
+            if grads.band_sums is not None:
+                _band_sums(BAND_SUMS_bh, dpb, t_band, end_ok, BAND_MAJOR)
         if DQ_T:
             dq = tl.trans(dq)
         if GATHER or CHUNKED:  # + the dqv these forms added up in memory (rows owned by this program)
+            # stored in [BLOCK_M, chunk] tiles, read back whole: other threads of this block wrote some of it, and
+            # only a block barrier makes their stores visible here
+            tl.debug_barrier()
             dq += tl.load(DQV_bh + rows64[:, None] * D + offs_d[None, :], mask=rd_ok, other=0.0)
         tl.store(grads.dq + bh64 * Lr * D + rows64[:, None] * D + offs_d[None, :], dq, mask=rd_ok)
         if grads.dseg is not None:

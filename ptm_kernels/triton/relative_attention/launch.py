@@ -26,7 +26,8 @@ from .forward import _rel_fwd_kernel
 #   0 / 12 / 0 on 2). Other selects (position._rolled_pos): separate index tiles for the two gathers
 #   0 / 24 / 12 and 4 / 124 / 0 B; the pieces joined into one [128, 64] tile for one gather 0 / 136 / 0 and
 #   12 / 324 / 0 B; the lower select carried instead of the piece 0 / 52 / 44 and 36 / 172 / 4 B.
-# - dq: 64 keys a step: per 64 keys 6 units of 64 * 64 * D (scores, dP, dqu, the band piece, dqv^T, dr) instead of
+# - dq (measured with dqu and dqv^T in two accumulators, before dq took one; today's figures in
+#   tests/compile/test_sm90_properties.py): 64 keys a step: per 64 keys 6 units of 64 * 64 * D (scores, dP, dqu, the band piece, dqv^T, dr) instead of
 #   27 with 16 keys a step (3 + 4 x (band, dqv^T, dr: 2 units each)), and 64 x D dr atomics instead of 512 x D;
 #   but four [64, 64] float32 tiles (scores, P, dP, dS) and the carries beside the dqu and dqv^T accumulators:
 #   D = 64 212 / 700 / 788 B (today 0 / 156 / 44), D = 128 368 / 760 / 1316 B on 1 stage (today 108 / 212 / 116
@@ -86,8 +87,8 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # -> 196 B every mask), in the forward (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156
         # B; 212 -> 168 B with every mask)
         cfg["BAND_SPLIT"] = (kernel == "dkdv" and D > 64 and streams == 1) or roll
-        # Also measured for dq and not kept: its position gradients (dqv, dr) in a second pass over the keys, so
-        # that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 -> 32/20 B band causal,
+        # Also measured for dq (dqu and dqv^T then apart) and not kept: its position gradients (dqv, dr) in a
+        # second pass over the keys, so that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 -> 32/20 B band causal,
         # 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231 KB of shared
         # memory), still spilling at 255 registers, for the scores, band product and dO V^T computed twice: +37%
         # multiply-adds per step (1.31 M on 3.54 M); at D = 64 it spilled more (0 -> 8 B band causal)
@@ -226,13 +227,17 @@ def _mask_terms(s: RelativeStream, p: RelativeParams) -> int:
 
 def _query_grads(s: RelativeStream, g: StreamGrads, r: Tensor):
     """(dq in q's dtype, du, dv_bias): the sums of dqu and dqv over batch and rows (float32 [H, D]; empty where the
-    bias is None). dqv's: sum_t vcol[t] r[t] (band form) plus the dqv the gather and chunked forms left in memory
-    (each form writes one of the two; the other stays 0); dqu's: dq's sum less dqv's. That difference loses the
+    bias is None). dqv's: sum_t band_sums[t] r[t] (band form) plus the dqv the gather and chunked forms left in
+    memory (each form writes one of the two; the other stays 0); dqu's: dq's sum less dqv's. That difference loses the
     float32 rounding of the larger sum (~1e-7 of it), as adding dqu and dqv did; the kernels spilled when they
     also summed dS over the rows for dqu (dk/dv at D = 64 with every mask: 136 -> 228 spill bytes, sm_90)."""
-    if g.vcol is None:
+    if g.band_sums is None:
         return g.dq.to(s.q.dtype), s.q.new_empty(0), s.q.new_empty(0)
-    dqv_sum = torch.einsum("bht,bhtd->hd", g.vcol, r.float()) + g.dqv.sum((0, 2))
+    if r.stride(0) == 0:  # r shared by the batch (expanded): not copied B times by the float32 einsum
+        band = torch.einsum("ht,htd->hd", g.band_sums.sum(0), r[0].float())
+    else:
+        band = torch.einsum("bht,bhtd->hd", g.band_sums, r.float())
+    dqv_sum = band + g.dqv.sum((0, 2))
     du = g.dq.sum((0, 2)) - dqv_sum if s.u is not None else s.q.new_empty(0)
     return g.dq.to(s.q.dtype), du, dqv_sum if s.v_bias is not None else s.q.new_empty(0)
 

@@ -93,7 +93,7 @@ def _band_rolls(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexp
     BLOCK_M rows, and the row tile (hence qv) is fixed along the loop, so the upper piece of key step n is the
     lower piece of step n + 1: each step computes one piece product (_piece_product) and carries it, and the dq
     kernel carries dS's band image (_rolled_image), whose upper piece joins the next step's lower one
-    (_rolled_piece): one [BLOCK_M, BLOCK_M] dqv^T dot and BLOCK_M x D dr atomics a step.
+    (_rolled_piece): one [BLOCK_M, BLOCK_M] band dot into dq^T and BLOCK_M x D dr atomics a step.
     The dk/dv kernel walks row tiles (qv changes each step): it cannot roll."""
     return _band_major(BLOCK_M) and SPLIT and BLOCK_N == BLOCK_M
 
