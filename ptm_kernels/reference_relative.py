@@ -148,14 +148,15 @@ def relative_attention_bwd(dout, out, lse, k, v, r, params: RelativeParams, s: R
         dseg = stat(dseg)
     else:
         dseg = empty_stats(qu)
-    return ((dqu + dqv).to(s.q.dtype), *query_bias_grads(s, dqu, dqv, stat), dk.to(k.dtype), dv.to(v.dtype),
+    return ((dqu + dqv).to(s.q.dtype), *_query_bias_grads(s, dqu, dqv, stat), dk.to(k.dtype), dv.to(v.dtype),
             stat(dr), dseg)
 
 
-def query_bias_grads(s: RelativeStream, dqu: Tensor, dqv: Tensor, stat) -> Tuple[Tensor, Tensor]:
+def _query_bias_grads(s: RelativeStream, dqu: Tensor, dqv: Tensor, stat) -> Tuple[Tensor, Tensor]:
     """(du, dv_bias): the row sums of dqu, dqv over batch and rows ([H, D], `stat`'s dtype), empty where the
     bias is None."""
-    return tuple(stat(d.sum((0, 2))) if b is not None else empty_stats(s.q) for b, d in ((s.u, dqu), (s.v_bias, dqv)))
+    return tuple(stat(d.sum((0, 2))) if b is not None else empty_stats(s.q)
+                 for b, d in ((s.u, dqu), (s.v_bias, dqv)))
 
 
 # Two streams (XLNet): the content stream (c) and the query stream (g) against the same k, v, r. The query

@@ -27,13 +27,13 @@ from .forward import _rel_fwd_kernel
 #   0 / 24 / 12 and 4 / 124 / 0 B; the pieces joined into one [128, 64] tile for one gather 0 / 136 / 0 and
 #   12 / 324 / 0 B; the lower select carried instead of the piece 0 / 52 / 44 and 36 / 172 / 4 B.
 # - dq (measured with dqu and dqv^T in two accumulators, before dq took one; today's figures in
-#   tests/compile/test_sm90_properties.py): 64 keys a step: per 64 keys 6 units of 64 * 64 * D (scores, dP, dqu, the band piece, dqv^T, dr) instead of
-#   27 with 16 keys a step (3 + 4 x (band, dqv^T, dr: 2 units each)), and 64 x D dr atomics instead of 512 x D;
-#   but four [64, 64] float32 tiles (scores, P, dP, dS) and the carries beside the dqu and dqv^T accumulators:
-#   D = 64 212 / 700 / 788 B (today 0 / 156 / 44), D = 128 368 / 760 / 1316 B on 1 stage (today 108 / 212 / 116
-#   on 2); the gather form (positions), on the same tiles, 0 -> 208 B at D = 64, 0 -> 396 B at D = 128. With the
-#   band image in two gathers a step (upper piece carried): 564 / 1052 / 1036 and 924 / 1280 / 2280 B; dqv^T read,
-#   added and written each step instead of held: 200 / 704 / 784 and 360 / 728 / 1256 B
+#   tests/compile/test_sm90_properties.py): 64 keys a step: per 64 keys 6 units of 64 * 64 * D (scores, dP, dqu, the
+#   band piece, dqv^T, dr) instead of 27 with 16 keys a step (3 + 4 x (band, dqv^T, dr: 2 units each)), and 64 x D dr
+#   atomics instead of 512 x D; but four [64, 64] float32 tiles (scores, P, dP, dS) and the carries beside the dqu and
+#   dqv^T accumulators: D = 64 212 / 700 / 788 B (today 0 / 156 / 44), D = 128 368 / 760 / 1316 B on 1 stage (today
+#   108 / 212 / 116 on 2); the gather form (positions), on the same tiles, 0 -> 208 B at D = 64, 0 -> 396 B at D =
+#   128. With the band image in two gathers a step (upper piece carried): 564 / 1052 / 1036 and 924 / 1280 / 2280 B;
+#   dqv^T read, added and written each step instead of held: 200 / 704 / 784 and 360 / 728 / 1256 B
 ROLLED_BAND: frozenset = frozenset()
 
 
@@ -87,11 +87,11 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # -> 196 B every mask), in the forward (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156
         # B; 212 -> 168 B with every mask)
         cfg["BAND_SPLIT"] = (kernel == "dkdv" and D > 64 and streams == 1) or roll
-        # Also measured for dq (dqu and dqv^T then apart) and not kept: its position gradients (dqv, dr) in a
-        # second pass over the keys, so that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 -> 32/20 B band causal,
-        # 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231 KB of shared
-        # memory), still spilling at 255 registers, for the scores, band product and dO V^T computed twice: +37%
-        # multiply-adds per step (1.31 M on 3.54 M); at D = 64 it spilled more (0 -> 8 B band causal)
+        # Also measured for dq (dqu and dqv^T then apart) and not kept: its position gradients (dqv, dr) in a second
+        # pass over the keys, so that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 ->
+        # 32/20 B band causal, 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231
+        # KB of shared memory), still spilling at 255 registers, for the scores, band product and dO V^T computed
+        # twice: +37% multiply-adds per step (1.31 M on 3.54 M); at D = 64 it spilled more (0 -> 8 B band causal)
         # Measured for dk/dv and not kept: the key tile's dk / dv columns in two halves (grid axis 2), each program
         # recomputing the scores, band product and dO V^T over all of D. With 32 keys at D = 128 (BAND_SPLIT):
         # every mask + dropout 208/204 -> 28/24 B, two-stream 128/128 -> 0; at D = 64 (64 keys) 152/120 -> 56/40
