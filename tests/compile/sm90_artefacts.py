@@ -87,9 +87,16 @@ def sass_stats(sass: str) -> dict:
             if t and int(t.group(1), 16) < addr:
                 spans.append((int(t.group(1), 16), addr))
     in_loop = sum(1 for addr, _, _ in instrs if any(lo <= addr <= hi for lo, hi in spans))
+    # spills by where they run: in a loop (once per trip) or in an innermost loop (the per-key-step loop of an
+    # attention kernel: once per tile pair), against spills before / after the loops, which run once
+    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    local = [(addr, _local_bytes(op)) for addr, op, _ in instrs if op.split(".")[0] in ("STL", "LDL")]
+    loop_spill = sum(b for addr, b in local if any(lo <= addr <= hi for lo, hi in spans))
+    inner_spill = sum(b for addr, b in local if any(lo <= addr <= hi for lo, hi in innermost))
     mma = sorted({op for _, op, _ in instrs if op.startswith(("HGMMA", "HMMA"))})
     return dict(sass_instructions=len(instrs), loop_instructions=in_loop,
                 spill_store_bytes=spill_st, spill_load_bytes=spill_ld,
+                loop_spill_bytes=loop_spill, inner_loop_spill_bytes=inner_spill,
                 mma_sass=mma, utmaldg=ops["UTMALDG"],
                 opcodes={k: ops[k] for k in ("IMAD", "LOP3", "HGMMA", "HMMA", "FFMA", "MUFU", "LDGSTS") if ops[k]})
 

@@ -76,7 +76,10 @@ def _blocks(rec: dict) -> str:
 
 def _spills(rec: dict) -> str:
     st, ld = rec.get("spill_store_bytes", "?"), rec.get("spill_load_bytes", "?")
-    return "0" if st == ld == 0 else f"**{st} / {ld}**"
+    if st == ld == 0:
+        return "0"
+    inner = rec.get("inner_loop_spill_bytes")
+    return f"**{st} / {ld}**" + ("" if inner is None else f" (innermost loop {inner})")
 
 
 def triton_rows(records: list) -> list:
@@ -179,7 +182,9 @@ def render(triton_results: dict, cuda: list) -> str:
            f"{datetime.date.today().isoformat()}; {tool_versions()}. No GPU: every figure is read from the "
            "sm_90a cubin / PTX / SASS (`cuobjdump -res-usage`, `cuobjdump -sass`). Nothing here is a timing.", "",
            "- **spill bytes**: bytes of the local-memory stores / loads (STL / LDL) in the SASS, what `ptxas -v` "
-           "reports as spill stores / loads (checked equal on the CUDA kernels).",
+           "reports as spill stores / loads (checked equal on the CUDA kernels); in brackets the bytes of those "
+           "instructions that lie in an innermost loop (a kernel's per-tile step: they run once per step, the "
+           "others once per program or per outer-loop trip).",
            "- **occupancy**: resident warps per SM from registers (allocated per warp in units of 256), shared "
            "memory (228 KB per SM, 1 KB reserved per block) and warps (64 per SM, 32 blocks) under sm_90's limits.",
            "- **MMA**: HGMMA in the SASS = wgmma, HMMA = mma.sync, with the operand type (f16 when unsuffixed).",
@@ -198,6 +203,10 @@ def render(triton_results: dict, cuda: list) -> str:
                 f"{max(r['spill_load_bytes'] for r in sp)} B)" if sp else f"{fam} none"
                 for fam, sp in ((fam, [r for r in R.launched(res["records"]) if r.get("spill_store_bytes")
                                        or r.get("spill_load_bytes")]) for fam, res in triton_results.items())) + ".",
+            "- Spills in an innermost loop (launched compiles; bytes of their STL / LDL there): " + "; ".join(
+                f"{fam} {len(sp)} (up to {max(r['inner_loop_spill_bytes'] for r in sp)} B)" if sp else f"{fam} none"
+                for fam, sp in ((fam, [r for r in R.launched(res["records"]) if r.get("inner_loop_spill_bytes")])
+                                for fam, res in triton_results.items())) + ".",
             f"- CUDA: {len(cuda)} kernels, {sum(1 for c in cuda if c['spill_store_bytes'])} spill.",
             "- MMA of the attention forwards (`attention_fwd` cases): " + "; ".join(
                 f"{kind}: {', '.join(sorted(mmas))}" for kind, mmas in (

@@ -9,7 +9,8 @@ cubin), and, like the CUDA driver when a kernel is loaded, raises OutOfResources
 shared memory than an H100 block may have. Launchers with a fallback ladder (attention's config lists,
 relative attention's stages / band -> gather options) then step down as they would on the GPU.
 
-Prints one line `RESULT {json}` per compile (ok, out_of_resources or error) and per case (ok / error).
+Prints one line `RESULT {json}` per compile (ok, out_of_resources or error) and per case (ok / error). With
+PTM_SM90_DUMP=FOLDER it also writes each compile's TTGIR, PTX and cubin there (`cuobjdump -sass` reads the cubin).
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ class CompilingKernel:
                  seconds=round(time.time() - t0, 2))
             raise CompileFailed(name) from e
         shared = int(compiled.metadata.shared)
+        if os.environ.get("PTM_SM90_DUMP"):  # a folder: keep each compile's TTGIR, PTX and cubin for reading
+            stem = os.path.join(os.environ["PTM_SM90_DUMP"], f"{_case} {name} {options.num_stages}".replace(" ", "_"))
+            for ext, mode in (("ttgir", "w"), ("ptx", "w"), ("cubin", "wb")):
+                with open(f"{stem}.{ext}", mode) as f:
+                    f.write(compiled.asm[ext])
         status = "ok" if shared <= SMEM_LIMIT else "out_of_resources"
         try:
             figures = sm90_artefacts.describe_triton(compiled)

@@ -526,6 +526,47 @@ def test_rolled_band_interpreted(rng, monkeypatch):
     _several_row_and_key_tiles("triton", rng, Lq=(100, 128), M=(20, 40))
 
 
+@pytest.mark.skipif(not backend.triton_interpreted(),
+                    reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
+def test_dq_band_spans_key_tiles_interpreted(rng, monkeypatch):
+    """The GPU's 16-bit dq tiles under the interpreter: 64 rows, 16 keys a step, one band product of 128 rows for
+    four steps (position._band_keys; backward._stream_dq), dS's band image gathered over them before one dq^T dot
+    and one set of dr atomics. Rows and keys over several tiles: a left window that starts the key loop 16 keys
+    into a span, a causal end inside a span (fewer than four steps), r too short at both ends, both streams, dropout
+    and every mask part, against the interpreter's own 16 x 16 tiles (same keep-mask); then the float64 formula
+    (same cases and tolerances as test_several_row_and_key_tiles)."""
+    import functools
+
+    from ptm_kernels.triton.relative_attention import launch
+
+    B, H, D, Lq, M = 1, 2, 16, rng.randint(100, 128), rng.randint(20, 40)
+    Lk = Lq + M
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r = randn(H, Lk + rng.randint(0, 5), D)
+    u, vb, sb, se = randn(H, D), randn(H, D), randn(H, D), randn(2, H, D)
+    ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
+    dense = AttentionMask.dense(torch.rand(B, 1, Lq, Lk, device=DEVICE) > 0.2)
+    lengths = AttentionMask.key_padding(lengths=torch.tensor([Lk - 7]))
+    every = dense & lengths & AttentionMask.segments(ids, torch.randint(0, 2, (B, Lk), device=DEVICE))
+    two_streams = functools.partial(pk.two_stream_attention, segment_ids=ids, seg_embed=se, s_bias=sb,
+                                    r_offset=Lk - 2, content_mask=every, query_mask=every & AttentionMask.causal(),
+                                    dropout_p=0.2, seed=11)
+    window = AttentionMask.causal() & AttentionMask.sliding_window(rng.randint(70, 90), 0)
+    windowed = functools.partial(pk.relative_attention, r_offset=Lk - 3, mask=window, dropout_p=0.1, seed=5)
+    cases = [(two_streams, [q, q.flip(2), k, v, r, u, vb], [randn(B, H, Lq, D) for _ in range(2)]),
+             (windowed, [q, k, v, r, u, vb], [randn(B, H, Lq, D)])]
+    with backend.use(relative_attention="triton"):
+        tiles_16 = [run(*case) for case in cases]
+        _row_tiles_of_64(monkeypatch, band_split=False, keys=16)
+        cfg, _ = launch._config(D, torch.float32, torch.device(DEVICE), "dq")
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BAND"], cfg["BAND_SPLIT"]) == (64, 16, 128, False)
+        tiles_64 = [run(*case) for case in cases]
+    for c, (ours, theirs) in enumerate(zip(tiles_64, tiles_16)):
+        for i, (a, t) in enumerate(zip([*ours[0], *ours[1]], [*theirs[0], *theirs[1]])):
+            assert_close(a, t, name=f"case {c}, dropout and masks: output/gradient {i}", **F32_TOL)
+    _several_row_and_key_tiles("triton", rng, Lq=(100, 128), M=(20, 40))
+
+
 def _row_tiles_of_64(monkeypatch, band_split, keys=None):
     """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`)."""
     import triton

@@ -2,14 +2,14 @@
 
 - _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dq = dqu + dqv (the band form in one register
   accumulator) and dseg, dr with float32 atomics; the band form also adds up the row sums of dS's band image
-  (band_sums, BAND float32 atomics a step), from which the launcher tells dqv's share of dq apart for the biases'
-  gradients (the gather and chunked forms keep dqv in memory instead). dr stays atomic: r row t collects the
-  pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key tile, so no
-  row-major or key-major program owns it. A diagonal-major third pass would recompute the probabilities once
-  more: per (64 rows, 16 keys) step at D = 128 the scores, the band term and dO V^T again (1.31 M multiply-adds
-  on top of the 3.54 M of this kernel's step, +37%, plus the masks, exp2 and dropout bits a second time) to save
-  the step's atomics: BAND x D = 16 K float32 adds (64 KB; 79 of the 128 band rows non-zero). Without a GPU to
-  weigh the two (no timing here), atomics stay. The band form adds BAND x D per tile pair.
+  (band_sums, BAND float32 atomics per band product), from which the launcher tells dqv's share of dq apart for
+  the biases' gradients (the gather and chunked forms keep dqv in memory instead). On 64-row tiles one band
+  product serves four 16-key steps (position._band_keys). dr stays atomic: r row t collects the pairs (i, j) with
+  j - i = t - c, a diagonal of the score matrix that crosses every row tile and key tile, so no row-major or
+  key-major program owns it. A diagonal-major third pass would recompute the probabilities once more: per 64 keys
+  of a 64-row tile at D = 128 the scores, the band term and dO V^T again (2.10 M multiply-adds on top of this
+  kernel's 4.72 M, +44%, plus the masks, exp2 and dropout bits a second time) to save BAND x D = 16 K float32
+  atomic adds (64 KB). Without a GPU to weigh the two (no timing here), atomics stay.
 - _rel_bwd_dkdv_kernel, one program per (key tile, b * h): walks the row tiles of both streams and owns dk and
   dv (registers, stored once, no atomics).
 
@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
-from .position import (_band, _band_grad, _band_major, _band_rolls, _band_rows, _band_select, _piece_product,
-                       _pos_band, _pos_gather, _rolled_image, _rolled_piece, _rolled_pos)
+from .position import (_band, _band_grad, _band_image_at, _band_keys, _band_major, _band_rolls, _band_rows,
+                       _band_select, _band_select_at, _piece_product, _pos_band, _pos_gather, _rolled_image,
+                       _rolled_piece, _rolled_pos)
 from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -196,6 +197,52 @@ def _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLO
 
 
 @triton.jit
+def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, stream, tile, qu, qv, do,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
+                 D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 GATHER: tl.constexpr, DQ_T: tl.constexpr):
+    """The dq kernel's work on key tile start_n that does not involve the position term's gradient: dS recomputed
+    (_tile_grad), dq += dS k and the segment term's gradient dseg = (same segment, other segment) row sums of dS.
+    -> (dq, dseg, dS, offs_n, col_ok, band, t_band: _tile_grad's).
+
+    pos: the position term where the caller has it, else None. With SPAN_J not None, pos is a band product that
+    spans several key tiles (position._band_keys) and this tile lies SPAN_J keys into it: its terms are selected
+    here, after the key tile's loads (selected before them, 4 spill bytes stayed in the key loop: sm_90, bf16
+    D = 64, every mask). tile: the row tile's (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta,
+    row)."""
+    rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row = tile
+    offs_d = tl.arange(0, BLOCK_D)
+    ip, base, t_last, seg0, seg1, qid, klen, plen = row
+    if BLOCK_D <= 64:
+        # qu and dO read again each step (cached) rather than held across the loop: as the A operands of chained
+        # 64-row dots both warpgroups held them (sm_90, triton 3.7.1, bf16 D = 64: 32 -> 0 spill bytes with a
+        # causal band, 168 -> 156 with every mask, 88 -> 44 two-stream; at D = 128 it spilled more, 212 -> 312)
+        qu = tl.load(S.qu.ptr + b64 * S.qu.s_b + h64 * S.qu.s_h + rows64[:, None] * S.qu.s_l + offs_d[None, :],
+                     mask=rd_ok, other=0.0)
+        do = tl.load(grads.do.ptr + b64 * grads.do.s_b + h64 * grads.do.s_h + rows64[:, None] * grads.do.s_l
+                     + offs_d[None, :], mask=rd_ok, other=0.0)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+    v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+    if SPAN_J is not None:
+        pos = _band_select_at(pos, SPAN_J, BLOCK_M, BLOCK_N)
+    pd, g, offs_n, col_ok, band, t_band = _tile_grad(
+        S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
+        v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
+    if DQ_T:
+        dq += dot(tl.trans(k), tl.trans(g.to(k.dtype)), None, PREC, UPCAST)
+    else:
+        dq += dot(g.to(k.dtype), k, None, PREC, UPCAST)
+    dseg0, dseg1 = dseg
+    if S.seg is not None:
+        kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
+        same = qid[:, None] == kid[None, :]
+        dseg0 += tl.sum(tl.where(same, g, 0.0), 1)
+        dseg1 += tl.sum(tl.where(same, 0.0, g), 1)
+    return dq, (dseg0, dseg1), g, offs_n, col_ok, band, t_band
+
+
+@triton.jit
 def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -234,87 +281,87 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             dq = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
         else:
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dseg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        dseg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        dseg = (tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32))  # _dq_key_tile
         dc = tl.arange(0, D_CHUNK)
         if ROLL:  # the lower piece's band product of the first key step, and no upper piece of dS's band image yet
             p_lo = _piece_product(R_bh, keys.r.s_l, t_last + lo, R_len, offs_d, qv, D, PREC, UPCAST)
             g_prev = tl.zeros([BLOCK_M, BLOCK_M], dtype=qv.dtype)  # the last step's _rolled_image
-        for start_n in range(lo, hi, BLOCK_N):
-            if BLOCK_D <= 64:
-                # qu and dO read again each step (cached) rather than held across the loop: as the A operands of
-                # chained 64-row dots both warpgroups held them (sm_90, triton 3.7.1, bf16 D = 64: 32 -> 0 spill
-                # bytes with a causal band, 168 -> 156 with every mask, 88 -> 44 two-stream; at D = 128 it spilled
-                # more, 212 -> 312)
-                qu = tl.load(S.qu.ptr + b64 * S.qu.s_b + h64 * S.qu.s_h + rows64[:, None] * S.qu.s_l
-                             + offs_d[None, :], mask=rd_ok, other=0.0)
-                do = tl.load(grads.do.ptr + b64 * grads.do.s_b + h64 * grads.do.s_h + rows64[:, None] * grads.do.s_l
-                             + offs_d[None, :], mask=rd_ok, other=0.0)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
-            v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
-            pos = None
-            if ROLL:  # band rows t_last + start_n + [0, 2 BLOCK_M): the lower piece's product carried
-                pos, p_lo = _rolled_pos(p_lo, R_bh, keys.r.s_l, t_last + start_n + BLOCK_M, R_len, offs_d, qv,
-                                        BLOCK_M, BLOCK_N, D, PREC, UPCAST)
-            pd, g, offs_n, col_ok, band, t_band = _tile_grad(
-                S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta,
-                row, k, v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
-            if DQ_T:
-                dq += dot(tl.trans(k), tl.trans(g.to(k.dtype)), None, PREC, UPCAST)
-            else:
-                dq += dot(g.to(k.dtype), k, None, PREC, UPCAST)
-            if S.seg is not None:
-                kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
-                same = qid[:, None] == kid[None, :]
-                dseg0 += tl.sum(tl.where(same, g, 0.0), 1)
-                dseg1 += tl.sum(tl.where(same, 0.0, g), 1)
-            # position term: dqv_m += sum_n g r[t], dr[t] += g qv_m
-            if GATHER:  # per (row, key), over D chunks
-                t = base[:, None] + offs_n[None, :]
-                t_ok = (t >= 0) & (t < R_len) & row_ok[:, None] & col_ok[None, :]
-                for d0 in range(0, BLOCK_D, D_CHUNK):
-                    dmask = (d0 + dc) < D
-                    m3 = t_ok[:, :, None] & dmask[None, None, :]
-                    r3 = tl.load(R_bh + t[:, :, None] * keys.r.s_l + (d0 + dc)[None, None, :], mask=m3, other=0.0)
-                    part = tl.sum(g[:, :, None] * r3.to(tl.float32), axis=1)  # [BLOCK_M, D_CHUNK]
-                    # dqv (float32 [B, H, Lr, D], rows owned by this program): read, add, write the chunk
-                    dqv_ptr = DQV_bh + rows64[:, None] * D + (d0 + dc)[None, :]
-                    cmask = row_ok[:, None] & dmask[None, :]
-                    tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + part, mask=cmask)
-                    qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
-                    tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
-                                  g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
-            elif ROLL:
-                # band rows t_last + start_n + [0, BLOCK_M) collect the upper piece of dS's band image from the
-                # last step and the lower piece of this one; the upper piece waits for the next step (BLOCK_M x D
-                # atomics a step instead of BAND x D)
-                t_band = t_last + start_n + tl.arange(0, BLOCK_M)
-                r_lo, lo_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
-                g_img = _rolled_image(g, BLOCK_M).to(qv.dtype)
-                dpb = _rolled_piece(g_img, g_prev, BLOCK_M)
-                g_prev = g_img
-                dq = _band_grad_dots(dq, dpb, r_lo, t_band, lo_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
+        # a band product that serves several key tiles (position._band_keys): computed once per SPAN keys, its
+        # position terms selected per key tile, dS's band image gathered over the SPAN keys, then one band dot into
+        # dq^T and one set of dr atomics per SPAN keys
+        SPAN: tl.constexpr = _band_keys(BLOCK_M, BLOCK_N, BAND, BAND_SPLIT)
+        SPANS: tl.constexpr = DQ_T and not ROLL and SPAN > BLOCK_N
+        tile = (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)
+        if SPANS:
+            for start_n in range(lo, hi, SPAN):
+                t_band = t_last + start_n + tl.arange(0, BAND)
+                r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
+                pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M], float32
+                dpb = tl.zeros([BAND, BLOCK_M], dtype=qv.dtype)
+                for j in range(0, tl.minimum(hi - start_n, SPAN), BLOCK_N):
+                    dq, dseg, g, offs_n, col_ok, band, t_tile = _dq_key_tile(
+                        dq, dseg, start_n + j, pbt, j, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
+                        BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, DQ_T)
+                    dpb = _band_image_at(dpb, g, j, BLOCK_M, BLOCK_N, BAND)
+                dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
                                      BAND_MAJOR, PREC, UPCAST)
                 if grads.band_sums is not None:
-                    _band_sums(BAND_SUMS_bh, dpb, t_band, lo_ok, BAND_MAJOR)
-            else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
-                r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
-                dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
-                if CHUNKED:  # dqv read, added and written per chunk (float32 DQV, rows owned), beside dr
-                    for d0 in range(0, BLOCK_D, DR_CHUNK):
-                        offs_c = d0 + tl.arange(0, DR_CHUNK)
-                        dqv_ptr = DQV_bh + rows64[:, None] * D + offs_c[None, :]
-                        cmask = row_ok[:, None] & (offs_c < D)[None, :]
-                        dqv_c = dot(dpb, _cols(keys.r, b64, h64, t_band, band_ok, offs_c, D), None, PREC, UPCAST)
-                        tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + dqv_c, mask=cmask)
-                        _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
-                                  UPCAST)
-                else:
-                    dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D,
-                                         DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+                    _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
+        else:
+            for start_n in range(lo, hi, BLOCK_N):
+                pos = None
+                if ROLL:  # band rows t_last + start_n + [0, 2 BLOCK_M): the lower piece's product carried
+                    pos, p_lo = _rolled_pos(p_lo, R_bh, keys.r.s_l, t_last + start_n + BLOCK_M, R_len, offs_d, qv,
+                                            BLOCK_M, BLOCK_N, D, PREC, UPCAST)
+                dq, dseg, g, offs_n, col_ok, band, t_band = _dq_key_tile(
+                    dq, dseg, start_n, pos, None, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
+                    BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, DQ_T)
+                # position term: dqv_m += sum_n g r[t], dr[t] += g qv_m
+                if GATHER:  # per (row, key), over D chunks
+                    t = base[:, None] + offs_n[None, :]
+                    t_ok = (t >= 0) & (t < R_len) & row_ok[:, None] & col_ok[None, :]
+                    for d0 in range(0, BLOCK_D, D_CHUNK):
+                        dmask = (d0 + dc) < D
+                        m3 = t_ok[:, :, None] & dmask[None, None, :]
+                        r3 = tl.load(R_bh + t[:, :, None] * keys.r.s_l + (d0 + dc)[None, None, :], mask=m3, other=0.0)
+                        part = tl.sum(g[:, :, None] * r3.to(tl.float32), axis=1)  # [BLOCK_M, D_CHUNK]
+                        # dqv (float32 [B, H, Lr, D], rows owned by this program): read, add, write the chunk
+                        dqv_ptr = DQV_bh + rows64[:, None] * D + (d0 + dc)[None, :]
+                        cmask = row_ok[:, None] & dmask[None, :]
+                        tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + part, mask=cmask)
+                        qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+                        tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
+                                      g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
+                elif ROLL:
+                    # band rows t_last + start_n + [0, BLOCK_M) collect the upper piece of dS's band image from the
+                    # last step and the lower piece of this one; the upper piece waits for the next step (BLOCK_M x D
+                    # atomics a step instead of BAND x D)
+                    t_band = t_last + start_n + tl.arange(0, BLOCK_M)
+                    r_lo, lo_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
+                    g_img = _rolled_image(g, BLOCK_M).to(qv.dtype)
+                    dpb = _rolled_piece(g_img, g_prev, BLOCK_M)
+                    g_prev = g_img
+                    dq = _band_grad_dots(dq, dpb, r_lo, t_band, lo_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
+                                         BAND_MAJOR, PREC, UPCAST)
                     if grads.band_sums is not None:
-                        _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
+                        _band_sums(BAND_SUMS_bh, dpb, t_band, lo_ok, BAND_MAJOR)
+                else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
+                    r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
+                    dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
+                    if CHUNKED:  # dqv read, added and written per chunk (float32 DQV, rows owned), beside dr
+                        for d0 in range(0, BLOCK_D, DR_CHUNK):
+                            offs_c = d0 + tl.arange(0, DR_CHUNK)
+                            dqv_ptr = DQV_bh + rows64[:, None] * D + offs_c[None, :]
+                            cmask = row_ok[:, None] & (offs_c < D)[None, :]
+                            dqv_c = dot(dpb, _cols(keys.r, b64, h64, t_band, band_ok, offs_c, D), None, PREC, UPCAST)
+                            tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + dqv_c, mask=cmask)
+                            _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
+                                      UPCAST)
+                    else:
+                        dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D,
+                                             DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+                        if grads.band_sums is not None:
+                            _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
         if ROLL:  # the last step's upper piece: band rows from t_last + the end of the key steps
             t_band = t_last + lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_M)
             r_end, end_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
@@ -333,8 +380,8 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         tl.store(grads.dq + bh64 * Lr * D + rows64[:, None] * D + offs_d[None, :], dq, mask=rd_ok)
         if grads.dseg is not None:
             dseg_ptr = grads.dseg + (bh64 * Lr + rows64) * 2
-            tl.store(dseg_ptr, dseg0, mask=row_ok)
-            tl.store(dseg_ptr + 1, dseg1, mask=row_ok)
+            tl.store(dseg_ptr, dseg[0], mask=row_ok)
+            tl.store(dseg_ptr + 1, dseg[1], mask=row_ok)
 
 
 @triton.jit

@@ -66,7 +66,15 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # takes 16 keys a step (its band terms leave few registers: with dqu and dqv^T apart, 212 spill bytes at
         # D = 128 with every mask against 292 with 32 keys and 732 with 64, sm_90, triton 3.7.1; with one dq^T
         # accumulator 132 against 252 with 32 keys, and 32 keys spilled more in every config but the two-stream
-        # one at D = 64: 108 -> 280 B with every mask at D = 64, 20 -> 72 band causal at D = 128). The dk / dv
+        # one at D = 64: 108 -> 280 B with every mask at D = 64, 20 -> 72 band causal at D = 128). Its band of
+        # BAND = 128 rows covers 64 keys of a 64-row tile, so one band product serves four 16-key steps
+        # (position._band_keys; backward._stream_dq): per 64 keys 3 units of 128 * 64 * D for the band (product,
+        # dq^T, dr) instead of 12: per 16 keys 9.2 K multiply-adds per head-dim column instead of 27.6 K. Its spill
+        # bytes all lie outside the 16-key loop (sm90_artefacts inner_loop_spill_bytes: 0; in the loop before,
+        # up to 96 B at D = 128); the 64-key loop around it reloads up to 148 B (D = 128 every mask + dropout).
+        # Measured and not kept there: 32-key steps (two a band; 72 - 380 B, in the loop), the band image or the
+        # position terms carried as [64, 64] tiles (376 - 648 B), dS's band image summed in float32 (+32 - 40 B),
+        # the four steps unrolled (0.9 - 2.7 KB). The dk / dv
         # dots have M = BLOCK_N (DKDV_T below turns them to M = D): 64 keys at D = 64; at D = 128 the two [64, 128]
         # accumulators beside the recomputed tile spilled 708 bytes with 64 keys, 360 with 32 keys. Recomputing
         # the dk / dv kernel's tile key-major instead (S^T = k qu^T, dP^T = v dO^T, the band term gathered to

@@ -87,6 +87,37 @@ def _pos_band(qv, band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.c
 
 
 @triton.jit
+def _band_select_at(pbt, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The position term of keys j + [0, BLOCK_N) from a band-major band product pbt = r_band qv^T ([BAND,
+    BLOCK_M]) that spans more keys than one tile (_band_keys): local row m, key j + n uses band row
+    (BLOCK_M - 1 - m) + j + n. -> [BLOCK_M, BLOCK_N]."""
+    idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + (j + tl.arange(0, BLOCK_N))[:, None]  # [BLOCK_N, BLOCK_M]
+    return tl.trans(tl.gather(pbt, idx, axis=0))
+
+
+@triton.jit
+def _band_image_at(dpb, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
+    """dpb ([BAND, BLOCK_M], band-major, input dtype) with dS's band image of keys j + [0, BLOCK_N) written in:
+    band row c of row m meets key j + n, n = c - (BLOCK_M - 1 - m) - j, where 0 <= n < BLOCK_N (the transpose of
+    _band_select_at). The key tiles of one band product write disjoint entries, so writing (not adding) them
+    keeps dpb exact in a 16-bit dtype."""
+    n = tl.arange(0, BAND)[:, None] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] - j
+    n_ok = (n >= 0) & (n < BLOCK_N)
+    return tl.where(n_ok, tl.gather(tl.trans(g), tl.where(n_ok, n, 0), axis=0).to(dpb.dtype), dpb)
+
+
+@triton.jit
+def _band_keys(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, SPLIT: tl.constexpr):
+    """Keys one band product serves in the dq kernel: a band-major, unsplit band of BAND rows covers
+    BAND - BLOCK_M + 1 consecutive keys of a BLOCK_M-row tile; the largest multiple of BLOCK_N within that (64 with
+    64 rows, 16 keys a step and BAND = 128), else one key tile."""
+    if _band_major(BLOCK_M) and not SPLIT:
+        return ((BAND - BLOCK_M) // BLOCK_N) * BLOCK_N
+    else:
+        return BLOCK_N
+
+
+@triton.jit
 def _band_rolls(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     """Whether the forward and dq kernels roll the band along their key loop: a split band (SPLIT) on band-major
     tiles with as many keys as rows (launch._config chooses). Their band (BAND = 2 BLOCK_M) is two pieces of
