@@ -453,13 +453,16 @@ def test_several_row_and_key_tiles(impl, rng):
 
 @pytest.mark.skipif(not backend.triton_interpreted(),
                     reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
-@pytest.mark.parametrize("band_split", [False, True], ids=["one_band_dot", "band_in_two_pieces"])
+@pytest.mark.parametrize("band_split", [False, True, "row_halves"],
+                         ids=["one_band_dot", "band_in_two_pieces", "dkdv_row_halves"])
 def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
     """The GPU's 16-bit tiles, 64 rows, under the interpreter: their band products are band-major
     (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take;
     band_split: the band in two 64-row pieces, one dot each (BAND_SPLIT, as the GPU's D = 128 dk/dv), in every
-    kernel. Same cases and tolerances as test_several_row_and_key_tiles."""
-    _row_tiles_of_64(monkeypatch, band_split=band_split)
+    kernel; row_halves: the dk/dv kernel's position term per row half (ROW_HALVES, as the GPU's D = 128 dk/dv).
+    Same cases and tolerances as test_several_row_and_key_tiles."""
+    halves = band_split == "row_halves"
+    _row_tiles_of_64(monkeypatch, band_split=band_split is True, row_halves=halves, keys=32 if halves else None)
     _several_row_and_key_tiles("triton", rng)
 
 
@@ -470,12 +473,12 @@ def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
 def test_dkdv_transposed_interpreted(rng, monkeypatch, tiles):
     """dk^T and dv^T accumulated (DKDV_T: the GPU's 16-bit dk / dv kernel, so that its dots have M = D rows) on
     float32 inputs, so the float64 comparison keeps float32 tolerances: the interpreter's 16 x 16 tiles, and the
-    GPU's 64-row tiles with 32 keys, the band in two pieces (its D = 128 config) or whole (D = 64 with four mask
-    terms). Same cases and tolerances as test_several_row_and_key_tiles (both streams among them)."""
+    GPU's 64-row tiles with 32 keys, the position term per row half (ROW_HALVES, its D = 128 config) or the band
+    whole (D = 64 with four mask terms). Same cases and tolerances as test_several_row_and_key_tiles (both streams among them)."""
     from ptm_kernels.triton.relative_attention import launch
 
     if tiles != "interpreter":
-        _row_tiles_of_64(monkeypatch, band_split=tiles == "gpu_d128", keys=32)
+        _row_tiles_of_64(monkeypatch, band_split=False, keys=32, row_halves=tiles == "gpu_d128")
     config = launch._config
 
     def transposed(D, dtype, device, kernel="fwd", streams=1, mask_terms=0):
@@ -567,8 +570,9 @@ def test_dq_band_spans_key_tiles_interpreted(rng, monkeypatch):
     _several_row_and_key_tiles("triton", rng, Lq=(100, 128), M=(20, 40))
 
 
-def _row_tiles_of_64(monkeypatch, band_split, keys=None):
-    """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`)."""
+def _row_tiles_of_64(monkeypatch, band_split, keys=None, row_halves=False):
+    """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`);
+    row_halves: the dk/dv kernel's position term per row half (ROW_HALVES, the GPU's D = 128 dk/dv)."""
     import triton
 
     from ptm_kernels.triton.relative_attention import launch
@@ -578,7 +582,11 @@ def _row_tiles_of_64(monkeypatch, band_split, keys=None):
     def row_tiles_of_64(D, dtype, device, kernel="fwd", streams=1, mask_terms=0):
         cfg, warps = interpreter_config(D, dtype, device, kernel, streams, mask_terms)
         n = keys or cfg["BLOCK_N"]
-        return dict(cfg, BLOCK_M=64, BLOCK_N=n, BAND=triton.next_power_of_2(64 + n), BAND_SPLIT=band_split), warps
+        cfg = dict(cfg, BLOCK_M=64, BLOCK_N=n, BAND=triton.next_power_of_2(64 + n), BAND_SPLIT=band_split)
+        if kernel == "dkdv":
+            assert cfg["ROW_HALVES"] is False  # the interpreter's own config: the flag below is what changes
+            cfg["ROW_HALVES"] = row_halves
+        return cfg, warps
 
     monkeypatch.setattr(launch, "_config", row_tiles_of_64)
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
 from .position import (_band, _band_grad, _band_image_at, _band_keys, _band_major, _band_rolls, _band_rows,
-                       _band_select, _band_select_at, _piece_product, _pos_band, _pos_gather, _rolled_image,
+                       _band_select, _band_select_at, _piece_product, _pos_band, _pos_row_halves, _pos_gather, _rolled_image,
                        _rolled_piece, _rolled_pos)
 from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
@@ -32,9 +32,10 @@ _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read onl
 
 @triton.jit
 def _row_tile(S, grads, keys, dims, pid_m, bh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-              GATHER: tl.constexpr):
-    """What the backward needs of row tile pid_m: -> (rows, row_ok, b64, h64, bh64, qu, qv (band form; else 0),
-    QV_row (pointers to qv[row, 0]), do, lse (base 2, +inf for empty rows), delta, row (_row_terms))."""
+              GATHER: tl.constexpr, ROW_HALVES: tl.constexpr):
+    """What the backward needs of row tile pid_m: -> (rows, row_ok, b64, h64, bh64, qu, qv (band form; with
+    ROW_HALVES its two row halves, position._pos_row_halves; else 0), QV_row (pointers to qv[row, 0]), do, lse
+    (base 2, +inf for empty rows), delta, row (_row_terms))."""
     b = bh // dims.H
     b64 = b.to(tl.int64)
     h64 = (bh % dims.H).to(tl.int64)
@@ -49,7 +50,12 @@ def _row_tile(S, grads, keys, dims, pid_m, bh, BLOCK_M: tl.constexpr, BLOCK_D: t
                  mask=rd_ok, other=0.0)
     QV_row = S.qv.ptr + b64 * S.qv.s_b + h64 * S.qv.s_h + rows64[:, None] * S.qv.s_l
     qv = 0
-    if not GATHER:
+    if not GATHER and ROW_HALVES:
+        half = tl.arange(0, BLOCK_M // 2)
+        qv = (_cols(S.qv, b64, h64, pid_m * BLOCK_M + half, pid_m * BLOCK_M + half < Lr, offs_d, D),
+              _cols(S.qv, b64, h64, pid_m * BLOCK_M + BLOCK_M // 2 + half, pid_m * BLOCK_M + BLOCK_M // 2 + half < Lr,
+                    offs_d, D))
+    elif not GATHER:
         qv = tl.load(QV_row + offs_d[None, :], mask=rd_ok, other=0.0)
     DO = grads.do
     do = tl.load(DO.ptr + b64 * DO.s_b + h64 * DO.s_h + rows64[:, None] * DO.s_l + offs_d[None, :], mask=rd_ok,
@@ -100,11 +106,13 @@ def _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, 
 def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
                k, v, start_n, band_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr,
                BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr, D: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
+               PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr, ROW_HALVES: tl.constexpr):
     """The probabilities of a (row tile, key tile k / v at start_n) pair recomputed, and the gradient of the
     unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, band (position._band), t_band: the
     band's rows of r, BAND of them (band form; else 0)). DO: dO's args.Rows. band_pos: the position term where
-    the caller computed it (a rolled band, position._band_rolls; band and t_band are then 0), else None."""
+    the caller computed it (a rolled band, position._band_rolls; band and t_band are then 0), else None.
+    ROW_HALVES: the band form's position term per row half (position._pos_row_halves; qv: the halves' rows; band
+    is then 0)."""
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)  # else on the whole tiles qu, qv, do, k, v
     ip, base, t_last, seg0, seg1, qid, klen, plen = row
     Lk = keys.Lk
@@ -120,9 +128,13 @@ def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu
         pos = _pos_gather(QV_row, R_bh, keys.r.s_l, base, offs_n, row_ok, col_ok, keys.R, BLOCK_D, D_CHUNK, D)
     else:
         t_band = t_last + start_n + tl.arange(0, BAND)
-        band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BAND, BAND_SPLIT)
-        if not CHUNKED:
-            pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
+        if ROW_HALVES:
+            pos = _pos_row_halves(qv, R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BLOCK_N, PREC,
+                                  UPCAST)
+        else:
+            band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BAND, BAND_SPLIT)
+            if not CHUNKED:
+                pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
     if CHUNKED:  # the band in one piece (float32 never splits it: launch._config)
         qk, pb, dp = _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, band[1], BLOCK_M,
                                     BLOCK_N, BAND, BLOCK_D, D, PREC, UPCAST, GATHER)
@@ -228,7 +240,7 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
         pos = _band_select_at(pos, SPAN_J, BLOCK_M, BLOCK_N)
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
         S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-        v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER)
+        v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER, False)
     if DQ_T:
         dq += dot(tl.trans(k), tl.trans(g.to(k.dtype)), None, PREC, UPCAST)
     else:
@@ -258,7 +270,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
     R_len = keys.R
     if pid_m * BLOCK_M < Lr:
         rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row = _row_tile(
-            S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER)
+            S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER, False)
         ip, base, t_last, seg0, seg1, qid, klen, plen = row
         rows64 = rows.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
@@ -398,7 +410,7 @@ def _rel_bwd_dq_kernel(S0, S1, G0, G1, keys, dims, drop, BLOCK_M: tl.constexpr, 
 def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
                  BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 DKDV_T: tl.constexpr):
+                 DKDV_T: tl.constexpr, ROW_HALVES: tl.constexpr):
     """dk, dv (float32 [BLOCK_N, BLOCK_D], or their transposes [BLOCK_D, BLOCK_N] with DKDV_T) of key tile
     pid_n plus the share of stream S's rows. The key tile is read again for each row tile (cached): kept across
     the loop, it cost registers that the compiler spilled."""
@@ -410,13 +422,14 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
         m_lo = tl.maximum(start_n - (keys.Lk - dims.q_len), 0) // BLOCK_M
     for pid_m in range(m_lo, tl.cdiv(S.Lr, BLOCK_M)):
         rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row = _row_tile(
-            S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER)
+            S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER, ROW_HALVES)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         pd, g, offs_n, col_ok, band, t_band = _tile_grad(
             S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-            v, start_n, None, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER)
+            v, start_n, None, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER,
+            ROW_HALVES)
         if DKDV_T:  # dk^T += qu^T dS, dv^T += dO^T Pd (dk first: 140 -> 132 spill bytes, launch._config)
             dk += dot(tl.trans(qu), g.to(qu.dtype), None, PREC, UPCAST)
             dv += dot(tl.trans(do), pd.to(do.dtype), None, PREC, UPCAST)
@@ -429,11 +442,13 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
 @triton.jit
 def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
-                         D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, DKDV_T: tl.constexpr):
+                         D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, DKDV_T: tl.constexpr,
+                         ROW_HALVES: tl.constexpr):
     """Grid (key tiles, B * H): dk, dv (contiguous [B, H, Lk, D], k's dtype) of one key tile, summed over the
     rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s). DKDV_T
     (launch._config): accumulate dk^T and dv^T, whose dots have M = BLOCK_D rows rather than BLOCK_N (wgmma
-    takes M >= 64: a 32-key tile's dk / dv dots ran on mma.sync)."""
+    takes M >= 64: a 32-key tile's dk / dv dots ran on mma.sync). ROW_HALVES (launch._config): the position
+    term per row half (position._pos_row_halves)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -444,10 +459,10 @@ def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.c
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S0, G0, keys, dims, drop, 0, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK,
-                          BAND_SPLIT, D, PREC, UPCAST, DKDV_T)
+                          BAND_SPLIT, D, PREC, UPCAST, DKDV_T, ROW_HALVES)
     if S1 is not None:
         dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S1, G1, keys, dims, drop, 1, BLOCK_M, BLOCK_N, BAND, BLOCK_D,
-                              D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, DKDV_T)
+                              D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, DKDV_T, ROW_HALVES)
     if DKDV_T:
         dk = tl.trans(dk)
         dv = tl.trans(dv)

@@ -88,13 +88,15 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # step: 32.8 K multiply-adds per key against 24.6 K)
         n = {"dq": 64 if roll else 16, "dkdv": 64 if D <= 64 and mask_terms < 4 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
-        # dk / dv at D = 128, one stream: the band product in two 64-row pieces (position._pos_band, BAND_SPLIT):
-        # 244/240 -> 132/128 spill bytes with every mask + dropout, 72/64 -> 4/4 band causal (DKDV_T). Not
-        # elsewhere: a 64-row piece is held by both warpgroups (a chained dot's warps lie along M), which cost more
-        # than it saved with two streams (0 -> 68/68 B at D = 128), at D = 64 (dk/dv 0 -> 56 B band causal, dq 156
-        # -> 196 B every mask), in the forward (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156
-        # B; 212 -> 168 B with every mask)
-        cfg["BAND_SPLIT"] = (kernel == "dkdv" and D > 64 and streams == 1) or roll
+        # The band in two 64-row pieces (position._pos_band, BAND_SPLIT), measured: dk / dv at D = 128, one stream,
+        # 244/240 -> 132/128 spill bytes with every mask + dropout, 72/64 -> 4/4 band causal (DKDV_T), where it ran
+        # until the row halves below replaced it. Not elsewhere: a 64-row piece is held by both warpgroups (a
+        # chained dot's warps lie along M), which cost more than it saved with two streams (0 -> 68/68 B at D =
+        # 128), at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward (two-stream 0
+        # -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
+        cfg["BAND_SPLIT"] = roll
+        if kernel == "dkdv":  # dk / dv at D = 128, one stream: the position term per row half (ROW_HALVES below)
+            cfg["ROW_HALVES"] = D > 64 and streams == 1
         # Also measured for dq (dqu and dqv^T then apart) and not kept: its position gradients (dqv, dr) in a second
         # pass over the keys, so that dqu and dqv^T are never live together, with qu / dO re-read each step: 108/88 ->
         # 32/20 B band causal, 212/188 -> 128/124 every mask + dropout, 116/88 -> 48/36 two-stream (bf16 D = 128; 231
@@ -127,6 +129,12 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # With 64 keys at D = 128 it spilled 208 / 528 / 448 B on 1 stage. Float32 (tf32x3 on mma.sync, 32 keys)
         # keeps [BLOCK_N, D], the layout measured to spill nothing there
         cfg["DKDV_T"] = dtype != torch.float32
+        # 16-bit at D = 128, one stream: the position term per row half (position._pos_row_halves), each half
+        # against a band of 64 rows, instead of the band in two 64-row pieces (BAND_SPLIT), which both warpgroups
+        # computed whole: half the band multiply-adds per warpgroup, and spill bytes (sm_90, triton 3.7.1, bf16;
+        # band causal / every mask + dropout) 4 / 132 -> 0 / 4 B, none in the row-tile loop (4 / 120 B before).
+        # Two streams keep the band whole (the halves: 0 -> 84 B)
+        cfg.setdefault("ROW_HALVES", False)
     # rows of r one (row tile, key tile) pair uses when its rows are consecutive: BLOCK_M + BLOCK_N - 1
     cfg["BAND"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"])
     return cfg, warps
