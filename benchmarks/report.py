@@ -57,9 +57,6 @@ LEGEND = {
                   "sdpa-gqa": "decode rows: torch's SDPA with enable_gqa=True, no mask (every cached key visible)",
                   "flex": "torch's FlexAttention (compiled block mask)"},
     "relative-attention": {"eager": "the Transformer-XL / XLNet formula in plain PyTorch (HF's rel_shift)",
-                           "ptm-rolled": "ours with the band rolled along the key loop (GPU, 16-bit; Triton "
-                                         "relative_attention launch.ROLLED_BAND, off by default): > 1x means "
-                                         "the default is faster",
                            "two-calls": "our relative_attention called once per stream"},
     "hf-patched": {"sdpa": "the same transformers model, unpatched, attn_implementation=\"sdpa\"",
                    "eager": "the same transformers model, unpatched, attn_implementation=\"eager\""},

@@ -4,9 +4,7 @@ the eager einsum + rel-shift code a user would otherwise run.
 
 - relative_attention, "txl L=.. mem=..": Transformer-XL's causal attention over memory + segment, B = 2, H = 8,
   D = 64: L = 512 after a memory of 512 (Lk = 1024), and L = 2048 after 2048 (GPU only). "ptm":
-  relative_attention(mask=causal()); "ptm-rolled" (GPU, 16-bit): the same with the band rolled along the key loop
-  (triton relative_attention launch.ROLLED_BAND: fewer multiply-adds, more spills, undecided without a GPU);
-  "eager": RelPartialLearnableMultiHeadAttn's core (AC = einsum of q + u and
+  relative_attention(mask=causal()); "eager": RelPartialLearnableMultiHeadAttn's core (AC = einsum of q + u and
   k, BD = einsum of q + v and r, the padded `_rel_shift`, -inf mask, softmax, @ v) as transcribed in
   tests/ops/test_relative_attention.py (txl_attention).
 - two_stream_attention, "xlnet L=512 predict 85": XLNet-base pre-training, B = 2 (1 on CPU), H = 12, D = 64,
@@ -89,13 +87,8 @@ def _time(benchmark, fn, inputs, grads, *, group, case, impl, passes, flops):
 @pytest.mark.parametrize("L", TXL_LENGTHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["ptm", "ptm-rolled", "eager"])
-def test_transformer_xl(benchmark, L, dtype, passes, impl, monkeypatch):
-    if impl == "ptm-rolled":
-        if not GPU or dtype == torch.float32:
-            pytest.skip("ptm-rolled: a tile config of the Triton kernels for 16-bit inputs on a GPU")
-        from ptm_kernels.triton.relative_attention import launch
-        monkeypatch.setattr(launch, "ROLLED_BAND", frozenset(("fwd", "dq")))
+@pytest.mark.parametrize("impl", ["ptm", "eager"])
+def test_transformer_xl(benchmark, L, dtype, passes, impl):
     if not GPU and L > 512:
         pytest.skip("L=2048 + memory 2048 on GPU only: eager materialises several [L, Lk, B, H] = 512 MiB "
                     "float32 score tensors, seconds per call on a 2-core CPU")

@@ -400,7 +400,7 @@ def test_bias_gradients(impl, biases, rng):
 def test_bias_gradients_gpu_tiles_interpreted(biases, rng, monkeypatch):
     """test_bias_gradients on the GPU's 16-bit tiles (64 rows, band-major: the dq kernel's one accumulator is
     dq^T there), under the interpreter."""
-    _row_tiles_of_64(monkeypatch, band_split=False)
+    _row_tiles_of_64(monkeypatch)
     _bias_gradients("triton", biases, rng)
 
 
@@ -453,16 +453,14 @@ def test_several_row_and_key_tiles(impl, rng):
 
 @pytest.mark.skipif(not backend.triton_interpreted(),
                     reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
-@pytest.mark.parametrize("band_split", [False, True, "row_halves"],
-                         ids=["one_band_dot", "band_in_two_pieces", "dkdv_row_halves"])
-def test_band_major_tiles_interpreted(rng, monkeypatch, band_split):
+@pytest.mark.parametrize("row_halves", [False, True], ids=["one_band_dot", "dkdv_row_halves"])
+def test_band_major_tiles_interpreted(rng, monkeypatch, row_halves):
     """The GPU's 16-bit tiles, 64 rows, under the interpreter: their band products are band-major
-    (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take;
-    band_split: the band in two 64-row pieces, one dot each (BAND_SPLIT, as the GPU's D = 128 dk/dv), in every
-    kernel; row_halves: the dk/dv kernel's position term per row half (ROW_HALVES, as the GPU's D = 128 dk/dv).
-    Same cases and tolerances as test_several_row_and_key_tiles."""
-    halves = band_split == "row_halves"
-    _row_tiles_of_64(monkeypatch, band_split=band_split is True, row_halves=halves, keys=32 if halves else None)
+    (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take,
+    and the dq kernel's band spans four 16-key steps (position._band_keys); row_halves: 32 keys a step and the
+    dk/dv kernel's position term per row half (ROW_HALVES, as the GPU's D = 128 dk/dv). Same cases and tolerances
+    as test_several_row_and_key_tiles."""
+    _row_tiles_of_64(monkeypatch, row_halves=row_halves, keys=32 if row_halves else None)
     _several_row_and_key_tiles("triton", rng)
 
 
@@ -474,11 +472,12 @@ def test_dkdv_transposed_interpreted(rng, monkeypatch, tiles):
     """dk^T and dv^T accumulated (DKDV_T: the GPU's 16-bit dk / dv kernel, so that its dots have M = D rows) on
     float32 inputs, so the float64 comparison keeps float32 tolerances: the interpreter's 16 x 16 tiles, and the
     GPU's 64-row tiles with 32 keys, the position term per row half (ROW_HALVES, its D = 128 config) or the band
-    whole (D = 64 with four mask terms). Same cases and tolerances as test_several_row_and_key_tiles (both streams among them)."""
+    whole (D = 64 with four mask terms). Same cases and tolerances as test_several_row_and_key_tiles (both streams
+    among them)."""
     from ptm_kernels.triton.relative_attention import launch
 
     if tiles != "interpreter":
-        _row_tiles_of_64(monkeypatch, band_split=False, keys=32, row_halves=tiles == "gpu_d128")
+        _row_tiles_of_64(monkeypatch, keys=32, row_halves=tiles == "gpu_d128")
     config = launch._config
 
     def transposed(D, dtype, device, kernel="fwd", streams=1, mask_terms=0):
@@ -490,43 +489,6 @@ def test_dkdv_transposed_interpreted(rng, monkeypatch, tiles):
 
     monkeypatch.setattr(launch, "_config", transposed)
     _several_row_and_key_tiles("triton", rng)
-
-
-@pytest.mark.skipif(not backend.triton_interpreted(),
-                    reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
-def test_rolled_band_interpreted(rng, monkeypatch):
-    """64 x 64 tiles with the band rolled along the key loop (position._band_rolls: forward and dq carry a band
-    piece from one key step to the next; dk/dv splits it) under the interpreter, over rows and keys of several
-    tiles: a left window that starts the key loop at a later tile, a causal end inside a key tile, r too short at
-    both ends, both streams. Against the formula in float64 (same tolerances as test_several_row_and_key_tiles),
-    and with dropout and every mask part against the interpreter's own 16 x 16 tiles (same keep-mask)."""
-    import functools
-
-    from ptm_kernels.triton.relative_attention import launch
-
-    B, H, D, Lq, M = 1, 2, 16, rng.randint(100, 128), rng.randint(20, 40)
-    Lk = Lq + M
-    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
-    r = randn(H, Lk + rng.randint(0, 5), D)
-    u, vb, sb, se = randn(H, D), randn(H, D), randn(H, D), randn(2, H, D)
-    ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
-    dense = AttentionMask.dense(torch.rand(B, 1, Lq, Lk, device=DEVICE) > 0.2)
-    lengths = AttentionMask.key_padding(lengths=torch.tensor([Lk - 7]))
-    every = dense & lengths & AttentionMask.segments(ids, torch.randint(0, 2, (B, Lk), device=DEVICE))
-    dropped = functools.partial(pk.two_stream_attention, segment_ids=ids, seg_embed=se, s_bias=sb, r_offset=Lk - 2,
-                                content_mask=every, query_mask=every & AttentionMask.causal(), dropout_p=0.2, seed=11)
-    inputs = [q, q.flip(2), k, v, r, u, vb]
-    gout = [randn(B, H, Lq, D) for _ in range(2)]
-    with backend.use(relative_attention="triton"):
-        tiles_16 = run(dropped, inputs, gout)
-        _row_tiles_of_64(monkeypatch, band_split=True, keys=64)
-        cfg, _ = launch._config(D, torch.float32, torch.device(DEVICE), "dq")
-        # the condition of position._band_rolls (band-major, split, as many keys as rows): the rolled kernels run
-        assert cfg["BLOCK_M"] >= 64 and cfg["BAND_SPLIT"] and cfg["BLOCK_N"] == cfg["BLOCK_M"]
-        tiles_64 = run(dropped, inputs, gout)
-    for i, (a, t) in enumerate(zip([*tiles_64[0], *tiles_64[1]], [*tiles_16[0], *tiles_16[1]])):
-        assert_close(a, t, name=f"dropout, every mask part: output/gradient {i}", **F32_TOL)
-    _several_row_and_key_tiles("triton", rng, Lq=(100, 128), M=(20, 40))
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(),
@@ -560,9 +522,9 @@ def test_dq_band_spans_key_tiles_interpreted(rng, monkeypatch):
              (windowed, [q, k, v, r, u, vb], [randn(B, H, Lq, D)])]
     with backend.use(relative_attention="triton"):
         tiles_16 = [run(*case) for case in cases]
-        _row_tiles_of_64(monkeypatch, band_split=False, keys=16)
+        _row_tiles_of_64(monkeypatch, keys=16)
         cfg, _ = launch._config(D, torch.float32, torch.device(DEVICE), "dq")
-        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BAND"], cfg["BAND_SPLIT"]) == (64, 16, 128, False)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BAND"]) == (64, 16, 128)
         tiles_64 = [run(*case) for case in cases]
     for c, (ours, theirs) in enumerate(zip(tiles_64, tiles_16)):
         for i, (a, t) in enumerate(zip([*ours[0], *ours[1]], [*theirs[0], *theirs[1]])):
@@ -570,7 +532,7 @@ def test_dq_band_spans_key_tiles_interpreted(rng, monkeypatch):
     _several_row_and_key_tiles("triton", rng, Lq=(100, 128), M=(20, 40))
 
 
-def _row_tiles_of_64(monkeypatch, band_split, keys=None, row_halves=False):
+def _row_tiles_of_64(monkeypatch, keys=None, row_halves=False):
     """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`);
     row_halves: the dk/dv kernel's position term per row half (ROW_HALVES, the GPU's D = 128 dk/dv)."""
     import triton
@@ -582,7 +544,7 @@ def _row_tiles_of_64(monkeypatch, band_split, keys=None, row_halves=False):
     def row_tiles_of_64(D, dtype, device, kernel="fwd", streams=1, mask_terms=0):
         cfg, warps = interpreter_config(D, dtype, device, kernel, streams, mask_terms)
         n = keys or cfg["BLOCK_N"]
-        cfg = dict(cfg, BLOCK_M=64, BLOCK_N=n, BAND=triton.next_power_of_2(64 + n), BAND_SPLIT=band_split)
+        cfg = dict(cfg, BLOCK_M=64, BLOCK_N=n, BAND=triton.next_power_of_2(64 + n))
         if kernel == "dkdv":
             assert cfg["ROW_HALVES"] is False  # the interpreter's own config: the flag below is what changes
             cfg["ROW_HALVES"] = row_halves

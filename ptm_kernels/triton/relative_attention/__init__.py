@@ -14,10 +14,9 @@ tensor in memory. Two forms, chosen per stream by a constexpr flag:
   (j - n0)] with tl.gather; the backward forms the band image of dS the same way (DPB[i, c] = dS[i, c - (m0 +
   BLOCK_M - 1 - i)]) and takes dqv += DPB . band, dr[band] += DPB^T . qv_tile: two dots and BAND x D atomics per
   tile instead of BLOCK_M x BLOCK_N x D loads and atomics. With 64-row tiles (16-bit inputs on a GPU) these band
-  products are band-major (PB^T = band . qv_tile^T, DPB^T, dq^T): see position._pos_band. With as many keys
-  as rows a tile's band is two pieces whose upper one is the next key tile's lower one, so the forward and dq
-  kernels can roll it along the key loop, one piece product a step (position._band_rolls; launch.ROLLED_BAND,
-  off where it spilled more).
+  products are band-major (PB^T = band . qv_tile^T, DPB^T, dq^T): see position._pos_band. The dq kernel's
+  band of 128 rows serves four 16-key steps (position._band_keys); the dk/dv kernel at D = 128 takes the position
+  term per 32-row half of its tile (position._pos_row_halves).
 - gather (arbitrary rows: the query stream of XLNet with target_mapping): for each row, the BLOCK_N rows of r it
   needs (r[base_i + j0 + n], a [BLOCK_M, BLOCK_N, D_CHUNK] gather over D chunks), reduced in registers. On a GPU
   it is also the fallback of every stream when the band kernel does not fit in shared memory (_launch).

@@ -22,9 +22,8 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
-from .position import (_band, _band_grad, _band_image_at, _band_keys, _band_major, _band_rolls, _band_rows,
-                       _band_select, _band_select_at, _piece_product, _pos_band, _pos_row_halves, _pos_gather, _rolled_image,
-                       _rolled_piece, _rolled_pos)
+from .position import (_band, _band_grad, _band_image_at, _band_keys, _band_major, _band_rows, _band_select,
+                       _band_select_at, _pos_band, _pos_gather, _pos_row_halves)
 from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -105,12 +104,12 @@ def _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, 
 @triton.jit
 def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
                k, v, start_n, band_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr,
-               BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr, D: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr, ROW_HALVES: tl.constexpr):
+               BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr, GATHER: tl.constexpr, ROW_HALVES: tl.constexpr):
     """The probabilities of a (row tile, key tile k / v at start_n) pair recomputed, and the gradient of the
     unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, band (position._band), t_band: the
     band's rows of r, BAND of them (band form; else 0)). DO: dO's args.Rows. band_pos: the position term where
-    the caller computed it (a rolled band, position._band_rolls; band and t_band are then 0), else None.
+    the caller computed it (the dq kernel's band spanning several key tiles; band is then 0), else None.
     ROW_HALVES: the band form's position term per row half (position._pos_row_halves; qv: the halves' rows; band
     is then 0)."""
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)  # else on the whole tiles qu, qv, do, k, v
@@ -121,7 +120,7 @@ def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu
     offs_d = tl.arange(0, BLOCK_D)
     R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
     t_band = 0
-    band = (0, 0, 0, 0)
+    band = (0, 0)
     if band_pos is not None:
         pos = band_pos
     elif GATHER:
@@ -132,10 +131,10 @@ def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu
             pos = _pos_row_halves(qv, R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BLOCK_N, PREC,
                                   UPCAST)
         else:
-            band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BAND, BAND_SPLIT)
+            band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BAND)
             if not CHUNKED:
-                pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
-    if CHUNKED:  # the band in one piece (float32 never splits it: launch._config)
+                pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, PREC, UPCAST)
+    if CHUNKED:
         qk, pb, dp = _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, band[1], BLOCK_M,
                                     BLOCK_N, BAND, BLOCK_D, D, PREC, UPCAST, GATHER)
         if not GATHER:
@@ -240,7 +239,7 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
         pos = _band_select_at(pos, SPAN_J, BLOCK_M, BLOCK_N)
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
         S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-        v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, False, D, PREC, UPCAST, GATHER, False)
+        v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, False)
     if DQ_T:
         dq += dot(tl.trans(k), tl.trans(g.to(k.dtype)), None, PREC, UPCAST)
     else:
@@ -256,13 +255,12 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
 
 @triton.jit
 def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
-               D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+               BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs): dq, dseg of its rows (args.StreamGrads), and its shares of dr
-    and (band form) band_sums (_band_sums). The band rolled along the key loop where it can (position._band_rolls)."""
+    and (band form) band_sums (_band_sums)."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)
-    ROLL: tl.constexpr = not GATHER and not CHUNKED and _band_rolls(BLOCK_M, BLOCK_N, BAND_SPLIT)
     # float32 on whole tiles: 16 columns (the three tf32x3 products of a chunk; 32: 32 / 20 B spilled two-stream at
     # D = 64); chunked with dqv (_head_dim_chunked), 32 (16: 20 / 16 B spilled with every mask at D = 128)
     DR_CHUNK: tl.constexpr = min(BLOCK_D, 16 if PREC == "tf32x3" and not CHUNKED else 32)
@@ -295,14 +293,11 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dseg = (tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32))  # _dq_key_tile
         dc = tl.arange(0, D_CHUNK)
-        if ROLL:  # the lower piece's band product of the first key step, and no upper piece of dS's band image yet
-            p_lo = _piece_product(R_bh, keys.r.s_l, t_last + lo, R_len, offs_d, qv, D, PREC, UPCAST)
-            g_prev = tl.zeros([BLOCK_M, BLOCK_M], dtype=qv.dtype)  # the last step's _rolled_image
         # a band product that serves several key tiles (position._band_keys): computed once per SPAN keys, its
         # position terms selected per key tile, dS's band image gathered over the SPAN keys, then one band dot into
         # dq^T and one set of dr atomics per SPAN keys
-        SPAN: tl.constexpr = _band_keys(BLOCK_M, BLOCK_N, BAND, BAND_SPLIT)
-        SPANS: tl.constexpr = DQ_T and not ROLL and SPAN > BLOCK_N
+        SPAN: tl.constexpr = _band_keys(BLOCK_M, BLOCK_N, BAND)
+        SPANS: tl.constexpr = DQ_T and SPAN > BLOCK_N
         tile = (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)
         if SPANS:
             for start_n in range(lo, hi, SPAN):
@@ -321,12 +316,8 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                     _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
         else:
             for start_n in range(lo, hi, BLOCK_N):
-                pos = None
-                if ROLL:  # band rows t_last + start_n + [0, 2 BLOCK_M): the lower piece's product carried
-                    pos, p_lo = _rolled_pos(p_lo, R_bh, keys.r.s_l, t_last + start_n + BLOCK_M, R_len, offs_d, qv,
-                                            BLOCK_M, BLOCK_N, D, PREC, UPCAST)
                 dq, dseg, g, offs_n, col_ok, band, t_band = _dq_key_tile(
-                    dq, dseg, start_n, pos, None, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
+                    dq, dseg, start_n, None, None, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
                     BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, DQ_T)
                 # position term: dqv_m += sum_n g r[t], dr[t] += g qv_m
                 if GATHER:  # per (row, key), over D chunks
@@ -344,21 +335,8 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                         qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
                         tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
                                       g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
-                elif ROLL:
-                    # band rows t_last + start_n + [0, BLOCK_M) collect the upper piece of dS's band image from the
-                    # last step and the lower piece of this one; the upper piece waits for the next step (BLOCK_M x D
-                    # atomics a step instead of BAND x D)
-                    t_band = t_last + start_n + tl.arange(0, BLOCK_M)
-                    r_lo, lo_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
-                    g_img = _rolled_image(g, BLOCK_M).to(qv.dtype)
-                    dpb = _rolled_piece(g_img, g_prev, BLOCK_M)
-                    g_prev = g_img
-                    dq = _band_grad_dots(dq, dpb, r_lo, t_band, lo_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
-                                         BAND_MAJOR, PREC, UPCAST)
-                    if grads.band_sums is not None:
-                        _band_sums(BAND_SUMS_bh, dpb, t_band, lo_ok, BAND_MAJOR)
                 else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
-                    r_band, band_ok, r_none, ok_none = band  # one piece: dq takes the band whole (launch._config)
+                    r_band, band_ok = band
                     dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
                     if CHUNKED:  # dqv read, added and written per chunk (float32 DQV, rows owned), beside dr
                         for d0 in range(0, BLOCK_D, DR_CHUNK):
@@ -374,14 +352,6 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                                              DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
                         if grads.band_sums is not None:
                             _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
-        if ROLL:  # the last step's upper piece: band rows from t_last + the end of the key steps
-            t_band = t_last + lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_M)
-            r_end, end_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
-            dpb = _rolled_piece(tl.zeros_like(g_prev), g_prev, BLOCK_M)
-            dq = _band_grad_dots(dq, dpb, r_end, t_band, end_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
-                                 BAND_MAJOR, PREC, UPCAST)
-            if grads.band_sums is not None:
-                _band_sums(BAND_SUMS_bh, dpb, t_band, end_ok, BAND_MAJOR)
         if DQ_T:
             dq = tl.trans(dq)
         if GATHER or CHUNKED:  # + the dqv these forms added up in memory (rows owned by this program)
@@ -398,19 +368,19 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
 
 @triton.jit
 def _rel_bwd_dq_kernel(S0, S1, G0, G1, keys, dims, drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
-                       D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                       BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+                       PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Grid (row tiles, B * H, streams). S0 / S1: the streams (args.StreamArgs; S1 None for one stream), G0 / G1:
     their args.StreamGrads (with the same dr: both streams add into it)."""
-    _for_stream(_stream_dq, S0, S1, G0, G1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT,
-                D, PREC, UPCAST)
+    _for_stream(_stream_dq, S0, S1, G0, G1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC,
+                UPCAST)
 
 
 @triton.jit
 def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-                 BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 DKDV_T: tl.constexpr, ROW_HALVES: tl.constexpr):
+                 D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, DKDV_T: tl.constexpr,
+                 ROW_HALVES: tl.constexpr):
     """dk, dv (float32 [BLOCK_N, BLOCK_D], or their transposes [BLOCK_D, BLOCK_N] with DKDV_T) of key tile
     pid_n plus the share of stream S's rows. The key tile is read again for each row tile (cached): kept across
     the loop, it cost registers that the compiler spilled."""
@@ -428,8 +398,7 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
         v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         pd, g, offs_n, col_ok, band, t_band = _tile_grad(
             S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-            v, start_n, None, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, GATHER,
-            ROW_HALVES)
+            v, start_n, None, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, ROW_HALVES)
         if DKDV_T:  # dk^T += qu^T dS, dv^T += dO^T Pd (dk first: 140 -> 132 spill bytes, launch._config)
             dk += dot(tl.trans(qu), g.to(qu.dtype), None, PREC, UPCAST)
             dv += dot(tl.trans(do), pd.to(do.dtype), None, PREC, UPCAST)
@@ -441,9 +410,8 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
 
 @triton.jit
 def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
-                         D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, DKDV_T: tl.constexpr,
-                         ROW_HALVES: tl.constexpr):
+                         BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr, DKDV_T: tl.constexpr, ROW_HALVES: tl.constexpr):
     """Grid (key tiles, B * H): dk, dv (contiguous [B, H, Lk, D], k's dtype) of one key tile, summed over the
     rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s). DKDV_T
     (launch._config): accumulate dk^T and dv^T, whose dots have M = BLOCK_D rows rather than BLOCK_N (wgmma
@@ -459,10 +427,10 @@ def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.c
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S0, G0, keys, dims, drop, 0, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK,
-                          BAND_SPLIT, D, PREC, UPCAST, DKDV_T, ROW_HALVES)
+                          D, PREC, UPCAST, DKDV_T, ROW_HALVES)
     if S1 is not None:
         dk, dv = _stream_dkdv(dk, dv, pid_n, bh, S1, G1, keys, dims, drop, 1, BLOCK_M, BLOCK_N, BAND, BLOCK_D,
-                              D_CHUNK, BAND_SPLIT, D, PREC, UPCAST, DKDV_T, ROW_HALVES)
+                              D_CHUNK, D, PREC, UPCAST, DKDV_T, ROW_HALVES)
     if DKDV_T:
         dk = tl.trans(dk)
         dv = tl.trans(dv)

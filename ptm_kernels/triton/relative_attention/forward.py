@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .._common import LN2, dot, dropout_keep
-from .position import _band, _band_rolls, _piece_product, _pos_band, _pos_gather, _rolled_pos
+from .position import _band, _pos_band, _pos_gather
 from .scores import _for_stream, _key_range, _key_tile, _row_terms, _scores, _visible
 
 _LN2 = tl.constexpr(LN2)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -14,13 +14,11 @@ _LN2 = tl.constexpr(LN2)  # device-code copy: a compiled kernel may read only co
 
 @triton.jit
 def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
-                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One row tile of stream S (args.StreamArgs) -> out (args.StreamOut). The gather form where the rows
-    have positions or the band does not fit (BAND == 0); the band rolled along the key loop where it can
-    (position._band_rolls)."""
+    have positions or the band does not fit (BAND == 0)."""
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
-    ROLL: tl.constexpr = not GATHER and _band_rolls(BLOCK_M, BLOCK_N, BAND_SPLIT)
     Lr = S.Lr
     Lk = keys.Lk
     if pid_m * BLOCK_M < Lr:
@@ -47,20 +45,15 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if ROLL:  # the lower band piece of the first key step; each step computes its upper piece and carries it
-            p_lo = _piece_product(R_bh, keys.r.s_l, t_last + lo, keys.R, offs_d, qv, D, PREC, UPCAST)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Lk
             if GATHER:  # arbitrary row positions (XLNet's query stream): r[t] per (row, key)
                 pos = _pos_gather(QV_row, R_bh, keys.r.s_l, base, offs_n, row_ok, col_ok, keys.R, BLOCK_D, D_CHUNK,
                                   D)
-            elif ROLL:  # band rows t_last + start_n + [0, 2 BLOCK_M): the lower piece carried from the last step
-                pos, p_lo = _rolled_pos(p_lo, R_bh, keys.r.s_l, t_last + start_n + BLOCK_M, keys.R, offs_d, qv,
-                                        BLOCK_M, BLOCK_N, D, PREC, UPCAST)
             else:  # consecutive rows: the tile needs only the band r[t_last + start_n + c], c < BAND
-                band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BAND, BAND_SPLIT)
-                pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, BAND, BAND_SPLIT, PREC, UPCAST)
+                band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BAND)
+                pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, PREC, UPCAST)
             k = _key_tile(keys.k, b64, h64, offs_n, col_ok, BLOCK_D, D)
             s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
             vis = _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk)
@@ -88,9 +81,9 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
 
 @triton.jit
 def _rel_fwd_kernel(S0, S1, O0, O1, keys, dims, drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BAND_SPLIT: tl.constexpr,
-                    D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                    BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Grid (row tiles, B * H, streams). S0 / S1: the streams (args.StreamArgs; S1 None for one stream), O0 /
     O1 their results (args.StreamOut), keys: args.Keys, dims: args.Dims, drop: args.DropoutArgs or None."""
-    _for_stream(_stream_fwd, S0, S1, O0, O1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT,
-                D, PREC, UPCAST)
+    _for_stream(_stream_fwd, S0, S1, O0, O1, keys, dims, drop, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC,
+                UPCAST)

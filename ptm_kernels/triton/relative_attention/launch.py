@@ -16,32 +16,19 @@ from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
 
 
-# The kernels of 16-bit inputs whose band rolls along the key loop (position._band_rolls; "fwd", "dq"): none, as
-# measured (sm_90, triton 3.7.1, bf16; spill store bytes of the launched compile, band causal / every mask +
-# dropout / two-stream; a kernel in ROLLED_BAND takes BAND_SPLIT, the dq kernel 64 keys a step; dk/dv cannot roll):
-# - forward: one [64, 64] band piece product a key step instead of the [128, 64] band product (QK^T, band, P.V:
-#   3 units of 64 * 64 * D multiply-adds a step instead of 4), but the carried piece and the two-piece select
-#   cost registers: D = 64 0 / 8 / 0 B (today 0 / 0 / 0; band causal 196 registers, today 186), D = 128
-#   0 / 44 / 12 B on 3 stages (the band half the size: 213-223 KB of shared memory), 0 / 4 / 8 B on 2 (today
-#   0 / 12 / 0 on 2). Other selects (position._rolled_pos): separate index tiles for the two gathers
-#   0 / 24 / 12 and 4 / 124 / 0 B; the pieces joined into one [128, 64] tile for one gather 0 / 136 / 0 and
-#   12 / 324 / 0 B; the lower select carried instead of the piece 0 / 52 / 44 and 36 / 172 / 4 B.
-# - dq (measured with dqu and dqv^T in two accumulators, before dq took one; today's figures in
-#   tests/compile/test_sm90_properties.py): 64 keys a step: per 64 keys 6 units of 64 * 64 * D (scores, dP, dqu, the
-#   band piece, dqv^T, dr) instead of 27 with 16 keys a step (3 + 4 x (band, dqv^T, dr: 2 units each)), and 64 x D dr
-#   atomics instead of 512 x D; but four [64, 64] float32 tiles (scores, P, dP, dS) and the carries beside the dqu and
-#   dqv^T accumulators: D = 64 212 / 700 / 788 B (today 0 / 156 / 44), D = 128 368 / 760 / 1316 B on 1 stage (today
-#   108 / 212 / 116 on 2); the gather form (positions), on the same tiles, 0 -> 208 B at D = 64, 0 -> 396 B at D =
-#   128. With the band image in two gathers a step (upper piece carried): 564 / 1052 / 1036 and 924 / 1280 / 2280 B;
-#   dqv^T read, added and written each step instead of held: 200 / 704 / 784 and 360 / 728 / 1256 B
-ROLLED_BAND: frozenset = frozenset()
+# Measured and not kept (removed since): the band rolled along the key loop of the forward and dq kernels with
+# 64 keys a step (the band in two 64-row pieces, the upper piece of one step the lower piece of the next, carried:
+# one piece product a step). sm_90, triton 3.7.1, bf16 spill store bytes, band causal / every mask + dropout /
+# two-stream: forward (3 units of 64 * 64 * D a step instead of 4) D = 64 0 / 8 / 0 B (kept: 0 / 0 / 0), D = 128
+# 0 / 4 / 8 B on 2 stages (kept: 0 / 12 / 0); the other selects of the pieces tried spilled up to 324 B. dq (64
+# keys a step, with dqu and dqv^T then in two accumulators) D = 64 212 / 700 / 788 B, D = 128 368 / 760 / 1316 B
+# on 1 stage, the band image in two gathers a step up to 2280 B: the dq kernel's band now spans four 16-key steps
+# instead (position._band_keys)
 
 
 def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_terms: int = 0):
     """(constexprs, warps) of kernel "fwd", "dq" or "dkdv" for one or two query streams, the most
     [rows x keys] terms of a stream's mask (_mask_terms) among them."""
-    assert ROLLED_BAND <= {"fwd", "dq"}, f"launch.ROLLED_BAND: only 'fwd' and 'dq' roll, got {set(ROLLED_BAND)}"
-    roll = kernel in ROLLED_BAND
     block_d = C.block_d(D)
     if C.interpreted(device):
         cfg, warps = dict(BLOCK_M=16, BLOCK_N=16, D_CHUNK=min(block_d, 16)), 4
@@ -86,15 +73,14 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # scores; with 64 keys that spilled 136 / 124 B, with 32 none (band causal and two-stream with three terms
         # spill nothing either way), for 33% more tensor-core work per key (the band product stays [128, 64] x D a
         # step: 32.8 K multiply-adds per key against 24.6 K)
-        n = {"dq": 64 if roll else 16, "dkdv": 64 if D <= 64 and mask_terms < 4 else 32}.get(kernel, 64)
+        n = {"dq": 16, "dkdv": 64 if D <= 64 and mask_terms < 4 else 32}.get(kernel, 64)
         cfg, warps = dict(BLOCK_M=64, BLOCK_N=n), 8
-        # The band in two 64-row pieces (position._pos_band, BAND_SPLIT), measured: dk / dv at D = 128, one stream,
-        # 244/240 -> 132/128 spill bytes with every mask + dropout, 72/64 -> 4/4 band causal (DKDV_T), where it ran
-        # until the row halves below replaced it. Not elsewhere: a 64-row piece is held by both warpgroups (a
-        # chained dot's warps lie along M), which cost more than it saved with two streams (0 -> 68/68 B at D =
-        # 128), at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward (two-stream 0
-        # -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
-        cfg["BAND_SPLIT"] = roll
+        # The band in two 64-row pieces, one band-major [64, 64] dot each (removed since), measured: dk / dv at D =
+        # 128, one stream, 244/240 -> 132/128 spill bytes with every mask + dropout, 72/64 -> 4/4 band causal
+        # (DKDV_T), where it ran until the row halves below replaced it. Not elsewhere: a 64-row piece is held by
+        # both warpgroups (a chained dot's warps lie along M), which cost more than it saved with two streams (0 ->
+        # 68/68 B at D = 128), at D = 64 (dk/dv 0 -> 56 B band causal, dq 156 -> 196 B every mask), in the forward
+        # (two-stream 0 -> 4 B) and in dq at D = 128 (two-stream 116 -> 156 B; 212 -> 168 B with every mask)
         if kernel == "dkdv":  # dk / dv at D = 128, one stream: the position term per row half (ROW_HALVES below)
             cfg["ROW_HALVES"] = D > 64 and streams == 1
         # Also measured for dq (dqu and dqv^T then apart) and not kept: its position gradients (dqv, dr) in a second
@@ -103,7 +89,7 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # KB of shared memory), still spilling at 255 registers, for the scores, band product and dO V^T computed
         # twice: +37% multiply-adds per step (1.31 M on 3.54 M); at D = 64 it spilled more (0 -> 8 B band causal)
         # Measured for dk/dv and not kept: the key tile's dk / dv columns in two halves (grid axis 2), each program
-        # recomputing the scores, band product and dO V^T over all of D. With 32 keys at D = 128 (BAND_SPLIT):
+        # recomputing the scores, band product and dO V^T over all of D. With 32 keys at D = 128 (band pieces):
         # every mask + dropout 208/204 -> 28/24 B, two-stream 128/128 -> 0; at D = 64 (64 keys) 152/120 -> 56/40
         # and 12/8 -> 4/4; with 64 keys at D = 128 (wgmma dk / dv dots) 492/464 B on 1 stage. Still spilling, for
         # +75% multiply-adds per dk/dv step at D = 128 (3.67 M against 2.10 M), +67% at D = 64 (2.62 M / 1.57 M)
@@ -120,7 +106,6 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # the gather form's [BLOCK_M, BLOCK_N, D_CHUNK] products: 32 floats per thread, as 32 x 32 x 8 on 8 warps
         cfg["D_CHUNK"] = max(1, 8 * 32 * 32 // (cfg["BLOCK_M"] * cfg["BLOCK_N"]))
     cfg["BLOCK_D"] = block_d
-    cfg.setdefault("BAND_SPLIT", False)  # position._pos_band
     if kernel == "dkdv":
         # 16-bit: dk^T and dv^T accumulated (backward._rel_bwd_dkdv_kernel), so that their dots have M = D >= 64
         # and run on wgmma; the 32-key tiles at D = 128 ran them on mma.sync (M = BLOCK_N). Spill bytes (sm_90,
@@ -130,7 +115,7 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # keeps [BLOCK_N, D], the layout measured to spill nothing there
         cfg["DKDV_T"] = dtype != torch.float32
         # 16-bit at D = 128, one stream: the position term per row half (position._pos_row_halves), each half
-        # against a band of 64 rows, instead of the band in two 64-row pieces (BAND_SPLIT), which both warpgroups
+        # against a band of 64 rows, instead of the band in two 64-row pieces (above), which both warpgroups
         # computed whole: half the band multiply-adds per warpgroup, and spill bytes (sm_90, triton 3.7.1, bf16;
         # band causal / every mask + dropout) 4 / 132 -> 0 / 4 B, none in the row-tile loop (4 / 120 B before).
         # Two streams keep the band whole (the halves: 0 -> 84 B)

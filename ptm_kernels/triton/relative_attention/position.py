@@ -38,52 +38,30 @@ def _band_rows(R_bh, s_rt, t_band, R, offs_d, D: tl.constexpr):
 
 
 @triton.jit
-def _band(R_bh, s_rt, t0, R, offs_d, D: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
-          SPLIT: tl.constexpr):
-    """The band of r a (row tile, key tile) pair uses, rows t0 + [0, BAND), in _band_piece(BLOCK_M, BAND, SPLIT)
-    rows a piece: (first piece, its rows exist, second piece, its rows exist). Split band-major tiles have BAND =
-    128 (BLOCK_M = 64 plus at most 64 keys) in two pieces of 64 rows; else one piece (the second 0)."""
-    PIECE: tl.constexpr = _band_piece(BLOCK_M, BAND, SPLIT)
-    r0, ok0 = _band_rows(R_bh, s_rt, t0 + tl.arange(0, PIECE), R, offs_d, D)
-    r1 = 0
-    ok1 = 0
-    if PIECE < BAND:
-        tl.static_assert(2 * PIECE == BAND, "band-major tiles: a band of two pieces")
-        r1, ok1 = _band_rows(R_bh, s_rt, t0 + PIECE + tl.arange(0, PIECE), R, offs_d, D)
-    return r0, ok0, r1, ok1
+def _band(R_bh, s_rt, t0, R, offs_d, D: tl.constexpr, BAND: tl.constexpr):
+    """The band of r a (row tile, key tile) pair uses, rows t0 + [0, BAND): (r_band, which rows exist)."""
+    return _band_rows(R_bh, s_rt, t0 + tl.arange(0, BAND), R, offs_d, D)
 
 
 @triton.jit
-def _pos_band(qv, band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, SPLIT: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _pos_band(qv, band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Position term for consecutive rows: local row m, key n uses band row c = (BLOCK_M - 1 - m) + n (band:
-    _band). One dot against each piece of the band (tensor cores), then the diagonal select.
+    _band). One dot against the band (tensor cores), then the diagonal select.
 
     With 64-row tiles (wgmma) the dot is band-major, r_band qv^T ([BAND, BLOCK_M]): its result feeds the
     probabilities, hence further dots, and Triton lays such a chained dot's warps along M alone, so with M =
     BLOCK_M = 64 on 8 warps both warpgroups would each hold (and compute) the whole [64, BAND] float32 tile;
     with M = BAND each warp owns its rows (sm_90, bf16 D = 128: 372 -> 256 spill bytes in dq, 592 -> 360 in
-    dk/dv). SPLIT (launch._config): two [64, BLOCK_M] dots instead, one per 64-row piece of the band, each
-    selected into the position term: the same multiply-adds, but a 64-row chained dot is held by both
-    warpgroups again, so it pays only in some kernels (launch._config). Smaller tiles (float32, mma.sync) keep
-    qv r_band^T: band-major, its tf32x3 product spilled more."""
-    r0, ok0, r1, ok1 = band
-    if _band_major(BLOCK_M) and SPLIT:  # each piece's dot right before its select (both dots before the
-        # selects, the dk/dv kernel spilled more: 208/204 -> 288/284 B with every mask + dropout at D = 128; the
-        # select written apart, as a helper shared with _rolled_pos, 128/128 -> 140/140 B two-stream)
-        PIECE: tl.constexpr = _band_piece(BLOCK_M, BAND, SPLIT)
-        c = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
-        lo = c < PIECE
-        post = tl.gather(dot(r0, tl.trans(qv), None, PREC, UPCAST), tl.where(lo, c, 0), axis=0)
-        post = tl.where(lo, post, tl.gather(dot(r1, tl.trans(qv), None, PREC, UPCAST), tl.where(lo, 0, c - PIECE),
-                                            axis=0))
-        return tl.trans(post)
-    elif _band_major(BLOCK_M):
-        pbt = dot(r0, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M]
+    dk/dv). The band in two 64-row pieces, one [64, BLOCK_M] dot each, was measured too (launch._config): the
+    same multiply-adds, but a 64-row chained dot is held by both warpgroups again. Smaller tiles (float32,
+    mma.sync) keep qv r_band^T: band-major, its tf32x3 product spilled more."""
+    r_band, band_ok = band
+    if _band_major(BLOCK_M):
+        pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M]
         idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
         return tl.trans(tl.gather(pbt, idx, axis=0))
     else:
-        return _band_select(dot(qv, tl.trans(r0), None, PREC, UPCAST), BLOCK_M, BLOCK_N)
+        return _band_select(dot(qv, tl.trans(r_band), None, PREC, UPCAST), BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -107,11 +85,11 @@ def _band_image_at(dpb, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND
 
 
 @triton.jit
-def _band_keys(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, SPLIT: tl.constexpr):
-    """Keys one band product serves in the dq kernel: a band-major, unsplit band of BAND rows covers
-    BAND - BLOCK_M + 1 consecutive keys of a BLOCK_M-row tile; the largest multiple of BLOCK_N within that (64 with
-    64 rows, 16 keys a step and BAND = 128), else one key tile."""
-    if _band_major(BLOCK_M) and not SPLIT:
+def _band_keys(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
+    """Keys one band product serves in the dq kernel: a band-major band of BAND rows covers BAND - BLOCK_M + 1
+    consecutive keys of a BLOCK_M-row tile; the largest multiple of BLOCK_N within that (64 with 64 rows, 16 keys
+    a step and BAND = 128), else one key tile."""
+    if _band_major(BLOCK_M):
         return ((BAND - BLOCK_M) // BLOCK_N) * BLOCK_N
     else:
         return BLOCK_N
@@ -139,56 +117,10 @@ def _pos_row_halves(qv_halves, R_bh, s_rt, t0, R, offs_d, D: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _band_rolls(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
-    """Whether the forward and dq kernels roll the band along their key loop: a split band (SPLIT) on band-major
-    tiles with as many keys as rows (launch._config chooses). Their band (BAND = 2 BLOCK_M) is two pieces of
-    BLOCK_M rows, and the row tile (hence qv) is fixed along the loop, so the upper piece of key step n is the
-    lower piece of step n + 1: each step computes one piece product (_piece_product) and carries it, and the dq
-    kernel carries dS's band image (_rolled_image), whose upper piece joins the next step's lower one
-    (_rolled_piece): one [BLOCK_M, BLOCK_M] band dot into dq^T and BLOCK_M x D dr atomics a step.
-    The dk/dv kernel walks row tiles (qv changes each step): it cannot roll."""
-    return _band_major(BLOCK_M) and SPLIT and BLOCK_N == BLOCK_M
-
-
-@triton.jit
-def _piece_product(R_bh, s_rt, t0, R, offs_d, qv, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """r[t0 + [0, BLOCK_M)] qv^T ([BLOCK_M, BLOCK_M] float32, band-major; rows of r outside [0, R) give 0): one
-    piece of a rolled band (_band_rolls)."""
-    BLOCK_M: tl.constexpr = qv.shape[0]
-    r_piece, ok = _band_rows(R_bh, s_rt, t0 + tl.arange(0, BLOCK_M), R, offs_d, D)
-    return dot(r_piece, tl.trans(qv), None, PREC, UPCAST)
-
-
-@triton.jit
-def _rolled_pos(p_lo, R_bh, s_rt, t_hi, R, offs_d, qv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The position term of a key step with a rolled band (_band_rolls) -> (pos [BLOCK_M, BLOCK_N], the upper
-    piece's product r[t_hi + [0, BLOCK_M)] qv^T, the next step's lower piece). p_lo: this step's lower piece
-    (carried). Band row c = BLOCK_M - 1 - m + n lies in the lower piece where key n <= row m: one index tile, c
-    modulo BLOCK_M, serves both gathers (separate index tiles, or the upper dot before the lower gather, spilled
-    more: launch.ROLLED_BAND)."""
-    c = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
-    post = tl.gather(p_lo, c % BLOCK_M, axis=0)
-    p_hi = _piece_product(R_bh, s_rt, t_hi, R, offs_d, qv, D, PREC, UPCAST)
-    post = tl.where(tl.arange(0, BLOCK_N)[:, None] <= tl.arange(0, BLOCK_M)[None, :], post,
-                    tl.gather(p_hi, c % BLOCK_M, axis=0))
-    return tl.trans(post), p_hi
-
-
-@triton.jit
 def _band_select(pb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The diagonal select of _pos_band from pb = qv r_band^T ([BLOCK_M, BAND]): -> [BLOCK_M, BLOCK_N]."""
     idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
     return tl.gather(pb, idx, axis=1)
-
-
-@triton.jit
-def _band_piece(BLOCK_M: tl.constexpr, BAND: tl.constexpr, SPLIT: tl.constexpr):
-    """Rows of the band one band product covers: 64 (wgmma's M) on split band-major tiles, else the whole band."""
-    if _band_major(BLOCK_M) and SPLIT:
-        return 64
-    else:
-        return BAND
 
 
 @triton.jit
@@ -210,22 +142,3 @@ def _band_grad(g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constex
         n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
         n_ok = (n >= 0) & (n < BLOCK_N)
         return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
-
-
-@triton.jit
-def _rolled_image(g, BLOCK_M: tl.constexpr):
-    """dS's band image for a rolled band (_band_rolls), band-major: G[c, m] = g[m, (c + m + 1) % BLOCK_M]
-    ([BLOCK_M, BLOCK_M], float32). Band row c of the lower piece meets row m at key c + m + 1 - BLOCK_M (when c + m
-    >= BLOCK_M - 1), row c of the upper piece at key c + m + 1 (when c + m < BLOCK_M - 1): one gather holds both
-    pieces' entries, on complementary triangles (_rolled_piece)."""
-    c = tl.arange(0, BLOCK_M)[:, None]
-    m = tl.arange(0, BLOCK_M)[None, :]
-    return tl.gather(tl.trans(g), (c + m + 1) % BLOCK_M, axis=0)
-
-
-@triton.jit
-def _rolled_piece(G, G_prev, BLOCK_M: tl.constexpr):
-    """The band image of dS over the rows of this key step's lower band piece (= the last step's upper piece):
-    this step's _rolled_image G on its lower-piece triangle, the last step's G_prev on the upper-piece one."""
-    lower = (tl.arange(0, BLOCK_M)[:, None] + tl.arange(0, BLOCK_M)[None, :]) >= BLOCK_M - 1
-    return tl.where(lower, G, G_prev)

@@ -13,17 +13,15 @@ from .._common import analytic_visible, dot
 @triton.jit
 def _for_stream(BODY: tl.constexpr, S0, S1, X0, X1, keys, dims, drop, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
-                BAND_SPLIT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Run BODY (the forward's or backward's row-tile program) for stream program_id(2) with its stream
     arguments S and results X; S1 / X1 are None for a single stream. Stream s draws its dropout with seed + s."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     if tl.program_id(2) == 0:
-        BODY(pid_m, bh, S0, X0, keys, dims, drop, 0, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC,
-             UPCAST)
+        BODY(pid_m, bh, S0, X0, keys, dims, drop, 0, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
     elif S1 is not None:
-        BODY(pid_m, bh, S1, X1, keys, dims, drop, 1, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, BAND_SPLIT, D, PREC,
-             UPCAST)
+        BODY(pid_m, bh, S1, X1, keys, dims, drop, 1, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST)
 
 
 @triton.jit
