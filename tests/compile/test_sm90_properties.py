@@ -51,7 +51,7 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # D = 128 with every mask + dropout (360/344 B at 255 registers, was 592/532 B), the dq kernel 212/188 B
     # there (was 372/332 B); every forward but one (12/12 B) is at 0. Since the dq kernel reads qu / dO again each
     # step at D = 64, 11 (its band causal compile 32/32 B -> 0). Since the dk/dv kernel at D = 128 takes the band
-    # product in two 64-row pieces (launch._config BAND_SPLIT), 10: its band causal compile 44/32 B -> 0, every
+    # product in two 64-row pieces (since replaced by row halves), 10: its band causal compile 44/32 B -> 0, every
     # mask + dropout 360/344 -> 208/204 B, two-stream 144/240 -> 128/128 B; the worst now the dq at D = 128 with
     # every mask + dropout (212/188 B). Since the dk/dv kernel accumulates dk^T / dv^T (launch._config DKDV_T:
     # wgmma at D = 128, where its dk / dv dots ran on mma.sync) and takes the band whole with two streams, 9: at
@@ -62,10 +62,10 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # every mask + dropout 212/188 -> 132/120, two-stream 116/88 -> 48/40; at D = 64 156/116 -> 108/88 and 44/24 ->
     # 48/32. Since the dk/dv kernel at D = 64 takes 32 keys a step for a stream with four [rows x keys] mask
     # terms (launch._mask_terms), 8: that compile (every mask + dropout) 136/124 B -> 0. The band rolled along the
-    # key loop (launch.ROLLED_BAND: forward 3 band units of 64 * 64 * D a step instead of 4, dq 6 per 64 keys
-    # instead of 27) spilled more and is off: forward
-    # up to 44/44 B, dq up to 1316/1316 B (figures in launch.py). Before the Hopper rewrite (one backward, 32 x 32
-    # tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5 spilling compiles each.
+    # key loop (forward 3 band units of 64 * 64 * D a step instead of 4, dq 6 per 64 keys instead of 27) spilled
+    # more and was removed: forward up to 44/44 B, dq up to 1316/1316 B (figures in launch.py). Before the Hopper
+    # rewrite (one backward, 32 x 32 tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5
+    # spilling compiles each.
     # Since the dq kernel's band product serves four 16-key steps (position._band_keys: a third of its tensor-core
     # work), 9 spill, more bytes but none in its key loop (INNER_LOOP_SPILL_BUDGET): dq at D = 64 0 / 108 / 48 ->
     # 36 / 112 / 84 B (band causal / every mask + dropout / two-stream; fp16 52 / 108 / 84), at D = 128 20 / 132 /
