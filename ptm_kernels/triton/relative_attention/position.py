@@ -98,12 +98,13 @@ def _band_keys(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr)
 @triton.jit
 def _pos_row_halves(qv_halves, R_bh, s_rt, t0, R, offs_d, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Position term for consecutive rows, the row tile in two halves (qv_halves: their qv rows, upper half first),
-    each against the band of its own rows: the upper half's rows meet band rows t0 + HALF + [0, HB), the lower
-    half's t0 + [0, HB), HB = next_pow2(BLOCK_M / 2 + BLOCK_N) (64 for 64 rows and 32 keys, where the whole tile's
-    band takes 128). Two band-major [HB, BLOCK_M / 2] dots instead of one [BAND, BLOCK_M] dot or two [64, BLOCK_M]
-    pieces: at 64 rows the result of a chained dot with M = 64 is held (and computed) by both warpgroups, so the
-    pieces cost each warpgroup 2 x 64 x 64 x D multiply-adds where the halves cost 2 x 64 x 32 x D."""
+    """Position term for consecutive rows, the row tile in two halves (qv_halves: the qv rows of its first and
+    second half), each against the band of its own rows: the first half's rows meet band rows t0 + HALF + [0, HB),
+    the second half's t0 + [0, HB), HB = next_pow2(BLOCK_M / 2 + BLOCK_N) (64 for 64 rows and 32 keys, where the
+    whole tile's band takes 128). Two band-major [HB, BLOCK_M / 2] dots instead of one [BAND, BLOCK_M] dot or two
+    [64, BLOCK_M] pieces: at 64 rows the result of a chained dot with M = 64 is held (and computed) by both
+    warpgroups, so the pieces cost each warpgroup 2 x 64 x 64 x D multiply-adds where the halves cost 2 x 64 x 32
+    x D."""
     HALF: tl.constexpr = BLOCK_M // 2
     HB: tl.constexpr = triton.next_power_of_2(HALF + BLOCK_N)
     qv0, qv1 = qv_halves
