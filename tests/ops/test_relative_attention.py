@@ -453,14 +453,15 @@ def test_several_row_and_key_tiles(impl, rng):
 
 @pytest.mark.skipif(not backend.triton_interpreted(),
                     reason="the interpreter's own tiles are 16 x 16; a GPU runs 64-row tiles for 16-bit inputs itself")
-@pytest.mark.parametrize("row_halves", [False, True], ids=["one_band_dot", "dkdv_row_halves"])
-def test_band_major_tiles_interpreted(rng, monkeypatch, row_halves):
+@pytest.mark.parametrize("row_halves, keys", [(False, None), (True, 32), (False, 64)],
+                         ids=["one_band_dot", "dkdv_row_halves", "64_keys"])
+def test_band_major_tiles_interpreted(rng, monkeypatch, row_halves, keys):
     """The GPU's 16-bit tiles, 64 rows, under the interpreter: their band products are band-major
     (triton/relative_attention/position._pos_band: r_band qv^T and dqv^T), a layout the 16-row tiles never take,
     and the dq kernel's band spans four 16-key steps (position._band_keys); row_halves: 32 keys a step and the
-    dk/dv kernel's position term per row half (ROW_HALVES, as the GPU's D = 128 dk/dv). Same cases and tolerances
-    as test_several_row_and_key_tiles."""
-    _row_tiles_of_64(monkeypatch, row_halves=row_halves, keys=32 if row_halves else None)
+    dk/dv kernel's position term per row half (ROW_HALVES, as the GPU's D = 128 dk/dv); 64 keys: a band that
+    serves one key tile. Same cases and tolerances as test_several_row_and_key_tiles."""
+    _row_tiles_of_64(monkeypatch, row_halves=row_halves, keys=keys)
     _several_row_and_key_tiles("triton", rng)
 
 

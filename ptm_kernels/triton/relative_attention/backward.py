@@ -228,10 +228,8 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
         # qu and dO read again each step (cached) rather than held across the loop: as the A operands of chained
         # 64-row dots both warpgroups held them (sm_90, triton 3.7.1, bf16 D = 64: 32 -> 0 spill bytes with a
         # causal band, 168 -> 156 with every mask, 88 -> 44 two-stream; at D = 128 it spilled more, 212 -> 312)
-        qu = tl.load(S.qu.ptr + b64 * S.qu.s_b + h64 * S.qu.s_h + rows64[:, None] * S.qu.s_l + offs_d[None, :],
-                     mask=rd_ok, other=0.0)
-        do = tl.load(grads.do.ptr + b64 * grads.do.s_b + h64 * grads.do.s_h + rows64[:, None] * grads.do.s_l
-                     + offs_d[None, :], mask=rd_ok, other=0.0)
+        qu = _cols(S.qu, b64, h64, rows, row_ok, offs_d, D)
+        do = _cols(grads.do, b64, h64, rows, row_ok, offs_d, D)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
@@ -297,7 +295,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         # position terms selected per key tile, dS's band image gathered over the SPAN keys, then one band dot into
         # dq^T and one set of dr atomics per SPAN keys
         SPAN: tl.constexpr = _band_keys(BLOCK_M, BLOCK_N, BAND)
-        SPANS: tl.constexpr = DQ_T and SPAN > BLOCK_N
+        SPANS: tl.constexpr = DQ_T  # every band-major band form (else one key tile a band product)
         tile = (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)
         if SPANS:
             for start_n in range(lo, hi, SPAN):
@@ -335,9 +333,10 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                         qv_c = tl.load(QV_row + (d0 + dc)[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
                         tl.atomic_add(DR_bh + t[:, :, None] * D + (d0 + dc)[None, None, :],
                                       g[:, :, None] * qv_c.to(tl.float32)[:, None, :], mask=m3)
-                else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics)
+                else:  # band form of g: dqv += dpb r_band, dr[t_band] += dpb^T qv (two dots, BAND x D atomics);
+                    # dpb [BLOCK_M, BAND], row-major (band-major tiles span several key tiles above)
                     r_band, band_ok = band
-                    dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)  # band-major: dpb^T, see dqv
+                    dpb = _band_grad(g, BLOCK_M, BLOCK_N, BAND).to(qv.dtype)
                     if CHUNKED:  # dqv read, added and written per chunk (float32 DQV, rows owned), beside dr
                         for d0 in range(0, BLOCK_D, DR_CHUNK):
                             offs_c = d0 + tl.arange(0, DR_CHUNK)
@@ -345,13 +344,13 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                             cmask = row_ok[:, None] & (offs_c < D)[None, :]
                             dqv_c = dot(dpb, _cols(keys.r, b64, h64, t_band, band_ok, offs_c, D), None, PREC, UPCAST)
                             tl.store(dqv_ptr, tl.load(dqv_ptr, mask=cmask, other=0.0) + dqv_c, mask=cmask)
-                            _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC,
+                            _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, False, PREC,
                                       UPCAST)
                     else:
                         dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D,
-                                             DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+                                             DR_CHUNK, False, PREC, UPCAST)
                         if grads.band_sums is not None:
-                            _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
+                            _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, False)
         if DQ_T:
             dq = tl.trans(dq)
         if GATHER or CHUNKED:  # + the dqv these forms added up in memory (rows owned by this program)

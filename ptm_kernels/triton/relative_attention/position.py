@@ -57,9 +57,7 @@ def _pos_band(qv, band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.c
     mma.sync) keep qv r_band^T: band-major, its tf32x3 product spilled more."""
     r_band, band_ok = band
     if _band_major(BLOCK_M):
-        pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M]
-        idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
-        return tl.trans(tl.gather(pbt, idx, axis=0))
+        return _band_select_at(dot(r_band, tl.trans(qv), None, PREC, UPCAST), 0, BLOCK_M, BLOCK_N)
     else:
         return _band_select(dot(qv, tl.trans(r_band), None, PREC, UPCAST), BLOCK_M, BLOCK_N)
 
@@ -88,7 +86,7 @@ def _band_image_at(dpb, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND
 def _band_keys(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
     """Keys one band product serves in the dq kernel: a band-major band of BAND rows covers BAND - BLOCK_M + 1
     consecutive keys of a BLOCK_M-row tile; the largest multiple of BLOCK_N within that (64 with 64 rows, 16 keys
-    a step and BAND = 128), else one key tile."""
+    a step and BAND = 128; at least BLOCK_N, as BAND >= BLOCK_M + BLOCK_N), else one key tile."""
     if _band_major(BLOCK_M):
         return ((BAND - BLOCK_M) // BLOCK_N) * BLOCK_N
     else:
@@ -132,14 +130,8 @@ def _band_major(BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _band_grad(g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
-    """The transpose of _pos_band's select: dpb[m, c] = g[m, c - (BLOCK_M - 1 - m)] where that key index is in
-    [0, BLOCK_N), else 0 (float32), in _pos_band's layout: [BAND, BLOCK_M] (band-major, dpb^T) or [BLOCK_M,
-    BAND]."""
-    if _band_major(BLOCK_M):
-        n = tl.arange(0, BAND)[:, None] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :]
-        n_ok = (n >= 0) & (n < BLOCK_N)
-        return tl.where(n_ok, tl.gather(tl.trans(g), tl.where(n_ok, n, 0), axis=0), 0.0)
-    else:
-        n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
-        n_ok = (n >= 0) & (n < BLOCK_N)
-        return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
+    """The transpose of _band_select: dpb[m, c] = g[m, c - (BLOCK_M - 1 - m)] where that key index is in
+    [0, BLOCK_N), else 0 (float32), [BLOCK_M, BAND]. Band-major tiles take _band_image_at instead."""
+    n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
+    n_ok = (n >= 0) & (n < BLOCK_N)
+    return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
