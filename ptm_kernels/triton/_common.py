@@ -1,6 +1,7 @@
 """The Triton toolkit of the attention kernel families (attention, relative attention): constants, the
-interpreter / device checks, the precision policy of their dots, the out-of-resources fallback ladder, the
-visibility predicate of the analytic mask parts, and the one dropout RNG.
+interpreter / device checks, the precision policy of their dots, the out-of-resources fallback ladder, TMA
+descriptors of [B, H, L, D] operands, the visibility predicate of the analytic mask parts, and the one dropout
+RNG.
 
 Host helpers are plain functions; the compile-for-sm_90 harness (tests/compile/triton_sm90.py) patches
 `interpreted`, `capability` and `num_sms` here, so every family sees the device it pretends to be.
@@ -22,8 +23,13 @@ except Exception:  # pragma: no cover - older layouts
     class OutOfResources(Exception):
         pass
 
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 __all__ = ["LOG2E", "LN2", "SUPPORTED_DTYPES", "OutOfResources", "interpreted", "capability", "num_sms",
-           "precision", "upcast", "first_that_fits", "block_d", "dot", "load", "analytic_visible",
+           "precision", "upcast", "first_that_fits", "block_d", "TensorDescriptor", "tma_strides", "tma_rows", "dot", "load", "analytic_visible",
            "dropout_seed", "dropout_threshold", "dropout_keep"]
 
 LOG2E = 1.4426950408889634
@@ -85,6 +91,24 @@ def upcast(dtype: torch.dtype, device) -> bool:
     """Widen 16-bit dot operands to float32 first: the interpreter multiplies bfloat16 tiles as their raw bits
     (exact for float16 too, so both are widened; compiled away on a GPU)."""
     return dtype != torch.float32 and interpreted(device)
+
+
+def tma_strides(t: torch.Tensor):
+    """The strides of a [B, H, L, D] operand as a TMA descriptor takes them, or None where TMA cannot read it
+    (base or a stride not a multiple of 16 bytes, a broadcast (stride 0) dim, D not unit-stride)."""
+    strides = list(t.stride())
+    for i in range(2, -1, -1):  # a size-1 dim's stride is never used: give it a valid one
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    if t.data_ptr() % 16 or strides[-1] != 1 or any(s <= 0 or s * t.element_size() % 16 for s in strides[:-1]):
+        return None
+    return strides
+
+
+def tma_rows(t: torch.Tensor, rows: int, block_d: int):
+    """A TMA descriptor of the [B, H, L, D] operand t (tma_strides must accept it) whose loads are boxes of
+    `rows` rows of one (b, h) and block_d columns; rows outside [0, L) and columns past D read as zeros."""
+    return TensorDescriptor(t, list(t.shape), tma_strides(t), [1, 1, rows, block_d])
 
 
 def first_that_fits(cache: dict, key, options, launch):

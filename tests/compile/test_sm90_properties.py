@@ -19,7 +19,8 @@ are shared with test_triton_compile.py (each family is compiled once per pytest 
 4. Norm backward: its one-pass row loop prefetches the next row asynchronously (cp.async = LDGSTS).
 5. TMA: the attention forward of 16-bit inputs loads Q / K / V through tensor descriptors on Hopper (UTMALDG
    in its SASS), decoding included; and it runs 128 x 128 tiles at D = 128 with 3 stages (no spills: 1.) within
-   a register budget (FORWARD_D128_REGISTERS). The dQ and dK / dV kernels load Q / K / V / dO through TMA too.
+   a register budget (FORWARD_D128_REGISTERS). The dQ and dK / dV kernels load Q / K / V / dO through TMA too,
+   and the relative-attention forward r's band.
 6. GQA decode: one program per (batch row, kv head), the group's query heads packed into its rows.
 """
 
@@ -72,9 +73,10 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # 48 -> 68 / 188 / 216 B, all before, after or around the 16-key loop (in it before: 56 and 4 B at D = 64, 96
     # at D = 128). Since the dk/dv kernel at D = 128 takes the position term per row half (launch._config
     # ROW_HALVES; the band in two 64-row pieces before), 7: its band causal compile 4 / 4 -> 0, every mask +
-    # dropout 132 / 128 -> 0
-    "relative_attention-bf16": (216, 192, 7),
-    "relative_attention-fp16": (216, 192, 7),
+    # dropout 132 / 128 -> 0. Since the forward loads r's band (and at D = 64 k and v) through TMA
+    # (launch._tma_loads), 6, all in the dq kernel: the forward at D = 128 with every mask + dropout 12 / 12 -> 0
+    "relative_attention-bf16": (216, 192, 6),
+    "relative_attention-fp16": (216, 192, 6),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
     # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
     # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;
@@ -83,15 +85,12 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
 }
 
 # Spill instructions inside an innermost loop (sm90_artefacts inner_loop_spill_bytes; the per-tile step, once per
-# tile pair): (largest bytes of a launched compile, how many compiles), per family; none elsewhere. Relative
-# attention, 16-bit: the forward at D = 128 with every mask + dropout (4 B; 12 / 12 B in all). Before the dq
-# kernel's spanning band and the dk/dv kernel's row halves, 6 compiles: dq 56 / 4 B at D = 64 (every mask +
-# dropout / two-stream), 96 B at D = 128 (every mask + dropout); dk/dv at D = 128 4 / 120 B (band causal / every
-# mask + dropout)
-INNER_LOOP_SPILL_BUDGET = {
-    "relative_attention-bf16": (4, 1),
-    "relative_attention-fp16": (4, 1),
-}
+# tile pair): (largest bytes of a launched compile, how many compiles), per family; none in any family since
+# the relative-attention forward loads r's band through TMA (launch._tma_loads): its compile at D = 128 with every
+# mask + dropout had 4 B there (12 / 12 B in all). Before the dq kernel's spanning band and the dk/dv kernel's row
+# halves, 6 compiles: dq 56 / 4 B at D = 64 (every mask + dropout / two-stream), 96 B at D = 128 (every mask +
+# dropout); dk/dv at D = 128 4 / 120 B (band causal / every mask + dropout)
+INNER_LOOP_SPILL_BUDGET: dict = {}
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.
 # Target: 1.5.
@@ -268,6 +267,17 @@ def test_relative_attention_runs_on_wgmma(family):
     bad = [f"{_where(r)}: {r['mma']}, BLOCK_M {r['config'].get('BLOCK_M')}" for r in recs
            if r["mma"] != f"wgmma({dtype})" or r["config"].get("BLOCK_M", 0) < 64]
     assert not bad, f"{family}: kernels off wgmma with {dtype} operands or below 64 rows:\n" + "\n".join(bad)
+
+
+@triton_only
+@pytest.mark.parametrize("family", ["relative_attention-bf16", "relative_attention-fp16"])
+def test_relative_attention_forward_loads_through_tma(family):
+    """The 16-bit relative-attention forward loads r's band through a tensor descriptor on Hopper (UTMALDG in its
+    SASS) in every band-form compile (launch._tma_loads; the gather form reads r per (row, key))."""
+    forwards = [r for r in _records(family) if r["kernel"] == "_rel_fwd_kernel" and "gather" not in r["case"]]
+    assert forwards, f"{family}: no band-form relative-attention forward compiled"
+    no_tma = [_where(r) for r in forwards if not r["utmaldg"]]
+    assert not no_tma, f"{family}: relative forwards without UTMALDG (TMA loads) in their SASS:\n" + "\n".join(no_tma)
 
 
 @triton_only

@@ -533,6 +533,79 @@ def test_dq_band_spans_key_tiles_interpreted(rng, monkeypatch):
     _several_row_and_key_tiles("triton", rng, Lq=(100, 128), M=(20, 40))
 
 
+def _runs_tma() -> bool:
+    """Where tensor descriptors run: the interpreter, or a Hopper (or later) GPU with the Triton backend."""
+    if backend.triton_interpreted():
+        return True
+    return (DEVICE.type == "cuda" and backend.supports("triton", "relative_attention", "cuda")
+            and torch.cuda.get_device_capability(DEVICE)[0] >= 9)
+
+
+@pytest.mark.skipif(not _runs_tma(), reason="tensor descriptors (TMA) run under TRITON_INTERPRET=1 or on a Hopper "
+                                            "GPU with the Triton backend")
+@pytest.mark.parametrize("D, shared_r", [(16, True), (24, False)], ids=["shared_r", "per_batch_r_d24"])
+def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
+    """The forward's Hopper TMA loads (triton/relative_attention/launch._tma_loads): r's band, whose first rows
+    lie before r (negative coordinates) or past its end where r is short, and the key tiles of k and v, rows past
+    Lk read as zeros; two batch rows sharing r (its batch coordinate 0) or each with its own r, a head dim below
+    its power of two (D = 24 in 32 columns). Forward and every gradient against the float64 formula, causal
+    window, both streams (all rows; target positions, whose gather form takes only k and v by TMA). Float32
+    inputs, forced onto the TMA path (a GPU takes it for 16-bit inputs): on a Hopper GPU this checks the
+    hardware's reading of a box at a negative coordinate."""
+    from ptm_kernels.triton import _common
+    from ptm_kernels.triton.relative_attention import launch
+
+    made = []
+
+    def recording(t, rows, block_d):
+        made.append((tuple(t.shape), rows))
+        return real(t, rows, block_d)
+
+    real = _common.tma_rows
+    monkeypatch.setattr(launch, "_FORCE_TMA", True)
+    monkeypatch.setattr(_common, "tma_rows", recording)
+    B, H, Lq, M = 2, 2, rng.randint(33, 40), rng.randint(5, 12)
+    Lk, Lg = Lq + M, rng.randint(3, Lq)
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    R = Lk + rng.randint(0, 5)  # shorter than the Lk + Lq - 1 distances: band rows missing at both ends
+    r = randn(H, R, D) if shared_r else randn(B, H, R, D)
+    u, vb, sb, se = randn(H, D), randn(H, D), randn(H, D), randn(2, H, D)
+    ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
+    r_offset = rng.randint(Lk - 6, Lk + 3)
+    tpos = torch.stack([torch.randperm(Lq, device=DEVICE)[:Lg] for _ in range(B)])
+    seg = dict(segment_ids=ids, seg_embed=se, s_bias=sb)
+
+    def single(q, k, v, r, u, vb):
+        return pk.relative_attention(q, k, v, r, u, vb, r_offset=r_offset,
+                                     mask=AttentionMask.causal() & AttentionMask.sliding_window(19, 0))
+
+    def all_rows(q, qg, k, v, r, u, vb):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, r_offset=r_offset, query_mask=AttentionMask.causal(),
+                                       **seg)
+
+    def targets(q, qg, k, v, r, u, vb):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos, r_offset=r_offset, **seg)
+
+    cases = [("causal window", [q, k, v, r, u, vb], single),
+             ("two streams, all rows", [q, q.flip(2), k, v, r, u, vb], all_rows),
+             ("two streams, targets", [q, q[:, :, :Lg], k, v, r, u, vb], targets)]
+    for name, inputs, f in cases:
+        made.clear()
+        outs0 = f(*inputs)
+        gout = [randn(*o.shape) for o in (outs0 if isinstance(outs0, tuple) else (outs0,))]
+        with backend.use(relative_attention="triton"):
+            outs, grads = run(f, inputs, gout)
+        truth_outs, truth_grads = run(f, [t.double() for t in inputs], [g.double() for g in gout])
+        for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
+            assert_close(a, t, name=f"{name}: output/gradient {i}", **F32_TOL)
+        # the forward's descriptors: r's band (r[:1] where the batch shares r) and k, v; the backward's kernels
+        # take none
+        cfg, _ = launch._config(D, torch.float32, k.device)
+        r_shape = (1, H, R, D) if shared_r else (B, H, R, D)
+        key_tiles = ((B, H, Lk, D), cfg["BLOCK_N"])
+        assert sorted(made) == sorted([(r_shape, cfg["BAND"]), key_tiles, key_tiles]), made
+
+
 def _row_tiles_of_64(monkeypatch, keys=None, row_halves=False):
     """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`);
     row_halves: the dk/dv kernel's position term per row half (ROW_HALVES, the GPU's D = 128 dk/dv)."""

@@ -17,11 +17,6 @@ from .forward import _attn_combine_kernel, _attn_fwd_kernel, _dropout_mask_kerne
 from .masks import MaskArgs, ScoreTensor, Segments, Toeplitz
 from ...kernel_params import AttentionParams, Visibility
 
-try:  # host-side TMA descriptors (triton >= 3.3)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: pointer loads only
-    TensorDescriptor = None
-
 # Test hooks (not API): force the number of key splits of the forward / of GQA group splits of dK/dV; force
 # the TMA loads (forward and backward) on (where the operands allow them; the interpreter runs them) or off.
 _FORCE_SPLITS: Optional[int] = None
@@ -246,18 +241,6 @@ def _one_diagonal(mk: _Masks, dtype: torch.dtype, BM: int, BN: int, Lq: int, Lk:
             and a.key_lengths is None and a.window is None and BM == BN and Lk >= Lq and (Lk - Lq) % BN == 0)
 
 
-def _tma_strides(t: Tensor) -> Optional[list]:
-    """The strides of a [B, H, L, D] operand as a TMA descriptor takes them, or None where TMA cannot read it
-    (base or a stride not a multiple of 16 bytes, a broadcast (stride 0) dim, D not unit-stride)."""
-    strides = list(t.stride())
-    for i in range(2, -1, -1):  # a size-1 dim's stride is never used: give it a valid one
-        if t.shape[i] == 1:
-            strides[i] = strides[i + 1] * t.shape[i + 1]
-    if t.data_ptr() % 16 or strides[-1] != 1 or any(s <= 0 or s * t.element_size() % 16 for s in strides[:-1]):
-        return None
-    return strides
-
-
 def _tma_usable(*operands: Tensor) -> bool:
     """Whether a kernel loads its [B, H, L, D] operands (forward: q, k, v; backward: q, k, v, dout) through TMA
     descriptors: on Hopper for 16-bit operands and head dims up to 128 (the configs compiled for sm_90 with
@@ -267,14 +250,14 @@ def _tma_usable(*operands: Tensor) -> bool:
     use = _FORCE_TMA if _FORCE_TMA is not None else (
         not C.interpreted(q.device) and C.capability(q.device)[0] >= 9 and q.dtype != torch.float32
         and q.shape[-1] <= 128)
-    return bool(use) and TensorDescriptor is not None and all(_tma_strides(t) is not None for t in operands)
+    return bool(use) and C.TensorDescriptor is not None and all(C.tma_strides(t) is not None for t in operands)
 
 
 def _tma_descriptors(q, k, v, BM: int, BN: int, BD: int, dout: Optional[Tensor] = None) -> tuple:
     """TMA descriptors (q, k, v) or, with dout, (q, k, v, dout): [B, H, L, D] with boxes of BM (q, dout) / BN
     (k, v) rows of one (b, h) and BD columns; rows past L and columns past D read as zeros."""
     boxes = ((q, BM), (k, BN), (v, BN)) + (((dout, BM),) if dout is not None else ())
-    return tuple(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, BD]) for t, rows in boxes)
+    return tuple(C.tma_rows(t, rows, BD) for t, rows in boxes)
 
 
 def _packs_group(G: int, Lq: int, lists) -> bool:

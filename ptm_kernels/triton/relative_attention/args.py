@@ -15,11 +15,13 @@ from ...kernel_params import Dropout, RelativeParams, RelativeStream
 
 
 class Rows(NamedTuple):
-    """A [B, H, L, D] tensor with unit stride in D: its pointer and batch / head / row strides."""
+    """A [B, H, L, D] tensor with unit stride in D: its pointer and batch / head / row strides, and where the
+    kernel loads its tiles through TMA (launch._tma_loads), a descriptor whose boxes are those tiles."""
     ptr: Tensor
     s_b: int
     s_h: int
     s_l: int
+    tma: Optional[object] = None  # _common.tma_rows: boxes of one key tile (scores._key_tile)
 
 
 def rows(t: Tensor) -> Rows:
@@ -66,6 +68,8 @@ class Keys(NamedTuple):
     k_ids: Optional[Tensor]  # int64 [B, Lk] contiguous
     Lk: int
     R: int  # rows of r
+    r_band: Optional[object] = None  # _common.tma_rows of r (r[:1] where the batch shares it): boxes of one band
+    r_batch_step: int = 1  # r_band's batch coordinate per batch row: 0 where the batch shares r
 
 
 class Dims(NamedTuple):

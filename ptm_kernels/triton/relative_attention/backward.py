@@ -131,7 +131,7 @@ def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu
             pos = _pos_row_halves(qv, R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BLOCK_M, BLOCK_N, PREC,
                                   UPCAST)
         else:
-            band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BAND)
+            band = _band(keys, b64, h64, R_bh, t_last + start_n, offs_d, D, BAND)
             if not CHUNKED:
                 pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, PREC, UPCAST)
     if CHUNKED:
@@ -231,8 +231,8 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
         qu = _cols(S.qu, b64, h64, rows, row_ok, offs_d, D)
         do = _cols(grads.do, b64, h64, rows, row_ok, offs_d, D)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
-    v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+    k = _key_tile(keys.k, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+    v = _key_tile(keys.v, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     if SPAN_J is not None:
         pos = _band_select_at(pos, SPAN_J, BLOCK_M, BLOCK_N)
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
@@ -393,8 +393,8 @@ def _stream_dkdv(dk, dv, pid_n, bh, S, grads, keys, dims, drop, stream, BLOCK_M:
         rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row = _row_tile(
             S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER, ROW_HALVES)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _key_tile(keys.k, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
-        v = _key_tile(keys.v, b64, h64, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+        k = _key_tile(keys.k, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
+        v = _key_tile(keys.v, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
         pd, g, offs_n, col_ok, band, t_band = _tile_grad(
             S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
             v, start_n, None, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, ROW_HALVES)

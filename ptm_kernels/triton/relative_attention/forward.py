@@ -52,9 +52,9 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
                 pos = _pos_gather(QV_row, R_bh, keys.r.s_l, base, offs_n, row_ok, col_ok, keys.R, BLOCK_D, D_CHUNK,
                                   D)
             else:  # consecutive rows: the tile needs only the band r[t_last + start_n + c], c < BAND
-                band = _band(R_bh, keys.r.s_l, t_last + start_n, keys.R, offs_d, D, BAND)
+                band = _band(keys, b64, h64, R_bh, t_last + start_n, offs_d, D, BAND)
                 pos = _pos_band(qv, band, BLOCK_M, BLOCK_N, PREC, UPCAST)
-            k = _key_tile(keys.k, b64, h64, offs_n, col_ok, BLOCK_D, D)
+            k = _key_tile(keys.k, b64, h64, start_n, offs_n, col_ok, BLOCK_D, D)
             s = _scores(qu, pos, k, keys, b64, row, offs_n, col_ok, dims.scale2, S.seg is not None, PREC, UPCAST)
             vis = _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk)
             s = tl.where(vis, s, float("-inf"))
@@ -66,7 +66,7 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
             if drop is not None:
                 keep = dropout_keep(drop.seed + stream, bh64, rows, start_n, Lr, Lk, drop.threshold, BLOCK_N)
                 pr = tl.where(keep, pr * drop.scale, 0.0)
-            v = _key_tile(keys.v, b64, h64, offs_n, col_ok, BLOCK_D, D)
+            v = _key_tile(keys.v, b64, h64, start_n, offs_n, col_ok, BLOCK_D, D)
             # P.V on the inputs' dtype (16-bit: wgmma with bf16 / fp16 operands, as FlashAttention)
             acc = acc * alpha[:, None] + dot(pr.to(v.dtype), v, None, PREC, UPCAST)
             m_i = m_new

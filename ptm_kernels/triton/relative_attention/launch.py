@@ -3,6 +3,8 @@ interface functions."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -11,7 +13,7 @@ from torch import Tensor
 from .. import _common as C
 from .._common import SUPPORTED_DTYPES
 from ...kernel_params import RelativeParams, RelativeStream
-from .args import StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
+from .args import Keys, StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
 from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
 
@@ -148,6 +150,8 @@ def _specialisation(args) -> tuple:
             out.append(a.dtype)
         elif a is None or isinstance(a, tl.constexpr):
             out.append(a if a is None else a.value)
+        elif C.TensorDescriptor is not None and isinstance(a, C.TensorDescriptor):
+            out.append(("tma", tuple(a.block_shape)))
     return tuple(out)
 
 
@@ -172,6 +176,40 @@ def _check(*ts):
                              f"got {t.dtype}")
 
 
+# Test hook (not API): force the forward's TMA loads on (where the operands allow them; the interpreter runs
+# them) or off.
+_FORCE_TMA: Optional[bool] = None
+
+
+def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: int) -> Keys:
+    """keys with the forward's TMA descriptors (Hopper, 16-bit; the pointer loads elsewhere): r's band
+    (position._band) and the key tiles of k and v (scores._key_tile), as measured below.
+
+    A TMA load is one instruction for the whole tile, so the kernel holds no per-thread addresses for it: the
+    band of 128 rows x D took 8 64-bit addresses per thread at D = 128. Spill bytes of the 16-bit forward (sm_90,
+    triton 3.7.1, bf16 / fp16; band causal, every mask + dropout, two-stream), registers of band causal: by
+    pointers D = 64 0 / 0 / 0 B, 186 registers; D = 128 0 / 12 / 0 B (4 B of them in the key loop), 232. r's band
+    by TMA: D = 64 0 / 4 / 0 B, 168; D = 128 0 / 0 / 0 B at one stream, 204, but two streams 12 / 8 B (fp16).
+    With k and v by TMA too: D = 64 0 / 0 / 0 B; D = 128 two streams 4 / 4 B. So r's band by TMA at D = 64 and
+    at one stream, k and v at D = 64: no forward spills. The dq and dk / dv kernels keep pointer loads: r's band
+    by TMA in the dq kernel moved its spills (D = 128: 68 / 188 / 216 -> 32 / 184 / 176 B, but 4 B of them into
+    its key loop, where there were none; D = 64 36 / 112 / 84 -> 40 / 108 / 92 B, 8 B in the loop), k and v by
+    TMA as well did not lower them."""
+    use = _FORCE_TMA if _FORCE_TMA is not None else (
+        not C.interpreted(k.device) and C.capability(k.device)[0] >= 9 and k.dtype != torch.float32)
+    if not use or C.TensorDescriptor is None:
+        return keys
+    D, bd = k.shape[-1], cfg["BLOCK_D"]
+    shared = r.stride(0) == 0  # r shared by the batch (a stride-0 view): its first row stands for all
+    r_one = r[:1] if shared else r
+    if (D <= 64 or streams == 1) and C.tma_strides(r_one) is not None:
+        keys = keys._replace(r_band=C.tma_rows(r_one, cfg["BAND"], bd), r_batch_step=0 if shared else 1)
+    if D <= 64 and C.tma_strides(k) is not None and C.tma_strides(v) is not None:
+        keys = keys._replace(k=keys.k._replace(tma=C.tma_rows(k, cfg["BLOCK_N"], bd)),
+                             v=keys.v._replace(tma=C.tma_rows(v, cfg["BLOCK_N"], bd)))
+    return keys
+
+
 def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
     """-> [(out, lse)] per stream; both streams in one launch (grid axis 2)."""
     _check(k, v, r, streams[0].q)
@@ -181,8 +219,9 @@ def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
                       torch.empty(B, H, s.q.shape[2], dtype=torch.float32, device=k.device)) for s in streams]
     args = [stream_args(s, *s.biased()) for s in streams] + [None] * (2 - len(streams))
     grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
+    keys = _tma_loads(keys_args(k, v, r, p), k, v, r, cfg, len(streams))
     _launch(_rel_fwd_kernel, grid, k.device, cfg, warps, *args, *outs, *[None] * (2 - len(streams)),
-            keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout), D=D,
+            keys, dims_args(H, p), dropout_args(p.dropout), D=D,
             PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
     return [(o.o.ptr, o.lse) for o in outs]
 

@@ -38,9 +38,17 @@ def _band_rows(R_bh, s_rt, t_band, R, offs_d, D: tl.constexpr):
 
 
 @triton.jit
-def _band(R_bh, s_rt, t0, R, offs_d, D: tl.constexpr, BAND: tl.constexpr):
-    """The band of r a (row tile, key tile) pair uses, rows t0 + [0, BAND): (r_band, which rows exist)."""
-    return _band_rows(R_bh, s_rt, t0 + tl.arange(0, BAND), R, offs_d, D)
+def _band(keys, b64, h64, R_bh, t0, offs_d, D: tl.constexpr, BAND: tl.constexpr):
+    """The band of r a (row tile, key tile) pair uses, rows t0 + [0, BAND): (r_band, which rows exist). Through
+    the TMA descriptor keys.r_band where the launcher made one (args.Keys; its boxes are bands), else by
+    pointers (R_bh: r at (b, h)). TMA reads rows outside [0, R) as zeros, before the first row (t0 < 0, a
+    negative coordinate) as past the last, as the masked pointer load does."""
+    t_band = t0 + tl.arange(0, BAND)
+    if keys.r_band is not None:
+        band_ok = (t_band >= 0) & (t_band < keys.R)
+        r_band = keys.r_band.load([(b64 * keys.r_batch_step).to(tl.int32), h64.to(tl.int32), t0.to(tl.int32), 0])
+        return tl.reshape(r_band, [BAND, offs_d.shape[0]]), band_ok
+    return _band_rows(R_bh, keys.r.s_l, t_band, keys.R, offs_d, D)
 
 
 @triton.jit

@@ -25,8 +25,13 @@ def _for_stream(BODY: tl.constexpr, S0, S1, X0, X1, keys, dims, drop, BLOCK_M: t
 
 
 @triton.jit
-def _key_tile(T, b64, h64, offs_n, col_ok, BLOCK_D: tl.constexpr, D: tl.constexpr):
-    """Rows offs_n of the [B, H, L, D] tensor T (args.Rows) at (b, h): [BLOCK_N, BLOCK_D], 0 past the end."""
+def _key_tile(T, b64, h64, start_n, offs_n, col_ok, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Rows offs_n = start_n + [0, BLOCK_N) of the [B, H, L, D] tensor T (args.Rows) at (b, h): [BLOCK_N,
+    BLOCK_D], 0 outside col_ok (rows past the end) and past D; through T's TMA descriptor where it has one (its
+    boxes are these tiles; it reads rows past the end as zeros too), else by pointers."""
+    if T.tma is not None:
+        tile = T.tma.load([b64.to(tl.int32), h64.to(tl.int32), start_n, 0])
+        return tl.reshape(tile, [offs_n.shape[0], BLOCK_D])
     return _cols(T, b64, h64, offs_n, col_ok, tl.arange(0, BLOCK_D), D)
 
 
