@@ -127,6 +127,15 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
     return cfg, warps
 
 
+def _gather_only(cfg: dict, warps: int, streams: list):
+    """(cfg, warps) with BAND = 0 (and ROW_HALVES off) where no stream can take the band form (every stream's rows
+    sit at given positions): the kernel then compiles the gather form alone, and its compile (the sm_90 report)
+    names the form it runs."""
+    if all(s.positions is not None for s in streams):
+        cfg = dict(cfg, BAND=0, **({"ROW_HALVES": False} if "ROW_HALVES" in cfg else {}))
+    return cfg, warps
+
+
 # GPU launch options (band path?, num_stages), fastest first. The band path keeps r_band and more dot operands in
 # shared memory, and software pipelining multiplies the loads' buffers. Compiled for sm_90 (triton 3.7.1), 16-bit
 # inputs with 3 stages need 147 / 262 KB (forward), 143 / 254 KB (dq) and 206 / 378 KB (dk/dv) at D = 64 / 128;
@@ -164,7 +173,9 @@ def _launch(kernel, grid, device, cfg, warps, *args, **kw):
 
     def launch(option):
         band, stages = option
-        kernel[grid](*args, num_warps=warps, num_stages=stages, **dict(cfg, BAND=cfg["BAND"] if band else 0), **kw)
+        # the gather form (BAND = 0) has no band to take per row half: ROW_HALVES off, so that the compile says so
+        form = {} if band else {"BAND": 0, **({"ROW_HALVES": False} if "ROW_HALVES" in cfg else {})}
+        kernel[grid](*args, num_warps=warps, num_stages=stages, **dict(cfg, **form), **kw)
 
     C.first_that_fits(_GPU_CHOICE, key, _GPU_OPTIONS, launch)
 
@@ -202,7 +213,7 @@ def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: 
     D, bd = k.shape[-1], cfg["BLOCK_D"]
     shared = r.stride(0) == 0  # r shared by the batch (a stride-0 view): its first row stands for all
     r_one = r[:1] if shared else r
-    if (D <= 64 or streams == 1) and C.tma_strides(r_one) is not None:
+    if cfg["BAND"] and (D <= 64 or streams == 1) and C.tma_strides(r_one) is not None:
         keys = keys._replace(r_band=C.tma_rows(r_one, cfg["BAND"], bd), r_batch_step=0 if shared else 1)
     if D <= 64 and C.tma_strides(k) is not None and C.tma_strides(v) is not None:
         keys = keys._replace(k=keys.k._replace(tma=C.tma_rows(k, cfg["BLOCK_N"], bd)),
@@ -214,7 +225,7 @@ def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
     """-> [(out, lse)] per stream; both streams in one launch (grid axis 2)."""
     _check(k, v, r, streams[0].q)
     B, H, Lk, D = k.shape
-    cfg, warps = _config(D, k.dtype, k.device)
+    cfg, warps = _gather_only(*_config(D, k.dtype, k.device), streams)
     outs = [StreamOut(rows(torch.empty(B, H, s.q.shape[2], D, dtype=s.q.dtype, device=k.device)),
                       torch.empty(B, H, s.q.shape[2], dtype=torch.float32, device=k.device)) for s in streams]
     args = [stream_args(s, *s.biased()) for s in streams] + [None] * (2 - len(streams))
@@ -247,12 +258,13 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     args = (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *grads, *none,
             keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
     kw = dict(D=D, PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
-    cfg, warps = _config(D, k.dtype, k.device, "dq")
+    cfg, warps = _gather_only(*_config(D, k.dtype, k.device, "dq"), streams)
     grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
     _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
-    cfg, warps = _config(D, k.dtype, k.device, "dkdv", len(streams), max(_mask_terms(s, p) for s in streams))
+    cfg, warps = _gather_only(*_config(D, k.dtype, k.device, "dkdv", len(streams),
+                                       max(_mask_terms(s, p) for s in streams)), streams)
     _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, *args, dk, dv, **kw)
     res = [(*_query_grads(s, g, r), g.dseg if g.dseg is not None else s.q.new_empty(0))
            for s, g in zip(streams, grads)]
