@@ -606,6 +606,61 @@ def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
         assert sorted(made) == sorted([(r_shape, cfg["BAND"]), key_tiles, key_tiles]), made
 
 
+@pytest.mark.skipif(not backend.triton_interpreted(), reason="reads the Triton launcher's arguments (interpreter)")
+def test_dq_dqv_buffer_only_where_the_form_writes_it(rng, monkeypatch):
+    """The dq kernel's float32 dqv buffer (zeroed [B, H, Lr, D], summed on the host) exists only for a stream
+    whose form adds dqv up in memory (launch._dqv_in_memory): the query stream at target positions (the gather
+    form) has one, the content stream (the band form, dqv in its dq accumulator) none; float32 head-dim chunks
+    (tf32x3 at D >= 64) have one for both. A form that writes dqv without a buffer does not compile. Gradients
+    against the float64 formula each time."""
+    from ptm_kernels.triton import _common
+    from ptm_kernels.triton.relative_attention import launch
+
+    seen = []
+    real_launch = launch._launch
+
+    def recording(kernel, *a, **kw):
+        args = real_launch(kernel, *a, **kw)
+        if kernel is launch._rel_bwd_dq_kernel:
+            seen.append([g.dqv is not None for g in args[2:4] if g is not None])
+        return args
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    B, H, Lq, D = 1, 2, 21, 16
+    Lk, Lg = Lq + 4, 6
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r, u, vb = randn(H, Lk + Lq, D), randn(H, D), randn(H, D)
+    tpos = torch.randperm(Lq, device=DEVICE)[:Lg].view(1, Lg)
+
+    def targets(q, qg, k, v, r, u, vb):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos)
+
+    inputs = [q, q[:, :, :Lg], k, v, r, u, vb]
+    gout = [randn(B, H, Lq, D), randn(B, H, Lg, D)]
+
+    def check():
+        with backend.use(relative_attention="triton"):
+            outs, grads = run(targets, inputs, gout)
+        truth_outs, truth_grads = run(targets, [t.double() for t in inputs], [g.double() for g in gout])
+        for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
+            assert_close(a, t, name=f"output/gradient {i}", **F32_TOL)
+
+    check()
+    assert seen == [[False, True]], seen
+    monkeypatch.setattr(_common, "precision", lambda dtype, device: "tf32x3")
+    D = 64
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    inputs = [q, q[:, :, :Lg], k, v, randn(H, Lk + Lq, D), randn(H, D), randn(H, D)]
+    gout = [randn(B, H, Lq, D), randn(B, H, Lg, D)]
+    seen.clear()
+    check()
+    assert seen == [[True, True]], seen
+    monkeypatch.setattr(launch, "_dqv_in_memory", lambda *a: False)
+    with pytest.raises(Exception, match="dqv buffer"):
+        with backend.use(relative_attention="triton"):
+            run(targets, inputs, gout)
+
+
 def _row_tiles_of_64(monkeypatch, keys=None, row_halves=False):
     """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`);
     row_halves: the dk/dv kernel's position term per row half (ROW_HALVES, the GPU's D = 128 dk/dv)."""

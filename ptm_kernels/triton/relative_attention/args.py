@@ -99,7 +99,8 @@ class StreamGrads(NamedTuple):
     lse: Tensor  # float32 [B, H, Lr] contiguous
     delta: Tensor  # float32 [B, H, Lr] contiguous: rowsum(dO * O)
     dq: Tensor  # float32 [B, H, Lr, D] contiguous: the gradient of q (through q + u and q + v_bias)
-    dqv: Tensor  # float32 [B, H, Lr, D] contiguous, zeroed: the gather and chunked forms add dqv into it
+    dqv: Optional[Tensor]  # float32 [B, H, Lr, D] contiguous, zeroed, where the stream's form adds dqv up in memory
+    #                        (the gather and chunked forms: launch._dqv_in_memory); None for the band form
     dseg: Optional[Tensor]  # float32 [B, H, Lr, 2] contiguous (with seg)
     dr: Tensor  # float32 [B, H, R, D] contiguous, zeroed: both streams' programs add into it
     band_sums: Optional[Tensor]  # float32 [B, H, R] contiguous, zeroed (with u or v_bias): the band form's dS band

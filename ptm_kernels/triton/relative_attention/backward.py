@@ -274,7 +274,10 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         rd_ok = row_ok[:, None] & d_ok[None, :]
         R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
         DR_bh = grads.dr + bh64 * R_len * D  # float32 contiguous, zeroed
-        DQV_bh = grads.dqv + bh64 * Lr * D  # float32, zero-initialised: dqv of the gather and chunked forms
+        DQV_bh = 0
+        if GATHER or CHUNKED:  # float32, zeroed: these forms add dqv up in memory (launch._dqv_in_memory)
+            tl.static_assert(grads.dqv is not None, "the gather and chunked dq forms need a dqv buffer")
+            DQV_bh = grads.dqv + bh64 * Lr * D
         BAND_SUMS_bh = 0
         if grads.band_sums is not None:
             BAND_SUMS_bh = grads.band_sums + bh64 * R_len

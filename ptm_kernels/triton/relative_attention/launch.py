@@ -164,20 +164,33 @@ def _specialisation(args) -> tuple:
     return tuple(out)
 
 
-def _launch(kernel, grid, device, cfg, warps, *args, **kw):
+def _launch(kernel, grid, device, cfg, warps, args, **kw) -> tuple:
+    """Launch kernel with the first of _GPU_OPTIONS that fits (the interpreter: cfg as it is). args: its positional
+    arguments, or a function that builds them for the band form (True) or the gather form (False). -> the
+    arguments it ran with."""
+    build = args if callable(args) else (lambda band: args)
+    built = {}
+
+    def args_for(band: bool) -> tuple:
+        if band not in built:
+            built[band] = build(band)
+        return built[band]
+
     if C.interpreted(device):  # the interpreter: no resource limits
-        kernel[grid](*args, num_warps=warps, **cfg, **kw)
-        return
+        kernel[grid](*args_for(cfg["BAND"] > 0), num_warps=warps, **cfg, **kw)
+        return built[cfg["BAND"] > 0]
     key = (kernel.fn.__name__, device.index, *sorted(kw.items()), *sorted(cfg.items()), warps,
-           _specialisation(args))
+           _specialisation(args_for(cfg["BAND"] > 0)))
 
     def launch(option):
         band, stages = option
+        band = band and cfg["BAND"] > 0
         # the gather form (BAND = 0) has no band to take per row half: ROW_HALVES off, so that the compile says so
         form = {} if band else {"BAND": 0, **({"ROW_HALVES": False} if "ROW_HALVES" in cfg else {})}
-        kernel[grid](*args, num_warps=warps, num_stages=stages, **dict(cfg, **form), **kw)
+        kernel[grid](*args_for(band), num_warps=warps, num_stages=stages, **dict(cfg, **form), **kw)
+        return built[band]
 
-    C.first_that_fits(_GPU_CHOICE, key, _GPU_OPTIONS, launch)
+    return C.first_that_fits(_GPU_CHOICE, key, _GPU_OPTIONS, launch)
 
 
 def _check(*ts):
@@ -231,8 +244,8 @@ def _fwd(k, v, r, p: RelativeParams, streams: list) -> list:
     args = [stream_args(s, *s.biased()) for s in streams] + [None] * (2 - len(streams))
     grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
     keys = _tma_loads(keys_args(k, v, r, p), k, v, r, cfg, len(streams))
-    _launch(_rel_fwd_kernel, grid, k.device, cfg, warps, *args, *outs, *[None] * (2 - len(streams)),
-            keys, dims_args(H, p), dropout_args(p.dropout), D=D,
+    _launch(_rel_fwd_kernel, grid, k.device, cfg, warps,
+            (*args, *outs, *[None] * (2 - len(streams)), keys, dims_args(H, p), dropout_args(p.dropout)), D=D,
             PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
     return [(o.o.ptr, o.lse) for o in outs]
 
@@ -251,24 +264,39 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
         Lr = qu.shape[2]
         grads.append(StreamGrads(
             rows(do), lse.contiguous(), (do.float() * out.float()).sum(-1).contiguous(),
-            torch.empty(B, H, Lr, D, **f32), torch.zeros(B, H, Lr, D, **f32),
+            torch.empty(B, H, Lr, D, **f32), None,
             torch.zeros(B, H, Lr, 2, **f32) if s.seg is not None else None, dr,
             torch.zeros(B, H, R, **f32) if s.u is not None or s.v_bias is not None else None))
     none = [None] * (2 - len(streams))
-    args = (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *grads, *none,
-            keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
     kw = dict(D=D, PREC=C.precision(k.dtype, k.device), UPCAST=C.upcast(k.dtype, k.device))
     cfg, warps = _gather_only(*_config(D, k.dtype, k.device, "dq"), streams)
+
+    def dq_args(band: bool) -> tuple:  # a zeroed dqv buffer for each stream whose form adds dqv up in memory
+        gs = [g._replace(dqv=torch.zeros(B, H, g.dq.shape[2], D, **f32))
+              if _dqv_in_memory(s, band, kw["PREC"], cfg["BLOCK_D"]) else g for s, g in zip(streams, grads)]
+        return (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *gs, *none,
+                keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
+
     grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
-    _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, *args, **kw)
+    args = _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, dq_args, **kw)
+    grads = args[2:2 + len(streams)]
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=k.device)
     cfg, warps = _gather_only(*_config(D, k.dtype, k.device, "dkdv", len(streams),
                                        max(_mask_terms(s, p) for s in streams)), streams)
-    _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, *args, dk, dv, **kw)
+    _launch(_rel_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg["BLOCK_N"]), B * H), k.device, cfg, warps, (*args, dk, dv),
+            **kw)
     res = [(*_query_grads(s, g, r), g.dseg if g.dseg is not None else s.q.new_empty(0))
            for s, g in zip(streams, grads)]
     return res, dk, dv, dr
+
+
+def _dqv_in_memory(s: RelativeStream, band: bool, prec: str, block_d: int) -> bool:
+    """Whether the dq kernel adds stream s's dqv up in a float32 buffer: the gather form (rows at given positions,
+    or the launch without a band) and the float32 head-dim chunks (backward._head_dim_chunked: tf32x3 at D >= 64);
+    the band form keeps dqv in its dq accumulator, and no buffer is zeroed and summed for it. The dq kernel does
+    not compile a form that needs the buffer without one (tl.static_assert)."""
+    return s.positions is not None or not band or (prec == "tf32x3" and block_d >= 64)
 
 
 def _mask_terms(s: RelativeStream, p: RelativeParams) -> int:
@@ -289,7 +317,7 @@ def _query_grads(s: RelativeStream, g: StreamGrads, r: Tensor):
         band = torch.einsum("ht,htd->hd", g.band_sums.sum(0), r[0].float())
     else:
         band = torch.einsum("bht,bhtd->hd", g.band_sums, r.float())
-    dqv_sum = band + g.dqv.sum((0, 2))
+    dqv_sum = band + g.dqv.sum((0, 2)) if g.dqv is not None else band
     du = g.dq.sum((0, 2)) - dqv_sum if s.u is not None else s.q.new_empty(0)
     return g.dq.to(s.q.dtype), du, dqv_sum if s.v_bias is not None else s.q.new_empty(0)
 
