@@ -260,7 +260,10 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
     GATHER: tl.constexpr = S.positions is not None or BAND == 0
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)
     # float32 on whole tiles: 16 columns (the three tf32x3 products of a chunk; 32: 32 / 20 B spilled two-stream at
-    # D = 64); chunked with dqv (_head_dim_chunked), 32 (16: 20 / 16 B spilled with every mask at D = 128)
+    # D = 64); chunked with dqv (_head_dim_chunked), 32 (16: 20 / 16 B spilled with every mask at D = 128).
+    # 16-bit: 32 (sm_90, bf16; band causal / every mask + dropout / two-stream spill bytes): 16 columns moved the
+    # spills (D = 64 36 / 112 / 84 -> 28 / 104 / 84 B, D = 128 68 / 188 / 216 -> 52 / 196 / 200 B); 8 columns
+    # spilled less (D = 128 20 / 180 / 184 B) but ran the dr dots on mma.sync (wgmma's N is at least 16 here)
     DR_CHUNK: tl.constexpr = min(BLOCK_D, 16 if PREC == "tf32x3" and not CHUNKED else 32)
     Lr = S.Lr
     R_len = keys.R

@@ -63,7 +63,10 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # up to 96 B at D = 128); the 64-key loop around it reloads up to 148 B (D = 128 every mask + dropout).
         # Measured and not kept there: 32-key steps (two a band; 72 - 380 B, in the loop), the band image or the
         # position terms carried as [64, 64] tiles (376 - 648 B), dS's band image summed in float32 (+32 - 40 B),
-        # the four steps unrolled (0.9 - 2.7 KB). The dk / dv
+        # the four steps unrolled (0.9 - 2.7 KB), the band image packed two 16-bit values per int32 (D = 64 band
+        # causal 36 -> 48 B, D = 128 68 -> 76 B), dS stored per step to a scratch buffer and the band image loaded
+        # from it after the four steps (no image in registers during them, but [BAND, 64] addresses after: 80 - 424
+        # B), qv re-read per band product (D = 128 68 -> 124 B). The dk / dv
         # dots have M = BLOCK_N (DKDV_T below turns them to M = D): 64 keys at D = 64; at D = 128 the two [64, 128]
         # accumulators beside the recomputed tile spilled 708 bytes with 64 keys, 360 with 32 keys. Recomputing
         # the dk / dv kernel's tile key-major instead (S^T = k qu^T, dP^T = v dO^T, the band term gathered to
