@@ -548,10 +548,10 @@ def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
     """The forward's Hopper TMA loads (triton/relative_attention/launch._tma_loads): r's band, whose first rows
     lie before r (negative coordinates) or past its end where r is short, and the key tiles of k and v, rows past
     Lk read as zeros; two batch rows sharing r (its batch coordinate 0) or each with its own r, a head dim below
-    its power of two (D = 24 in 32 columns). Forward and every gradient against the float64 formula, causal
-    window, both streams (all rows; target positions, whose gather form takes only k and v by TMA). Float32
-    inputs, forced onto the TMA path (a GPU takes it for 16-bit inputs): on a Hopper GPU this checks the
-    hardware's reading of a box at a negative coordinate."""
+    its power of two (D = 24 in 32 columns). The cases of test_several_row_and_key_tiles (causal window, both
+    streams: all rows; target positions, whose gather form takes only k and v by TMA) on float32 inputs forced
+    onto the TMA path (a GPU takes it for 16-bit inputs): on a Hopper GPU this checks the hardware's reading of a
+    box at a negative coordinate."""
     from ptm_kernels.triton import _common
     from ptm_kernels.triton.relative_attention import launch
 
@@ -561,49 +561,20 @@ def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
         made.append((tuple(t.shape), rows))
         return real(t, rows, block_d)
 
+    def descriptors_made(name, r):
+        # the forward's: r's band (r[:1] where the batch shares r) and k, v; the backward's kernels take none
+        cfg, _ = launch._config(D, torch.float32, r.device)
+        B, H, R = 2, r.shape[-3], r.shape[-2]
+        key_tiles = [shape_rows for shape_rows in made if shape_rows[1] == cfg["BLOCK_N"]]
+        assert len(key_tiles) == 2 and all(shape[:2] == (B, H) for shape, _ in key_tiles), (name, made)
+        r_shape = (1, H, R, D) if shared_r else (B, H, R, D)
+        assert sorted(made) == sorted([(r_shape, cfg["BAND"]), *key_tiles]), (name, made)
+        made.clear()
+
     real = _common.tma_rows
     monkeypatch.setattr(launch, "_FORCE_TMA", True)
     monkeypatch.setattr(_common, "tma_rows", recording)
-    B, H, Lq, M = 2, 2, rng.randint(33, 40), rng.randint(5, 12)
-    Lk, Lg = Lq + M, rng.randint(3, Lq)
-    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
-    R = Lk + rng.randint(0, 5)  # shorter than the Lk + Lq - 1 distances: band rows missing at both ends
-    r = randn(H, R, D) if shared_r else randn(B, H, R, D)
-    u, vb, sb, se = randn(H, D), randn(H, D), randn(H, D), randn(2, H, D)
-    ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
-    r_offset = rng.randint(Lk - 6, Lk + 3)
-    tpos = torch.stack([torch.randperm(Lq, device=DEVICE)[:Lg] for _ in range(B)])
-    seg = dict(segment_ids=ids, seg_embed=se, s_bias=sb)
-
-    def single(q, k, v, r, u, vb):
-        return pk.relative_attention(q, k, v, r, u, vb, r_offset=r_offset,
-                                     mask=AttentionMask.causal() & AttentionMask.sliding_window(19, 0))
-
-    def all_rows(q, qg, k, v, r, u, vb):
-        return pk.two_stream_attention(q, qg, k, v, r, u, vb, r_offset=r_offset, query_mask=AttentionMask.causal(),
-                                       **seg)
-
-    def targets(q, qg, k, v, r, u, vb):
-        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos, r_offset=r_offset, **seg)
-
-    cases = [("causal window", [q, k, v, r, u, vb], single),
-             ("two streams, all rows", [q, q.flip(2), k, v, r, u, vb], all_rows),
-             ("two streams, targets", [q, q[:, :, :Lg], k, v, r, u, vb], targets)]
-    for name, inputs, f in cases:
-        made.clear()
-        outs0 = f(*inputs)
-        gout = [randn(*o.shape) for o in (outs0 if isinstance(outs0, tuple) else (outs0,))]
-        with backend.use(relative_attention="triton"):
-            outs, grads = run(f, inputs, gout)
-        truth_outs, truth_grads = run(f, [t.double() for t in inputs], [g.double() for g in gout])
-        for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
-            assert_close(a, t, name=f"{name}: output/gradient {i}", **F32_TOL)
-        # the forward's descriptors: r's band (r[:1] where the batch shares r) and k, v; the backward's kernels
-        # take none
-        cfg, _ = launch._config(D, torch.float32, k.device)
-        r_shape = (1, H, R, D) if shared_r else (B, H, R, D)
-        key_tiles = ((B, H, Lk, D), cfg["BLOCK_N"])
-        assert sorted(made) == sorted([(r_shape, cfg["BAND"]), key_tiles, key_tiles]), made
+    _several_row_and_key_tiles("triton", rng, D=D, B=2, per_batch_r=not shared_r, after_case=descriptors_made)
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(), reason="reads the Triton launcher's arguments (interpreter)")
@@ -707,17 +678,21 @@ def test_dropout_matches_reference_given_the_backends_mask(impl, rng, monkeypatc
     _several_row_and_key_tiles(impl, rng, dropout=dict(dropout_p=0.3, seed=rng.randrange(2**31)))
 
 
-def _several_row_and_key_tiles(impl, rng, D=16, Lq=(33, 40), M=(5, 12), dropout=None):
+def _several_row_and_key_tiles(impl, rng, D=16, Lq=(33, 40), M=(5, 12), dropout=None, B=1, per_batch_r=False,
+                               after_case=None):
+    """per_batch_r: r [B, H, R, D] (XLNet's bi_data) rather than shared by the batch; after_case(name, r): called
+    after each case's checks."""
     dropout = dropout or {}
-    B, H, Lq, M = 1, 2, rng.randint(*Lq), rng.randint(*M)
+    H, Lq, M = 2, rng.randint(*Lq), rng.randint(*M)
     Lk = Lq + M
     Lg = rng.randint(3, Lq)
     q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
-    r = randn(H, Lk + rng.randint(0, 5), D)  # shorter than the Lk + Lq - 1 distances
+    R = Lk + rng.randint(0, 5)  # shorter than the Lk + Lq - 1 distances
+    r = randn(B, H, R, D) if per_batch_r else randn(H, R, D)
     u, vb, sb, se = randn(H, D), randn(H, D), randn(H, D), randn(2, H, D)
     ids = torch.randint(0, 2, (B, Lq), device=DEVICE)
     r_offset = rng.randint(Lk - 6, Lk + 3)
-    tpos = torch.randperm(Lq, device=DEVICE)[:Lg].view(1, Lg)
+    tpos = torch.stack([torch.randperm(Lq, device=DEVICE)[:Lg] for _ in range(B)])
     seg = dict(segment_ids=ids, seg_embed=se, s_bias=sb)
     window = AttentionMask.causal() & AttentionMask.sliding_window(19, 0)
 
@@ -743,6 +718,8 @@ def _several_row_and_key_tiles(impl, rng, D=16, Lq=(33, 40), M=(5, 12), dropout=
         truth_outs, truth_grads = run(f, [t.double() for t in inputs], [g.double() for g in gout])
         for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
             assert_close(a, t, name=f"{name}: output/gradient {i}", **F32_TOL)
+        if after_case is not None:
+            after_case(name, r)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
