@@ -16,7 +16,9 @@ tensor in memory. Two forms, chosen per stream by a constexpr flag:
   tile instead of BLOCK_M x BLOCK_N x D loads and atomics. With 64-row tiles (16-bit inputs on a GPU) these band
   products are band-major (PB^T = band . qv_tile^T, DPB^T, dq^T): see position._pos_band. The dq kernel's
   band of 128 rows serves four 16-key steps (position._band_keys); the dk/dv kernel at D = 128 takes the position
-  term per 32-row half of its tile (position._pos_row_halves).
+  term per 32-row half of its tile (position._pos_row_halves). On Hopper the forward loads the band (and at
+  D <= 64 its key tiles) through TMA descriptors (launch._tma_loads): a band that starts before r's first row
+  is a box at a negative row coordinate, read as zeros like any row outside r.
 - gather (arbitrary rows: the query stream of XLNet with target_mapping): for each row, the BLOCK_N rows of r it
   needs (r[base_i + j0 + n], a [BLOCK_M, BLOCK_N, D_CHUNK] gather over D chunks), reduced in registers. On a GPU
   it is also the fallback of every stream when the band kernel does not fit in shared memory (_launch).
@@ -25,7 +27,7 @@ Forward: one program per (row tile, b * h, stream); online softmax in base 2, fl
 of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward (backward.py), two kernels that
 recompute the probabilities from lse: dq, one program per (row tile, b * h, stream), accumulates dq = dqu + dqv (the
 gradient of q, through q + u and q + v_bias) and dseg in registers (the gather form adds dqv chunks into a float32
-buffer, joined to dq at the end) and adds dr into a float32 buffer with atomics; dkdv, one program per (key tile,
+buffer, joined to dq at the end; only the streams whose form does so get one, launch._dqv_in_memory) and adds dr into a float32 buffer with atomics; dkdv, one program per (key tile,
 b * h), walks the row tiles of both streams and owns dk and dv. Dropout: attention's (_common.dropout_keep) with Lr
 rows, the query stream with seed + 1; deterministic per seed (its own mask, not the reference's).
 
