@@ -241,6 +241,24 @@ def _one_diagonal(mk: _Masks, dtype: torch.dtype, BM: int, BN: int, Lq: int, Lk:
             and a.key_lengths is None and a.window is None and BM == BN and Lk >= Lq and (Lk - Lq) % BN == 0)
 
 
+def backward_delta(out: Tensor, dout: Tensor) -> Tensor:
+    """delta = rowsum(dO * O), float32 [B, H, L], of [B, H, L, D] out / dout (any strides): the backward's
+    preprocess, one pass over both (relative attention's backward takes it too)."""
+    B, H, L, D = out.shape
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=out.device)
+    if delta.numel() == 0 or D == 0:
+        return delta.zero_()
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    BD, BMP = block_d(D), _shrink(64, L)
+    _bwd_preprocess_kernel[(triton.cdiv(L, BMP) * B * H,)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), H, L, D,
+        BLOCK_M=BMP, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
+    )
+    return delta
+
+
 def _tma_usable(*operands: Tensor) -> bool:
     """Whether a kernel loads its [B, H, L, D] operands (forward: q, k, v; backward: q, k, v, dout) through TMA
     descriptors: on Hopper for 16-bit operands and head dims up to 128 (the configs compiled for sm_90 with
@@ -299,13 +317,7 @@ def attention_bwd(dout, q, k, v, out, lse, p: AttentionParams):
     mk = _Masks(p, B, H, Lq, Lk)
     BD = block_d(D)
 
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    BMP = _shrink(64, Lq)
-    _bwd_preprocess_kernel[(triton.cdiv(Lq, BMP) * B * H,)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), H, Lq, D,
-        BLOCK_M=BMP, BLOCK_D=BD, EVEN_D=(D == BD), num_warps=4,
-    )
+    delta = backward_delta(out, dout)
 
     # where the dQ kernel writes dS: the dbias buffer, the dtoeplitz table (ptr, stride_h); None when not wanted
     ds_out = (dbias if want_dbias else None, (dtoep, dtoep.stride(0)) if want_dtoep else None)

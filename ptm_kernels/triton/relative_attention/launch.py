@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _common as C
 from .._common import SUPPORTED_DTYPES
 from ...kernel_params import RelativeParams, RelativeStream
+from ..attention.launch import backward_delta
 from .args import Keys, StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
 from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
@@ -266,7 +267,7 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
         do = do.contiguous() if do.stride(-1) != 1 else do
         Lr = qu.shape[2]
         grads.append(StreamGrads(
-            rows(do), lse.contiguous(), (do.float() * out.float()).sum(-1).contiguous(),
+            rows(do), lse.contiguous(), backward_delta(out, do),
             torch.empty(B, H, Lr, D, **f32), None,
             torch.zeros(B, H, Lr, 2, **f32) if s.seg is not None else None, dr,
             torch.zeros(B, H, R, **f32) if s.u is not None or s.v_bias is not None else None))
