@@ -27,8 +27,9 @@ Forward: one program per (row tile, b * h, stream); online softmax in base 2, fl
 of two_stream_attention_fwd run in one launch (grid axis 2 = stream). Backward (backward.py), two kernels that
 recompute the probabilities from lse: dq, one program per (row tile, b * h, stream), accumulates dq = dqu + dqv (the
 gradient of q, through q + u and q + v_bias) and dseg in registers (the gather form adds dqv chunks into a float32
-buffer, joined to dq at the end; only the streams whose form does so get one, launch._dqv_in_memory) and adds dr into a float32 buffer with atomics; dkdv, one program per (key tile,
-b * h), walks the row tiles of both streams and owns dk and dv. Dropout: attention's (_common.dropout_keep) with Lr
+buffer, joined to dq at the end; only the streams whose form does so get one, launch._dqv_in_memory) and adds dr
+into a float32 buffer with atomics; dkdv, one program per (key tile, b * h), walks the row tiles of both streams
+and owns dk and dv. Dropout: attention's (_common.dropout_keep) with Lr
 rows, the query stream with seed + 1; deterministic per seed (its own mask, not the reference's).
 
 Precision: every dot takes the inputs' dtype, float32 accumulation: for 16-bit inputs the probabilities, dS and

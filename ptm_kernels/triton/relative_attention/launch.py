@@ -131,13 +131,16 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
     return cfg, warps
 
 
+def _gather_form(cfg: dict) -> dict:
+    """cfg for the gather form: BAND = 0, and ROW_HALVES off (no band to take per row half), so that the compile
+    (the sm_90 report) names the form it runs."""
+    return dict(cfg, BAND=0, **({"ROW_HALVES": False} if "ROW_HALVES" in cfg else {}))
+
+
 def _gather_only(cfg: dict, warps: int, streams: list):
-    """(cfg, warps) with BAND = 0 (and ROW_HALVES off) where no stream can take the band form (every stream's rows
-    sit at given positions): the kernel then compiles the gather form alone, and its compile (the sm_90 report)
-    names the form it runs."""
-    if all(s.positions is not None for s in streams):
-        cfg = dict(cfg, BAND=0, **({"ROW_HALVES": False} if "ROW_HALVES" in cfg else {}))
-    return cfg, warps
+    """(cfg, warps), the gather form's (_gather_form) where no stream can take the band form (every stream's rows
+    sit at given positions): the kernel then compiles the gather form alone."""
+    return (_gather_form(cfg) if all(s.positions is not None for s in streams) else cfg), warps
 
 
 # GPU launch options (band path?, num_stages), fastest first. The band path keeps r_band and more dot operands in
@@ -189,9 +192,8 @@ def _launch(kernel, grid, device, cfg, warps, args, **kw) -> tuple:
     def launch(option):
         band, stages = option
         band = band and cfg["BAND"] > 0
-        # the gather form (BAND = 0) has no band to take per row half: ROW_HALVES off, so that the compile says so
-        form = {} if band else {"BAND": 0, **({"ROW_HALVES": False} if "ROW_HALVES" in cfg else {})}
-        kernel[grid](*args_for(band), num_warps=warps, num_stages=stages, **dict(cfg, **form), **kw)
+        kernel[grid](*args_for(band), num_warps=warps, num_stages=stages, **(cfg if band else _gather_form(cfg)),
+                     **kw)
         return built[band]
 
     return C.first_that_fits(_GPU_CHOICE, key, _GPU_OPTIONS, launch)
