@@ -94,7 +94,9 @@ def sass_stats(sass: str) -> dict:
     loop_spill = sum(b for addr, b in local if any(lo <= addr <= hi for lo, hi in spans))
     inner_spill = sum(b for addr, b in local if any(lo <= addr <= hi for lo, hi in innermost))
     mma = sorted({op for _, op, _ in instrs if op.startswith(("HGMMA", "HMMA"))})
-    return dict(sass_instructions=len(instrs), loop_instructions=in_loop,
+    # instructions of the innermost loops' bodies: what one trip of each costs (the key step of an attention kernel)
+    inner_instrs = sum(1 for addr, _, _ in instrs if any(lo <= addr <= hi for lo, hi in innermost))
+    return dict(sass_instructions=len(instrs), loop_instructions=in_loop, inner_loop_instructions=inner_instrs,
                 spill_store_bytes=spill_st, spill_load_bytes=spill_ld,
                 loop_spill_bytes=loop_spill, inner_loop_spill_bytes=inner_spill,
                 mma_sass=mma, utmaldg=ops["UTMALDG"],

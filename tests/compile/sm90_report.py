@@ -57,7 +57,7 @@ TUTORIAL = [
 ]
 
 HEADER = ("| kernel | config | warps | stages | block sizes | registers | spill bytes (st/ld) | shared | "
-          "occupancy (warps/SM) | MMA | TMA | SASS loop / all | cases |")
+          "occupancy (warps/SM) | MMA | TMA | SASS step / loop / all | cases |")
 RULE = "|" + "---|" * (HEADER.count("|") - 1)
 
 
@@ -99,7 +99,8 @@ def _row(rec: dict, cases: list) -> str:
     return (f"| {rec['kernel']} | {_config(rec)} | {rec['num_warps']} | {rec['num_stages']} | {_blocks(rec)} | "
             f"{rec.get('regs', '?')} | {_spills(rec)} | {rec['shared']} | "
             f"{A.occupancy_warps(rec.get('regs', 255), rec['shared'], rec['num_warps'])} | {rec.get('mma', '?')} | "
-            f"{rec.get('tma', '?')} | {rec.get('loop_instructions', '?')} / {rec.get('sass_instructions', '?')} | "
+            f"{rec.get('tma', '?')} | {rec.get('inner_loop_instructions', '?')} / "
+            f"{rec.get('loop_instructions', '?')} / {rec.get('sass_instructions', '?')} | "
             f"{where} |")
 
 
@@ -189,7 +190,9 @@ def render(triton_results: dict, cuda: list) -> str:
            "memory (228 KB per SM, 1 KB reserved per block) and warps (64 per SM, 32 blocks) under sm_90's limits.",
            "- **MMA**: HGMMA in the SASS = wgmma, HMMA = mma.sync, with the operand type (f16 when unsuffixed).",
            "- **TMA**: UTMALDG in the SASS (count); `PTX only` = cp.async.bulk.tensor in the PTX but not the SASS.",
-           "- **SASS loop / all**: instructions inside loops (spans of backward branches) / in the whole kernel.",
+           "- **SASS step / loop / all**: instructions inside the innermost loops (one trip each: an attention "
+           "kernel's key or row step) / inside loops (spans of backward branches) / in the whole kernel. The "
+           "tutorial's rows give loop / all.",
            "- **cases**: the harness case (tests/compile/triton_sm90.py) that first compiled the row (+ how many "
            "more chose the same config). Only configs the launchers keep on an H100 are listed (those they "
            "stepped down from for want of shared memory are not).", ""]

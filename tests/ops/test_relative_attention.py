@@ -632,6 +632,60 @@ def test_dq_dqv_buffer_only_where_the_form_writes_it(rng, monkeypatch):
             run(targets, inputs, gout)
 
 
+@pytest.mark.skipif(not backend.triton_interpreted(), reason="reads the Triton launcher's arguments (interpreter)")
+def test_dq_band_products_one_slot_per_row_tile(rng, monkeypatch):
+    """The GPU's 16-bit dq tiles (64 rows, 16 keys a step) under the interpreter: the band-major band form stores
+    each span's band product in its program's float32 slot and reads the key steps' position terms back
+    (backward._stream_dq, launch._band_products_in_memory). Slots are made for the content stream only (the query
+    stream at target positions runs the gather form), one per (b * h, row tile): filled with NaN before the
+    launch, each is written (a program that took another's slot would leave its own NaN). Gradients against the
+    float64 formula; without the slots the form does not compile."""
+    from ptm_kernels.triton.relative_attention import launch
+
+    seen = []
+    real_launch = launch._launch
+
+    def recording(kernel, grid, device, cfg, warps, args, **kw):
+        if kernel is not launch._rel_bwd_dq_kernel:
+            return real_launch(kernel, grid, device, cfg, warps, args, **kw)
+
+        def nan_slots(band):
+            built = args(band)
+            for g in built[2:4]:
+                if g is not None and g.band_products is not None:
+                    g.band_products.fill_(float("nan"))
+            return built
+
+        ran = real_launch(kernel, grid, device, cfg, warps, nan_slots, **kw)
+        seen.append([(tuple(g.band_products.shape), bool(g.band_products.isnan().any()))
+                     if g.band_products is not None else None for g in ran[2:4] if g is not None])
+        return ran
+
+    _row_tiles_of_64(monkeypatch, keys=16)
+    monkeypatch.setattr(launch, "_launch", recording)
+    B, H, D, Lq, Lg = 2, 2, 16, rng.randint(100, 128), 9
+    Lk = Lq + rng.randint(20, 40)
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r, u, vb = randn(H, Lk + Lq, D), randn(H, D), randn(H, D)
+    tpos = torch.stack([torch.randperm(Lq, device=DEVICE)[:Lg] for _ in range(B)])
+
+    def targets(q, qg, k, v, r, u, vb):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_positions=tpos)
+
+    inputs = [q, q[:, :, :Lg], k, v, r, u, vb]
+    gout = [randn(B, H, Lq, D), randn(B, H, Lg, D)]
+    with backend.use(relative_attention="triton"):
+        outs, grads = run(targets, inputs, gout)
+    truth_outs, truth_grads = run(targets, [t.double() for t in inputs], [g.double() for g in gout])
+    for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
+        assert_close(a, t, name=f"output/gradient {i}", **F32_TOL)
+    assert seen == [[((B * H * -(-Lq // 64), 128 * 64), False), None]], seen
+    monkeypatch.setattr(launch, "_band_products_in_memory", lambda *a: False)
+    with pytest.raises(Exception, match="band product slots"):
+        with backend.use(relative_attention="triton"):
+            run(targets, inputs, gout)
+
+
 def _row_tiles_of_64(monkeypatch, keys=None, row_halves=False):
     """launch._config with the GPU's 16-bit row tiles (64 rows; keys per tile: the interpreter's, else `keys`);
     row_halves: the dk/dv kernel's position term per row half (ROW_HALVES, the GPU's D = 128 dk/dv)."""

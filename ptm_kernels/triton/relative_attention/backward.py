@@ -4,8 +4,9 @@
   accumulator) and dseg, dr with float32 atomics; the band form also adds up the row sums of dS's band image
   (band_sums, BAND float32 atomics per band product), from which the launcher tells dqv's share of dq apart for
   the biases' gradients (the gather and chunked forms keep dqv in memory instead). On 64-row tiles one band
-  product serves four 16-key steps (position._band_keys). dr stays atomic: r row t collects the pairs (i, j) with
-  j - i = t - c, a diagonal of the score matrix that crosses every row tile and key tile, so no row-major or
+  product serves four 16-key steps (position._band_keys), each reading its position terms from the product
+  stored in memory (a float32 slot per row tile, args.StreamGrads.band_products). dr stays atomic: r row t
+  collects the pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key tile, so no row-major or
   key-major program owns it. A diagonal-major third pass would recompute the probabilities once more: per 64 keys
   of a 64-row tile at D = 128 the scores, the band term and dO V^T again (2.10 M multiply-adds on top of this
   kernel's 4.72 M, +44%, plus the masks, exp2 and dropout bits a second time) to save BAND x D = 16 K float32
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
 from .position import (_band, _band_grad, _band_image_at, _band_keys, _band_major, _band_rows, _band_select,
-                       _band_select_at, _pos_band, _pos_gather, _pos_row_halves)
+                       _band_select_from, _pos_band, _pos_gather, _pos_row_halves)
 from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -216,11 +217,10 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
     (_tile_grad), dq += dS k and the segment term's gradient dseg = (same segment, other segment) row sums of dS.
     -> (dq, dseg, dS, offs_n, col_ok, band, t_band: _tile_grad's).
 
-    pos: the position term where the caller has it, else None. With SPAN_J not None, pos is a band product that
-    spans several key tiles (position._band_keys) and this tile lies SPAN_J keys into it: its terms are selected
-    here, after the key tile's loads (selected before them, 4 spill bytes stayed in the key loop: sm_90, bf16
-    D = 64, every mask). tile: the row tile's (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta,
-    row)."""
+    pos: the position term where the caller has it, else None. With SPAN_J not None, pos points to a band
+    product in memory that spans several key tiles (position._band_keys; _stream_dq stored it) and this tile lies
+    SPAN_J keys into it: its terms are read here (position._band_select_from). tile: the row tile's (rows,
+    row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)."""
     rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row = tile
     offs_d = tl.arange(0, BLOCK_D)
     ip, base, t_last, seg0, seg1, qid, klen, plen = row
@@ -234,7 +234,7 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
     k = _key_tile(keys.k, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     v = _key_tile(keys.v, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     if SPAN_J is not None:
-        pos = _band_select_at(pos, SPAN_J, BLOCK_M, BLOCK_N)
+        pos = _band_select_from(pos, SPAN_J, BLOCK_M, BLOCK_N, BAND)
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
         S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
         v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, False)
@@ -304,14 +304,24 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         SPANS: tl.constexpr = DQ_T  # every band-major band form (else one key tile a band product)
         tile = (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)
         if SPANS:
+            # The band product goes through memory (this program's float32 [BAND, BLOCK_M] slot, L1 / L2): each
+            # key step loads its position terms (position._band_select_from). Selected in registers (tl.gather,
+            # warp shuffles) they took 651 of the key step's 1127 SASS instructions (sm_90, bf16 D = 128 band
+            # causal; 476 now), and the product held 32 registers per thread across the step loop
+            tl.static_assert(grads.band_products is not None, "the band-major dq form needs its band product slots")
+            PBT = grads.band_products + (bh64 * tl.cdiv(Lr, BLOCK_M) + pid_m) * (BAND * BLOCK_M)
+            band_at = tl.arange(0, BAND)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
             for start_n in range(lo, hi, SPAN):
                 t_band = t_last + start_n + tl.arange(0, BAND)
                 r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
                 pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M], float32
+                tl.debug_barrier()  # every thread has read the previous span's product
+                tl.store(PBT + band_at, pbt)
+                tl.debug_barrier()  # and sees all of this one (a block barrier orders global memory too)
                 dpb = tl.zeros([BAND, BLOCK_M], dtype=qv.dtype)
                 for j in range(0, tl.minimum(hi - start_n, SPAN), BLOCK_N):
                     dq, dseg, g, offs_n, col_ok, band, t_tile = _dq_key_tile(
-                        dq, dseg, start_n + j, pbt, j, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
+                        dq, dseg, start_n + j, PBT, j, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
                         BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, DQ_T)
                     dpb = _band_image_at(dpb, g, j, BLOCK_M, BLOCK_N, BAND)
                 dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,

@@ -61,7 +61,9 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # (position._band_keys; backward._stream_dq): per 64 keys 3 units of 128 * 64 * D for the band (product,
         # dq^T, dr) instead of 12: per 16 keys 9.2 K multiply-adds per head-dim column instead of 27.6 K. Its spill
         # bytes all lie outside the 16-key loop (sm90_artefacts inner_loop_spill_bytes: 0; in the loop before,
-        # up to 96 B at D = 128); the 64-key loop around it reloads up to 148 B (D = 128 every mask + dropout).
+        # up to 96 B at D = 128); the 64-key loop around it reloads up to 184 B (D = 128 every mask + dropout;
+        # 148 B while the key steps selected their position terms from the band product in registers, with
+        # 2.2-2.4x the instructions per key step: backward._stream_dq).
         # Measured and not kept there: 32-key steps (two a band; 72 - 380 B, in the loop), the band image or the
         # position terms carried as [64, 64] tiles (376 - 648 B), dS's band image summed in float32 (+32 - 40 B),
         # the four steps unrolled (0.9 - 2.7 KB), the band image packed two 16-bit values per int32 (D = 64 band
@@ -280,6 +282,9 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     def dq_args(band: bool) -> tuple:  # a zeroed dqv buffer for each stream whose form adds dqv up in memory
         gs = [g._replace(dqv=torch.zeros(B, H, g.dq.shape[2], D, **f32))
               if _dqv_in_memory(s, band, kw["PREC"], cfg["BLOCK_D"]) else g for s, g in zip(streams, grads)]
+        gs = [g._replace(band_products=torch.empty(B * H * triton.cdiv(g.dq.shape[2], cfg["BLOCK_M"]),
+                                                   cfg["BAND"] * cfg["BLOCK_M"], **f32))
+              if _band_products_in_memory(s, band, kw["PREC"], cfg) else g for s, g in zip(streams, gs)]
         return (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *gs, *none,
                 keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
 
@@ -303,6 +308,15 @@ def _dqv_in_memory(s: RelativeStream, band: bool, prec: str, block_d: int) -> bo
     the band form keeps dqv in its dq accumulator, and no buffer is zeroed and summed for it. The dq kernel does
     not compile a form that needs the buffer without one (tl.static_assert)."""
     return s.positions is not None or not band or (prec == "tf32x3" and block_d >= 64)
+
+
+def _band_products_in_memory(s: RelativeStream, band: bool, prec: str, cfg: dict) -> bool:
+    """Whether the dq kernel takes stream s's band products through memory (backward._stream_dq, one float32
+    [BAND, BLOCK_M] slot per row tile, BAND * BLOCK_M * 4 = 32 KB per 64 rows of a head, written once per 64 keys
+    and read back per key step): its band-major band form, 16-bit row tiles of 64 (the kernel's DQ_T). The kernel
+    does not compile that form without the slots (tl.static_assert)."""
+    return (band and s.positions is None and cfg["BLOCK_M"] >= 64
+            and not (prec == "tf32x3" and cfg["BLOCK_D"] >= 64))
 
 
 def _mask_terms(s: RelativeStream, p: RelativeParams) -> int:

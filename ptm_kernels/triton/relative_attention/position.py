@@ -80,6 +80,17 @@ def _band_select_at(pbt, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _band_select_from(PBT, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
+    """_band_select_at's position terms of keys j + [0, BLOCK_N), read from a band product that the dq kernel
+    stored at PBT (float32 [BAND, BLOCK_M], contiguous): each term is one load, where selecting it from the
+    product in registers (tl.gather: warp shuffles, their index arithmetic and selects) took most of the dq
+    kernel's key step (backward._stream_dq). -> [BLOCK_M, BLOCK_N]."""
+    m = tl.arange(0, BLOCK_M)
+    c = (BLOCK_M - 1 - m)[:, None] + (j + tl.arange(0, BLOCK_N))[None, :]  # band row, < BAND (_band_keys)
+    return tl.load(PBT + c * BLOCK_M + m[:, None])
+
+
+@triton.jit
 def _band_image_at(dpb, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
     """dpb ([BAND, BLOCK_M], band-major, input dtype) with dS's band image of keys j + [0, BLOCK_N) written in:
     band row c of row m meets key j + n, n = c - (BLOCK_M - 1 - m) - j, where 0 <= n < BLOCK_N (the transpose of
