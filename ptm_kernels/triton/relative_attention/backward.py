@@ -6,11 +6,11 @@
   the biases' gradients (the gather and chunked forms keep dqv in memory instead). On 64-row tiles one band
   product serves four 16-key steps (position._band_keys), each reading its position terms from the product
   stored in memory (a float32 slot per row tile, args.StreamGrads.band_products). dr stays atomic: r row t
-  collects the pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key tile, so no row-major or
-  key-major program owns it. A diagonal-major third pass would recompute the probabilities once more: per 64 keys
-  of a 64-row tile at D = 128 the scores, the band term and dO V^T again (2.10 M multiply-adds on top of this
-  kernel's 4.72 M, +44%, plus the masks, exp2 and dropout bits a second time) to save BAND x D = 16 K float32
-  atomic adds (64 KB). Without a GPU to weigh the two (no timing here), atomics stay.
+  collects the pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key
+  tile, so no row-major or key-major program owns it. A diagonal-major third pass would recompute the probabilities
+  once more: per 64 keys of a 64-row tile at D = 128 the scores, the band term and dO V^T again (2.10 M multiply-
+  adds on top of this kernel's 4.72 M, +44%, plus the masks, exp2 and dropout bits a second time) to save BAND x D =
+  16 K float32 atomic adds (64 KB). Without a GPU to weigh the two (no timing here), atomics stay.
 - _rel_bwd_dkdv_kernel, one program per (key tile, b * h): walks the row tiles of both streams and owns dk and
   dv (registers, stored once, no atomics).
 
