@@ -545,9 +545,9 @@ def _runs_tma() -> bool:
                                             "GPU with the Triton backend")
 @pytest.mark.parametrize("D, shared_r", [(16, True), (24, False)], ids=["shared_r", "per_batch_r_d24"])
 def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
-    """The forward's Hopper TMA loads (triton/relative_attention/launch._tma_loads): r's band, whose first rows
-    lie before r (negative coordinates) or past its end where r is short, and the key tiles of k and v, rows past
-    Lk read as zeros; two batch rows sharing r (its batch coordinate 0) or each with its own r, a head dim below
+    """The Hopper TMA loads (triton/relative_attention/launch._tma_loads) of the forward and the dq kernel: r's
+    band, whose first rows lie before r (negative coordinates) or past its end where r is short, and the
+    forward's key tiles of k and v, rows past Lk read as zeros; two batch rows sharing r (its batch coordinate 0) or each with its own r, a head dim below
     its power of two (D = 24 in 32 columns). The cases of test_several_row_and_key_tiles (causal window, both
     streams: all rows; target positions, whose gather form takes only k and v by TMA) on float32 inputs forced
     onto the TMA path (a GPU takes it for 16-bit inputs): on a Hopper GPU this checks the hardware's reading of a
@@ -562,13 +562,14 @@ def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
         return real(t, rows, block_d)
 
     def descriptors_made(name, r):
-        # the forward's: r's band (r[:1] where the batch shares r) and k, v; the backward's kernels take none
+        # r's band (r[:1] where the batch shares r) for the forward and the dq kernel (the content stream: band
+        # form in every case), k and v for the forward; the dk / dv kernel takes none
         cfg, _ = launch._config(D, torch.float32, r.device)
         B, H, R = 2, r.shape[-3], r.shape[-2]
         key_tiles = [shape_rows for shape_rows in made if shape_rows[1] == cfg["BLOCK_N"]]
         assert len(key_tiles) == 2 and all(shape[:2] == (B, H) for shape, _ in key_tiles), (name, made)
         r_shape = (1, H, R, D) if shared_r else (B, H, R, D)
-        assert sorted(made) == sorted([(r_shape, cfg["BAND"]), *key_tiles]), (name, made)
+        assert sorted(made) == sorted([(r_shape, cfg["BAND"])] * 2 + key_tiles), (name, made)
         made.clear()
 
     real = _common.tma_rows
@@ -633,16 +634,21 @@ def test_dq_dqv_buffer_only_where_the_form_writes_it(rng, monkeypatch):
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(), reason="reads the Triton launcher's arguments (interpreter)")
-def test_dq_band_products_one_slot_per_row_tile(rng, monkeypatch):
-    """The GPU's 16-bit dq tiles (64 rows, 16 keys a step) under the interpreter: the band-major band form stores
-    each span's band product in its program's float32 slot and reads the key steps' position terms back
-    (backward._stream_dq, launch._band_products_in_memory). Slots are made for the content stream only (the query
-    stream at target positions runs the gather form), one per (b * h, row tile): filled with NaN before the
-    launch, each is written (a program that took another's slot would leave its own NaN). Gradients against the
-    float64 formula; without the slots the form does not compile."""
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_dq_band_slots_one_per_row_tile(rng, monkeypatch, tma):
+    """The GPU's 16-bit dq tiles (64 rows, 16 keys a step) under the interpreter: the band-major band form keeps
+    each span's band product and dS's band image in its program's slot (backward._stream_dq, launch._band_slots):
+    the key steps read their position terms from the product and write dS into the image. Slots are made for the
+    content stream only (the query stream at target positions runs the gather form), one per (b * h, row tile):
+    filled with NaN before the launch, each is written (a program that took another's slot would leave its own
+    NaN, and a NaN read back into the image would reach the gradients). Gradients against the float64 formula;
+    without the slots the form does not compile. tma: r's band by TMA (launch._FORCE_TMA; the dq kernel's GPU
+    path at D <= 64)."""
     from ptm_kernels.triton.relative_attention import launch
 
-    seen = []
+    monkeypatch.setattr(launch, "_FORCE_TMA", tma)
+
+    seen, r_by_tma = [], []
     real_launch = launch._launch
 
     def recording(kernel, grid, device, cfg, warps, args, **kw):
@@ -652,13 +658,14 @@ def test_dq_band_products_one_slot_per_row_tile(rng, monkeypatch):
         def nan_slots(band):
             built = args(band)
             for g in built[2:4]:
-                if g is not None and g.band_products is not None:
-                    g.band_products.fill_(float("nan"))
+                if g is not None and g.band_slots is not None:
+                    g.band_slots.fill_(float("nan"))
             return built
 
         ran = real_launch(kernel, grid, device, cfg, warps, nan_slots, **kw)
-        seen.append([(tuple(g.band_products.shape), bool(g.band_products.isnan().any()))
-                     if g.band_products is not None else None for g in ran[2:4] if g is not None])
+        seen.append([(tuple(g.band_slots.shape), bool(g.band_slots.isnan().any()))
+                     if g.band_slots is not None else None for g in ran[2:4] if g is not None])
+        r_by_tma.append(ran[-3].r_band is not None)  # args.Keys
         return ran
 
     _row_tiles_of_64(monkeypatch, keys=16)
@@ -679,9 +686,11 @@ def test_dq_band_products_one_slot_per_row_tile(rng, monkeypatch):
     truth_outs, truth_grads = run(targets, [t.double() for t in inputs], [g.double() for g in gout])
     for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
         assert_close(a, t, name=f"output/gradient {i}", **F32_TOL)
-    assert seen == [[((B * H * -(-Lq // 64), 128 * 64), False), None]], seen
-    monkeypatch.setattr(launch, "_band_products_in_memory", lambda *a: False)
-    with pytest.raises(Exception, match="band product slots"):
+    # float32 under the interpreter: the product and the image take 128 * 64 words each
+    assert seen == [[((B * H * -(-Lq // 64), 2 * 128 * 64), False), None]], seen
+    assert r_by_tma == [tma], r_by_tma
+    monkeypatch.setattr(launch, "_band_slots_in_memory", lambda *a: False)
+    with pytest.raises(Exception, match="band slots"):
         with backend.use(relative_attention="triton"):
             run(targets, inputs, gout)
 

@@ -105,9 +105,9 @@ class StreamGrads(NamedTuple):
     dr: Tensor  # float32 [B, H, R, D] contiguous, zeroed: both streams' programs add into it
     band_sums: Optional[Tensor]  # float32 [B, H, R] contiguous, zeroed (with u or v_bias): the band form's dS band
     #                              image summed over the rows, per row of r (backward._band_sums)
-    band_products: Optional[Tensor] = None  # float32 [B * H * row tiles, BAND * BLOCK_M]: the dq kernel's band
-    #                                         product per row tile, written and read back per span of keys where
-    #                                         its form takes it through memory (launch._band_products_in_memory)
+    band_slots: Optional[Tensor] = None  # float32 [B * H * row tiles, words]: the dq kernel's band product and
+    #                                      dS's band image per row tile, where its form takes them through memory
+    #                                      (launch._band_slots, launch._band_slots_in_memory)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -5,7 +5,7 @@
   (band_sums, BAND float32 atomics per band product), from which the launcher tells dqv's share of dq apart for
   the biases' gradients (the gather and chunked forms keep dqv in memory instead). On 64-row tiles one band
   product serves four 16-key steps (position._band_keys), each reading its position terms from the product
-  stored in memory (a float32 slot per row tile, args.StreamGrads.band_products). dr stays atomic: r row t
+  in memory and writing dS into the band image there (a slot per row tile, launch._band_slots). dr stays atomic: r row t
   collects the pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key
   tile, so no row-major or key-major program owns it. A diagonal-major third pass would recompute the probabilities
   once more: per 64 keys of a 64-row tile at D = 128 the scores, the band term and dO V^T again (2.10 M multiply-
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
-from .position import (_band, _band_grad, _band_image_at, _band_keys, _band_major, _band_rows, _band_select,
+from .position import (_band, _band_grad, _band_image_store, _band_keys, _band_major, _band_rows, _band_select,
                        _band_select_from, _pos_band, _pos_gather, _pos_row_halves)
 from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
@@ -171,7 +171,8 @@ def _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D: tl.constexpr, 
         dr_c = dot(dpb, qv_c, None, PREC, UPCAST)  # [BAND, DR_CHUNK]
     else:
         dr_c = dot(tl.trans(dpb), qv_c, None, PREC, UPCAST)
-    tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c, mask=band_ok[:, None] & c_ok[None, :])
+    tl.atomic_add(DR_bh + t_band[:, None] * D + offs_c[None, :], dr_c, mask=band_ok[:, None] & c_ok[None, :],
+                  sem="relaxed")
 
 
 @triton.jit
@@ -182,7 +183,7 @@ def _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR: tl.constexpr):
         sums = tl.sum(dpb.to(tl.float32), 1)
     else:
         sums = tl.sum(dpb.to(tl.float32), 0)
-    tl.atomic_add(BAND_SUMS_bh + t_band, sums, mask=band_ok)
+    tl.atomic_add(BAND_SUMS_bh + t_band, sums, mask=band_ok, sem="relaxed")
 
 
 @triton.jit
@@ -234,7 +235,7 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
     k = _key_tile(keys.k, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     v = _key_tile(keys.v, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     if SPAN_J is not None:
-        pos = _band_select_from(pos, SPAN_J, BLOCK_M, BLOCK_N, BAND)
+        pos = _band_select_from(pos, SPAN_J, BLOCK_M, BLOCK_N)
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
         S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
         v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, False)
@@ -304,26 +305,36 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         SPANS: tl.constexpr = DQ_T  # every band-major band form (else one key tile a band product)
         tile = (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)
         if SPANS:
-            # The band product goes through memory (this program's float32 [BAND, BLOCK_M] slot, L1 / L2): each
-            # key step loads its position terms (position._band_select_from). Selected in registers (tl.gather,
-            # warp shuffles) they took 651 of the key step's 1127 SASS instructions (sm_90, bf16 D = 128 band
-            # causal; 476 now), and the product held 32 registers per thread across the step loop
-            tl.static_assert(grads.band_products is not None, "the band-major dq form needs its band product slots")
-            PBT = grads.band_products + (bh64 * tl.cdiv(Lr, BLOCK_M) + pid_m) * (BAND * BLOCK_M)
+            # The band product and dS's band image go through memory: this program's slot (launch._band_slots; L1 /
+            # L2), the product written per span and its position terms read back per key step
+            # (position._band_select_from), dS written per key step into the image (position._band_image_store)
+            # and the image read back per span. With both in registers, the product's select and the image's
+            # gather (tl.gather: warp shuffles, their index arithmetic and selects) made the key step 1127 SASS
+            # instructions (sm_90, bf16 D = 128 band causal; 398 now), and the two held 32 + 16 registers per
+            # thread across the key steps
+            tl.static_assert(grads.band_slots is not None, "the band-major dq form needs its band slots")
+            PBT = grads.band_slots + (bh64 * tl.cdiv(Lr, BLOCK_M) + pid_m) * (
+                BAND * BLOCK_M * (32 + qv.dtype.primitive_bitwidth) // 32)
+            IMG = (PBT + BAND * BLOCK_M).to(tl.pointer_type(qv.dtype))  # after the product
             band_at = tl.arange(0, BAND)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+            tl.store(IMG + band_at, tl.zeros([BAND, BLOCK_M], dtype=qv.dtype))  # off the diagonals: never written
             for start_n in range(lo, hi, SPAN):
                 t_band = t_last + start_n + tl.arange(0, BAND)
-                r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
+                r_band, band_ok = _band(keys, b64, h64, R_bh, t_last + start_n, offs_d, D, BAND)
                 pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M], float32
-                tl.debug_barrier()  # every thread has read the previous span's product
+                tl.debug_barrier()  # every thread is done with the previous span's slot
                 tl.store(PBT + band_at, pbt)
-                tl.debug_barrier()  # and sees all of this one (a block barrier orders global memory too)
-                dpb = tl.zeros([BAND, BLOCK_M], dtype=qv.dtype)
-                for j in range(0, tl.minimum(hi - start_n, SPAN), BLOCK_N):
+                tl.debug_barrier()  # and sees this one's product (a block barrier orders global memory too)
+                keys_in = tl.minimum(hi - start_n, SPAN)  # the span's keys: all SPAN but in the last span
+                for j in range(0, keys_in, BLOCK_N):
                     dq, dseg, g, offs_n, col_ok, band, t_tile = _dq_key_tile(
                         dq, dseg, start_n + j, PBT, j, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
                         BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, DQ_T)
-                    dpb = _band_image_at(dpb, g, j, BLOCK_M, BLOCK_N, BAND)
+                    _band_image_store(IMG, g, j, BLOCK_M, BLOCK_N)
+                for j in range(tl.cdiv(keys_in, BLOCK_N) * BLOCK_N, SPAN, BLOCK_N):  # a last span's missing tiles
+                    _band_image_store(IMG, tl.zeros([BLOCK_M, BLOCK_N], dtype=qv.dtype), j, BLOCK_M, BLOCK_N)
+                tl.debug_barrier()
+                dpb = tl.load(IMG + band_at)
                 dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
                                      BAND_MAJOR, PREC, UPCAST)
                 if grads.band_sums is not None:

@@ -61,9 +61,9 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # (position._band_keys; backward._stream_dq): per 64 keys 3 units of 128 * 64 * D for the band (product,
         # dq^T, dr) instead of 12: per 16 keys 9.2 K multiply-adds per head-dim column instead of 27.6 K. Its spill
         # bytes all lie outside the 16-key loop (sm90_artefacts inner_loop_spill_bytes: 0; in the loop before,
-        # up to 96 B at D = 128); the 64-key loop around it reloads up to 184 B (D = 128 every mask + dropout;
-        # 148 B while the key steps selected their position terms from the band product in registers, with
-        # 2.2-2.4x the instructions per key step: backward._stream_dq).
+        # up to 96 B at D = 128); the 64-key loop around it reloads up to 88 B (D = 128 every mask + dropout;
+        # 148 B while the band product and dS's band image were held in registers, with 2.1-2.8x the
+        # instructions per key step: backward._stream_dq).
         # Measured and not kept there: 32-key steps (two a band; 72 - 380 B, in the loop), the band image or the
         # position terms carried as [64, 64] tiles (376 - 648 B), dS's band image summed in float32 (+32 - 40 B),
         # the four steps unrolled (0.9 - 2.7 KB), the band image packed two 16-bit values per int32 (D = 64 band
@@ -213,9 +213,10 @@ def _check(*ts):
 _FORCE_TMA: Optional[bool] = None
 
 
-def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: int) -> Keys:
-    """keys with the forward's TMA descriptors (Hopper, 16-bit; the pointer loads elsewhere): r's band
-    (position._band) and the key tiles of k and v (scores._key_tile), as measured below.
+def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: int, kernel: str = "fwd",
+               mask_terms: int = 0) -> Keys:
+    """keys with the TMA descriptors of kernel "fwd" or "dq" (Hopper, 16-bit; the pointer loads elsewhere): r's
+    band (position._band) and, for the forward, the key tiles of k and v (scores._key_tile), as measured below.
 
     A TMA load is one instruction for the whole tile, so the kernel holds no per-thread addresses for it: the
     band of 128 rows x D took 8 64-bit addresses per thread at D = 128. Spill bytes of the 16-bit forward (sm_90,
@@ -226,7 +227,12 @@ def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: 
     at one stream, k and v at D = 64: no forward spills. The dq and dk / dv kernels keep pointer loads: r's band
     by TMA in the dq kernel moved its spills (D = 128: 68 / 188 / 216 -> 32 / 184 / 176 B, but 4 B of them into
     its key loop, where there were none; D = 64 36 / 112 / 84 -> 40 / 108 / 92 B, 8 B in the loop), k and v by
-    TMA as well did not lower them."""
+    TMA as well did not lower them. Since the dq kernel keeps its band products and dS's band image in memory
+    (backward._stream_dq), r's band by TMA lowers its spills (D = 64: 0 / 32 / 8 -> 0 / 8 / 0 B; D = 128 band
+    causal 80 -> 40 B) except at D = 128 with [rows x keys] mask terms (_mask_terms), where 4 B of them moved into
+    its key loop (every mask + dropout 152 -> 136 B, two-stream 168 -> 152 B): the dq kernel takes it at D = 64,
+    and at D = 128 for one stream without mask terms. k and v by TMA in the dq kernel: no lower (D = 64 every
+    mask + dropout 8 -> 12 B)."""
     use = _FORCE_TMA if _FORCE_TMA is not None else (
         not C.interpreted(k.device) and C.capability(k.device)[0] >= 9 and k.dtype != torch.float32)
     if not use or C.TensorDescriptor is None:
@@ -234,9 +240,10 @@ def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: 
     D, bd = k.shape[-1], cfg["BLOCK_D"]
     shared = r.stride(0) == 0  # r shared by the batch (a stride-0 view): its first row stands for all
     r_one = r[:1] if shared else r
-    if cfg["BAND"] and (D <= 64 or streams == 1) and C.tma_strides(r_one) is not None:
+    r_rule = (D <= 64 or streams == 1) if kernel == "fwd" else (D <= 64 or (streams == 1 and mask_terms == 0))
+    if cfg["BAND"] and r_rule and C.tma_strides(r_one) is not None:
         keys = keys._replace(r_band=C.tma_rows(r_one, cfg["BAND"], bd), r_batch_step=0 if shared else 1)
-    if D <= 64 and C.tma_strides(k) is not None and C.tma_strides(v) is not None:
+    if kernel == "fwd" and D <= 64 and C.tma_strides(k) is not None and C.tma_strides(v) is not None:
         keys = keys._replace(k=keys.k._replace(tma=C.tma_rows(k, cfg["BLOCK_N"], bd)),
                              v=keys.v._replace(tma=C.tma_rows(v, cfg["BLOCK_N"], bd)))
     return keys
@@ -282,11 +289,13 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     def dq_args(band: bool) -> tuple:  # a zeroed dqv buffer for each stream whose form adds dqv up in memory
         gs = [g._replace(dqv=torch.zeros(B, H, g.dq.shape[2], D, **f32))
               if _dqv_in_memory(s, band, kw["PREC"], cfg["BLOCK_D"]) else g for s, g in zip(streams, grads)]
-        gs = [g._replace(band_products=torch.empty(B * H * triton.cdiv(g.dq.shape[2], cfg["BLOCK_M"]),
-                                                   cfg["BAND"] * cfg["BLOCK_M"], **f32))
-              if _band_products_in_memory(s, band, kw["PREC"], cfg) else g for s, g in zip(streams, gs)]
-        return (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *gs, *none,
-                keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
+        gs = [g._replace(band_slots=_band_slots(B * H, g.dq.shape[2], s.q.dtype, k.device, cfg))
+              if _band_slots_in_memory(s, band, kw["PREC"], cfg) else g for s, g in zip(streams, gs)]
+        keys = keys_args(k, v, r, p)
+        if band:
+            keys = _tma_loads(keys, k, v, r, cfg, len(streams), "dq", max(_mask_terms(s, p) for s in streams))
+        return (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *gs, *none, keys,
+                dims_args(H, p), dropout_args(p.dropout))
 
     grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
     args = _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, dq_args, **kw)
@@ -310,13 +319,21 @@ def _dqv_in_memory(s: RelativeStream, band: bool, prec: str, block_d: int) -> bo
     return s.positions is not None or not band or (prec == "tf32x3" and block_d >= 64)
 
 
-def _band_products_in_memory(s: RelativeStream, band: bool, prec: str, cfg: dict) -> bool:
-    """Whether the dq kernel takes stream s's band products through memory (backward._stream_dq, one float32
-    [BAND, BLOCK_M] slot per row tile, BAND * BLOCK_M * 4 = 32 KB per 64 rows of a head, written once per 64 keys
-    and read back per key step): its band-major band form, 16-bit row tiles of 64 (the kernel's DQ_T). The kernel
-    does not compile that form without the slots (tl.static_assert)."""
+def _band_slots_in_memory(s: RelativeStream, band: bool, prec: str, cfg: dict) -> bool:
+    """Whether the dq kernel takes stream s's band products and dS's band images through memory (_band_slots,
+    backward._stream_dq): its band-major band form, row tiles of 64 (16-bit on a GPU; the kernel's DQ_T). The
+    kernel does not compile that form without the slots (tl.static_assert)."""
     return (band and s.positions is None and cfg["BLOCK_M"] >= 64
             and not (prec == "tf32x3" and cfg["BLOCK_D"] >= 64))
+
+
+def _band_slots(bh: int, rows: int, dtype, device, cfg: dict) -> Tensor:
+    """The dq kernel's band slots (backward._stream_dq): one per (b * h, row tile), float32 [BAND, BLOCK_M] for
+    the band product, then [BAND, BLOCK_M] of q's dtype for dS's band image; 48 KB per 64 rows of a head in
+    16-bit (the size of a float32 [B, H, Lr, 192] tensor), written and read once per 64 keys, the product read back
+    per key step."""
+    words = cfg["BAND"] * cfg["BLOCK_M"] * (4 + dtype.itemsize) // 4
+    return torch.empty(bh * triton.cdiv(rows, cfg["BLOCK_M"]), words, dtype=torch.float32, device=device)
 
 
 def _mask_terms(s: RelativeStream, p: RelativeParams) -> int:

@@ -80,25 +80,30 @@ def _band_select_at(pbt, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _band_select_from(PBT, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
-    """_band_select_at's position terms of keys j + [0, BLOCK_N), read from a band product that the dq kernel
-    stored at PBT (float32 [BAND, BLOCK_M], contiguous): each term is one load, where selecting it from the
-    product in registers (tl.gather: warp shuffles, their index arithmetic and selects) took most of the dq
-    kernel's key step (backward._stream_dq). -> [BLOCK_M, BLOCK_N]."""
+def _band_entries(j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the (row m, key j + n) pairs of a key tile sit in a band-major [BAND, BLOCK_M] tile stored contiguous:
+    band row c = (BLOCK_M - 1 - m) + j + n (< BAND for the keys of one band product, _band_keys), column m.
+    -> int32 [BLOCK_M, BLOCK_N] offsets."""
     m = tl.arange(0, BLOCK_M)
-    c = (BLOCK_M - 1 - m)[:, None] + (j + tl.arange(0, BLOCK_N))[None, :]  # band row, < BAND (_band_keys)
-    return tl.load(PBT + c * BLOCK_M + m[:, None])
+    # j * BLOCK_M added last: the rest is the same for every key tile, computed once
+    return ((BLOCK_M - 1 - m)[:, None] + tl.arange(0, BLOCK_N)[None, :]) * BLOCK_M + m[:, None] + j * BLOCK_M
 
 
 @triton.jit
-def _band_image_at(dpb, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
-    """dpb ([BAND, BLOCK_M], band-major, input dtype) with dS's band image of keys j + [0, BLOCK_N) written in:
-    band row c of row m meets key j + n, n = c - (BLOCK_M - 1 - m) - j, where 0 <= n < BLOCK_N (the transpose of
-    _band_select_at). The key tiles of one band product write disjoint entries, so writing (not adding) them
-    keeps dpb exact in a 16-bit dtype."""
-    n = tl.arange(0, BAND)[:, None] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] - j
-    n_ok = (n >= 0) & (n < BLOCK_N)
-    return tl.where(n_ok, tl.gather(tl.trans(g), tl.where(n_ok, n, 0), axis=0).to(dpb.dtype), dpb)
+def _band_select_from(PBT, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_band_select_at's position terms of keys j + [0, BLOCK_N), read from the band product that the dq kernel
+    stored at PBT (float32 [BAND, BLOCK_M], contiguous; backward._stream_dq): one load each, where selecting them
+    from the product in registers (tl.gather: warp shuffles, their index arithmetic and selects) took most of the
+    dq kernel's key step. -> [BLOCK_M, BLOCK_N]."""
+    return tl.load(PBT + _band_entries(j, BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _band_image_store(IMG, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dS's band image in memory (IMG: [BAND, BLOCK_M] of its dtype, contiguous; backward._stream_dq): the entries
+    of key tile j ([BLOCK_M, BLOCK_N], dS or zeros), at the places _band_select_from reads the position terms
+    from (the transpose of the select). The key tiles of one band product write disjoint entries."""
+    tl.store(IMG + _band_entries(j, BLOCK_M, BLOCK_N), g.to(IMG.dtype.element_ty))
 
 
 @triton.jit
@@ -150,7 +155,8 @@ def _band_major(BLOCK_M: tl.constexpr):
 @triton.jit
 def _band_grad(g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
     """The transpose of _band_select: dpb[m, c] = g[m, c - (BLOCK_M - 1 - m)] where that key index is in
-    [0, BLOCK_N), else 0 (float32), [BLOCK_M, BAND]. Band-major tiles take _band_image_at instead."""
+    [0, BLOCK_N), else 0 (float32), [BLOCK_M, BAND]. Band-major tiles write theirs to memory instead
+    (_band_image_store)."""
     n = tl.arange(0, BAND)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
     n_ok = (n >= 0) & (n < BLOCK_N)
     return tl.where(n_ok, tl.gather(g, tl.where(n_ok, n, 0), axis=1), 0.0)
