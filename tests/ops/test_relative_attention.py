@@ -634,19 +634,24 @@ def test_dq_dqv_buffer_only_where_the_form_writes_it(rng, monkeypatch):
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(), reason="reads the Triton launcher's arguments (interpreter)")
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-def test_dq_band_slots_one_per_row_tile(rng, monkeypatch, tma):
+@pytest.mark.parametrize("tma, pool", [(False, "per_program"), (False, "shared"), (True, "shared")],
+                         ids=["pointers-per_program", "pointers-shared", "tma-shared"])
+def test_dq_band_slots(rng, monkeypatch, tma, pool):
     """The GPU's 16-bit dq tiles (64 rows, 16 keys a step) under the interpreter: the band-major band form keeps
-    each span's band product and dS's band image in its program's slot (backward._stream_dq, launch._band_slots):
-    the key steps read their position terms from the product and write dS into the image. Slots are made for the
-    content stream only (the query stream at target positions runs the gather form), one per (b * h, row tile):
-    filled with NaN before the launch, each is written (a program that took another's slot would leave its own
-    NaN, and a NaN read back into the image would reach the gradients). Gradients against the float64 formula;
-    without the slots the form does not compile. tma: r's band by TMA (launch._FORCE_TMA; the dq kernel's GPU
-    path at D <= 64)."""
+    each span's band product and dS's band image in a slot of a pool (backward._stream_dq, _take_slot,
+    launch._band_slots): the key steps read their position terms from the product and write dS into the image.
+    A pool for the content stream only (the query stream at target positions runs the gather form), of
+    min(programs, 2 per SM) slots: one per program (8 here), or 2 shared by the 8 programs (num_sms = 1; the
+    interpreter runs programs one after another, so a program waits for no slot here: the wait itself needs a
+    GPU). Filled with NaN before the launch, every slot is written, and every lock is given back (0) after it. A
+    NaN read back from a slot would reach the gradients, checked against the float64 formula. Without slots the form
+    does not compile. tma: r's band by TMA (launch._FORCE_TMA; the dq kernel's GPU path at D <= 64)."""
+    from ptm_kernels.triton import _common
     from ptm_kernels.triton.relative_attention import launch
 
     monkeypatch.setattr(launch, "_FORCE_TMA", tma)
+    if pool == "shared":
+        monkeypatch.setattr(_common, "num_sms", lambda device: 1)
 
     seen, r_by_tma = [], []
     real_launch = launch._launch
@@ -659,12 +664,13 @@ def test_dq_band_slots_one_per_row_tile(rng, monkeypatch, tma):
             built = args(band)
             for g in built[2:4]:
                 if g is not None and g.band_slots is not None:
-                    g.band_slots.fill_(float("nan"))
+                    g.band_slots.words.fill_(float("nan"))
             return built
 
         ran = real_launch(kernel, grid, device, cfg, warps, nan_slots, **kw)
-        seen.append([(tuple(g.band_slots.shape), bool(g.band_slots.isnan().any()))
-                     if g.band_slots is not None else None for g in ran[2:4] if g is not None])
+        seen.append([(tuple(g.band_slots.words.shape), g.band_slots.count, bool(g.band_slots.words.isnan().any()),
+                      g.band_slots.locks.tolist()) if g.band_slots is not None else None
+                     for g in ran[2:4] if g is not None])
         r_by_tma.append(ran[-3].r_band is not None)  # args.Keys
         return ran
 
@@ -686,8 +692,10 @@ def test_dq_band_slots_one_per_row_tile(rng, monkeypatch, tma):
     truth_outs, truth_grads = run(targets, [t.double() for t in inputs], [g.double() for g in gout])
     for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
         assert_close(a, t, name=f"output/gradient {i}", **F32_TOL)
+    programs = B * H * -(-Lq // 64)
+    count = programs if pool == "per_program" else 2
     # float32 under the interpreter: the product and the image take 128 * 64 words each
-    assert seen == [[((B * H * -(-Lq // 64), 2 * 128 * 64), False), None]], seen
+    assert seen == [[((count, 2 * 128 * 64), count, False, [0] * count), None]], seen
     assert r_by_tma == [tma], r_by_tma
     monkeypatch.setattr(launch, "_band_slots_in_memory", lambda *a: False)
     with pytest.raises(Exception, match="band slots"):

@@ -93,6 +93,14 @@ class StreamOut(NamedTuple):
     lse: Tensor  # float32 [B, H, Lr] contiguous
 
 
+class BandSlots(NamedTuple):
+    """The dq kernel's band slots (launch._band_slots): a pool smaller than its grid, each program taking a free
+    slot for its run (lock 0 -> 1) and giving it back (-> 0)."""
+    words: Tensor  # float32 [count, words per slot]: the band product, then dS's band image
+    locks: Tensor  # int32 [count], zeroed: 1 while a program holds the slot
+    count: int
+
+
 class StreamGrads(NamedTuple):
     """The backward's inputs and results of one stream, and the dr buffer it adds to."""
     do: Rows
@@ -105,9 +113,8 @@ class StreamGrads(NamedTuple):
     dr: Tensor  # float32 [B, H, R, D] contiguous, zeroed: both streams' programs add into it
     band_sums: Optional[Tensor]  # float32 [B, H, R] contiguous, zeroed (with u or v_bias): the band form's dS band
     #                              image summed over the rows, per row of r (backward._band_sums)
-    band_slots: Optional[Tensor] = None  # float32 [B * H * row tiles, words]: the dq kernel's band product and
-    #                                      dS's band image per row tile, where its form takes them through memory
-    #                                      (launch._band_slots, launch._band_slots_in_memory)
+    band_slots: Optional["BandSlots"] = None  # the dq kernel's, where its form takes the band product and dS's band
+    #                                         image through memory (launch._band_slots_in_memory)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -2,10 +2,10 @@
 
 - _rel_bwd_dq_kernel, one program per (row tile, b * h, stream): dq = dqu + dqv (the band form in one register
   accumulator) and dseg, dr with float32 atomics; the band form also adds up the row sums of dS's band image
-  (band_sums, BAND float32 atomics per band product), from which the launcher tells dqv's share of dq apart for
-  the biases' gradients (the gather and chunked forms keep dqv in memory instead). On 64-row tiles one band
-  product serves four 16-key steps (position._band_keys), each reading its position terms from the product
-  in memory and writing dS into the band image there (a slot per row tile, launch._band_slots). dr stays atomic: r row t
+  (band_sums, BAND float32 atomics per band product), from which the launcher tells dqv's share of dq apart for the
+  biases' gradients (the gather and chunked forms keep dqv in memory instead). On 64-row tiles one band product
+  serves four 16-key steps (position._band_keys), each reading its position terms from the product in memory and
+  writing dS into the band image there (a slot taken from a pool, launch._band_slots). dr stays atomic: r row t
   collects the pairs (i, j) with j - i = t - c, a diagonal of the score matrix that crosses every row tile and key
   tile, so no row-major or key-major program owns it. A diagonal-major third pass would recompute the probabilities
   once more: per 64 keys of a 64-row tile at D = 128 the scores, the band term and dO V^T again (2.10 M multiply-
@@ -210,6 +210,27 @@ def _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLO
 
 
 @triton.jit
+def _take_slot(LOCKS, count, first):
+    """A free slot of the pool (launch._band_slots), taken for this program (its lock 0 -> 1, acquire), trying
+    first, first + 1, ... modulo count. A holder waits on nothing, so the wait ends: with a slot for every program
+    that can run at once, at once."""
+    slot = first % count
+    held = tl.atomic_cas(LOCKS + slot, 0, 1, sem="acquire")
+    while held != 0:
+        slot = (slot + 1) % count
+        held = tl.atomic_cas(LOCKS + slot, 0, 1, sem="acquire")
+    return slot
+
+
+@triton.jit
+def _give_slot(LOCKS, slot):
+    """Give the slot back once every thread is done with it (block barrier, then release: the next holder's
+    writes come after this program's)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(LOCKS + slot, 0, sem="release")
+
+
+@triton.jit
 def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, stream, tile, qu, qv, do,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr,
                  D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -305,16 +326,17 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         SPANS: tl.constexpr = DQ_T  # every band-major band form (else one key tile a band product)
         tile = (rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)
         if SPANS:
-            # The band product and dS's band image go through memory: this program's slot (launch._band_slots; L1 /
-            # L2), the product written per span and its position terms read back per key step
+            # The band product and dS's band image go through memory: the slot this program takes from the pool
+            # (launch._band_slots; L1 / L2), the product written per span and its position terms read back per key step
             # (position._band_select_from), dS written per key step into the image (position._band_image_store)
             # and the image read back per span. With both in registers, the product's select and the image's
             # gather (tl.gather: warp shuffles, their index arithmetic and selects) made the key step 1127 SASS
-            # instructions (sm_90, bf16 D = 128 band causal; 398 now), and the two held 32 + 16 registers per
+            # instructions (sm_90, bf16 D = 128 band causal; 418 now), and the two held 32 + 16 registers per
             # thread across the key steps
             tl.static_assert(grads.band_slots is not None, "the band-major dq form needs its band slots")
-            PBT = grads.band_slots + (bh64 * tl.cdiv(Lr, BLOCK_M) + pid_m) * (
-                BAND * BLOCK_M * (32 + qv.dtype.primitive_bitwidth) // 32)
+            slots = grads.band_slots
+            slot = _take_slot(slots.locks, slots.count, bh * tl.cdiv(Lr, BLOCK_M) + pid_m)
+            PBT = slots.words + slot.to(tl.int64) * (BAND * BLOCK_M * (32 + qv.dtype.primitive_bitwidth) // 32)
             IMG = (PBT + BAND * BLOCK_M).to(tl.pointer_type(qv.dtype))  # after the product
             band_at = tl.arange(0, BAND)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
             tl.store(IMG + band_at, tl.zeros([BAND, BLOCK_M], dtype=qv.dtype))  # off the diagonals: never written
@@ -339,6 +361,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                                      BAND_MAJOR, PREC, UPCAST)
                 if grads.band_sums is not None:
                     _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
+            _give_slot(slots.locks, slot)
         else:
             for start_n in range(lo, hi, BLOCK_N):
                 dq, dseg, g, offs_n, col_ok, band, t_band = _dq_key_tile(

@@ -14,7 +14,7 @@ from .. import _common as C
 from .._common import SUPPORTED_DTYPES
 from ...kernel_params import RelativeParams, RelativeStream
 from ..attention.launch import backward_delta
-from .args import Keys, StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
+from .args import BandSlots, Keys, StreamGrads, StreamOut, dims_args, dropout_args, keys_args, rows, stream_args
 from .backward import _rel_bwd_dkdv_kernel, _rel_bwd_dq_kernel
 from .forward import _rel_fwd_kernel
 
@@ -213,8 +213,7 @@ def _check(*ts):
 _FORCE_TMA: Optional[bool] = None
 
 
-def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: int, kernel: str = "fwd",
-               mask_terms: int = 0) -> Keys:
+def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: int, kernel: str = "fwd") -> Keys:
     """keys with the TMA descriptors of kernel "fwd" or "dq" (Hopper, 16-bit; the pointer loads elsewhere): r's
     band (position._band) and, for the forward, the key tiles of k and v (scores._key_tile), as measured below.
 
@@ -224,15 +223,13 @@ def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: 
     pointers D = 64 0 / 0 / 0 B, 186 registers; D = 128 0 / 12 / 0 B (4 B of them in the key loop), 232. r's band
     by TMA: D = 64 0 / 4 / 0 B, 168; D = 128 0 / 0 / 0 B at one stream, 204, but two streams 12 / 8 B (fp16).
     With k and v by TMA too: D = 64 0 / 0 / 0 B; D = 128 two streams 4 / 4 B. So r's band by TMA at D = 64 and
-    at one stream, k and v at D = 64: no forward spills. The dq and dk / dv kernels keep pointer loads: r's band
-    by TMA in the dq kernel moved its spills (D = 128: 68 / 188 / 216 -> 32 / 184 / 176 B, but 4 B of them into
-    its key loop, where there were none; D = 64 36 / 112 / 84 -> 40 / 108 / 92 B, 8 B in the loop), k and v by
-    TMA as well did not lower them. Since the dq kernel keeps its band products and dS's band image in memory
-    (backward._stream_dq), r's band by TMA lowers its spills (D = 64: 0 / 32 / 8 -> 0 / 8 / 0 B; D = 128 band
-    causal 80 -> 40 B) except at D = 128 with [rows x keys] mask terms (_mask_terms), where 4 B of them moved into
-    its key loop (every mask + dropout 152 -> 136 B, two-stream 168 -> 152 B): the dq kernel takes it at D = 64,
-    and at D = 128 for one stream without mask terms. k and v by TMA in the dq kernel: no lower (D = 64 every
-    mask + dropout 8 -> 12 B)."""
+    at one stream, k and v at D = 64: no forward spills. The dk / dv kernel keeps pointer loads. The dq kernel
+    takes r's band by TMA at D = 64: with its band product and dS's band image in a slot (backward._stream_dq)
+    that takes its D = 64 compiles to no spills (by pointers 0 / 40 / 0 B); at D = 128 it spilled 44 / 144 / 136 B,
+    4 B of them in the key loop with every mask + dropout and with two streams (by pointers 40 / 164 / 132 B, none
+    there). k and v by TMA in the dq kernel did not lower its spills (D = 64 every mask + dropout: 8 -> 12 B), nor
+    did r's band while the kernel held the band tiles in registers (D = 128 68 / 188 / 216 -> 32 / 184 / 176 B, 4 B
+    moved into its key loop)."""
     use = _FORCE_TMA if _FORCE_TMA is not None else (
         not C.interpreted(k.device) and C.capability(k.device)[0] >= 9 and k.dtype != torch.float32)
     if not use or C.TensorDescriptor is None:
@@ -240,7 +237,7 @@ def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: 
     D, bd = k.shape[-1], cfg["BLOCK_D"]
     shared = r.stride(0) == 0  # r shared by the batch (a stride-0 view): its first row stands for all
     r_one = r[:1] if shared else r
-    r_rule = (D <= 64 or streams == 1) if kernel == "fwd" else (D <= 64 or (streams == 1 and mask_terms == 0))
+    r_rule = D <= 64 or (kernel == "fwd" and streams == 1)
     if cfg["BAND"] and r_rule and C.tma_strides(r_one) is not None:
         keys = keys._replace(r_band=C.tma_rows(r_one, cfg["BAND"], bd), r_batch_step=0 if shared else 1)
     if kernel == "fwd" and D <= 64 and C.tma_strides(k) is not None and C.tma_strides(v) is not None:
@@ -293,7 +290,7 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
               if _band_slots_in_memory(s, band, kw["PREC"], cfg) else g for s, g in zip(streams, gs)]
         keys = keys_args(k, v, r, p)
         if band:
-            keys = _tma_loads(keys, k, v, r, cfg, len(streams), "dq", max(_mask_terms(s, p) for s in streams))
+            keys = _tma_loads(keys, k, v, r, cfg, len(streams), "dq")
         return (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *gs, *none, keys,
                 dims_args(H, p), dropout_args(p.dropout))
 
@@ -327,13 +324,16 @@ def _band_slots_in_memory(s: RelativeStream, band: bool, prec: str, cfg: dict) -
             and not (prec == "tf32x3" and cfg["BLOCK_D"] >= 64))
 
 
-def _band_slots(bh: int, rows: int, dtype, device, cfg: dict) -> Tensor:
-    """The dq kernel's band slots (backward._stream_dq): one per (b * h, row tile), float32 [BAND, BLOCK_M] for
-    the band product, then [BAND, BLOCK_M] of q's dtype for dS's band image; 48 KB per 64 rows of a head in
-    16-bit (the size of a float32 [B, H, Lr, 192] tensor), written and read once per 64 keys, the product read back
-    per key step."""
+def _band_slots(bh: int, rows: int, dtype, device, cfg: dict) -> BandSlots:
+    """The dq kernel's band slots (backward._stream_dq): float32 [BAND, BLOCK_M] for the band product, then
+    [BAND, BLOCK_M] of q's dtype for dS's band image, 48 KB in 16-bit; each written and read once per 64 keys, the
+    product read back per key step. A pool of two per SM (a dq program fills an SM's registers, so at most one runs
+    on each), not one per program: the programs take a free slot for their run (backward._take_slot), so the pool
+    stays 12.4 MB on an H100 whatever B, H and Lr (one per program: 48 MB at B = 8, H = 16, Lr = 512)."""
     words = cfg["BAND"] * cfg["BLOCK_M"] * (4 + dtype.itemsize) // 4
-    return torch.empty(bh * triton.cdiv(rows, cfg["BLOCK_M"]), words, dtype=torch.float32, device=device)
+    count = min(bh * triton.cdiv(rows, cfg["BLOCK_M"]), 2 * C.num_sms(device))
+    return BandSlots(torch.empty(count, words, dtype=torch.float32, device=device),
+                     torch.zeros(count, dtype=torch.int32, device=device), count)
 
 
 def _mask_terms(s: RelativeStream, p: RelativeParams) -> int:
