@@ -75,15 +75,14 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # ROW_HALVES; the band in two 64-row pieces before), 7: its band causal compile 4 / 4 -> 0, every mask +
     # dropout 132 / 128 -> 0. Since the forward loads r's band (and at D = 64 k and v) through TMA
     # (launch._tma_loads), 6, all in the dq kernel: the forward at D = 128 with every mask + dropout 12 / 12 -> 0.
-    # Since the dq kernel keeps its band product and dS's band image in a slot of a pool (backward._stream_dq: the
-    # key steps read their position terms from the product and write dS into the image, which were selected and
-    # gathered in registers before; DQ_KEY_STEP_INSTRUCTIONS) and loads r's band through TMA at D = 64
-    # (launch._tma_loads), 3, all the dq kernel at D = 128: D = 64 36 / 112 / 84 -> 0 / 0 / 0 B (band causal / every
-    # mask + dropout / two-stream; fp16 52 / 108 / 84 before), D = 128 68 / 188 / 216 -> 40 / 164 / 132 B (bf16 and
-    # fp16), 0 B in any key step (as before), up to 88 B in the 64-key loop around it (148 B before), the band
-    # causal compile's all outside the loops
-    "relative_attention-bf16": (164, 144, 3),
-    "relative_attention-fp16": (164, 144, 3),
+    # Since the dq kernel keeps its band product and dS's band image in a slot of a pool, skewed (backward._stream_dq,
+    # position._slot_skewed: the key steps load their position terms from the product and store dS into the image
+    # as boxes, where they were selected and gathered in registers before; DQ_KEY_STEP_INSTRUCTIONS), 2, the dq
+    # kernel at D = 128 with [rows x keys] mask terms: D = 64 36 / 112 / 84 -> 0 / 0 / 0 B (band causal / every mask
+    # + dropout / two-stream; fp16 52 / 108 / 84 before), D = 128 68 / 188 / 216 -> 0 / 92 / 84 B (bf16 and fp16),
+    # 0 B in any key step (as before), at most 36 B in the 64-key loop around it (148 B before)
+    "relative_attention-bf16": (92, 76, 2),
+    "relative_attention-fp16": (92, 76, 2),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
     # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
     # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;
@@ -101,11 +100,11 @@ INNER_LOOP_SPILL_BUDGET: dict = {}
 
 # SASS instructions of one key step (sm90_artefacts inner_loop_instructions: the innermost loop's body) of the
 # 16-bit relative dq kernel's band form, one stream, per family: the band causal compiles and the largest. Its
-# position terms come from the band product in memory and dS goes to the band image there
+# position terms come from the band product in memory and dS goes to the band image there, as boxes
 # (position._band_select_from, _band_image_store): selected and gathered in registers (tl.gather: warp shuffles,
 # their index arithmetic and selects), the step took 1026 / 1127 instructions with a causal band (D = 64 / 128;
-# 403 / 418 now) and up to 1537 with every mask + dropout (797 now).
-DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (440, 820), "relative_attention-fp16": (440, 820)}
+# 325 / 353 now) and up to 1537 with every mask + dropout (736 now).
+DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (380, 780), "relative_attention-fp16": (380, 780)}
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.
 # Target: 1.5.

@@ -545,9 +545,9 @@ def _runs_tma() -> bool:
                                             "GPU with the Triton backend")
 @pytest.mark.parametrize("D, shared_r", [(16, True), (24, False)], ids=["shared_r", "per_batch_r_d24"])
 def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
-    """The Hopper TMA loads (triton/relative_attention/launch._tma_loads) of the forward and the dq kernel: r's
-    band, whose first rows lie before r (negative coordinates) or past its end where r is short, and the
-    forward's key tiles of k and v, rows past Lk read as zeros; two batch rows sharing r (its batch coordinate 0) or each with its own r, a head dim below
+    """The forward's Hopper TMA loads (triton/relative_attention/launch._tma_loads): r's band, whose first rows
+    lie before r (negative coordinates) or past its end where r is short, and the key tiles of k and v, rows past
+    Lk read as zeros; two batch rows sharing r (its batch coordinate 0) or each with its own r, a head dim below
     its power of two (D = 24 in 32 columns). The cases of test_several_row_and_key_tiles (causal window, both
     streams: all rows; target positions, whose gather form takes only k and v by TMA) on float32 inputs forced
     onto the TMA path (a GPU takes it for 16-bit inputs): on a Hopper GPU this checks the hardware's reading of a
@@ -562,14 +562,13 @@ def test_forward_through_tma_descriptors(rng, monkeypatch, D, shared_r):
         return real(t, rows, block_d)
 
     def descriptors_made(name, r):
-        # r's band (r[:1] where the batch shares r) for the forward and the dq kernel (the content stream: band
-        # form in every case), k and v for the forward; the dk / dv kernel takes none
+        # the forward's: r's band (r[:1] where the batch shares r) and k, v; the backward's kernels take none
         cfg, _ = launch._config(D, torch.float32, r.device)
         B, H, R = 2, r.shape[-3], r.shape[-2]
         key_tiles = [shape_rows for shape_rows in made if shape_rows[1] == cfg["BLOCK_N"]]
         assert len(key_tiles) == 2 and all(shape[:2] == (B, H) for shape, _ in key_tiles), (name, made)
         r_shape = (1, H, R, D) if shared_r else (B, H, R, D)
-        assert sorted(made) == sorted([(r_shape, cfg["BAND"])] * 2 + key_tiles), (name, made)
+        assert sorted(made) == sorted([(r_shape, cfg["BAND"]), *key_tiles]), (name, made)
         made.clear()
 
     real = _common.tma_rows
@@ -634,27 +633,31 @@ def test_dq_dqv_buffer_only_where_the_form_writes_it(rng, monkeypatch):
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(), reason="reads the Triton launcher's arguments (interpreter)")
-@pytest.mark.parametrize("tma, pool", [(False, "per_program"), (False, "shared"), (True, "shared")],
-                         ids=["pointers-per_program", "pointers-shared", "tma-shared"])
-def test_dq_band_slots(rng, monkeypatch, tma, pool):
+@pytest.mark.parametrize("pool", ["per_program", "shared"])
+def test_dq_band_slots(rng, monkeypatch, pool):
     """The GPU's 16-bit dq tiles (64 rows, 16 keys a step) under the interpreter: the band-major band form keeps
     each span's band product and dS's band image in a slot of a pool (backward._stream_dq, _take_slot,
     launch._band_slots): the key steps read their position terms from the product and write dS into the image.
     A pool for the content stream only (the query stream at target positions runs the gather form), of
     min(programs, 2 per SM) slots: one per program (8 here), or 2 shared by the 8 programs (num_sms = 1; the
     interpreter runs programs one after another, so a program waits for no slot here: the wait itself needs a
-    GPU). Filled with NaN before the launch, every slot is written, and every lock is given back (0) after it. A
-    NaN read back from a slot would reach the gradients, checked against the float64 formula. Without slots the form
-    does not compile. tma: r's band by TMA (launch._FORCE_TMA; the dq kernel's GPU path at D <= 64)."""
+    GPU). Filled with NaN before the launch, every slot's read part is written, and every lock is given back (0)
+    after it. A NaN read back from a slot would reach the gradients, checked against the float64 formula. Without
+    slots the form does not compile."""
     from ptm_kernels.triton import _common
     from ptm_kernels.triton.relative_attention import launch
 
-    monkeypatch.setattr(launch, "_FORCE_TMA", tma)
     if pool == "shared":
         monkeypatch.setattr(_common, "num_sms", lambda device: 1)
 
-    seen, r_by_tma = [], []
+    seen = []
     real_launch = launch._launch
+
+    def unwritten(slots) -> bool:
+        # float32 under the interpreter: per slot the product, then the image, each [64 rows, 64 + 128] skewed
+        # (position._slot_skewed); the key steps read the product's columns 64 .. 127, the span the whole image
+        product, image = slots.words.view(slots.count, 2, 64, 192).unbind(1)
+        return bool(product[..., 64:128].isnan().any() or image.isnan().any())
 
     def recording(kernel, grid, device, cfg, warps, args, **kw):
         if kernel is not launch._rel_bwd_dq_kernel:
@@ -668,10 +671,9 @@ def test_dq_band_slots(rng, monkeypatch, tma, pool):
             return built
 
         ran = real_launch(kernel, grid, device, cfg, warps, nan_slots, **kw)
-        seen.append([(tuple(g.band_slots.words.shape), g.band_slots.count, bool(g.band_slots.words.isnan().any()),
+        seen.append([(tuple(g.band_slots.words.shape), g.band_slots.count, unwritten(g.band_slots),
                       g.band_slots.locks.tolist()) if g.band_slots is not None else None
                      for g in ran[2:4] if g is not None])
-        r_by_tma.append(ran[-3].r_band is not None)  # args.Keys
         return ran
 
     _row_tiles_of_64(monkeypatch, keys=16)
@@ -694,9 +696,7 @@ def test_dq_band_slots(rng, monkeypatch, tma, pool):
         assert_close(a, t, name=f"output/gradient {i}", **F32_TOL)
     programs = B * H * -(-Lq // 64)
     count = programs if pool == "per_program" else 2
-    # float32 under the interpreter: the product and the image take 128 * 64 words each
-    assert seen == [[((count, 2 * 128 * 64), count, False, [0] * count), None]], seen
-    assert r_by_tma == [tma], r_by_tma
+    assert seen == [[((count, 2 * 64 * 192), count, False, [0] * count), None]], seen
     monkeypatch.setattr(launch, "_band_slots_in_memory", lambda *a: False)
     with pytest.raises(Exception, match="band slots"):
         with backend.use(relative_attention="triton"):

@@ -24,7 +24,8 @@ import triton.language as tl
 
 from .._common import LOG2E, dot, dropout_keep
 from .position import (_band, _band_grad, _band_image_store, _band_keys, _band_major, _band_rows, _band_select,
-                       _band_select_from, _pos_band, _pos_gather, _pos_row_halves)
+                       _band_select_from, _pos_band, _pos_gather, _pos_row_halves, _slot_skewed, _slot_width,
+                       _slot_zero)
 from .scores import _cols, _for_stream, _key_range, _key_tile, _row_terms, _scores, _scores_of, _visible
 
 _LOG2E = tl.constexpr(LOG2E)  # device-code copy: a compiled kernel may read only constexpr globals
@@ -256,7 +257,7 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
     k = _key_tile(keys.k, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     v = _key_tile(keys.v, b64, h64, start_n, offs_n, offs_n < keys.Lk, BLOCK_D, D)
     if SPAN_J is not None:
-        pos = _band_select_from(pos, SPAN_J, BLOCK_M, BLOCK_N)
+        pos = _band_select_from(pos, SPAN_J, BLOCK_M, BLOCK_N, BAND)
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
         S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
         v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, False)
@@ -331,18 +332,21 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             # (position._band_select_from), dS written per key step into the image (position._band_image_store)
             # and the image read back per span. With both in registers, the product's select and the image's
             # gather (tl.gather: warp shuffles, their index arithmetic and selects) made the key step 1127 SASS
-            # instructions (sm_90, bf16 D = 128 band causal; 418 now), and the two held 32 + 16 registers per
-            # thread across the key steps
+            # instructions (sm_90, bf16 D = 128 band causal; 353 now), and the two held 32 + 16 registers per
+            # thread across the key steps. Skewed in the slot (position._slot_skewed), each key step's terms and
+            # entries are a box: vector loads and stores
             tl.static_assert(grads.band_slots is not None, "the band-major dq form needs its band slots")
             slots = grads.band_slots
             slot = _take_slot(slots.locks, slots.count, bh * tl.cdiv(Lr, BLOCK_M) + pid_m)
-            PBT = slots.words + slot.to(tl.int64) * (BAND * BLOCK_M * (32 + qv.dtype.primitive_bitwidth) // 32)
-            IMG = (PBT + BAND * BLOCK_M).to(tl.pointer_type(qv.dtype))  # after the product
-            band_at = tl.arange(0, BAND)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-            tl.store(IMG + band_at, tl.zeros([BAND, BLOCK_M], dtype=qv.dtype))  # off the diagonals: never written
+            # the slot: the product (float32), then the image (qv's dtype), both [BLOCK_M, BLOCK_M + BAND], skewed
+            SLOT_WORDS: tl.constexpr = BLOCK_M * _slot_width(BLOCK_M, BAND) * (32 + qv.dtype.primitive_bitwidth) // 32
+            PBT = slots.words + slot.to(tl.int64) * SLOT_WORDS
+            IMG = (PBT + BLOCK_M * _slot_width(BLOCK_M, BAND)).to(tl.pointer_type(qv.dtype))
+            band_at = _slot_skewed(BLOCK_M, BAND)
+            _slot_zero(IMG, BLOCK_M, BAND)
             for start_n in range(lo, hi, SPAN):
                 t_band = t_last + start_n + tl.arange(0, BAND)
-                r_band, band_ok = _band(keys, b64, h64, R_bh, t_last + start_n, offs_d, D, BAND)
+                r_band, band_ok = _band_rows(R_bh, keys.r.s_l, t_band, R_len, offs_d, D)
                 pbt = dot(r_band, tl.trans(qv), None, PREC, UPCAST)  # [BAND, BLOCK_M], float32
                 tl.debug_barrier()  # every thread is done with the previous span's slot
                 tl.store(PBT + band_at, pbt)
@@ -352,9 +356,9 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                     dq, dseg, g, offs_n, col_ok, band, t_tile = _dq_key_tile(
                         dq, dseg, start_n + j, PBT, j, S, grads, keys, dims, drop, stream, tile, qu, qv, do, BLOCK_M,
                         BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, DQ_T)
-                    _band_image_store(IMG, g, j, BLOCK_M, BLOCK_N)
+                    _band_image_store(IMG, g, j, BLOCK_M, BLOCK_N, BAND)
                 for j in range(tl.cdiv(keys_in, BLOCK_N) * BLOCK_N, SPAN, BLOCK_N):  # a last span's missing tiles
-                    _band_image_store(IMG, tl.zeros([BLOCK_M, BLOCK_N], dtype=qv.dtype), j, BLOCK_M, BLOCK_N)
+                    _band_image_store(IMG, tl.zeros([BLOCK_M, BLOCK_N], dtype=qv.dtype), j, BLOCK_M, BLOCK_N, BAND)
                 tl.debug_barrier()
                 dpb = tl.load(IMG + band_at)
                 dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,

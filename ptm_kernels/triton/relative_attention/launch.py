@@ -61,8 +61,8 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # (position._band_keys; backward._stream_dq): per 64 keys 3 units of 128 * 64 * D for the band (product,
         # dq^T, dr) instead of 12: per 16 keys 9.2 K multiply-adds per head-dim column instead of 27.6 K. Its spill
         # bytes all lie outside the 16-key loop (sm90_artefacts inner_loop_spill_bytes: 0; in the loop before,
-        # up to 96 B at D = 128); the 64-key loop around it reloads up to 88 B (D = 128 every mask + dropout;
-        # 148 B while the band product and dS's band image were held in registers, with 2.1-2.8x the
+        # up to 96 B at D = 128); the 64-key loop around it reloads up to 36 B (D = 128 every mask + dropout;
+        # 148 B while the band product and dS's band image were held in registers, with 2.1-3.2x the
         # instructions per key step: backward._stream_dq).
         # Measured and not kept there: 32-key steps (two a band; 72 - 380 B, in the loop), the band image or the
         # position terms carried as [64, 64] tiles (376 - 648 B), dS's band image summed in float32 (+32 - 40 B),
@@ -213,9 +213,9 @@ def _check(*ts):
 _FORCE_TMA: Optional[bool] = None
 
 
-def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: int, kernel: str = "fwd") -> Keys:
-    """keys with the TMA descriptors of kernel "fwd" or "dq" (Hopper, 16-bit; the pointer loads elsewhere): r's
-    band (position._band) and, for the forward, the key tiles of k and v (scores._key_tile), as measured below.
+def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: int) -> Keys:
+    """keys with the forward's TMA descriptors (Hopper, 16-bit; the pointer loads elsewhere): r's band
+    (position._band) and the key tiles of k and v (scores._key_tile), as measured below.
 
     A TMA load is one instruction for the whole tile, so the kernel holds no per-thread addresses for it: the
     band of 128 rows x D took 8 64-bit addresses per thread at D = 128. Spill bytes of the 16-bit forward (sm_90,
@@ -223,13 +223,12 @@ def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: 
     pointers D = 64 0 / 0 / 0 B, 186 registers; D = 128 0 / 12 / 0 B (4 B of them in the key loop), 232. r's band
     by TMA: D = 64 0 / 4 / 0 B, 168; D = 128 0 / 0 / 0 B at one stream, 204, but two streams 12 / 8 B (fp16).
     With k and v by TMA too: D = 64 0 / 0 / 0 B; D = 128 two streams 4 / 4 B. So r's band by TMA at D = 64 and
-    at one stream, k and v at D = 64: no forward spills. The dk / dv kernel keeps pointer loads. The dq kernel
-    takes r's band by TMA at D = 64: with its band product and dS's band image in a slot (backward._stream_dq)
-    that takes its D = 64 compiles to no spills (by pointers 0 / 40 / 0 B); at D = 128 it spilled 44 / 144 / 136 B,
-    4 B of them in the key loop with every mask + dropout and with two streams (by pointers 40 / 164 / 132 B, none
-    there). k and v by TMA in the dq kernel did not lower its spills (D = 64 every mask + dropout: 8 -> 12 B), nor
-    did r's band while the kernel held the band tiles in registers (D = 128 68 / 188 / 216 -> 32 / 184 / 176 B, 4 B
-    moved into its key loop)."""
+    at one stream, k and v at D = 64: no forward spills. The dq and dk / dv kernels keep pointer loads. In the dq
+    kernel, while it held its band tiles in registers, r's band by TMA moved its spills (D = 128: 68 / 188 / 216 ->
+    32 / 184 / 176 B, but 4 B of them into its key loop, where there were none; D = 64 36 / 112 / 84 -> 40 / 108 /
+    92 B, 8 B in the loop), k and v by TMA as well did not lower them. With the band tiles in its slots
+    (backward._stream_dq), by pointers it spills nothing at D = 64, and at D = 128 0 / 92 / 84 B against
+    0 / 108 / 96 B by TMA (4 B of them in the key loop)."""
     use = _FORCE_TMA if _FORCE_TMA is not None else (
         not C.interpreted(k.device) and C.capability(k.device)[0] >= 9 and k.dtype != torch.float32)
     if not use or C.TensorDescriptor is None:
@@ -237,10 +236,9 @@ def _tma_loads(keys: Keys, k: Tensor, v: Tensor, r: Tensor, cfg: dict, streams: 
     D, bd = k.shape[-1], cfg["BLOCK_D"]
     shared = r.stride(0) == 0  # r shared by the batch (a stride-0 view): its first row stands for all
     r_one = r[:1] if shared else r
-    r_rule = D <= 64 or (kernel == "fwd" and streams == 1)
-    if cfg["BAND"] and r_rule and C.tma_strides(r_one) is not None:
+    if cfg["BAND"] and (D <= 64 or streams == 1) and C.tma_strides(r_one) is not None:
         keys = keys._replace(r_band=C.tma_rows(r_one, cfg["BAND"], bd), r_batch_step=0 if shared else 1)
-    if kernel == "fwd" and D <= 64 and C.tma_strides(k) is not None and C.tma_strides(v) is not None:
+    if D <= 64 and C.tma_strides(k) is not None and C.tma_strides(v) is not None:
         keys = keys._replace(k=keys.k._replace(tma=C.tma_rows(k, cfg["BLOCK_N"], bd)),
                              v=keys.v._replace(tma=C.tma_rows(v, cfg["BLOCK_N"], bd)))
     return keys
@@ -288,11 +286,8 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
               if _dqv_in_memory(s, band, kw["PREC"], cfg["BLOCK_D"]) else g for s, g in zip(streams, grads)]
         gs = [g._replace(band_slots=_band_slots(B * H, g.dq.shape[2], s.q.dtype, k.device, cfg))
               if _band_slots_in_memory(s, band, kw["PREC"], cfg) else g for s, g in zip(streams, gs)]
-        keys = keys_args(k, v, r, p)
-        if band:
-            keys = _tma_loads(keys, k, v, r, cfg, len(streams), "dq")
-        return (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *gs, *none, keys,
-                dims_args(H, p), dropout_args(p.dropout))
+        return (*[stream_args(s, qu, qv) for s, (qu, qv) in zip(streams, biased)], *none, *gs, *none,
+                keys_args(k, v, r, p), dims_args(H, p), dropout_args(p.dropout))
 
     grid = (triton.cdiv(max(s.q.shape[2] for s in streams), cfg["BLOCK_M"]), B * H, len(streams))
     args = _launch(_rel_bwd_dq_kernel, grid, k.device, cfg, warps, dq_args, **kw)
@@ -325,12 +320,13 @@ def _band_slots_in_memory(s: RelativeStream, band: bool, prec: str, cfg: dict) -
 
 
 def _band_slots(bh: int, rows: int, dtype, device, cfg: dict) -> BandSlots:
-    """The dq kernel's band slots (backward._stream_dq): float32 [BAND, BLOCK_M] for the band product, then
-    [BAND, BLOCK_M] of q's dtype for dS's band image, 48 KB in 16-bit; each written and read once per 64 keys, the
-    product read back per key step. A pool of two per SM (a dq program fills an SM's registers, so at most one runs
-    on each), not one per program: the programs take a free slot for their run (backward._take_slot), so the pool
-    stays 12.4 MB on an H100 whatever B, H and Lr (one per program: 48 MB at B = 8, H = 16, Lr = 512)."""
-    words = cfg["BAND"] * cfg["BLOCK_M"] * (4 + dtype.itemsize) // 4
+    """The dq kernel's band slots (backward._stream_dq): float32 [BLOCK_M, BLOCK_M + BAND] for the band product,
+    then the same of q's dtype for dS's band image, both skewed (position._slot_skewed), 72 KB in 16-bit; each
+    written and read once per 64 keys, the product read back per key step. A pool of two per SM (a dq program
+    fills an SM's registers, so at most one runs on each), not one per program: the programs take a free slot for
+    their run (backward._take_slot), so the pool stays 19.5 MB on an H100 whatever B, H and Lr (one per program:
+    72 MB at B = 8, H = 16, Lr = 512)."""
+    words = (cfg["BLOCK_M"] + cfg["BAND"]) * cfg["BLOCK_M"] * (4 + dtype.itemsize) // 4
     count = min(bh * triton.cdiv(rows, cfg["BLOCK_M"]), 2 * C.num_sms(device))
     return BandSlots(torch.empty(count, words, dtype=torch.float32, device=device),
                      torch.zeros(count, dtype=torch.int32, device=device), count)

@@ -80,30 +80,56 @@ def _band_select_at(pbt, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _band_entries(j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Where the (row m, key j + n) pairs of a key tile sit in a band-major [BAND, BLOCK_M] tile stored contiguous:
-    band row c = (BLOCK_M - 1 - m) + j + n (< BAND for the keys of one band product, _band_keys), column m.
-    -> int32 [BLOCK_M, BLOCK_N] offsets."""
-    m = tl.arange(0, BLOCK_M)
-    # j * BLOCK_M added last: the rest is the same for every key tile, computed once
-    return ((BLOCK_M - 1 - m)[:, None] + tl.arange(0, BLOCK_N)[None, :]) * BLOCK_M + m[:, None] + j * BLOCK_M
+def _slot_width(BLOCK_M: tl.constexpr, BAND: tl.constexpr):
+    """Columns of a row of the dq kernel's band slots (backward._stream_dq): BLOCK_M + BAND."""
+    return BLOCK_M + BAND
 
 
 @triton.jit
-def _band_select_from(PBT, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _slot_skewed(BLOCK_M: tl.constexpr, BAND: tl.constexpr):
+    """Where the band-major tile [BAND, BLOCK_M] (band row c, column m) sits in a band slot, skewed: row m, column
+    c + m + 1. Then the pairs (row m, key j + n) of a key tile, band row (BLOCK_M - 1 - m) + j + n, sit at column
+    BLOCK_M + j + n of row m: a box contiguous in n (_slot_box). -> int32 [BAND, BLOCK_M] offsets."""
+    m = tl.arange(0, BLOCK_M)[None, :]
+    return m * _slot_width(BLOCK_M, BAND) + tl.arange(0, BAND)[:, None] + m + 1
+
+
+@triton.jit
+def _slot_box(j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
+    """The offsets of key tile j's pairs in a band slot (_slot_skewed): [BLOCK_M, BLOCK_N], each row BLOCK_N
+    contiguous and 16-byte aligned (j and BLOCK_M multiples of 16, the width a multiple of 64), so loaded and stored
+    as vectors. Band-major (c * BLOCK_M + m), the pairs lay BLOCK_M - 1 apart in every direction: one 64-bit
+    address per element, which held 16 registers across the dq kernel's key step (sm_90, D = 128: 40 / 164 / 132
+    spill bytes with band causal / every mask + dropout / two streams; 0 / 92 / 84 skewed)."""
+    return (tl.arange(0, BLOCK_M)[:, None] * _slot_width(BLOCK_M, BAND) + BLOCK_M + j
+            + tl.arange(0, BLOCK_N)[None, :])
+
+
+@triton.jit
+def _band_select_from(SLOT, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
     """_band_select_at's position terms of keys j + [0, BLOCK_N), read from the band product that the dq kernel
-    stored at PBT (float32 [BAND, BLOCK_M], contiguous; backward._stream_dq): one load each, where selecting them
-    from the product in registers (tl.gather: warp shuffles, their index arithmetic and selects) took most of the
-    dq kernel's key step. -> [BLOCK_M, BLOCK_N]."""
-    return tl.load(PBT + _band_entries(j, BLOCK_M, BLOCK_N))
+    stored skewed in its slot (SLOT: float32, _slot_skewed; backward._stream_dq): one vector load per row piece,
+    where selecting them from the product in registers (tl.gather: warp shuffles, their index arithmetic and
+    selects) took most of the dq kernel's key step. -> [BLOCK_M, BLOCK_N]."""
+    return tl.load(SLOT + _slot_box(j, BLOCK_M, BLOCK_N, BAND))
 
 
 @triton.jit
-def _band_image_store(IMG, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dS's band image in memory (IMG: [BAND, BLOCK_M] of its dtype, contiguous; backward._stream_dq): the entries
-    of key tile j ([BLOCK_M, BLOCK_N], dS or zeros), at the places _band_select_from reads the position terms
-    from (the transpose of the select). The key tiles of one band product write disjoint entries."""
-    tl.store(IMG + _band_entries(j, BLOCK_M, BLOCK_N), g.to(IMG.dtype.element_ty))
+def _band_image_store(IMG, g, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
+    """dS's band image in a band slot (IMG: of its dtype, skewed as the product, _slot_skewed): the entries of key
+    tile j ([BLOCK_M, BLOCK_N], dS or zeros), where _band_select_from reads the position terms (the transpose of
+    the select). The key tiles of one band product write disjoint entries."""
+    tl.store(IMG + _slot_box(j, BLOCK_M, BLOCK_N, BAND), g.to(IMG.dtype.element_ty))
+
+
+@triton.jit
+def _slot_zero(IMG, BLOCK_M: tl.constexpr, BAND: tl.constexpr):
+    """Zero a band slot's image (IMG), all BLOCK_M x (BLOCK_M + BAND) entries: those off the band's diagonals
+    (columns outside [BLOCK_M, BLOCK_M + span)) are never written and must read 0."""
+    W: tl.constexpr = _slot_width(BLOCK_M, BAND)
+    cols = tl.arange(0, triton.next_power_of_2(W))
+    tl.store(IMG + tl.arange(0, BLOCK_M)[:, None] * W + cols[None, :],
+             tl.zeros([BLOCK_M, triton.next_power_of_2(W)], dtype=IMG.dtype.element_ty), mask=(cols < W)[None, :])
 
 
 @triton.jit
