@@ -303,20 +303,25 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     return res, dk, dv, dr
 
 
+def _head_dim_chunked(prec: str, block_d: int) -> bool:
+    """backward._head_dim_chunked on the host (a jit function cannot be called here): the float32 (tf32x3)
+    backward at D >= 64 runs its head-dim dots in chunks read from memory."""
+    return prec == "tf32x3" and block_d >= 64
+
+
 def _dqv_in_memory(s: RelativeStream, band: bool, prec: str, block_d: int) -> bool:
     """Whether the dq kernel adds stream s's dqv up in a float32 buffer: the gather form (rows at given positions,
     or the launch without a band) and the float32 head-dim chunks (backward._head_dim_chunked: tf32x3 at D >= 64);
     the band form keeps dqv in its dq accumulator, and no buffer is zeroed and summed for it. The dq kernel does
     not compile a form that needs the buffer without one (tl.static_assert)."""
-    return s.positions is not None or not band or (prec == "tf32x3" and block_d >= 64)
+    return s.positions is not None or not band or _head_dim_chunked(prec, block_d)
 
 
 def _band_slots_in_memory(s: RelativeStream, band: bool, prec: str, cfg: dict) -> bool:
     """Whether the dq kernel takes stream s's band products and dS's band images through memory (_band_slots,
     backward._stream_dq): its band-major band form, row tiles of 64 (16-bit on a GPU; the kernel's DQ_T). The
     kernel does not compile that form without the slots (tl.static_assert)."""
-    return (band and s.positions is None and cfg["BLOCK_M"] >= 64
-            and not (prec == "tf32x3" and cfg["BLOCK_D"] >= 64))
+    return band and s.positions is None and cfg["BLOCK_M"] >= 64 and not _head_dim_chunked(prec, cfg["BLOCK_D"])
 
 
 def _band_slots(bh: int, rows: int, dtype, device, cfg: dict) -> BandSlots:

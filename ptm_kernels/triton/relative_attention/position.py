@@ -65,17 +65,16 @@ def _pos_band(qv, band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.c
     mma.sync) keep qv r_band^T: band-major, its tf32x3 product spilled more."""
     r_band, band_ok = band
     if _band_major(BLOCK_M):
-        return _band_select_at(dot(r_band, tl.trans(qv), None, PREC, UPCAST), 0, BLOCK_M, BLOCK_N)
+        return _band_select_major(dot(r_band, tl.trans(qv), None, PREC, UPCAST), BLOCK_M, BLOCK_N)
     else:
         return _band_select(dot(qv, tl.trans(r_band), None, PREC, UPCAST), BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _band_select_at(pbt, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The position term of keys j + [0, BLOCK_N) from a band-major band product pbt = r_band qv^T ([BAND,
-    BLOCK_M]) that spans more keys than one tile (_band_keys): local row m, key j + n uses band row
-    (BLOCK_M - 1 - m) + j + n. -> [BLOCK_M, BLOCK_N]."""
-    idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + (j + tl.arange(0, BLOCK_N))[:, None]  # [BLOCK_N, BLOCK_M]
+def _band_select_major(pbt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The diagonal select of _pos_band from a band-major band product pbt = r_band qv^T ([BAND, BLOCK_M]):
+    local row m, key n uses band row (BLOCK_M - 1 - m) + n. -> [BLOCK_M, BLOCK_N]."""
+    idx = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[None, :] + tl.arange(0, BLOCK_N)[:, None]  # [BLOCK_N, BLOCK_M]
     return tl.trans(tl.gather(pbt, idx, axis=0))
 
 
@@ -107,10 +106,10 @@ def _slot_box(j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexp
 
 @triton.jit
 def _band_select_from(SLOT, j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr):
-    """_band_select_at's position terms of keys j + [0, BLOCK_N), read from the band product that the dq kernel
-    stored skewed in its slot (SLOT: float32, _slot_skewed; backward._stream_dq): one vector load per row piece,
-    where selecting them from the product in registers (tl.gather: warp shuffles, their index arithmetic and
-    selects) took most of the dq kernel's key step. -> [BLOCK_M, BLOCK_N]."""
+    """The position terms of keys j + [0, BLOCK_N) (those _band_select_major selects), read from the band product
+    that the dq kernel stored skewed in its slot (SLOT: float32, _slot_skewed; backward._stream_dq): one vector
+    load per row piece, where selecting them from the product in registers (tl.gather: warp shuffles, their index
+    arithmetic and selects) took most of the dq kernel's key step. -> [BLOCK_M, BLOCK_N]."""
     return tl.load(SLOT + _slot_box(j, BLOCK_M, BLOCK_N, BAND))
 
 
