@@ -47,6 +47,9 @@ def attention_mask_dense(B: int, H: int, Lq: int, Lk: int, device, vis: Visibili
 
 
 def attention_dropout_mask(seed: int, dropout_p: float, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:
-    """This backend's keep-mask (bool [B, H, Lq, Lk]) for `seed`."""
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    """This backend's keep-mask (bool [B, H, Lq, Lk]) for `seed`. torch's CPU generator keeps 32 bits of a seed,
+    so the high word is folded into them first (an odd multiplier: seeds that differ only there still differ)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    folded = (seed ^ ((seed >> 32) * 0x9E3779B9)) & 0xFFFFFFFF
+    gen = torch.Generator(device=device).manual_seed(folded)
     return torch.rand(B, H, Lq, Lk, generator=gen, device=device) >= dropout_p

@@ -83,10 +83,14 @@ def _spills(rec: dict) -> str:
 
 
 def triton_rows(records: list) -> list:
-    """One row per distinct (kernel, constexprs, warps, stages) the launchers compiled, with its cases."""
+    """One row per distinct (kernel, constexprs, warps, stages) the launchers compiled and its figures, with its
+    cases: one config compiles to different code for different mask parts (None arguments, not in the config
+    column), so a case is merged into a row only where its figures are the row's."""
     rows = {}
+    figures = ("regs", "spill_store_bytes", "spill_load_bytes", "inner_loop_spill_bytes", "shared", "mma", "tma",
+               "inner_loop_instructions", "loop_instructions", "sass_instructions")
     for r in R.launched(records):
-        key = (r["kernel"], _config(r), _blocks(r), r["num_warps"], r["num_stages"])
+        key = (r["kernel"], _config(r), _blocks(r), r["num_warps"], r["num_stages"], *(r.get(f) for f in figures))
         if key in rows:
             rows[key]["cases"].append(r["case"])
             continue
@@ -194,13 +198,14 @@ def render(triton_results: dict, cuda: list) -> str:
            "kernel's key or row step) / inside loops (spans of backward branches) / in the whole kernel. The "
            "tutorial's rows give loop / all.",
            "- **cases**: the harness case (tests/compile/triton_sm90.py) that first compiled the row (+ how many "
-           "more chose the same config). Only configs the launchers keep on an H100 are listed (those they "
-           "stepped down from for want of shared memory are not).", ""]
+           "more compiled the same config to the same figures). Only configs the launchers keep on an H100 are "
+           "listed (those they stepped down from for want of shared memory are not).", ""]
     all_recs = [r for res in triton_results.values() for r in res["records"]]
     launched = R.launched(all_recs)
     pairs = dropout_pairs(all_recs)
     out += ["## Summary", "",
-            f"- Triton: {len(launched)} launched compiles, {len(triton_rows(all_recs))} distinct configs.",
+            f"- Triton: {len(launched)} launched compiles, {len(triton_rows(all_recs))} rows (distinct configs and "
+            "figures).",
             "- Spills (launched compiles that spill; largest stores / loads): " + "; ".join(
                 f"{fam} {len(sp)} ({max(r['spill_store_bytes'] for r in sp)} / "
                 f"{max(r['spill_load_bytes'] for r in sp)} B)" if sp else f"{fam} none"
@@ -228,7 +233,7 @@ def render(triton_results: dict, cuda: list) -> str:
     for fam, res in triton_results.items():
         rows = triton_rows(res["records"])
         ver = next((r.get("triton") for r in res["records"] if "triton" in r), "?")
-        out += [f"## Triton: {fam}", "", f"{len(rows)} configs (harness exit {res['rc']}, triton {ver}).", "",
+        out += [f"## Triton: {fam}", "", f"{len(rows)} rows (harness exit {res['rc']}, triton {ver}).", "",
                 HEADER, RULE]
         out += [_row(x["rec"], x["cases"]) for x in rows]
         out.append("")

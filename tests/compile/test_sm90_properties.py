@@ -80,9 +80,11 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # as boxes, where they were selected and gathered in registers before; DQ_KEY_STEP_INSTRUCTIONS), 2, the dq
     # kernel at D = 128 with [rows x keys] mask terms: D = 64 36 / 112 / 84 -> 0 / 0 / 0 B (band causal / every mask
     # + dropout / two-stream; fp16 52 / 108 / 84 before), D = 128 68 / 188 / 216 -> 0 / 92 / 84 B (bf16 and fp16),
-    # 0 B in any key step (as before), at most 36 B in the 64-key loop around it (148 B before)
-    "relative_attention-bf16": (92, 76, 2),
-    "relative_attention-fp16": (92, 76, 2),
+    # 0 B in any key step (as before), at most 36 B in the 64-key loop around it (148 B before). Since the span's
+    # dS band image gives its row sums and dr before its band dot into dq (backward._stream_dq), every mask +
+    # dropout 92 / 76 -> 76 / 60 B (24 B in the 64-key loop), two-stream 84 / 68 -> 52 / 36 B (none in a loop)
+    "relative_attention-bf16": (76, 60, 2),
+    "relative_attention-fp16": (76, 60, 2),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
     # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
     # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;
@@ -103,7 +105,8 @@ INNER_LOOP_SPILL_BUDGET: dict = {}
 # position terms come from the band product in memory and dS goes to the band image there, as boxes
 # (position._band_select_from, _band_image_store): selected and gathered in registers (tl.gather: warp shuffles,
 # their index arithmetic and selects), the step took 1026 / 1127 instructions with a causal band (D = 64 / 128;
-# 325 / 353 now) and up to 1537 with every mask + dropout (736 now).
+# 305 / 336 now, since the rows' key positions are int32: scores._row_terms) and up to 1537 with every mask +
+# dropout (724 now).
 DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (380, 780), "relative_attention-fp16": (380, 780)}
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.

@@ -584,6 +584,24 @@ def test_dropout_keep_fraction(impl, p, rng):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_seed_high_bits(impl, rng):
+    """Seeds past 2 ** 32 (what a torch generator draws: 63 bits) keep 1 - p too, and seeds that differ only in
+    their high word give different masks (the Triton kernels key Philox with the low word and count with the high
+    one, _common.dropout_keep)."""
+    B, H, Lq, Lk, p = 2, 2, 48, 40, 0.3
+    low = rng.py.randrange(2**32)
+    masks = [backend.module(impl).attention_dropout_mask((high << 32) | low, p, B, H, Lq, Lk, DEVICE)
+             for high in (0, 1, rng.py.randrange(2, 2**31))]
+    for i, keep in enumerate(masks):
+        frac = keep.float().mean().item()
+        bound = 5 * math.sqrt(p * (1 - p) / keep.numel())
+        assert abs(frac - (1 - p)) <= bound, f"seed={rng.seed}: mask {i} kept {frac:.4f}"
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not torch.equal(masks[i], masks[j]), f"seed={rng.seed}: seeds {i}, {j} (same low word) gave one mask"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_dropout_matches_oracle_with_keep_mask(impl, rng):
     """Forward and backward equal the oracle given this backend's own keep-mask."""
     for case in range(n_cases(impl, 3)):

@@ -198,6 +198,14 @@ def _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLO
         dq += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
     else:
         dq += dot(dpb, r_band, None, PREC, UPCAST)
+    _dr_dots(dpb, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+    return dq
+
+
+@triton.jit
+def _dr_dots(dpb, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D: tl.constexpr, D: tl.constexpr,
+             DR_CHUNK: tl.constexpr, BAND_MAJOR: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dr[t_band] += dpb^T qv (float32 atomics) for dS's band image dpb (_band_grad's layout)."""
     # dr in column chunks of qv (re-read, cached): a [BAND, BLOCK_D] float32 result would not fit in the registers
     # beside the accumulators at D = 128. Float32 (tf32x3) steps through the chunks in a loop: unrolled, their
     # split operands were live at once (sm_90, 16 x 16 tiles at D = 64, 4 warps: 1856 -> 136 spill bytes)
@@ -207,7 +215,6 @@ def _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLO
     else:
         for d0 in tl.static_range(0, BLOCK_D, DR_CHUNK):
             _dr_chunk(d0, dpb, QV_row, row_ok, DR_bh, t_band, band_ok, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
-    return dq
 
 
 @triton.jit
@@ -361,10 +368,13 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                     _band_image_store(IMG, tl.zeros([BLOCK_M, BLOCK_N], dtype=qv.dtype), j, BLOCK_M, BLOCK_N, BAND)
                 tl.debug_barrier()
                 dpb = tl.load(IMG + band_at)
-                dq = _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK,
-                                     BAND_MAJOR, PREC, UPCAST)
+                # its row sums and dr before the band dot into dq: the other order held dpb's registers beside the
+                # dr dots' (sm_90, bf16 D = 128, spill bytes: every mask + dropout 92 / 76 -> 76 / 60, 36 -> 24 in
+                # the span loop; two-stream 84 / 68 -> 52 / 36, 32 -> 0 in the span loop)
                 if grads.band_sums is not None:
                     _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
+                _dr_dots(dpb, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+                dq += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
             _give_slot(slots.locks, slot)
         else:
             for start_n in range(lo, hi, BLOCK_N):

@@ -94,11 +94,11 @@ def _row_terms(S, keys, dims, pid_m, b, b64, bh64, rows, rows64, row_ok, BLOCK_M
     key length and prefix length)."""
     Lr = S.Lr
     if S.positions is not None:
-        p = tl.load(S.positions + b64 * Lr + rows, mask=row_ok, other=0).to(tl.int64)
+        p = tl.load(S.positions + b64 * Lr + rows, mask=row_ok, other=0).to(tl.int32)  # in [0, Lq): op checks
     else:
-        p = rows64
-    ip = p + (keys.Lk - dims.q_len)
-    base = dims.r_offset - ip
+        p = rows
+    ip = p + (keys.Lk - dims.q_len)  # int32: the mask compares it with every key of a tile
+    base = dims.r_offset - ip.to(tl.int64)
     t_last = dims.r_offset - (pid_m * BLOCK_M + BLOCK_M - 1 + keys.Lk - dims.q_len).to(tl.int64)
     seg0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     seg1 = tl.zeros([BLOCK_M], dtype=tl.float32)
