@@ -174,11 +174,16 @@ def tool_versions() -> str:
 
 
 def _commit() -> str:
+    """HEAD, and whether the sources compiled differ from it (the report itself aside)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=R.REPO).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=R.REPO).stdout.strip() or "?"
+        head = git("rev-parse", "--short", "HEAD") or "?"
+        changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                   if not line.endswith("benchmarks/results/sm90-static.md")]
     except OSError:
         return "?"
+    return head + (" + uncommitted changes" if changed else "")
 
 
 def render(triton_results: dict, cuda: list) -> str:
