@@ -82,9 +82,11 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # + dropout / two-stream; fp16 52 / 108 / 84 before), D = 128 68 / 188 / 216 -> 0 / 92 / 84 B (bf16 and fp16),
     # 0 B in any key step (as before), at most 36 B in the 64-key loop around it (148 B before). Since the span's
     # dS band image gives its row sums and dr before its band dot into dq (backward._stream_dq), every mask +
-    # dropout 92 / 76 -> 76 / 60 B (24 B in the 64-key loop), two-stream 84 / 68 -> 52 / 36 B (none in a loop)
-    "relative_attention-bf16": (76, 60, 2),
-    "relative_attention-fp16": (76, 60, 2),
+    # dropout 92 / 76 -> 76 / 60 B (24 B in the 64-key loop), two-stream 84 / 68 -> 52 / 36 B (none in a loop).
+    # Since the rows' segments of the visibility are read once per row tile (scores._row_terms), every mask +
+    # dropout 68 / 52 B (16 B in the 64-key loop)
+    "relative_attention-bf16": (68, 52, 2),
+    "relative_attention-fp16": (68, 52, 2),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
     # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
     # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;
@@ -106,7 +108,7 @@ INNER_LOOP_SPILL_BUDGET: dict = {}
 # (position._band_select_from, _band_image_store): selected and gathered in registers (tl.gather: warp shuffles,
 # their index arithmetic and selects), the step took 1026 / 1127 instructions with a causal band (D = 64 / 128;
 # 305 / 336 now, since the rows' key positions are int32: scores._row_terms) and up to 1537 with every mask +
-# dropout (724 now).
+# dropout (670 now).
 DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (380, 780), "relative_attention-fp16": (380, 780)}
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.

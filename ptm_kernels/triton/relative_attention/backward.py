@@ -115,7 +115,7 @@ def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu
     ROW_HALVES: the band form's position term per row half (position._pos_row_halves; qv: the halves' rows; band
     is then 0)."""
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)  # else on the whole tiles qu, qv, do, k, v
-    ip, base, t_last, seg0, seg1, qid, klen, plen = row
+    ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
     Lk = keys.Lk
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < Lk
@@ -253,7 +253,7 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
     row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row)."""
     rows, row_ok, rows64, rd_ok, b64, h64, bh64, QV_row, lse, delta, row = tile
     offs_d = tl.arange(0, BLOCK_D)
-    ip, base, t_last, seg0, seg1, qid, klen, plen = row
+    ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
     if BLOCK_D <= 64:
         # qu and dO read again each step (cached) rather than held across the loop: as the A operands of chained
         # 64-row dots both warpgroups held them (sm_90, triton 3.7.1, bf16 D = 64: 32 -> 0 spill bytes with a
@@ -300,7 +300,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
     if pid_m * BLOCK_M < Lr:
         rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row = _row_tile(
             S, grads, keys, dims, pid_m, bh, BLOCK_M, BLOCK_D, D, GATHER, False)
-        ip, base, t_last, seg0, seg1, qid, klen, plen = row
+        ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
         rows64 = rows.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D

@@ -39,7 +39,7 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
         if not GATHER:
             qv = tl.load(QV_row + offs_d[None, :], mask=rd_ok, other=0.0)
         row = _row_terms(S, keys, dims, pid_m, b, b64, bh64, rows, rows64, row_ok, BLOCK_M)
-        ip, base, t_last, seg0, seg1, qid, klen, plen = row
+        ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
         R_bh = keys.r.ptr + b64 * keys.r.s_b + h64 * keys.r.s_h
         lo, hi = _key_range(S, row, row_ok, Lk, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

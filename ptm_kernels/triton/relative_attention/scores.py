@@ -55,7 +55,7 @@ def _scores_of(qk, pos, keys, b64, row, offs_n, col_ok, scale2, HAS_SEG: tl.cons
     """_scores from the content term qk = qu k^T."""
     s = qk + pos
     if HAS_SEG:
-        ip, base, t_last, seg0, seg1, qid, klen, plen = row
+        ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
         kid = tl.load(keys.k_ids + b64 * keys.Lk + offs_n, mask=col_ok, other=0)
         same = qid[:, None] == kid[None, :]
         s += tl.where(same, seg0[:, None], seg1[:, None])
@@ -65,7 +65,7 @@ def _scores_of(qk, pos, keys, b64, row, offs_n, col_ok, scale2, HAS_SEG: tl.cons
 @triton.jit
 def _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk):
     """Which (row, key) pairs of the tile the stream's mask parts let through ([BLOCK_M, BLOCK_N] bool)."""
-    ip, base, t_last, seg0, seg1, qid, klen, plen = row
+    ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
     wl = 0
     wr = 0
     if S.window is not None:
@@ -74,9 +74,8 @@ def _visible(S, rows, row, offs_n, row_ok, col_ok, b64, h64, Lk):
     vis = analytic_visible(row_ok[:, None] & col_ok[None, :], ip[:, None], offs_n[None, :], klen, plen, wl, wr,
                            S.causal, S.prefix_lengths is not None, S.window is not None, S.key_lengths is not None)
     if S.q_segments is not None:
-        qs = tl.load(S.q_segments + b64 * S.Lr + rows, mask=row_ok, other=0)
         ks = tl.load(S.k_segments + b64 * Lk + offs_n, mask=col_ok, other=0)
-        vis = vis & (qs[:, None] == ks[None, :])
+        vis = vis & (qseg[:, None] == ks[None, :])
     if S.dense is not None:
         dm = S.dense
         dm_ptr = dm.ptr + b64 * dm.s_b + h64 * dm.s_h
@@ -91,7 +90,9 @@ def _row_terms(S, keys, dims, pid_m, b, b64, bh64, rows, rows64, row_ok, BLOCK_M
     """What a row tile needs besides its q rows, the same for forward and backward: -> (ip: the rows'
     positions among the keys, base: r row t = base + j, t_last: the band start (consecutive rows: the tile's
     last row meets key 0 at r row t_last), seg0, seg1, qid: the segment term, klen, plen: this batch row's
-    key length and prefix length)."""
+    key length and prefix length, qseg: the rows' segments of the visibility (_visible), read once here: read
+    in _visible, the dq kernel's pipeline copied them into shared memory every key step (sm_90, bf16 D = 128
+    with every mask + dropout: 724 -> 670 instructions a step, 76 / 60 -> 68 / 52 spill bytes))."""
     Lr = S.Lr
     if S.positions is not None:
         p = tl.load(S.positions + b64 * Lr + rows, mask=row_ok, other=0).to(tl.int32)  # in [0, Lq): op checks
@@ -108,20 +109,23 @@ def _row_terms(S, keys, dims, pid_m, b, b64, bh64, rows, rows64, row_ok, BLOCK_M
         seg0 = tl.load(seg_ptr, mask=row_ok, other=0.0)
         seg1 = tl.load(seg_ptr + 1, mask=row_ok, other=0.0)
         qid = tl.load(S.q_ids + b64 * Lr + rows, mask=row_ok, other=0)
+    qseg = 0
+    if S.q_segments is not None:
+        qseg = tl.load(S.q_segments + b64 * Lr + rows, mask=row_ok, other=0)
     klen = 0
     if S.key_lengths is not None:
         klen = tl.load(S.key_lengths + b)
     plen = 0
     if S.prefix_lengths is not None:
         plen = tl.load(S.prefix_lengths + b)
-    return ip, base, t_last, seg0, seg1, qid, klen, plen
+    return ip, base, t_last, seg0, seg1, qid, klen, plen, qseg
 
 
 @triton.jit
 def _key_range(S, row, row_ok, Lk, BLOCK_N: tl.constexpr):
     """[lo, hi): the keys a row tile may see. Causal (without prefix) ends after the last row's position; a
     left window starts late (lo rounded down to a key tile)."""
-    ip, base, t_last, seg0, seg1, qid, klen, plen = row
+    ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
     hi = Lk
     if S.causal:
         if S.prefix_lengths is None:
