@@ -49,13 +49,17 @@ def run_families(families: list) -> dict:
 
 
 def _run_family(family: str, cache_dir: str) -> dict:
-    env = dict(os.environ)
+    return run_harness([family], cache_dir, PTM_SM90_DROPOUT_TWINS="1")
+
+
+def run_harness(args: list, cache_dir: str, **env_vars) -> dict:
+    """-> {records, rc, stderr} of triton_sm90.py with args (FAMILY [CASE-SUBSTRING]), compiling into cache_dir
+    (a fresh cache: every kernel is compiled by this run's code), with env_vars set (e.g. PTM_SM90_DUMP)."""
+    env = dict(os.environ, TRITON_CACHE_DIR=cache_dir, **env_vars)
     env.pop("TRITON_INTERPRET", None)
-    env["TRITON_CACHE_DIR"] = cache_dir  # a fresh cache: every kernel is compiled by this run's code
-    env["PTM_SM90_DROPOUT_TWINS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     try:
-        p = subprocess.run([sys.executable, str(HELPER), family], capture_output=True, text=True, env=env,
+        p = subprocess.run([sys.executable, str(HELPER), *args], capture_output=True, text=True, env=env,
                            cwd=str(REPO), timeout=TIMEOUT_S)
         out, err, rc = p.stdout, p.stderr, p.returncode
     except subprocess.TimeoutExpired as e:

@@ -3,19 +3,15 @@ kernel at the register limit: the relative dq kernel at D = 128 with every mask 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from . import sm90_liveness as L
 from . import sm90_records as R
+from .test_triton_compile import SKIP_REASON
 
 CASE = "relative_attention_bwd bf16 D=128 band seg+klen+vseg+dense dropout"
 
-triton_only = pytest.mark.skipif(not R.HELPER.exists(), reason="the Triton harness is missing")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 needs_nvcc = pytest.mark.skipif(R.find_nvcc() is None, reason="nvcc not found (not on PATH, nor $CUDA_HOME/bin/nvcc)")
 
 
@@ -23,19 +19,14 @@ needs_nvcc = pytest.mark.skipif(R.find_nvcc() is None, reason="nvcc not found (n
 def dq_kernel(tmp_path_factory):
     """(harness record, PTX path) of the case's dq kernel, compiled for sm_90 with its artefacts dumped."""
     dump = tmp_path_factory.mktemp("sm90_dump")
-    env = dict(os.environ, PTM_SM90_DUMP=str(dump), TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(R.REPO), os.environ.get("PYTHONPATH", "")) if p)
-    out = subprocess.run([sys.executable, str(R.HELPER), "relative_attention-bf16", CASE.split(" ", 1)[1]],
-                         capture_output=True, text=True, env=env, cwd=str(R.REPO), timeout=900).stdout
-    records = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    dq = [r for r in R.launched(records) if r["case"] == CASE and r["kernel"] == "_rel_bwd_dq_kernel"]
+    res = R.run_harness(["relative_attention-bf16", CASE.split(" ", 1)[1]], str(tmp_path_factory.mktemp("cache")),
+                        PTM_SM90_DUMP=str(dump))
+    dq = [r for r in R.launched(res["records"]) if r["case"] == CASE and r["kernel"] == "_rel_bwd_dq_kernel"]
     ptx = sorted(dump.glob("*_rel_bwd_dq_kernel_*.ptx"))
-    assert dq and ptx, f"no dq compile of {CASE!r} dumped:\n{out[-2000:]}"
+    assert dq and ptx, f"no dq compile of {CASE!r} dumped (harness exit {res['rc']}):\n{res['stderr'][-2000:]}"
     return dq[-1], ptx[-1]
 
 
-@triton_only
 @needs_nvcc
 def test_life_ranges_of_a_kernel_at_the_register_limit(dq_kernel):
     record, ptx = dq_kernel

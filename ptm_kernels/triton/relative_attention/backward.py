@@ -194,11 +194,19 @@ def _band_grad_dots(dq, dpb, r_band, t_band, band_ok, QV_row, row_ok, DR_bh, BLO
     """The position gradients of dS's band image dpb (input dtype, _band_grad's layout) over the band rows t_band
     of r (r_band; band_ok: which exist): -> dq + dpb r_band (dqv's share, in _pos_band's layout: band-major tiles
     hold dq^T) and dr[t_band] += dpb^T qv (float32 atomics)."""
+    dq = _band_dq_dot(dq, dpb, r_band, BAND_MAJOR, PREC, UPCAST)
+    _dr_dots(dpb, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
+    return dq
+
+
+@triton.jit
+def _band_dq_dot(dq, dpb, r_band, BAND_MAJOR: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dq + dpb r_band: dqv's share of dS's band image dpb (_band_grad's layout), in _pos_band's layout (band-major
+    tiles hold dq^T)."""
     if BAND_MAJOR:
         dq += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
     else:
         dq += dot(dpb, r_band, None, PREC, UPCAST)
-    _dr_dots(dpb, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
     return dq
 
 
@@ -339,7 +347,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             # (position._band_select_from), dS written per key step into the image (position._band_image_store)
             # and the image read back per span. With both in registers, the product's select and the image's
             # gather (tl.gather: warp shuffles, their index arithmetic and selects) made the key step 1127 SASS
-            # instructions (sm_90, bf16 D = 128 band causal; 353 now), and the two held 32 + 16 registers per
+            # instructions (sm_90, bf16 D = 128 band causal; 336 now), and the two held 32 + 16 registers per
             # thread across the key steps. Skewed in the slot (position._slot_skewed), each key step's terms and
             # entries are a box: vector loads and stores
             tl.static_assert(grads.band_slots is not None, "the band-major dq form needs its band slots")
@@ -374,7 +382,7 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                 if grads.band_sums is not None:
                     _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
                 _dr_dots(dpb, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
-                dq += dot(tl.trans(r_band), dpb, None, PREC, UPCAST)
+                dq = _band_dq_dot(dq, dpb, r_band, BAND_MAJOR, PREC, UPCAST)
             _give_slot(slots.locks, slot)
         else:
             for start_n in range(lo, hi, BLOCK_N):

@@ -61,7 +61,7 @@ def _config(D: int, dtype, device, kernel: str = "fwd", streams: int = 1, mask_t
         # (position._band_keys; backward._stream_dq): per 64 keys 3 units of 128 * 64 * D for the band (product,
         # dq^T, dr) instead of 12: per 16 keys 9.2 K multiply-adds per head-dim column instead of 27.6 K. Its spill
         # bytes all lie outside the 16-key loop (sm90_artefacts inner_loop_spill_bytes: 0; in the loop before,
-        # up to 96 B at D = 128); the 64-key loop around it reloads up to 36 B (D = 128 every mask + dropout;
+        # up to 96 B at D = 128); the 64-key loop around it reloads up to 16 B (D = 128 every mask + dropout;
         # 148 B while the band product and dS's band image were held in registers, with 2.1-3.2x the
         # instructions per key step: backward._stream_dq).
         # Measured and not kept there: 32-key steps (two a band; 72 - 380 B, in the loop), the band image or the
