@@ -104,14 +104,15 @@ def loops(instrs: list, labels: dict, branches: dict) -> list:
 
 
 def live_at(instrs: list, addr: int) -> dict:
-    """{defining instruction (address, text): [registers]} for the registers live at addr."""
+    """{defining instruction (address, text): [registers]} for the registers live at addr (the instruction at addr
+    among the writers: nvdisasm marks the registers it writes live there)."""
     at = next(i for i, x in enumerate(instrs) if x.addr == addr)
     groups = {}
     for reg, mark in enumerate(instrs[at].columns):
         if mark == " ":
             continue
         writer = (0, "?")
-        for x in reversed(instrs[:at]):  # the last instruction before addr that marks reg as written
+        for x in reversed(instrs[:at + 1]):  # the last instruction up to addr that marks reg as written
             if x.columns[reg] in "^x":
                 writer = (x.addr, x.text)
                 break

@@ -84,9 +84,12 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # dS band image gives its row sums and dr before its band dot into dq (backward._stream_dq), every mask +
     # dropout 92 / 76 -> 76 / 60 B (24 B in the 64-key loop), two-stream 84 / 68 -> 52 / 36 B (none in a loop).
     # Since the rows' segments of the visibility are read once per row tile (scores._row_terms), every mask +
-    # dropout 68 / 52 B (16 B in the 64-key loop)
-    "relative_attention-bf16": (68, 52, 2),
-    "relative_attention-fp16": (68, 52, 2),
+    # dropout 68 / 52 B (16 B in the 64-key loop). Since the dq kernel derives dropout's Philox round keys at each
+    # key step (_common.dropout_keep RECOMPUTE_KEYS: held across the key loop, they took 20 registers) and the
+    # 16-bit dq kernel stores dq and dseg at int32 offsets within the head, every mask + dropout 16 / 8 B, two-stream
+    # 12 / 8 B (bf16 and fp16), none in a loop
+    "relative_attention-bf16": (16, 8, 2),
+    "relative_attention-fp16": (16, 8, 2),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
     # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
     # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;
@@ -108,9 +111,10 @@ INNER_LOOP_SPILL_BUDGET: dict = {}
 # (position._band_select_from, _band_image_store): selected and gathered in registers (tl.gather: warp shuffles,
 # their index arithmetic and selects), the step took 1026 / 1127 instructions with a causal band (D = 64 / 128;
 # 305 / 336 now, since the rows' key positions are int32: scores._row_terms) and up to 1537 with every mask +
-# dropout (670 now, since the rows' segments are read once per row tile). The budgets leave about 10% over
-# today's figures (they were 380 / 780).
-DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (370, 740), "relative_attention-fp16": (370, 740)}
+# dropout (670 since the rows' segments are read once per row tile; 707 since the step derives Philox's round
+# keys itself, _common.dropout_keep RECOMPUTE_KEYS). The budgets leave about 10% over today's figures (they were
+# 380 / 780, then 370 / 740).
+DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (370, 780), "relative_attention-fp16": (370, 780)}
 
 # Pending (issue 14, item 3): today's largest dropout / no-dropout ratio of SASS loop instructions per family.
 # Target: 1.5.

@@ -586,8 +586,7 @@ def test_dropout_keep_fraction(impl, p, rng):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dropout_seed_high_bits(impl, rng):
     """Seeds past 2 ** 32 (what a torch generator draws: 63 bits) keep 1 - p too, and seeds that differ only in
-    their high word give different masks (the Triton kernels key Philox with the low word and count with the high
-    one, _common.dropout_keep)."""
+    their high word give different masks (the Triton kernels key Philox with both words, _common.dropout_keep)."""
     B, H, Lq, Lk, p = 2, 2, 48, 40, 0.3
     low = rng.py.randrange(2**32)
     masks = [backend.module(impl).attention_dropout_mask((high << 32) | low, p, B, H, Lq, Lk, DEVICE)

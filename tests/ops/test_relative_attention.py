@@ -749,6 +749,32 @@ def test_dropout_matches_reference_given_the_backends_mask(impl, rng, monkeypatc
     _several_row_and_key_tiles(impl, rng, dropout=dict(dropout_p=0.3, seed=rng.randrange(2**31)))
 
 
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+@pytest.mark.parametrize("seed", [2**31 - 1, 2**63 - 1])
+def test_query_stream_seed_at_the_int_limits(impl, seed, rng, monkeypatch):
+    """The query stream draws with seed + 1 modulo 2 ** 63, as the reference's mask does, where that crosses
+    2 ** 31 (a seed below it is an int32 kernel argument: seed + 1 in the kernel wrapped to a negative seed and
+    another mask) and where it wraps to 0. Forward and gradients against the float64 reference with this backend's
+    own keep-mask."""
+    monkeypatch.setattr(reference_relative, "attention_dropout_mask", backend.module(impl).attention_dropout_mask)
+    B, H, D, Lq, M = 1, 2, 16, 20, 4
+    Lk = Lq + M
+    q, k, v = (randn(B, H, L, D) for L in (Lq, Lk, Lk))
+    r, u, vb = randn(H, Lk + Lq, D), randn(H, D), randn(H, D)
+
+    def f(q, qg, k, v, r, u, vb):
+        return pk.two_stream_attention(q, qg, k, v, r, u, vb, query_mask=AttentionMask.causal(), dropout_p=0.3,
+                                       seed=seed)
+
+    inputs = [q, q.flip(2), k, v, r, u, vb]
+    gout = [randn(B, H, Lq, D) for _ in range(2)]
+    with backend.use(relative_attention=impl):
+        outs, grads = run(f, inputs, gout)
+    truth_outs, truth_grads = run(f, [t.double() for t in inputs], [g.double() for g in gout])
+    for i, (a, t) in enumerate(zip(list(outs) + list(grads), list(truth_outs) + list(truth_grads))):
+        assert_close(a, t, name=f"seed {seed}: output/gradient {i}", **F32_TOL)
+
+
 def _several_row_and_key_tiles(impl, rng, D=16, Lq=(33, 40), M=(5, 12), dropout=None, B=1, per_batch_r=False,
                                after_case=None):
     """per_batch_r: r [B, H, R, D] (XLNet's bi_data) rather than shared by the batch; after_case(name, r): called

@@ -81,8 +81,11 @@ class Dims(NamedTuple):
 
 
 class DropoutArgs(NamedTuple):
-    """In-kernel dropout (_common.dropout_keep); the stream with index s draws with seed + s."""
+    """In-kernel dropout (_common.dropout_keep). The query stream draws with query_seed = seed + 1 modulo 2 ** 63
+    (as dropout_seed takes it), in int64: a seed below 2 ** 31 is an int32 argument, where seed + 1 wrapped to a
+    negative number (another mask) at 2 ** 31 - 1."""
     seed: int
+    query_seed: int
     threshold: int
     scale: float  # 1 / (1 - p)
 
@@ -152,4 +155,5 @@ def dropout_args(d: Dropout) -> Optional[DropoutArgs]:
     if d.p <= 0:
         return None
     p = float(d.p)
-    return DropoutArgs(C.dropout_seed(d.seed_value), C.dropout_threshold(p), 1.0 / (1.0 - p) if p < 1.0 else 0.0)
+    return DropoutArgs(C.dropout_seed(d.seed_value), C.dropout_seed(d.seed_value + 1), C.dropout_threshold(p),
+                       1.0 / (1.0 - p) if p < 1.0 else 0.0)

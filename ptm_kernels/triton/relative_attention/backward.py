@@ -107,13 +107,14 @@ def _head_dim_dots(S, DO, keys, b64, h64, rows, row_ok, offs_n, col_ok, t_band, 
 def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row,
                k, v, start_n, band_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr,
                BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr, GATHER: tl.constexpr, ROW_HALVES: tl.constexpr):
+               UPCAST: tl.constexpr, GATHER: tl.constexpr, ROW_HALVES: tl.constexpr,
+               RECOMPUTE_KEYS: tl.constexpr = False):
     """The probabilities of a (row tile, key tile k / v at start_n) pair recomputed, and the gradient of the
     unscaled scores: -> (pd: dropped probabilities, g: dS, offs_n, col_ok, band (position._band), t_band: the
     band's rows of r, BAND of them (band form; else 0)). DO: dO's args.Rows. band_pos: the position term where
     the caller computed it (the dq kernel's band spanning several key tiles; band is then 0), else None.
     ROW_HALVES: the band form's position term per row half (position._pos_row_halves; qv: the halves' rows; band
-    is then 0)."""
+    is then 0). RECOMPUTE_KEYS: dropout_keep's (the dq kernel's: its key loop is where registers run out)."""
     CHUNKED: tl.constexpr = _head_dim_chunked(PREC, BLOCK_D)  # else on the whole tiles qu, qv, do, k, v
     ip, base, t_last, seg0, seg1, qid, klen, plen, qseg = row
     Lk = keys.Lk
@@ -149,7 +150,8 @@ def _tile_grad(S, DO, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu
     if not CHUNKED:
         dp = dot(do, tl.trans(v), None, PREC, UPCAST)
     if drop is not None:
-        keep = dropout_keep(drop.seed + stream, bh64, rows, start_n, S.Lr, Lk, drop.threshold, BLOCK_N)
+        seed = drop.seed if stream == 0 else drop.query_seed
+        keep = dropout_keep(seed, bh64, rows, start_n, S.Lr, Lk, drop.threshold, BLOCK_N, False, RECOMPUTE_KEYS)
         pd = tl.where(keep, pr * drop.scale, 0.0)
         dp = tl.where(keep, dp * drop.scale, 0.0)
     else:
@@ -275,7 +277,8 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
         pos = _band_select_from(pos, SPAN_J, BLOCK_M, BLOCK_N, BAND)
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
         S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
-        v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, False)
+        v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, False,
+        RECOMPUTE_KEYS=PREC != "tf32x3")  # float32: its two-stream dq at D = 128 spilled 8 / 4 B with them
     if DQ_T:
         dq += dot(tl.trans(k), tl.trans(g.to(k.dtype)), None, PREC, UPCAST)
     else:
@@ -430,11 +433,19 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             # only a block barrier makes their stores visible here
             tl.debug_barrier()
             dq += tl.load(DQV_bh + rows64[:, None] * D + offs_d[None, :], mask=rd_ok, other=0.0)
-        tl.store(grads.dq + bh64 * Lr * D + rows64[:, None] * D + offs_d[None, :], dq, mask=rd_ok)
+        # 16-bit: the rows addressed within the head in int32 (as dr): their int64 offsets were the kernel's from
+        # before the key loop, held across it (sm_90, the two-stream dq at D = 128, bf16: 32 / 20 -> 12 / 8 spill
+        # bytes); float32 keeps them (at D = 64 its two-stream dq spilled 8 / 4 B with int32 offsets, 0 without)
+        if PREC == "tf32x3":
+            dq_at = grads.dq + bh64 * Lr * D + rows64[:, None] * D + offs_d[None, :]
+            dseg_at = (bh64 * Lr + rows64) * 2
+        else:
+            dq_at = grads.dq + bh64 * Lr * D + (rows[:, None] * D + offs_d[None, :])
+            dseg_at = bh64 * Lr * 2 + rows * 2
+        tl.store(dq_at, dq, mask=rd_ok)
         if grads.dseg is not None:
-            dseg_ptr = grads.dseg + (bh64 * Lr + rows64) * 2
-            tl.store(dseg_ptr, dseg[0], mask=row_ok)
-            tl.store(dseg_ptr + 1, dseg[1], mask=row_ok)
+            tl.store(grads.dseg + dseg_at, dseg[0], mask=row_ok)
+            tl.store(grads.dseg + dseg_at + 1, dseg[1], mask=row_ok)
 
 
 @triton.jit

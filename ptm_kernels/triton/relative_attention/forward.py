@@ -64,7 +64,10 @@ def _stream_fwd(pid_m, bh, S, out, keys, dims, drop, stream, BLOCK_M: tl.constex
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(pr, 1)
             if drop is not None:
-                keep = dropout_keep(drop.seed + stream, bh64, rows, start_n, Lr, Lk, drop.threshold, BLOCK_N)
+                # query_seed computed here, in int64 (sm_90, fp16 two-stream at D = 128: 12 / 8 spill bytes
+                # reading query_seed, 0 so; the dq kernel the other way round: 20 / 12 against 12 / 8)
+                seed = (tl.to_tensor(drop.seed).to(tl.int64) + stream) & 0x7FFFFFFFFFFFFFFF
+                keep = dropout_keep(seed, bh64, rows, start_n, Lr, Lk, drop.threshold, BLOCK_N)
                 pr = tl.where(keep, pr * drop.scale, 0.0)
             v = _key_tile(keys.v, b64, h64, start_n, offs_n, col_ok, BLOCK_D, D)
             # P.V on the inputs' dtype (16-bit: wgmma with bf16 / fp16 operands, as FlashAttention)
