@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover - older Triton: pointer loads only
 
 __all__ = ["LOG2E", "LN2", "SUPPORTED_DTYPES", "OutOfResources", "interpreted", "capability", "num_sms",
            "precision", "upcast", "first_that_fits", "block_d", "TensorDescriptor", "tma_strides", "tma_rows", "dot",
-           "load", "analytic_visible", "dropout_seed", "dropout_threshold", "dropout_keep"]
+           "load", "analytic_visible", "dropout_seed", "dropout_threshold", "opaque",
+           "dropout_keep"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -184,6 +185,18 @@ def analytic_visible(vis, qi, cols, klen, plen, wl, wr, CAUSAL: tl.constexpr, HA
 
 
 @triton.jit
+def opaque(x):
+    """x (a 32- or 64-bit integer), as a value the compiler can neither move out of the loop it is computed in
+    nor merge with an equal value computed elsewhere: a volatile inline-PTX copy. What is derived from it is
+    computed where it is used, rather than once and held in registers. Under the interpreter: x."""
+    if _INTERPRETING:
+        return x
+    if x.dtype.primitive_bitwidth == 64:
+        return tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [x], dtype=x.dtype, is_pure=False, pack=1)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
+
+
+@triton.jit
 def dropout_keep(seed, bh64, rows, col0, Lq, Lk, threshold, BLOCK_N: tl.constexpr, TRANS: tl.constexpr = False,
                  RECOMPUTE_KEYS: tl.constexpr = False):
     """Dropout keep-mask [len(rows), BLOCK_N] (TRANS: its transpose) of head bh64, query rows `rows` (1-D), keys
@@ -199,8 +212,7 @@ def dropout_keep(seed, bh64, rows, col0, Lq, Lk, threshold, BLOCK_N: tl.constexp
     RECOMPUTE_KEYS: derive Philox's 20 round keys from the seed at each call. Left to itself the compiler derives
     them once, before the caller's key loop, and holds them in 20 registers across it: in the relative dq kernel
     at D = 128 (sm_90, bf16, every mask + dropout) that made 68 / 52 of its spill bytes (now 16 / 8, none in a
-    loop), for about 40 more instructions a key step (670 -> 707). The mask is the same either way. Compiled
-    kernels only (inline PTX); the interpreter computes the keys per call anyway."""
+    loop), for about 40 more instructions a key step (670 -> 707). The mask is the same either way (opaque)."""
     BLOCK_M: tl.constexpr = rows.shape[0]
     NG: tl.constexpr = BLOCK_N // 16
     # one Philox call per (row, group), laid out 1-D (group-major when TRANS) so no two threads make the same call
@@ -215,10 +227,8 @@ def dropout_keep(seed, bh64, rows, col0, Lq, Lk, threshold, BLOCK_N: tl.constexp
     c0 = n.to(tl.uint32)
     c1 = (n >> 32).to(tl.uint32)
     z = c0 * 0
-    if RECOMPUTE_KEYS and not _INTERPRETING:
-        # an opaque copy of the seed (volatile inline PTX: not moved out of the caller's loop)
-        seed = tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [tl.to_tensor(seed).to(tl.int64)],
-                                         dtype=tl.int64, is_pure=False, pack=1)
+    if RECOMPUTE_KEYS:
+        seed = opaque(tl.to_tensor(seed).to(tl.int64))
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, z, z)
     # key 16 g + 4 w + b is byte b of word w: [calls, word 2 x + y, byte 2 u + v]
     words = tl.join(tl.join(w0, w1), tl.join(w2, w3))

@@ -87,9 +87,11 @@ SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
     # dropout 68 / 52 B (16 B in the 64-key loop). Since the dq kernel derives dropout's Philox round keys at each
     # key step (_common.dropout_keep RECOMPUTE_KEYS: held across the key loop, they took 20 registers) and the
     # 16-bit dq kernel stores dq and dseg at int32 offsets within the head, every mask + dropout 16 / 8 B, two-stream
-    # 12 / 8 B (bf16 and fp16), none in a loop
-    "relative_attention-bf16": (16, 8, 2),
-    "relative_attention-fp16": (16, 8, 2),
+    # 12 / 8 B (bf16 and fp16), none in a loop. Since the slot's lock is released with its address and lane chosen
+    # again (backward._give_slot), 1: every mask + dropout 8 / 4 B (one register, kept across the key loop for
+    # the epilogue's dq^T -> dq conversion), two-stream 0
+    "relative_attention-bf16": (8, 4, 1),
+    "relative_attention-fp16": (8, 4, 1),
     # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
     # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
     # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;

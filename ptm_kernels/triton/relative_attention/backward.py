@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._common import LOG2E, dot, dropout_keep
+from .._common import LOG2E, dot, dropout_keep, opaque
 from .position import (_band, _band_grad, _band_image_store, _band_keys, _band_major, _band_rows, _band_select,
                        _band_select_from, _pos_band, _pos_gather, _pos_row_halves, _slot_skewed, _slot_width,
                        _slot_zero)
@@ -245,7 +245,11 @@ def _give_slot(LOCKS, slot):
     """Give the slot back once every thread is done with it (block barrier, then release: the next holder's
     writes come after this program's)."""
     tl.debug_barrier()
-    tl.atomic_xchg(LOCKS + slot, 0, sem="release")
+    # one lane releases, as in _take_slot, but through a 1-element tensor: the scalar atomic shares _take_slot's
+    # choice of that lane, which the dq kernel then held across its key loop (sm_90, bf16 D = 128, two-stream:
+    # 4 / 4 spill bytes -> 0)
+    one = tl.zeros([1], dtype=tl.int32)
+    tl.atomic_xchg(LOCKS + slot + one, one, sem="release")
 
 
 @triton.jit
@@ -386,7 +390,9 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                     _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, BAND_MAJOR)
                 _dr_dots(dpb, t_band, band_ok, QV_row, row_ok, DR_bh, BLOCK_D, D, DR_CHUNK, BAND_MAJOR, PREC, UPCAST)
                 dq = _band_dq_dot(dq, dpb, r_band, BAND_MAJOR, PREC, UPCAST)
-            _give_slot(slots.locks, slot)
+            # the slot's lock address computed again (opaque): the one _take_slot computed was held across the key
+            # loop (sm_90 bf16 D = 128 spill bytes: every mask + dropout 16 / 8 -> 8 / 4, two-stream 12 / 8 -> 4 / 4)
+            _give_slot(slots.locks, opaque(slot))
         else:
             for start_n in range(lo, hi, BLOCK_N):
                 dq, dseg, g, offs_n, col_ok, band, t_band = _dq_key_tile(
