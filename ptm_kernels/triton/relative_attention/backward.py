@@ -282,7 +282,8 @@ def _dq_key_tile(dq, dseg, start_n, pos, SPAN_J, S, grads, keys, dims, drop, str
     pd, g, offs_n, col_ok, band, t_band = _tile_grad(
         S, grads.do, keys, dims, drop, stream, rows, row_ok, b64, h64, bh64, qu, qv, QV_row, do, lse, delta, row, k,
         v, start_n, pos, BLOCK_M, BLOCK_N, BAND, BLOCK_D, D_CHUNK, D, PREC, UPCAST, GATHER, False,
-        RECOMPUTE_KEYS=PREC != "tf32x3")  # float32: its two-stream dq at D = 128 spilled 8 / 4 B with them
+        RECOMPUTE_KEYS=PREC != "tf32x3" and BLOCK_D > 64)  # D = 64: no spills to save, +38 instructions a step
+    # (every mask + dropout, 636 -> 674); float32: its two-stream dq at D = 128 spilled 8 / 4 B with them
     if DQ_T:
         dq += dot(tl.trans(k), tl.trans(g.to(k.dtype)), None, PREC, UPCAST)
     else:
