@@ -211,8 +211,9 @@ def dropout_keep(seed, bh64, rows, col0, Lq, Lk, threshold, BLOCK_N: tl.constexp
 
     RECOMPUTE_KEYS: derive Philox's 20 round keys from the seed at each call. Left to itself the compiler derives
     them once, before the caller's key loop, and holds them in 20 registers across it: in the relative dq kernel
-    at D = 128 (sm_90, bf16, every mask + dropout) that made 68 / 52 of its spill bytes (now 16 / 8, none in a
-    loop), for about 40 more instructions a key step (670 -> 707). The mask is the same either way (opaque)."""
+    at D = 128 (sm_90, bf16, every mask + dropout) that made most of its 68 / 52 spill bytes (16 / 8 with them
+    derived per call, none in a loop), for about 40 more instructions a key step (670 -> 707). The mask is the
+    same either way (opaque)."""
     BLOCK_M: tl.constexpr = rows.shape[0]
     NG: tl.constexpr = BLOCK_N // 16
     # one Philox call per (row, group), laid out 1-D (group-major when TRANS) so no two threads make the same call

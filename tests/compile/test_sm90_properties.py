@@ -113,7 +113,7 @@ INNER_LOOP_SPILL_BUDGET: dict = {}
 # (position._band_select_from, _band_image_store): selected and gathered in registers (tl.gather: warp shuffles,
 # their index arithmetic and selects), the step took 1026 / 1127 instructions with a causal band (D = 64 / 128;
 # 305 / 336 now, since the rows' key positions are int32: scores._row_terms) and up to 1537 with every mask +
-# dropout (670 since the rows' segments are read once per row tile; 707 since the step derives Philox's round
+# dropout (670 since the rows' segments are read once per row tile; 706 since the step derives Philox's round
 # keys itself, _common.dropout_keep RECOMPUTE_KEYS). The budgets leave about 10% over today's figures (they were
 # 380 / 780, then 370 / 740).
 DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (370, 780), "relative_attention-fp16": (370, 780)}

@@ -775,6 +775,17 @@ def test_query_stream_seed_at_the_int_limits(impl, seed, rng, monkeypatch):
         assert_close(a, t, name=f"seed {seed}: output/gradient {i}", **F32_TOL)
 
 
+def test_backward_refuses_heads_past_int32_offsets():
+    """The dq kernel's per-head int32 offsets into dq and dr: a head of 2 ** 31 elements or more is refused with a
+    message naming the sizes, not wrapped (checked without allocating one)."""
+    from ptm_kernels.triton.relative_attention import launch
+
+    launch._check_head_offsets(2 ** 24 - 1, 2 ** 24 - 1, 128)  # the largest that fit
+    for rows, R in ((2 ** 24, 16), (16, 2 ** 24)):
+        with pytest.raises(ValueError, match=f"Lq = {rows}, R = {R}, D = 128"):
+            launch._check_head_offsets(rows, R, 128)
+
+
 def _several_row_and_key_tiles(impl, rng, D=16, Lq=(33, 40), M=(5, 12), dropout=None, B=1, per_batch_r=False,
                                after_case=None):
     """per_batch_r: r [B, H, R, D] (XLNet's bi_data) rather than shared by the batch; after_case(name, r): called

@@ -30,7 +30,7 @@ gradient of q, through q + u and q + v_bias) and dseg in registers (the gather f
 buffer, joined to dq at the end; only the streams whose form does so get one, launch._dqv_in_memory) and adds dr
 into a float32 buffer with atomics; dkdv, one program per (key tile, b * h), walks the row tiles of both streams
 and owns dk and dv. Dropout: attention's (_common.dropout_keep) with Lr
-rows, the query stream with seed + 1; deterministic per seed (its own mask, not the reference's).
+rows, the query stream with seed + 1 (modulo 2 ** 63); deterministic per seed (its own mask, not the reference's).
 
 Precision: every dot takes the inputs' dtype, float32 accumulation: for 16-bit inputs the probabilities, dS and
 its band image DPB are rounded to it before their dots (as FlashAttention does), so that every dot runs on wgmma

@@ -502,9 +502,9 @@ def _rel_bwd_dkdv_kernel(S0, S1, G0, G1, keys, dims, drop, DK, DV, BLOCK_M: tl.c
                          BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, D: tl.constexpr,
                          PREC: tl.constexpr, UPCAST: tl.constexpr, DKDV_T: tl.constexpr, ROW_HALVES: tl.constexpr):
     """Grid (key tiles, B * H): dk, dv (contiguous [B, H, Lk, D], k's dtype) of one key tile, summed over the
-    rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s). DKDV_T
-    (launch._config): accumulate dk^T and dv^T, whose dots have M = BLOCK_D rows rather than BLOCK_N (wgmma
-    takes M >= 64: a 32-key tile's dk / dv dots ran on mma.sync). ROW_HALVES (launch._config): the position
+    rows of both streams (S1 / G1 None for one stream; stream s draws its dropout with seed + s modulo 2 ** 63).
+    DKDV_T (launch._config): accumulate dk^T and dv^T, whose dots have M = BLOCK_D rows rather than BLOCK_N
+    (wgmma takes M >= 64: a 32-key tile's dk / dv dots ran on mma.sync). ROW_HALVES (launch._config): the position
     term per row half (position._pos_row_halves)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)

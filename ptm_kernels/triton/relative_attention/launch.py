@@ -208,6 +208,14 @@ def _check(*ts):
                              f"got {t.dtype}")
 
 
+def _check_head_offsets(rows: int, R: int, D: int) -> None:
+    """The dq kernel addresses one head's rows of dr (and, 16-bit, of dq) at int32 offsets (row * D + column):
+    refuse a head past them rather than wrap."""
+    if max(rows, R) * D >= 2 ** 31:
+        raise ValueError(f"ptm_kernels.triton: relative attention backward needs fewer than 2 ** 31 elements per head "
+                         f"of q and r (Lq = {rows}, R = {R}, D = {D})")
+
+
 # Test hook (not API): force the forward's TMA loads on (where the operands allow them; the interpreter runs
 # them) or off.
 _FORCE_TMA: Optional[bool] = None
@@ -265,6 +273,7 @@ def _bwd(douts: list, outs_lses: list, k, v, r, p: RelativeParams, streams: list
     (row tiles of both streams, with dr) and dk / dv (key tiles)."""
     B, H, Lk, D = k.shape
     R = r.shape[2]
+    _check_head_offsets(max(s.q.shape[2] for s in streams), R, D)
     f32 = dict(dtype=torch.float32, device=k.device)
     dr = torch.zeros(B, H, R, D, **f32)
     biased = [tuple(t.contiguous() for t in s.biased()) for s in streams]  # the backward reads them contiguous

@@ -15,7 +15,8 @@ def _for_stream(BODY: tl.constexpr, S0, S1, X0, X1, keys, dims, drop, BLOCK_M: t
                 BLOCK_N: tl.constexpr, BAND: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr,
                 D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Run BODY (the forward's or backward's row-tile program) for stream program_id(2) with its stream
-    arguments S and results X; S1 / X1 are None for a single stream. Stream s draws its dropout with seed + s."""
+    arguments S and results X; S1 / X1 are None for a single stream. Stream s draws its dropout with seed + s
+    modulo 2 ** 63 (args.DropoutArgs)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     if tl.program_id(2) == 0:
