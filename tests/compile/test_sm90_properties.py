@@ -5,11 +5,11 @@ Every kernel config the launchers choose on an H100 (the tests/compile harness: 
 for sm_90a; sm90_artefacts reads registers, spill bytes, MMA and TMA instructions from the cubin. The records
 are shared with test_triton_compile.py (each family is compiled once per pytest process).
 
-1. Spill bytes: zero for every CUDA kernel and every Triton kernel outside relative attention (attention in
-   bf16 / fp16 / fp32 included). Relative attention still spills in some configs (issue 14 items 1 and 2): each
-   of its families is held to today's measured figures (SPILL_BUDGET), so a regression fails; the target is zero.
-   Where the spills run is held apart (INNER_LOOP_SPILL_BUDGET): the spill instructions inside an innermost loop
-   (a kernel's per-tile step) run once per tile pair, those outside it once per program or per outer-loop trip.
+1. Spill bytes: zero for every CUDA kernel and every Triton kernel (attention, relative attention, norms,
+   activations, RoPE, losses; bf16 / fp16 / fp32). SPILL_BUDGET holds a family to a measured figure where one
+   spills again on purpose (none today). Where spills would run is held apart (INNER_LOOP_SPILL_BUDGET): spill
+   instructions inside an innermost loop (a kernel's per-tile step) run once per tile pair, those outside it once
+   per program or per outer-loop trip.
 2. MMA: the attention forward of 16-bit inputs runs on wgmma (HGMMA) with 16-bit operands, no mma.sync, no
    tf32; so does every relative-attention kernel of 16-bit inputs (forward, dq, dk/dv: every dot, QK, the band
    GEMM, P.V, dS.K, dS^T.Q, P^T.dO and the dr / dqv band dots), with tiles of at least 64 query rows.
@@ -37,67 +37,20 @@ ATTENTION = ["attention-bf16", "attention-fp16", "attention-fp32"]
 RELATIVE = ["relative_attention-bf16", "relative_attention-fp16", "relative_attention-fp32"]
 OTHERS = ["norms", "activations", "rope", "losses"]
 
-# Pending (issue 14, items 1, 2, 6): today's figures over a family's launched configs (triton 3.7.1, measured
-# with this test's records, see benchmarks/results/sm90-static.md): the largest spill stores and loads (bytes)
-# and how many launched compiles spill at all. A family above any of them fails; lower them as the kernels
-# improve (the target is zero). Per family, not per kernel name, so that renamed kernels keep their budget.
-SPILL_BUDGET = {  # family: (store bytes, load bytes, spilling compiles)
-    # bf16 / fp16 attention: none (was 204/216 B: dK/dV at D = 128 with every mask + dropout + dbias at 255
-    # registers, now on 32 x 64 tiles; 16 B at D = 64, 12 B for dK/dV 64 x 128 at D = 128; see configs.py)
-    # float32 attention (tf32x3 dots): none since its tiles were cut to fit (attention/configs.py; 1612/1464 B in
-    # 14 compiles before, the worst the dK/dV at D = 128 with every mask on 32 x 32 tiles)
-    # Since the Hopper rewrite (issue 14 item 2: 64-row tiles, wgmma, dk/dv owned by a key-tile kernel) the
-    # backward is two kernels, 24 launched compiles. With the band products band-major (position._pos_band: a
-    # chained dot with M = 64 on 8 warps is computed by both warpgroups) 12 of them spill: the worst the dk/dv at
-    # D = 128 with every mask + dropout (360/344 B at 255 registers, was 592/532 B), the dq kernel 212/188 B
-    # there (was 372/332 B); every forward but one (12/12 B) is at 0. Since the dq kernel reads qu / dO again each
-    # step at D = 64, 11 (its band causal compile 32/32 B -> 0). Since the dk/dv kernel at D = 128 takes the band
-    # product in two 64-row pieces (since replaced by row halves), 10: its band causal compile 44/32 B -> 0, every
-    # mask + dropout 360/344 -> 208/204 B, two-stream 144/240 -> 128/128 B; the worst now the dq at D = 128 with
-    # every mask + dropout (212/188 B). Since the dk/dv kernel accumulates dk^T / dv^T (launch._config DKDV_T:
-    # wgmma at D = 128, where its dk / dv dots ran on mma.sync) and takes the band whole with two streams, 9: at
-    # D = 128 every mask + dropout 208/204 -> 132/128 B, two-stream 128/128 -> 0, band causal 0 -> 4/4 B; at D = 64
-    # every mask + dropout 152/120 -> 136/124 B, two-stream 12/8 -> 0. Since the dq kernel keeps dq = dqu + dqv in
-    # one accumulator (the op returns q's gradient, not those of q + u and q + v_bias), still 9, the worst now
-    # 136/128 B (dk/dv at D = 64 and 128 with every mask + dropout): dq at D = 128 band causal 108/88 -> 20/12 B,
-    # every mask + dropout 212/188 -> 132/120, two-stream 116/88 -> 48/40; at D = 64 156/116 -> 108/88 and 44/24 ->
-    # 48/32. Since the dk/dv kernel at D = 64 takes 32 keys a step for a stream with four [rows x keys] mask
-    # terms (launch._mask_terms), 8: that compile (every mask + dropout) 136/124 B -> 0. The band rolled along the
-    # key loop (forward 3 band units of 64 * 64 * D a step instead of 4, dq 6 per 64 keys instead of 27) spilled
-    # more and was removed: forward up to 44/44 B, dq up to 1316/1316 B (figures in launch.py). Before the Hopper
-    # rewrite (one backward, 32 x 32 tiles, mma.sync + tf32, 16 compiles): bf16 668/624 B, fp16 520/476 B, 5
-    # spilling compiles each.
-    # Since the dq kernel's band product serves four 16-key steps (position._band_keys: a third of its tensor-core
-    # work), 9 spill, more bytes but none in its key loop (INNER_LOOP_SPILL_BUDGET): dq at D = 64 0 / 108 / 48 ->
-    # 36 / 112 / 84 B (band causal / every mask + dropout / two-stream; fp16 52 / 108 / 84), at D = 128 20 / 132 /
-    # 48 -> 68 / 188 / 216 B, all before, after or around the 16-key loop (in it before: 56 and 4 B at D = 64, 96
-    # at D = 128). Since the dk/dv kernel at D = 128 takes the position term per row half (launch._config
-    # ROW_HALVES; the band in two 64-row pieces before), 7: its band causal compile 4 / 4 -> 0, every mask +
-    # dropout 132 / 128 -> 0. Since the forward loads r's band (and at D = 64 k and v) through TMA
-    # (launch._tma_loads), 6, all in the dq kernel: the forward at D = 128 with every mask + dropout 12 / 12 -> 0.
-    # Since the dq kernel keeps its band product and dS's band image in a slot of a pool, skewed (backward._stream_dq,
-    # position._slot_skewed: the key steps load their position terms from the product and store dS into the image
-    # as boxes, where they were selected and gathered in registers before; DQ_KEY_STEP_INSTRUCTIONS), 2, the dq
-    # kernel at D = 128 with [rows x keys] mask terms: D = 64 36 / 112 / 84 -> 0 / 0 / 0 B (band causal / every mask
-    # + dropout / two-stream; fp16 52 / 108 / 84 before), D = 128 68 / 188 / 216 -> 0 / 92 / 84 B (bf16 and fp16),
-    # 0 B in any key step (as before), at most 36 B in the 64-key loop around it (148 B before). Since the span's
-    # dS band image gives its row sums and dr before its band dot into dq (backward._stream_dq), every mask +
-    # dropout 92 / 76 -> 76 / 60 B (24 B in the 64-key loop), two-stream 84 / 68 -> 52 / 36 B (none in a loop).
-    # Since the rows' segments of the visibility are read once per row tile (scores._row_terms), every mask +
-    # dropout 68 / 52 B (16 B in the 64-key loop). Since the dq kernel derives dropout's Philox round keys at each
-    # key step (_common.dropout_keep RECOMPUTE_KEYS: held across the key loop, they took 20 registers) and the
-    # 16-bit dq kernel stores dq and dseg at int32 offsets within the head, every mask + dropout 16 / 8 B, two-stream
-    # 12 / 8 B (bf16 and fp16), none in a loop. Since the slot's lock is released with its address and lane chosen
-    # again (backward._give_slot), 1: every mask + dropout 8 / 4 B (one register, kept across the key loop for
-    # the epilogue's dq^T -> dq conversion), two-stream 0
-    "relative_attention-bf16": (8, 4, 1),
-    "relative_attention-fp16": (8, 4, 1),
-    # float32 (tf32x3 on mma.sync): small tiles (relative_attention/launch._config: forward 32 x 32 / 16 x 32,
-    # backward 16 x 32) and the backward's head-dim dots in 16-column chunks read from memory
-    # (backward._head_dim_dots): none (32-column chunks: the two-stream dq 8/4 B at D = 64, 60/28 B at D = 128;
-    # 2852/2608 B in 18 of 24 compiles with 32 x 32 tiles before, 2592/2052 B in 12 of 16 before the Hopper rewrite)
-    "relative_attention-fp32": (0, 0, 0),
-}
+# Spill budgets per family: (largest store bytes, largest load bytes, how many launched compiles spill), over a
+# family's launched configs (triton 3.7.1, see benchmarks/results/sm90-static.md); absent means (0, 0, 0). Per
+# family, not per kernel name, so that renamed kernels keep their budget. Every family is at zero:
+# - bf16 / fp16 attention since dK/dV at D = 128 with every mask + dropout + dbias runs 32 x 64 tiles (was 204 /
+#   216 B; attention/configs.py); float32 attention since its tiles were cut to fit (1612 / 1464 B in 14 compiles).
+# - bf16 / fp16 relative attention since the 16-bit dq kernel stores dq^T as it lies (backward._stream_dq: the
+#   last register, held across the key loop for the epilogue's dq^T -> dq conversion, 8 / 4 B). On the way (each
+#   step in git log and the issue 14 notes), bf16 stores: 668 B worst in 5 compiles on 32 x 32 mma.sync tiles;
+#   360 B in 12 right after the Hopper rewrite (64-row wgmma tiles); 92 B in 2 once the dq kernel kept its band
+#   product and dS's band image in a slot of a pool; 8 B in 1 once it derived Philox's round keys per key step,
+#   stored at int32 offsets and released the slot with its address computed again.
+# - float32 relative attention (tf32x3 on mma.sync) since its tiles were cut and its backward's head-dim dots run
+#   in 16-column chunks (2592 / 2052 B in 12 of 16 compiles before the Hopper rewrite).
+SPILL_BUDGET: dict = {}
 
 # Spill instructions inside an innermost loop (sm90_artefacts inner_loop_spill_bytes; the per-tile step, once per
 # tile pair): (largest bytes of a launched compile, how many compiles), per family; none in any family since
@@ -114,7 +67,7 @@ INNER_LOOP_SPILL_BUDGET: dict = {}
 # their index arithmetic and selects), the step took 1026 / 1127 instructions with a causal band (D = 64 / 128;
 # 305 / 336 now, since the rows' key positions are int32: scores._row_terms) and up to 1537 with every mask +
 # dropout (670 since the rows' segments are read once per row tile; 706 since the step derives Philox's round
-# keys itself, _common.dropout_keep RECOMPUTE_KEYS). The budgets leave about 10% over today's figures (they were
+# keys itself, _common.dropout_keep RECOMPUTE_KEYS; 726 since dq^T is stored as it lies). The budgets leave about 10% over today's figures (they were
 # 380 / 780, then 370 / 740).
 DQ_KEY_STEP_INSTRUCTIONS = {"relative_attention-bf16": (370, 780), "relative_attention-fp16": (370, 780)}
 
@@ -179,7 +132,7 @@ def test_triton_spills(family):
         f"{family}: {len(spilling)} spilling compiles, budget {budget_n} compiles of at most {budget_st} B "
         f"stored / {budget_ld} B loaded:\n{listing}")
     if spilling:
-        print(f"{family} (pending, budget {SPILL_BUDGET[family]}):\n{listing}")
+        print(f"{family} (budget {SPILL_BUDGET[family]}):\n{listing}")
 
 
 @triton_only

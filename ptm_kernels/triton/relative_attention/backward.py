@@ -433,8 +433,6 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
                                              DR_CHUNK, False, PREC, UPCAST)
                         if grads.band_sums is not None:
                             _band_sums(BAND_SUMS_bh, dpb, t_band, band_ok, False)
-        if DQ_T:
-            dq = tl.trans(dq)
         if GATHER or CHUNKED:  # + the dqv these forms added up in memory (rows owned by this program)
             # stored in [BLOCK_M, chunk] tiles, read back whole: other threads of this block wrote some of it, and
             # only a block barrier makes their stores visible here
@@ -443,13 +441,20 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
         # 16-bit: the rows addressed within the head in int32 (as dr): their int64 offsets were the kernel's from
         # before the key loop, held across it (sm_90, the two-stream dq at D = 128, bf16: 32 / 20 -> 12 / 8 spill
         # bytes); float32 keeps them (at D = 64 its two-stream dq spilled 8 / 4 B with int32 offsets, 0 without)
-        if PREC == "tf32x3":
-            dq_at = grads.dq + bh64 * Lr * D + rows64[:, None] * D + offs_d[None, :]
-            dseg_at = (bh64 * Lr + rows64) * 2
+        DQ_bh = grads.dq + bh64 * Lr * D
+        if DQ_T:
+            # dq^T stored as it lies, its column offsets opaque. tl.trans + store went through shared memory with
+            # a thread-index term that LLVM computed once, before the key loop (shared with the prologue's loads),
+            # and held across it: sm_90 bf16 D = 128, every mask + dropout, 8 / 4 spill bytes -> 0. With plain
+            # offsets LLVM hoisted their [BLOCK_D, BLOCK_M] tile instead (124 / 104 B, in the loop). The stores are
+            # 2-byte and strided, once per program
+            offs_dt = opaque(offs_d)
+            tl.store(DQ_bh + (rows[None, :] * D + offs_dt[:, None]), dq, mask=row_ok[None, :] & (offs_dt < D)[:, None])
+        elif PREC == "tf32x3":
+            tl.store(DQ_bh + rows64[:, None] * D + offs_d[None, :], dq, mask=rd_ok)
         else:
-            dq_at = grads.dq + bh64 * Lr * D + (rows[:, None] * D + offs_d[None, :])
-            dseg_at = bh64 * Lr * 2 + rows * 2
-        tl.store(dq_at, dq, mask=rd_ok)
+            tl.store(DQ_bh + (rows[:, None] * D + offs_d[None, :]), dq, mask=rd_ok)
+        dseg_at = (bh64 * Lr + rows64) * 2 if PREC == "tf32x3" else bh64 * Lr * 2 + rows * 2
         if grads.dseg is not None:
             tl.store(grads.dseg + dseg_at, dseg[0], mask=row_ok)
             tl.store(grads.dseg + dseg_at + 1, dseg[1], mask=row_ok)
