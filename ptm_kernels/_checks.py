@@ -52,3 +52,20 @@ def rows(x: Tensor) -> Tensor:
     if x.dim() != 2:  # flatten (a reshape) costs less than reshape to computed sizes; a matrix needs neither
         x = x.flatten(0, -2) if x.dim() > 2 else x.unsqueeze(0)
     return x.contiguous()
+
+
+def values_in(name: str, t: Tensor, lo: int, hi: int, range_text: str) -> None:
+    """Refuse integer values of t outside [lo, hi) (range_text says it for the message, e.g. "[0, Lq = 8)").
+
+    A GPU kernel cannot raise, and an index outside its range reads outside memory or gives a plausible wrong
+    answer, so it is checked here: eagerly with one sync and a ValueError naming `name` and the values found;
+    inside a traced graph (torch.compile), where a data-dependent raise cannot run, as a graph assertion
+    (torch._assert_async: a RuntimeError on the CPU, a device-side assert on a GPU, as torch's own indexing)."""
+    if t.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((t >= lo) & (t < hi)).all(), f"{name} must lie in {range_text}")
+        return
+    a, b = int(t.min()), int(t.max())
+    if a < lo or b >= hi:
+        raise ValueError(f"{name} must lie in {range_text}, got values in [{a}, {b}]")

@@ -560,10 +560,7 @@ def _batch_lengths(name: str, lengths: Optional[Tensor], B: int, Lk: int, device
     if lengths.shape[0] not in (1, B):
         raise ValueError(f"{name} must have {B} entries (the batch size) or 1, got {lengths.shape[0]}")
     lengths = lengths.to(device).expand(B).contiguous()
-    if not torch.compiler.is_compiling():  # a GPU kernel cannot raise: check here (one sync, then cached)
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 0 or hi > Lk:
-            raise ValueError(f"{name} must lie in [0, Lk = {Lk}], got values in [{lo}, {hi}]")
+    _checks.values_in(name, lengths, 0, Lk + 1, f"[0, Lk = {Lk}]")  # once per mask: it is cached
     return lengths
 
 

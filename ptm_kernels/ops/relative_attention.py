@@ -267,10 +267,7 @@ def two_stream_attention(q_content: Tensor, q_query: Tensor, k: Tensor, v: Tenso
             raise ValueError(f"query_positions must have shape [B={B} or 1, Lg={Lg}], got "
                              f"{tuple(query_positions.shape)}")
         query_positions = query_positions.to(torch.int64).expand(B, Lg).contiguous()
-        if query_positions.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(query_positions.min()), int(query_positions.max())
-            if lo < 0 or hi >= Lq:
-                raise ValueError(f"query_positions must lie in [0, Lq = {Lq}), got values in [{lo}, {hi}]")
+        _checks.values_in("query_positions", query_positions, 0, Lq, f"[0, Lq = {Lq})")
     shared, seg_fn = _shared(q_content, k, v, r, scale, r_offset, segment_ids, key_segment_ids, seg_embed, s_bias,
                              dropout_p, seed, generator)
     sc = _stream("content_mask", q_content, u, v_bias, seg_fn, None, content_mask, Lk, Lq)

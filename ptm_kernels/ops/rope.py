@@ -78,11 +78,8 @@ def _positions(q: Tensor, max_positions: int, position_ids: Optional[Tensor], of
                 raise ValueError(f"positions offset..offset+L-1 = {offset}..{offset + L - 1} fall outside the "
                                  f"cos/sin cache of {max_positions} positions")
             return _steps(int(offset), L, q.device)
-    # A user-given position must index the cache; checked here because a GPU kernel cannot raise.
-    if pos.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(pos.min()), int(pos.max())
-        if lo < 0 or hi >= max_positions:
-            raise ValueError(f"positions must lie in [0, {max_positions}) (the cos/sin cache), got [{lo}, {hi}]")
+    # A user-given position must index the cache
+    _checks.values_in("positions", pos, 0, max_positions, f"[0, {max_positions}) (the cos/sin cache)")
     return pos
 
 
