@@ -128,6 +128,30 @@ class Family:
         return getattr(model_module(self.module), self.ours)
 
 
+REFORMER_BASE = dict(vocab_size=V, hidden_size=32, num_attention_heads=2, attention_head_size=16,
+                     attn_layers=["local", "lsh"], axial_pos_shape=[4, 8], axial_pos_embds_dim=[8, 24],
+                     max_position_embeddings=32, feed_forward_size=37, local_attn_chunk_length=4,
+                     lsh_attn_chunk_length=8, num_buckets=4, num_hashes=2, hash_seed=7, is_decoder=True)
+REFORMER_HONOURED = {
+    "vocab_size": [120], "hidden_size": [64], "attention_head_size": [32], "num_attention_heads": [1, 3],
+    "attn_layers": [["lsh", "lsh"], ["local", "local"], ["lsh", "local", "lsh"]], "num_hidden_layers": [1],
+    "axial_pos_embds": [False], "axial_pos_shape": [[8, 4]], "axial_pos_embds_dim": [[16, 16]],
+    "max_position_embeddings": [24], "feed_forward_size": [40], "hidden_act": ["gelu", "gelu_new", "silu"],
+    "layer_norm_eps": [1e-2], "local_attn_chunk_length": [2, 8], "local_num_chunks_before": [0, 2],
+    "lsh_attn_chunk_length": [4, 16], "lsh_num_chunks_before": [0, 2], "num_hashes": [1, 3],
+    "num_buckets": [2, [2, 4], None], "hash_seed": [3], "pad_token_id": [3],
+}
+REFORMER_NOT_MATH = {
+    "hidden_dropout_prob": DROPOUT, "local_attention_probs_dropout_prob": DROPOUT,
+    "lsh_attention_probs_dropout_prob": DROPOUT, "classifier_dropout": OTHER_HEAD, "initializer_range": INIT,
+    "axial_norm_std": INIT, "eos_token_id": GEN_IDS, "bos_token_id": GEN_IDS, "use_cache": CACHE,
+    "chunk_size_lm_head": "transformers computes the LM head in chunks of tokens: the same numbers",
+    "tie_word_embeddings": "transformers ties nothing here: the head reads 2 * hidden_size features",
+    "is_decoder": "fixed by the class: ReformerModelWithLMHead requires True (the encoder: test_reformer.py)",
+    "local_num_chunks_after": "ReformerModelWithLMHead requires 0 (the encoder takes 1: test_reformer.py)",
+    "lsh_num_chunks_after": "ReformerModelWithLMHead requires 0 (the encoder takes 1: test_reformer.py)",
+}
+
 FAMILIES: List[Family] = [
     Family("BertConfig", "BertForMaskedLM", "bert", "BertForMaskedLM", BERT_BASE, "encoder", "logits",
            BERT_HONOURED, BERT_REFUSED, BERT_NOT_MATH, BERT_COMPANIONS),
@@ -271,6 +295,10 @@ FAMILIES: List[Family] = [
     Family("PegasusConfig", "PegasusForConditionalGeneration", "pegasus", "Pegasus", {**S2S_BASE, "pad_token_id": 0},
            "seq2seq", "logits", BART_HONOURED, BART_REFUSED,
            {k: v for k, v in BART_NOT_MATH.items() if k not in ("classifier_dropout", "bos_token_id")}),
+    Family("ReformerConfig", "ReformerModelWithLMHead", "reformer", "ReformerModelWithLMHead", REFORMER_BASE,
+           "decoder", "logits", REFORMER_HONOURED, {"hidden_act": ["mish"]}, REFORMER_NOT_MATH,
+           {"hidden_size": {"axial_pos_embds_dim": [16, 48]}, "num_hidden_layers": {"attn_layers": ["local", "lsh"]},
+            "axial_pos_embds": {"max_position_embeddings": 32}}),
 ]
 
 
