@@ -73,7 +73,7 @@ gpu-check:
 		--benchmark-json=$(OUT)/bench-ops.json > $(OUT)/bench-ops.log 2>&1; tail -3 $(OUT)/bench-ops.log
 	-timeout 60 $(GPU_PYTEST) -ra --maxfail=20 tests/models > $(OUT)/tests-models.log 2>&1; tail -5 $(OUT)/tests-models.log
 	-timeout 60 $(GPU_PYTEST) benchmarks/test_models_encoders.py benchmarks/test_models_decoders.py \
-		benchmarks/test_models_seq2seq.py benchmarks/test_models_relative.py \
+		benchmarks/test_models_seq2seq.py benchmarks/test_models_relative.py benchmarks/test_models_reformer.py \
 		--benchmark-json=$(OUT)/bench-models.json > $(OUT)/bench-models.log 2>&1; tail -3 $(OUT)/bench-models.log
 	-PTM_KERNELS_COMMIT=$(COMMIT) python3 -m benchmarks.report $(OUT)/bench-ops.json $(OUT)/bench-models.json --out $(OUT)
 

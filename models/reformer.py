@@ -158,13 +158,7 @@ class ReversibleLayer(nn.Module):
         super().__init__()
         d, H, Dh = c.hidden_size, c.num_attention_heads, c.attention_head_size
         self.attn_norm = LayerNorm(d, c.layer_norm_eps)
-        if kind == "lsh":
-            self.attn = LSHAttention(d, H, Dh, c.lsh_attn_chunk_length, c.lsh_num_chunks_before,
-                                     c.lsh_num_chunks_after, c.is_decoder, c.num_hashes, c.num_buckets, c.hash_seed,
-                                     c.max_position_embeddings, c.lsh_attention_probs_dropout_prob)
-        else:
-            self.attn = LocalAttention(d, H, Dh, c.local_attn_chunk_length, c.local_num_chunks_before,
-                                       c.local_num_chunks_after, c.is_decoder, c.local_attention_probs_dropout_prob)
+        self.attn = LSHAttention(c) if kind == "lsh" else LocalAttention(c)
         self.attn_out = nn.Linear(H * Dh, d, bias=False)
         self.ff_norm = LayerNorm(d, c.layer_norm_eps)
         self.fc, self.proj = nn.Linear(d, c.feed_forward_size), nn.Linear(c.feed_forward_size, d)

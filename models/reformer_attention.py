@@ -81,17 +81,18 @@ def visibility(q_pos: Tensor, k_pos: Tensor, key_ok: Optional[Tensor], causal: b
 
 
 class LocalAttention(nn.Module):
-    """transformers' LocalSelfAttention: q / k / v projections (no bias), attention within chunks of `chunk`
-    positions and `before` / `after` neighbouring chunks (all positions when the sequence fits one chunk)."""
+    """transformers' LocalSelfAttention: q / k / v projections (no bias), attention within chunks of
+    local_attn_chunk_length positions and their local_num_chunks_before / _after neighbours (all positions when
+    the sequence fits one chunk). c: the model's config (reformer.ReformerConfig)."""
 
-    def __init__(self, hidden: int, heads: int, head_dim: int, chunk: int, before: int, after: int, causal: bool,
-                 dropout: float = 0.0):
+    def __init__(self, c):
         super().__init__()
-        self.heads, self.head_dim, self.chunk, self.before, self.after = heads, head_dim, chunk, before, after
-        self.causal, self.dropout = causal, dropout
-        self.query = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.key = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.value = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.heads, self.head_dim, self.causal = c.num_attention_heads, c.attention_head_size, c.is_decoder
+        self.chunk, self.before, self.after = c.local_attn_chunk_length, c.local_num_chunks_before, \
+            c.local_num_chunks_after
+        self.dropout = c.local_attention_probs_dropout_prob
+        self.query, self.key, self.value = (nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
+                                            for _ in range(3))
 
     def forward(self, x: Tensor, key_ok: Optional[Tensor]) -> Tensor:
         B, L, _ = x.shape
@@ -111,18 +112,19 @@ class LocalAttention(nn.Module):
 
 
 class LSHAttention(nn.Module):
-    """transformers' LSHSelfAttention (see the module docstring); num_buckets: an int, a tuple of factors (their
-    product, hashed factor by factor), or None: chosen from the first sequence's length, as transformers does."""
+    """transformers' LSHSelfAttention (see the module docstring). c: the model's config (reformer.ReformerConfig):
+    lsh_attn_chunk_length, lsh_num_chunks_before / _after, num_hashes, hash_seed, and num_buckets: an int, a tuple
+    of factors (their product, hashed factor by factor), or None: chosen from the first sequence's length, as
+    transformers does."""
 
-    def __init__(self, hidden: int, heads: int, head_dim: int, chunk: int, before: int, after: int, causal: bool,
-                 num_hashes: int, num_buckets: Optional[Union[int, Sequence[int]]], hash_seed: Optional[int],
-                 max_positions: int, dropout: float = 0.0):
+    def __init__(self, c):
         super().__init__()
-        self.heads, self.head_dim, self.chunk, self.before, self.after = heads, head_dim, chunk, before, after
-        self.causal, self.num_hashes, self.hash_seed, self.dropout = causal, num_hashes, hash_seed, dropout
-        self.num_buckets, self.max_positions = num_buckets, max_positions
-        self.query_key = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.value = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.heads, self.head_dim, self.causal = c.num_attention_heads, c.attention_head_size, c.is_decoder
+        self.chunk, self.before, self.after = c.lsh_attn_chunk_length, c.lsh_num_chunks_before, c.lsh_num_chunks_after
+        self.num_hashes, self.num_buckets, self.hash_seed = c.num_hashes, c.num_buckets, c.hash_seed
+        self.max_positions, self.dropout = c.max_position_embeddings, c.lsh_attention_probs_dropout_prob
+        self.query_key = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
+        self.value = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
 
     def _choose_num_buckets(self, L: int) -> None:
         """transformers' _set_num_buckets: about 2 L / chunk buckets, as two factors past a limit; kept."""

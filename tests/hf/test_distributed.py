@@ -70,9 +70,24 @@ def worker(rank, port, out):
             torch.save(results, out)
     finally:
         # gloo aborts a process ("terminate called without an active exception") whose group is torn down
-        # while the peer is still in its last collective: both reach this point before either tears down
+        # while the peer is still in its last collective. A barrier alone left a window (the peer may not yet
+        # have finished its barrier when this rank tears down: seen once on a loaded 2-core machine), so each
+        # rank also says, in a file, that its barrier returned, and waits for the other's before tearing down
         dist.barrier()
+        _rendezvous(out, rank)
         dist.destroy_process_group()
+
+
+def _rendezvous(out, rank, timeout_s=120.0):
+    """Block until every rank has called this (files beside `out`); raise after timeout_s."""
+    import time
+
+    open(f"{out}.done{rank}", "w").close()
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the other ranks did not finish within {timeout_s} s")
+        time.sleep(0.01)
 
 
 MODES = ("ddp", "fsdp2")
