@@ -62,7 +62,9 @@ LEGEND = {
                    "eager": "the same transformers model, unpatched, attn_implementation=\"eager\""},
     "models": {"eager": "transformers' class, attn_implementation=\"eager\", same weights",
                "sdpa": "transformers' class, attn_implementation=\"sdpa\", same weights",
-               "ptm-unpad": "our model with unpad=True (packed tokens); < 1x means unpadding is faster"},
+               "ptm-unpad": "our model with unpad=True (packed tokens); < 1x means unpadding is faster",
+               "ptm-checkpoint": "our Reformer with checkpoint_layers=True (layers recomputed in the backward, "
+                                 "as transformers' reversible layers); < 1x means recomputing is faster"},
 }
 
 COLUMNS = ("`ptm ms`: median time of one call of ptm-kernels' implementation, [fastest, slowest] round. "

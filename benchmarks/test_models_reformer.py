@@ -56,10 +56,14 @@ def test_reformer_forward(benchmark, impl, num_hashes):
 
 
 @pytest.mark.parametrize("num_hashes", [1, 2])
-@pytest.mark.parametrize("impl", ["ptm", "eager"])
+@pytest.mark.parametrize("impl", ["ptm", "ptm-checkpoint", "eager"])
 def test_reformer_train_step(benchmark, impl, num_hashes):
-    model, ids = _models(impl, num_hashes)
+    """ptm-checkpoint: ours with checkpoint_layers (each layer recomputed in the backward, as transformers'
+    reversible layers are): the memory side of the trade."""
+    model, ids = _models("ptm" if impl.startswith("ptm") else impl, num_hashes)
     model.train()
-    loss = (lambda: model(ids, labels=ids).loss) if impl == "ptm" else (lambda: model(input_ids=ids, labels=ids).loss)
+    if impl == "ptm-checkpoint":
+        model.checkpoint_layers = True
+    loss = (lambda: model(ids, labels=ids).loss) if impl != "eager" else (lambda: model(input_ids=ids, labels=ids).loss)
     measure(benchmark, train_step(model.parameters(), loss), group="reformer-lm",
             case=f"4l {B}x{L} hashes={num_hashes}", impl=impl, passes="train-step", rounds=ROUNDS, peak_memory=True)

@@ -6,8 +6,10 @@ attn_layers[i]):
     y1 = x1 + Attention(LayerNorm(x2))        y2 = x2 + FeedForward(LayerNorm(y1))
 
 and the model ends with LayerNorm over [y1, y2] (2 * hidden_size). transformers runs the layers as a reversible
-function (activations recomputed in the backward, to save memory); here autograd keeps them, and the gradients
-are the same. The attentions are in reformer_attention.py. Axial position embeddings split position p into
+function: it keeps no layer's activations and recomputes them in the backward. Here autograd keeps them (the
+gradients are the same, the step faster, the peak memory higher), or, with `model.checkpoint_layers = True`,
+each layer's activations are recomputed in the backward from its inputs (torch.utils.checkpoint, the random
+state restored: the same dropout masks and LSH rotations), which keeps two [B, L, hidden_size] tensors a layer. The attentions are in reformer_attention.py. Axial position embeddings split position p into
 (p // w, p % w) for axial_pos_shape (h, w) and concatenate one table per axis.
 
 Sequences longer than the smallest chunk are padded (eval only) to a multiple of the chunk lengths' least
@@ -24,6 +26,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ptm_kernels import _checks
 from ptm_kernels.nn import LayerNorm
@@ -180,6 +183,7 @@ class ReformerModel(HFTwin, nn.Module):
 
     hf_class, config_class = "ReformerModel", ReformerConfig
     hf_base = ""  # the prefix of these weights in transformers' model ("reformer." under a head)
+    checkpoint_layers = False  # recompute each layer's activations in the backward (see the module docstring)
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -221,8 +225,12 @@ class ReformerModel(HFTwin, nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.drop(self.embed(input_ids)) + self.positions(position_ids)
         x1 = x2 = x
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x1, x2 = layer(x1, x2, attention_mask)
+            if recompute:
+                x1, x2 = checkpoint(layer, x1, x2, attention_mask, use_reentrant=False)
+            else:
+                x1, x2 = layer(x1, x2, attention_mask)
         return self.drop(self.norm(torch.cat([x1, x2], dim=-1)))[:, :L]
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

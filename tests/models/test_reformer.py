@@ -144,3 +144,23 @@ def test_half_precision_within_transformers_error(dtype, case):
     real = mask.bool()
     assert mine.dtype == dtype
     assert_close(mine[real], truth[real], theirs[real], name=f"{case} {dtype} logits")
+
+
+def test_checkpointed_layers_give_the_same_gradients(seed):
+    """checkpoint_layers recomputes each layer in the backward with the random state restored: with dropout on
+    and hash_seed None (fresh LSH rotations each call), the loss and every gradient equal the plain run's."""
+    _, ours = _pair("ReformerModelWithLMHead", seed, hash_seed=None, hidden_dropout_prob=0.1,
+                    local_attention_probs_dropout_prob=0.1, lsh_attention_probs_dropout_prob=0.1)
+    ids, _ = _batch(32, seed, False)
+    grads = []
+    for recompute in (False, True):
+        ours.checkpoint_layers = recompute
+        ours.zero_grad()
+        torch.manual_seed(seed)
+        loss = ours.train()(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
+    (plain_loss, plain), (loss, recomputed) = grads
+    assert torch.equal(loss, plain_loss)
+    for name, g in plain.items():
+        torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
