@@ -46,6 +46,22 @@ def supported_model_types() -> list:
     return sorted(FAMILIES)
 
 
+def _converted_by(model: nn.Module) -> str:
+    """A hint naming our model whose from_hf converts this transformers class (models/ HFTwin.hf_class), or ''."""
+    import pkgutil
+
+    import ptm_kernels.models as models
+
+    name = type(model).__name__
+    for info in pkgutil.iter_modules(models.__path__):
+        module = importlib.import_module(f"{models.__name__}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and obj.__module__ == module.__name__ and getattr(obj, "hf_class", None) == name:
+                return (f". This project's own model converts it: ptm_kernels.models.{info.name}.{obj.__name__}"
+                        f".from_hf(model)")
+    return ""
+
+
 def apply(model_or_class, *, attention: bool = True, norms: bool = True, rope: bool = True, mlp: bool = True,
           loss: bool = True, linear: bool = True) -> nn.Module:
     """Patch a transformers model instance in place with ptm_kernels; returns it. See the module docstring."""
@@ -67,7 +83,7 @@ def apply(model_or_class, *, attention: bool = True, norms: bool = True, rope: b
     patch = FAMILIES.get(config.model_type)
     if patch is None:
         raise ValueError(f"hf.apply: model_type {config.model_type!r} is not supported; supported: "
-                         f"{', '.join(types)}")
+                         f"{', '.join(types)}{_converted_by(model)}")
     register()
     patcher = Patcher()
     try:
