@@ -72,7 +72,7 @@ def visibility(q_pos: Tensor, k_pos: Tensor, key_ok: Optional[Tensor], causal: b
     [B, L] (1 = token) read at the key positions, whose leading dimension is B."""
     vis = None
     if key_ok is not None:
-        flat = k_pos.reshape(k_pos.shape[0], -1)
+        flat = k_pos.reshape(k_pos.shape[0], math.prod(k_pos.shape[1:]))  # (B may be 0)
         vis = key_ok.bool().gather(1, flat).view(k_pos.shape)[..., None, :].expand(*q_pos.shape, k_pos.shape[-1])
     if causal:
         c = q_pos[..., :, None] >= k_pos[..., None, :]

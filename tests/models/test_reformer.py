@@ -164,3 +164,12 @@ def test_checkpointed_layers_give_the_same_gradients(seed):
     assert torch.equal(loss, plain_loss)
     for name, g in plain.items():
         torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 32), (0, 5)], ids=["no tokens", "no rows", "no rows, padded"])
+def test_empty_inputs_give_empty_logits(shape):
+    """transformers raises on these; ours returns empty logits of the right shape."""
+    _, ours = _pair("ReformerModelWithLMHead", 0)
+    with torch.no_grad():
+        logits = ours.eval()(torch.randint(1, 50, shape)).logits
+    assert logits.shape == (*shape, 50)
