@@ -454,8 +454,8 @@ def _stream_dq(pid_m, bh, S, grads, keys, dims, drop, stream, BLOCK_M: tl.conste
             tl.store(DQ_bh + rows64[:, None] * D + offs_d[None, :], dq, mask=rd_ok)
         else:
             tl.store(DQ_bh + (rows[:, None] * D + offs_d[None, :]), dq, mask=rd_ok)
-        dseg_at = (bh64 * Lr + rows64) * 2 if PREC == "tf32x3" else bh64 * Lr * 2 + rows * 2
         if grads.dseg is not None:
+            dseg_at = (bh64 * Lr + rows64) * 2 if PREC == "tf32x3" else bh64 * Lr * 2 + rows * 2
             tl.store(grads.dseg + dseg_at, dseg[0], mask=row_ok)
             tl.store(grads.dseg + dseg_at + 1, dseg[1], mask=row_ok)
 
