@@ -181,7 +181,8 @@ class LSHAttention(nn.Module):
         itself = q_pos[..., :, None] == k_pos[..., None, :]
         vis = visibility(q_pos, k_pos, key_ok, self.causal)
         vis = itself if vis is None else vis | itself
-        self_bias = itself.to(qk.dtype) * SELF_SCORE.get(qk.dtype, -1e5)
+        self_score = SELF_SCORE.get(qk.dtype, -1e5)
+        self_bias = itself.to(qk.dtype) * self_score
         lse_grad = R > 1 and torch.is_grad_enabled() and (x.requires_grad or self.value.weight.requires_grad)
         out, lse = attend_chunks(qk, k, v, vis, self_bias, self.dropout if self.training else 0.0, lse_grad)
         if R > 1:
@@ -193,7 +194,7 @@ class LSHAttention(nn.Module):
             # the same numbers are taken here (ours are 1 and score - 1e5 + log k, which round differently).
             only_self = ~(vis & ~itself).any(-1)
             self_lse = torch.logsumexp(self_bias.masked_fill(~itself, float("-inf")), -1)
-            mass = itself.sum(-1) * torch.exp(self_bias.new_tensor(SELF_SCORE.get(qk.dtype, -1e5)) - self_lse)
+            mass = itself.sum(-1) * torch.exp(self_bias.new_tensor(self_score) - self_lse)
             out = torch.where(only_self[..., None], out * mass[..., None].to(out.dtype), out)
             lse = torch.where(only_self, self_lse.to(lse.dtype), lse)
         out, lse = out.reshape(B, H, R * L, D), lse.reshape(B, H, R * L)

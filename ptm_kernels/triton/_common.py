@@ -31,8 +31,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer loads only
 
 __all__ = ["LOG2E", "LN2", "SUPPORTED_DTYPES", "OutOfResources", "interpreted", "capability", "num_sms",
            "precision", "upcast", "first_that_fits", "block_d", "TensorDescriptor", "tma_strides", "tma_rows", "dot",
-           "load", "analytic_visible", "dropout_seed", "dropout_threshold", "opaque",
-           "dropout_keep"]
+           "load", "analytic_visible", "dropout_seed", "dropout_threshold", "opaque", "dropout_keep"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
